@@ -1,0 +1,18 @@
+//! Capacities compiled into the map definitions. The agent validates configs against them so a
+//! config that would not fit is rejected before any map is touched.
+
+/// Entries of the services map (distinct VIP:port:protocol).
+pub const MAX_SERVICES: u32 = 65_536;
+/// Backend ids are indices into the per-CPU counter array, so they are dense: 0..MAX_BACKENDS.
+pub const MAX_BACKENDS: u32 = 65_536;
+/// Upper bound on one service's selection table. Weights are reduced by their gcd and, if the
+/// sum still exceeds this, scaled down proportionally (every backend keeps at least one slot).
+pub const MAX_SLOTS_PER_SERVICE: u32 = 4_096;
+/// Entries of the slots map. During an update a service has two revisions live at once, and
+/// the map is not preallocated, so this bounds memory rather than reserving it.
+pub const MAX_SLOTS: u32 = 1 << 20;
+/// Attempts the connect program makes when it loses a race with an update (it read a service
+/// revision whose slots were deleted before it read them).
+pub const MAX_LOOKUP_ATTEMPTS: u32 = 3;
+/// Longest service name stored for `lb-agent stats` (the value holds a NUL terminator).
+pub const MAX_NAME_LEN: usize = 63;

@@ -1,0 +1,42 @@
+//! The pinned maps. Names and layouts come from lb-common; the agent creates nothing itself, it
+//! loads this object with a pin folder so that every map below is created once and then reused
+//! by later agents (adoption).
+//!
+//! Hash maps are not preallocated: with preallocation a deleted element can be reused by a
+//! concurrent insert while this program still reads it, which would defeat the revision swap.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use lb_common::{
+    BackendCounters, BackendValue, Meta, ServiceCounters, ServiceKey, ServiceName, ServiceValue,
+    SlotKey, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS,
+};
+
+#[map]
+pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static LB_SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static LB_BACKENDS: HashMap<u32, BackendValue> =
+    HashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static LB_BACKEND_CTRS: PerCpuArray<BackendCounters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+#[map]
+pub static LB_SERVICE_CTRS: PerCpuArray<ServiceCounters> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+/// Read only by `lb-agent stats`; declared here so that it is created and pinned with the rest.
+#[map]
+pub static LB_SVC_NAMES: HashMap<u32, ServiceName> =
+    HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// Layout version of the pinned maps, checked by the agent before it adopts them.
+#[map]
+pub static LB_META: Array<Meta> = Array::pinned(1, 0);

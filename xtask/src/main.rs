@@ -1,0 +1,59 @@
+//! Project tasks: `cargo xtask <task>`. One entry point so README, CI and developers run the
+//! same steps in the same order.
+
+mod cmd;
+mod ebpf;
+mod setup;
+mod tasks;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, test and run the load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building the eBPF side needs (idempotent; needs root for apt).
+    Setup,
+    /// Build the eBPF object (release, with BTF).
+    BuildEbpf,
+    /// Build the eBPF object and the workspace (agent embeds the object).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Setup, build, lint and run every test (privileged tests need root).
+    Test,
+    /// Build and run the agent: `cargo xtask run -- run --config lb.toml`.
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build and run a self-contained demo in its own netns and cgroup (needs root).
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf => ebpf::build().map(|_| ()),
+        Task::Build { release } => tasks::build(release),
+        Task::Test => tasks::test(),
+        Task::Run { release, args } => tasks::run(release, &args),
+        Task::Demo { args } => tasks::demo(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,67 @@
+//! Composite tasks: build, test, run, demo.
+
+use crate::{cmd, ebpf, setup};
+use anyhow::{bail, Result};
+use std::process::Command;
+
+fn profile_dir(release: bool) -> &'static str {
+    if release {
+        "release"
+    } else {
+        "debug"
+    }
+}
+
+pub fn build(release: bool) -> Result<()> {
+    let obj = ebpf::build()?;
+    let mut c = cmd::cargo();
+    c.env("LB_EBPF_OBJECT", &obj).args(["build", "--workspace", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    cmd::run(&mut c)
+}
+
+pub fn test() -> Result<()> {
+    setup::run()?;
+    let obj = ebpf::build()?;
+    lint(&obj)?;
+    build(false)?;
+    let agent = cmd::root().join("target/debug/lb-agent");
+    if !cmd::is_root() {
+        eprintln!("xtask: not root: privileged end-to-end tests will report SKIPPED");
+    }
+    cmd::run(
+        cmd::cargo()
+            .env("LB_EBPF_OBJECT", &obj)
+            .env("LB_AGENT_BIN", agent)
+            .args(["test", "--workspace"]),
+    )
+}
+
+/// Formatting and clippy are part of the test run so that CI enforces them.
+fn lint(obj: &std::path::Path) -> Result<()> {
+    cmd::run(cmd::cargo().args(["fmt", "--all", "--check"]))?;
+    cmd::run(
+        cmd::cargo()
+            .env("LB_EBPF_OBJECT", obj)
+            .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+    )
+}
+
+pub fn run(release: bool, args: &[String]) -> Result<()> {
+    build(release)?;
+    let bin = cmd::root().join("target").join(profile_dir(release)).join("lb-agent");
+    cmd::run(Command::new(bin).args(args))
+}
+
+pub fn demo(args: &[String]) -> Result<()> {
+    if !cmd::is_root() {
+        bail!("the demo needs root: it creates a network namespace and a cgroup and loads eBPF");
+    }
+    setup::run()?;
+    build(false)?;
+    let testkit = cmd::root().join("target/debug/lb-testkit");
+    let agent = cmd::root().join("target/debug/lb-agent");
+    cmd::run(Command::new(testkit).env("LB_AGENT_BIN", agent).arg("demo").args(args))
+}
