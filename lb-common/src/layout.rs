@@ -12,7 +12,7 @@ pub const META_MAGIC: u32 = 0x4c42_4d31;
 
 /// `LB_SERVICES` key: one VIP:port:protocol. Address and port in network byte order.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct ServiceKey {
     pub addr: u32,
     pub port: u16,
@@ -40,7 +40,7 @@ pub struct ServiceValue {
 
 /// `LB_SLOTS` key: one entry of a service's selection table. Value: a backend id (`u32`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct SlotKey {
     pub service_id: u32,
     pub revision: u32,
@@ -122,14 +122,22 @@ impl ServiceName {
     pub fn new(name: &str) -> Self {
         let mut bytes = [0u8; 64];
         let src = name.as_bytes();
-        let n = if src.len() < crate::MAX_NAME_LEN { src.len() } else { crate::MAX_NAME_LEN };
+        let n = if src.len() < crate::MAX_NAME_LEN {
+            src.len()
+        } else {
+            crate::MAX_NAME_LEN
+        };
         bytes[..n].copy_from_slice(&src[..n]);
         Self { bytes }
     }
 
     /// The stored name; `None` if it is not UTF-8 (a map written by something else).
     pub fn as_str(&self) -> Option<&str> {
-        let end = self.bytes.iter().position(|&b| b == 0).unwrap_or(self.bytes.len());
+        let end = self
+            .bytes
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.bytes.len());
         core::str::from_utf8(&self.bytes[..end]).ok()
     }
 }
@@ -142,7 +150,10 @@ mod tests {
     fn service_name_round_trips_and_truncates() {
         assert_eq!(ServiceName::new("web").as_str(), Some("web"));
         let long = "x".repeat(100);
-        assert_eq!(ServiceName::new(&long).as_str().map(str::len), Some(crate::MAX_NAME_LEN));
+        assert_eq!(
+            ServiceName::new(&long).as_str().map(str::len),
+            Some(crate::MAX_NAME_LEN)
+        );
     }
 
     #[test]

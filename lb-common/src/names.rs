@@ -23,3 +23,6 @@ pub const ALL_MAPS: [&str; 7] = [
 pub const PROG_CONNECT4: &str = "lb_connect4";
 /// Pin of the cgroup link: while it exists the program stays attached without any agent.
 pub const LINK_CONNECT4: &str = "lb_connect4_link";
+/// Where a starting agent pins its new link before renaming it over the old one (bpffs
+/// rejects names with dots).
+pub const LINK_CONNECT4_NEW: &str = "lb_connect4_link_new";

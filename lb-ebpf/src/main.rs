@@ -29,7 +29,11 @@ pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
     };
     match select::choose(&key) {
         Choice::NotAService => ALLOW,
-        Choice::Backend { service_id, backend_id, backend } => {
+        Choice::Backend {
+            service_id,
+            backend_id,
+            backend,
+        } => {
             sa.user_ip4 = backend.addr;
             sa.user_port = u32::from(backend.port);
             counters::connected(service_id, backend_id);

@@ -6,10 +6,18 @@ use lb_common::{BackendValue, ServiceKey, SlotKey, MAX_LOOKUP_ATTEMPTS};
 
 pub enum Choice {
     NotAService,
-    Backend { service_id: u32, backend_id: u32, backend: BackendValue },
-    NoBackend { service_id: u32 },
+    Backend {
+        service_id: u32,
+        backend_id: u32,
+        backend: BackendValue,
+    },
+    NoBackend {
+        service_id: u32,
+    },
     /// Every attempt read a revision the agent had already replaced and cleaned up.
-    Raced { service_id: u32 },
+    Raced {
+        service_id: u32,
+    },
 }
 
 #[inline(always)]
@@ -30,7 +38,11 @@ pub fn choose(key: &ServiceKey) -> Choice {
         }
         // SAFETY: plain helper call without arguments.
         let slot = unsafe { bpf_get_prandom_u32() } % svc.slot_count;
-        let slot_key = SlotKey { service_id: svc.id, revision: svc.revision, slot };
+        let slot_key = SlotKey {
+            service_id: svc.id,
+            revision: svc.revision,
+            slot,
+        };
         let Some(backend_id) = LB_SLOTS.get_ptr(&slot_key) else {
             continue;
         };
@@ -41,7 +53,11 @@ pub fn choose(key: &ServiceKey) -> Choice {
         };
         // SAFETY: as above.
         let backend = unsafe { *backend };
-        return Choice::Backend { service_id, backend_id, backend };
+        return Choice::Backend {
+            service_id,
+            backend_id,
+            backend,
+        };
     }
     Choice::Raced { service_id }
 }

@@ -14,7 +14,11 @@ pub fn build() -> Result<PathBuf> {
         .context("no eBPF toolchain found: run `cargo xtask setup` first")?;
     let linker = setup::bpf_linker(&tc)
         .context("bpf-linker for this toolchain is missing: run `cargo xtask setup` first")?;
-    let arch = if cfg!(target_arch = "aarch64") { "aarch64" } else { "x86_64" };
+    let arch = if cfg!(target_arch = "aarch64") {
+        "aarch64"
+    } else {
+        "x86_64"
+    };
     let rustflags = [
         format!("--cfg=bpf_target_arch=\"{arch}\""),
         "-Cdebuginfo=2".into(),
@@ -40,7 +44,14 @@ pub fn build() -> Result<PathBuf> {
         .env("RUSTC", &tc.rustc)
         .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
         .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &linker)
-        .args(["build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
         .arg("--target-dir")
         .arg(cmd::root().join("target"));
     if tc.bootstrap {
@@ -48,7 +59,11 @@ pub fn build() -> Result<PathBuf> {
     }
     cmd::run(&mut c)?;
     let obj = object_path();
-    anyhow::ensure!(obj.exists(), "build finished but {} is missing", obj.display());
+    anyhow::ensure!(
+        obj.exists(),
+        "build finished but {} is missing",
+        obj.display()
+    );
     eprintln!("xtask: eBPF object: {}", obj.display());
     Ok(obj)
 }

@@ -103,10 +103,13 @@ fn ensure_toolchain() -> Result<EbpfToolchain> {
     eprintln!("xtask: no Rust toolchain with library source for the eBPF build; installing one");
     if apt_available() {
         if let Err(e) = apt_install(&DEBIAN_RUST) {
-            eprintln!("xtask: Debian's Rust packages could not be installed ({e:#}); trying rustup");
+            eprintln!(
+                "xtask: Debian's Rust packages could not be installed ({e:#}); trying rustup"
+            );
         }
     }
-    if detect_toolchain().is_none() && cmd::output(Command::new("rustup").arg("--version")).is_some()
+    if detect_toolchain().is_none()
+        && cmd::output(Command::new("rustup").arg("--version")).is_some()
     {
         // Where rustup can download components (a normal internet connection) this is the
         // standard aya setup; on a registry-only network it fails fast.
@@ -193,7 +196,10 @@ fn ensure_bpf_linker(tc: &EbpfToolchain) -> Result<PathBuf> {
 
 fn find_libllvm(major: u32) -> Option<PathBuf> {
     let dirs = std::fs::read_dir("/usr/lib").ok()?;
-    let candidates = [format!("libLLVM.so.{major}.1"), format!("libLLVM-{major}.so")];
+    let candidates = [
+        format!("libLLVM.so.{major}.1"),
+        format!("libLLVM-{major}.so"),
+    ];
     dirs.filter_map(|d| d.ok())
         .flat_map(|d| candidates.iter().map(move |c| d.path().join(c)))
         .find(|p| p.exists())
@@ -209,7 +215,10 @@ fn ensure_runtime_tools() -> Result<()> {
         return Ok(());
     }
     if !apt_available() {
-        bail!("missing tools for the tests and demo; install: {}", missing.join(" "));
+        bail!(
+            "missing tools for the tests and demo; install: {}",
+            missing.join(" ")
+        );
     }
     apt_install(&missing)
 }

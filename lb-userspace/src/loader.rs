@@ -1,0 +1,168 @@
+//! Loading the embedded eBPF object, adopting pinned maps and attaching to the cgroup.
+//!
+//! Start-up never interrupts traffic that an earlier agent set up: the maps are pinned by name,
+//! so loading reuses them with their contents; the new program is attached next to the old one
+//! (cgroup links always allow several programs; the second one sees an already-translated
+//! address, which is no VIP, and leaves it alone), and only then the link pin is moved to the
+//! new link, which detaches the old program.
+
+use crate::bpf_maps::{check_pinned, PinnedMaps, SPECS};
+use anyhow::{bail, Context, Result};
+use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr};
+use aya::EbpfLoader;
+use lb_common::names::{LINK_CONNECT4, LINK_CONNECT4_NEW, MAP_META, PROG_CONNECT4};
+use lb_common::{Meta, LAYOUT_VERSION, META_MAGIC};
+use std::path::Path;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT_PATH"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Makes sure `pin_dir` can hold pins: mounts bpffs on /sys/fs/bpf if nothing is mounted there
+/// and creates the folder.
+pub fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
+    let parent = pin_dir.parent().context("--pin-dir must not be /")?;
+    if parent == Path::new("/sys/fs/bpf") && !is_bpffs(parent) {
+        mount_bpffs(parent)?;
+    }
+    std::fs::create_dir_all(pin_dir)
+        .with_context(|| format!("cannot create pin folder {}", pin_dir.display()))?;
+    if !is_bpffs(pin_dir) {
+        bail!(
+            "{} is not on a bpf file system (mount -t bpf bpf <dir>)",
+            pin_dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we pass; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+fn mount_bpffs(at: &Path) -> Result<()> {
+    tracing::info!(path = %at.display(), "mounting bpffs");
+    let target = std::ffi::CString::new(at.as_os_str().as_encoded_bytes())?;
+    // SAFETY: all strings are NUL-terminated and outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "cannot mount bpffs on {}: {}",
+            at.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Refuses pinned state this agent would misread: an `LB_META` of another layout version or
+/// maps whose kind or sizes differ. A folder without our maps is fresh.
+pub fn check_existing_pins(pin_dir: &Path) -> Result<bool> {
+    let present: Vec<_> = SPECS
+        .iter()
+        .filter(|s| pin_dir.join(s.name).exists())
+        .collect();
+    for s in &present {
+        check_pinned(pin_dir, s)?;
+    }
+    if pin_dir.join(MAP_META).exists() {
+        let meta = PinnedMaps::read_meta(pin_dir)?;
+        if meta.magic != 0 && (meta.magic != META_MAGIC || meta.layout_version != LAYOUT_VERSION) {
+            bail!(
+                "pinned state in {} has layout version {} (magic {:#x}); this agent writes \
+                 version {LAYOUT_VERSION}. Remove it with `lb-agent detach --pin-dir {}` \
+                 (interrupts balancing) or run a matching agent",
+                pin_dir.display(),
+                meta.layout_version,
+                meta.magic,
+                pin_dir.display()
+            );
+        }
+    }
+    Ok(!present.is_empty())
+}
+
+pub struct LoadOptions<'a> {
+    pub pin_dir: &'a Path,
+    pub cgroup: &'a Path,
+    pub bpf_log: bool,
+}
+
+/// Loads the program (creating or reusing pinned maps), attaches it and moves the link pin.
+/// Returns the logger when eBPF logging was asked for.
+pub fn load_and_attach(
+    opts: &LoadOptions,
+) -> Result<Option<aya_log::EbpfLogger<&'static dyn log::Log>>> {
+    let adopted = check_existing_pins(opts.pin_dir)?;
+    // aya-log's level filter is read by the program on every log call: 0 turns them off.
+    let level: u8 = if opts.bpf_log { 5 } else { 0 };
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(opts.pin_dir)
+        .override_global("AYA_LOG_LEVEL", &level, false)
+        .load(OBJECT)
+        .context("loading the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
+    let mut maps = PinnedMaps::open(opts.pin_dir)?;
+    maps.set_meta(Meta {
+        magic: META_MAGIC,
+        layout_version: LAYOUT_VERSION,
+    })?;
+    let logger = if opts.bpf_log {
+        Some(aya_log::EbpfLogger::init(&mut ebpf)?)
+    } else {
+        None
+    };
+
+    let prog: &mut CgroupSockAddr = ebpf
+        .program_mut(PROG_CONNECT4)
+        .context("the eBPF object has no connect4 program")?
+        .try_into()?;
+    prog.load()
+        .context("the kernel verifier rejected the connect4 program")?;
+    let cgroup = std::fs::File::open(opts.cgroup)
+        .with_context(|| format!("cannot open cgroup {}", opts.cgroup.display()))?;
+    let link_id = prog
+        // With bpf_link the kernel always lets several programs share the cgroup and rejects
+        // any attach flag, so the mode must be the flag-less one.
+        .attach(&cgroup, CgroupAttachMode::Single)
+        .with_context(|| format!("cannot attach to cgroup {}", opts.cgroup.display()))?;
+    let link: FdLink = prog.take_link(link_id)?.try_into()?;
+    swap_link_pin(opts.pin_dir, link)?;
+    tracing::info!(
+        pin_dir = %opts.pin_dir.display(),
+        cgroup = %opts.cgroup.display(),
+        adopted,
+        "connect4 attached"
+    );
+    Ok(logger)
+}
+
+/// Pins the new link under a temporary name, then renames it over the old pin. The old link
+/// loses its last reference at the rename and detaches; the new one is already running.
+fn swap_link_pin(pin_dir: &Path, link: FdLink) -> Result<()> {
+    let final_path = pin_dir.join(LINK_CONNECT4);
+    let tmp = pin_dir.join(LINK_CONNECT4_NEW);
+    let _ = std::fs::remove_file(&tmp);
+    let pinned = link
+        .pin(&tmp)
+        .with_context(|| format!("cannot pin link at {}", tmp.display()))?;
+    std::fs::rename(&tmp, &final_path)
+        .with_context(|| format!("cannot move link pin to {}", final_path.display()))?;
+    // The pin, not this process, now keeps the program attached.
+    drop(pinned);
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! `lb-agent`: keeps the connect-time load balancer's BPF maps equal to the configured services.
+
+mod agent;
+mod bpf_maps;
+mod cgroup;
+mod config;
+mod dataplane;
+mod detach;
+mod installed;
+mod loader;
+mod lock;
+mod plan;
+mod reconcile;
+mod stats;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+
+#[derive(Parser)]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "eBPF connect-time L4 load balancer agent"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach to a cgroup and keep the maps equal to the config (root).
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// cgroup v2 folder whose processes get balanced [default: the cgroup2 mount root]
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// How often to check the config file for changes, in milliseconds; 0 turns it off
+        /// (SIGHUP still reloads).
+        #[arg(long, default_value_t = 1000)]
+        watch_interval_ms: u64,
+        /// Emit eBPF debug logs (one per balanced connect: costs CPU on busy hosts).
+        #[arg(long)]
+        bpf_log: bool,
+    },
+    /// Validate a config file without root and without touching the kernel.
+    CheckConfig { file: PathBuf },
+    /// Print services, backends and counters from the pinned maps.
+    Stats {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Detach the program and remove every pin (balancing stops).
+    Detach {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    if let Err(e) = dispatch(Cli::parse().command) {
+        eprintln!("lb-agent: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Run {
+            config,
+            cgroup,
+            pin_dir,
+            watch_interval_ms,
+            bpf_log,
+        } => {
+            let args = agent::RunArgs {
+                config,
+                cgroup,
+                pin_dir,
+                watch_interval: (watch_interval_ms > 0)
+                    .then(|| Duration::from_millis(watch_interval_ms)),
+                bpf_log,
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(agent::run(args))
+        }
+        Command::CheckConfig { file } => {
+            let config = config::load(&file)?;
+            println!("{}: ok, {} services", file.display(), config.services.len());
+            Ok(())
+        }
+        Command::Stats { json, pin_dir } => {
+            let maps = bpf_maps::PinnedMaps::open(&pin_dir)?;
+            let report = stats::collect(&maps)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", stats::render_table(&report));
+            }
+            Ok(())
+        }
+        Command::Detach { pin_dir } => detach::detach(&pin_dir),
+    }
+}
