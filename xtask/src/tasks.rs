@@ -2,6 +2,7 @@
 
 use crate::{cmd, ebpf, setup};
 use anyhow::{bail, Result};
+use std::path::Path;
 use std::process::Command;
 
 fn profile_dir(release: bool) -> &'static str {
@@ -13,7 +14,11 @@ fn profile_dir(release: bool) -> &'static str {
 }
 
 pub fn build(release: bool) -> Result<()> {
-    let obj = ebpf::build()?;
+    build_host(&ebpf::build()?, release)
+}
+
+/// The workspace, embedding an already built eBPF object.
+fn build_host(obj: &Path, release: bool) -> Result<()> {
     let mut c = cmd::cargo();
     c.env("LB_EBPF_OBJECT", &obj)
         .args(["build", "--workspace", "--bins"]);
@@ -27,7 +32,7 @@ pub fn test() -> Result<()> {
     setup::run()?;
     let obj = ebpf::build()?;
     lint(&obj)?;
-    build(false)?;
+    build_host(&obj, false)?;
     let agent = cmd::root().join("target/debug/lb-agent");
     if !cmd::is_root() {
         eprintln!("xtask: not root: privileged end-to-end tests will report SKIPPED");
@@ -42,7 +47,7 @@ pub fn test() -> Result<()> {
 
 /// Formatting and clippy are part of the test run so that CI enforces them. A toolchain
 /// without them (Debian's cargo alone) skips them with a notice, except under CI.
-fn lint(obj: &std::path::Path) -> Result<()> {
+fn lint(obj: &Path) -> Result<()> {
     for (tool, args) in [
         ("fmt", &["fmt", "--all", "--check"][..]),
         (
