@@ -20,7 +20,7 @@ pub fn build(release: bool) -> Result<()> {
 /// The workspace, embedding an already built eBPF object.
 fn build_host(obj: &Path, release: bool) -> Result<()> {
     let mut c = cmd::cargo();
-    c.env("LB_EBPF_OBJECT", &obj)
+    c.env("LB_EBPF_OBJECT", obj)
         .args(["build", "--workspace", "--bins"]);
     if release {
         c.arg("--release");
