@@ -7,9 +7,10 @@ use std::path::Path;
 
 pub fn detach(pin_dir: &Path) -> Result<()> {
     // A running agent would keep writing maps nobody reads; make the operator stop it first.
-    let _lock = lock::acquire(pin_dir)?;
+    let lock = lock::acquire(pin_dir)?;
     if !pin_dir.exists() {
         println!("nothing pinned at {}", pin_dir.display());
+        lock.remove();
         return Ok(());
     }
     for name in [LINK_CONNECT4, LINK_CONNECT4_NEW]
@@ -28,5 +29,7 @@ pub fn detach(pin_dir: &Path) -> Result<()> {
             "{} still holds other files; left in place",
             pin_dir.display()
         )
-    })
+    })?;
+    lock.remove();
+    Ok(())
 }

@@ -13,6 +13,14 @@ const LOCK_DIR: &str = "/run/lb-agent";
 
 pub struct PinLock {
     _file: File,
+    path: PathBuf,
+}
+
+impl PinLock {
+    /// For `detach`: once the pins are gone the lock file names nothing.
+    pub fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 fn lock_path(pin_dir: &Path) -> PathBuf {
@@ -55,5 +63,5 @@ pub fn acquire(pin_dir: &Path) -> Result<PinLock> {
     file.set_len(0)?;
     file.rewind()?;
     write!(file, "{}", std::process::id())?;
-    Ok(PinLock { _file: file })
+    Ok(PinLock { _file: file, path })
 }

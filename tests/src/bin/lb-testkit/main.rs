@@ -1,0 +1,93 @@
+//! Helper run inside a test's network namespace (and, for clients, the balanced cgroup):
+//! holds the namespace, serves as backends, acts as a client, or execs a program there.
+//! It joins the namespace and cgroup before creating any socket.
+
+mod demo;
+mod join;
+mod net;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "lb-testkit")]
+struct Cli {
+    /// Network namespace file to enter first (e.g. /proc/PID/ns/net).
+    #[arg(long, global = true)]
+    netns: Option<PathBuf>,
+    /// cgroup v2 folder to move this process into first.
+    #[arg(long, global = true)]
+    cgroup: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new network namespace with `lo` up and hold it until stdin closes.
+    Hold {
+        #[arg(long = "addr")]
+        addrs: Vec<String>,
+    },
+    /// Answer every connection/datagram with the listen address; print counts at stdin EOF.
+    Serve {
+        #[arg(long = "listen", required = true)]
+        listen: Vec<std::net::SocketAddr>,
+        #[arg(long, default_value = "tcp")]
+        proto: net::Proto,
+    },
+    /// Sequential connects; prints a JSON report.
+    Connect {
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        /// 0 = until stdin closes or --max-seconds pass.
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        #[arg(long, default_value = "tcp")]
+        proto: net::Proto,
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 60)]
+        max_seconds: u64,
+    },
+    /// Replace this process with a program (same pid, so the caller can signal it).
+    Exec {
+        #[arg(trailing_var_arg = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Self-contained demo (root): namespace, cgroup, backends, agent, client, live stats.
+    Demo {
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("lb-testkit: error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(ns) = &cli.netns {
+        join::netns(ns)?;
+    }
+    if let Some(cg) = &cli.cgroup {
+        join::cgroup(cg)?;
+    }
+    match cli.command {
+        Cmd::Hold { addrs } => join::hold(&addrs),
+        Cmd::Serve { listen, proto } => net::serve(&listen, proto),
+        Cmd::Connect {
+            to,
+            count,
+            proto,
+            interval_ms,
+            max_seconds,
+        } => net::connect(to, count, proto, interval_ms, max_seconds),
+        Cmd::Exec { argv } => join::exec(&argv),
+        Cmd::Demo { seconds } => demo::run(seconds),
+    }
+}

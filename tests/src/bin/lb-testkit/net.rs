@@ -1,0 +1,149 @@
+//! Backends and clients speaking the tiny test protocol: the backend answers each connection or
+//! datagram with its own listen address and a newline.
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub fn serve(listen: &[SocketAddr], proto: Proto) -> Result<()> {
+    let mut counts = Vec::new();
+    for addr in listen {
+        let count = Arc::new(AtomicU64::new(0));
+        let reply = format!("{addr}\n");
+        match proto {
+            Proto::Tcp => {
+                let l = TcpListener::bind(addr).with_context(|| format!("bind tcp {addr}"))?;
+                let (c, r) = (count.clone(), reply);
+                std::thread::spawn(move || serve_tcp(l, &c, &r));
+            }
+            Proto::Udp => {
+                let s = UdpSocket::bind(addr).with_context(|| format!("bind udp {addr}"))?;
+                let (c, r) = (count.clone(), reply);
+                std::thread::spawn(move || serve_udp(s, &c, &r));
+            }
+        }
+        counts.push((addr.to_string(), count));
+    }
+    println!("ready");
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    let accepted: BTreeMap<_, _> = counts
+        .iter()
+        .map(|(a, c)| (a.clone(), c.load(Ordering::SeqCst)))
+        .collect();
+    println!("{}", json!({ "accepted": accepted }));
+    Ok(())
+}
+
+fn serve_tcp(l: TcpListener, count: &AtomicU64, reply: &str) {
+    for conn in l.incoming().flatten() {
+        count.fetch_add(1, Ordering::SeqCst);
+        let mut conn = conn;
+        let _ = conn.write_all(reply.as_bytes());
+    }
+}
+
+fn serve_udp(s: UdpSocket, count: &AtomicU64, reply: &str) {
+    let mut buf = [0u8; 512];
+    while let Ok((_, from)) = s.recv_from(&mut buf) {
+        count.fetch_add(1, Ordering::SeqCst);
+        let _ = s.send_to(reply.as_bytes(), from);
+    }
+}
+
+fn errno_name(e: &std::io::Error) -> String {
+    let name = match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED",
+        Some(libc::ENETUNREACH) => "ENETUNREACH",
+        Some(libc::EHOSTUNREACH) => "EHOSTUNREACH",
+        Some(libc::ETIMEDOUT) => "ETIMEDOUT",
+        Some(libc::EAGAIN) => "EAGAIN",
+        Some(libc::EPERM) => "EPERM",
+        Some(libc::ECONNRESET) => "ECONNRESET",
+        Some(libc::EINPROGRESS) => "EINPROGRESS",
+        Some(n) => return format!("errno {n}"),
+        None if e.kind() == std::io::ErrorKind::TimedOut => "ETIMEDOUT",
+        None => return format!("{:?}", e.kind()),
+    };
+    name.into()
+}
+
+/// One exchange; the reply names the backend.
+fn exchange(to: SocketAddr, proto: Proto) -> std::io::Result<String> {
+    let mut reply = String::new();
+    match proto {
+        Proto::Tcp => {
+            let mut s = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)?;
+            s.set_read_timeout(Some(REPLY_TIMEOUT))?;
+            s.read_to_string(&mut reply)?;
+        }
+        Proto::Udp => {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(to)?;
+            s.set_read_timeout(Some(REPLY_TIMEOUT))?;
+            s.send(b"hi")?;
+            let mut buf = [0u8; 512];
+            let n = s.recv(&mut buf)?;
+            reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+        }
+    }
+    Ok(reply.trim().to_string())
+}
+
+pub fn connect(
+    to: SocketAddr,
+    count: u64,
+    proto: Proto,
+    interval_ms: u64,
+    max_seconds: u64,
+) -> Result<()> {
+    // In steady mode (count 0) the caller stops us by closing stdin.
+    let stop = Arc::new(AtomicBool::new(false));
+    if count == 0 {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(max_seconds);
+    let (mut attempts, mut ok) = (0u64, 0u64);
+    let mut by_backend: BTreeMap<String, u64> = BTreeMap::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    while (count == 0 || attempts < count)
+        && !stop.load(Ordering::SeqCst)
+        && Instant::now() < deadline
+    {
+        attempts += 1;
+        match exchange(to, proto) {
+            Ok(backend) => {
+                ok += 1;
+                *by_backend.entry(backend).or_default() += 1;
+            }
+            Err(e) => *errors.entry(errno_name(&e)).or_default() += 1,
+        }
+        if interval_ms > 0 {
+            std::thread::sleep(Duration::from_millis(interval_ms));
+        }
+    }
+    println!(
+        "{}",
+        json!({ "attempts": attempts, "ok": ok, "by_backend": by_backend, "errors": errors })
+    );
+    Ok(())
+}

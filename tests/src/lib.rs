@@ -1,0 +1,21 @@
+//! Harness for the privileged end-to-end tests and the demo. Every resource a test creates (a
+//! network namespace, a child cgroup, a bpffs pin folder, processes) is owned by a value whose
+//! Drop removes it, so a failing test cleans up too. All traffic happens inside the namespace,
+//! which has only a loopback device: an untranslated VIP connect fails with ENETUNREACH there.
+
+pub mod cgroup;
+pub mod netns;
+pub mod paths;
+pub mod pins;
+pub mod privilege;
+pub mod procs;
+pub mod scenario;
+pub mod stats;
+
+pub use cgroup::TestCgroup;
+pub use netns::TestNet;
+pub use pins::PinDir;
+pub use privilege::require_privileged;
+pub use procs::{Agent, Backends, ClientReport, Proto, SteadyClient};
+pub use scenario::Scenario;
+pub use stats::{agent_stats, wait_backends, wait_for};

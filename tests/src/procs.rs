@@ -1,0 +1,278 @@
+//! Processes a test runs inside its namespace: backends, clients and the real agent.
+
+use crate::{paths::agent_bin, PinDir, TestCgroup, TestNet};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// What one `lb-testkit connect` run saw.
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct ClientReport {
+    pub attempts: u64,
+    pub ok: u64,
+    /// Successful exchanges per answering backend (the backend names itself in its reply).
+    pub by_backend: HashMap<String, u64>,
+    /// Failures per errno name (ECONNREFUSED, ENETUNREACH, …).
+    pub errors: HashMap<String, u64>,
+}
+
+impl ClientReport {
+    pub fn from(&self, backend: &str) -> u64 {
+        self.by_backend.get(backend).copied().unwrap_or(0)
+    }
+
+    pub fn failed(&self, errno: &str) -> u64 {
+        self.errors.get(errno).copied().unwrap_or(0)
+    }
+}
+
+/// Waits up to 3 s for a child to exit on its own, then kills it: only our own children.
+pub fn wait_or_kill(child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Closes the child's stdin (its signal to stop), then parses the JSON line it prints.
+fn finish<T: for<'a> Deserialize<'a>>(mut child: Child, what: &str) -> T {
+    drop(child.stdin.take());
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read output");
+    wait_or_kill(&mut child);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{what} printed {out:?}: {e}"))
+}
+
+fn spawn_ready(mut cmd: Command, what: &str) -> Child {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("stdout");
+    let mut reader = BufReader::new(stdout);
+    reader.read_line(&mut line).ok();
+    assert_eq!(line.trim(), "ready", "{what} did not start");
+    child.stdout = Some(reader.into_inner());
+    child
+}
+
+/// Listeners that answer every connection (or datagram) with their own address.
+pub struct Backends {
+    child: Option<Child>,
+}
+
+impl Backends {
+    pub fn start(net: &TestNet, addrs: &[&str], proto: Proto) -> Self {
+        let mut cmd = net.testkit(None);
+        cmd.args(["serve", "--proto", proto.as_str()]);
+        for a in addrs {
+            cmd.args(["--listen", a]);
+        }
+        Self {
+            child: Some(spawn_ready(cmd, "backends")),
+        }
+    }
+
+    /// Stops the listeners and returns what each accepted.
+    pub fn stop(mut self) -> HashMap<String, u64> {
+        #[derive(Deserialize)]
+        struct Counts {
+            accepted: HashMap<String, u64>,
+        }
+        finish::<Counts>(self.child.take().expect("running"), "backends").accepted
+    }
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            drop(c.stdin.take());
+            wait_or_kill(&mut c);
+        }
+    }
+}
+
+fn connect_cmd(net: &TestNet, cgroup: Option<&TestCgroup>, to: &str, proto: Proto) -> Command {
+    let mut cmd = net.testkit(cgroup);
+    cmd.args(["connect", "--to", to, "--proto", proto.as_str()]);
+    cmd
+}
+
+/// `count` sequential connects (or connected-UDP exchanges) to `to`, from inside `cgroup`.
+pub fn run_client(
+    net: &TestNet,
+    cgroup: Option<&TestCgroup>,
+    to: &str,
+    count: u64,
+    proto: Proto,
+) -> ClientReport {
+    let mut cmd = connect_cmd(net, cgroup, to, proto);
+    cmd.args(["--count", &count.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let child = cmd.spawn().expect("spawn client");
+    finish(child, "client")
+}
+
+/// A client connecting every `interval` until stopped (bounded by `max` in time).
+pub struct SteadyClient {
+    child: Option<Child>,
+}
+
+impl SteadyClient {
+    pub fn start(
+        net: &TestNet,
+        cgroup: &TestCgroup,
+        to: &str,
+        interval: Duration,
+        max: Duration,
+    ) -> Self {
+        let mut cmd = connect_cmd(net, Some(cgroup), to, Proto::Tcp);
+        cmd.args([
+            "--count",
+            "0",
+            "--interval-ms",
+            &interval.as_millis().to_string(),
+        ])
+        .args(["--max-seconds", &max.as_secs().to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+        Self {
+            child: Some(cmd.spawn().expect("spawn steady client")),
+        }
+    }
+
+    pub fn stop(mut self) -> ClientReport {
+        finish(self.child.take().expect("running"), "steady client")
+    }
+}
+
+impl Drop for SteadyClient {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            drop(c.stdin.take());
+            wait_or_kill(&mut c);
+        }
+    }
+}
+
+/// The real `lb-agent run`, inside the test namespace but not in the balanced cgroup.
+pub struct Agent {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(net: &TestNet, cgroup: &TestCgroup, pins: &PinDir, config: &Path) -> Self {
+        let log = config.with_extension(format!("agent-{}.log", crate::paths::unique_name()));
+        let log_file = std::fs::File::create(&log).expect("agent log file");
+        let child = net
+            .testkit(None)
+            .arg("exec")
+            .arg("--")
+            .arg(agent_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .arg("--cgroup")
+            .arg(&cgroup.path)
+            .arg("--pin-dir")
+            .arg(&pins.path)
+            .arg("--watch-interval-ms")
+            .arg("0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn lb-agent");
+        Self {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) of the agent process this harness started.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    pub fn sighup(&self) {
+        self.signal(libc::SIGHUP);
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn sigkill(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.take().expect("running").wait();
+    }
+
+    /// SIGTERM, then the exit status (true = clean exit).
+    pub fn sigterm_and_wait(&mut self) -> bool {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- lb-agent log ---\n{}", self.log());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}

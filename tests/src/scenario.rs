@@ -1,0 +1,88 @@
+//! The usual test set-up in one value: a namespace with backends listening, a child cgroup for
+//! clients, a pin folder and the real agent running a config. Fields drop in declaration order:
+//! agent, backends, pins (detached), cgroup, namespace.
+
+use crate::procs::{run_client, Agent, Backends, ClientReport, Proto};
+use crate::{paths::unique_name, PinDir, TestCgroup, TestNet};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub struct Scenario {
+    pub agent: Option<Agent>,
+    backends: Option<Backends>,
+    pub pins: PinDir,
+    pub cgroup: TestCgroup,
+    pub net: TestNet,
+    pub config: PathBuf,
+    dir: PathBuf,
+}
+
+impl Scenario {
+    /// `backends` are `ip:port` listeners; their IPs are added to the namespace's `lo`.
+    pub fn start(backends: &[&str], proto: Proto, config: &str) -> Self {
+        let ips: Vec<&str> = backends
+            .iter()
+            .filter_map(|b| b.split(':').next())
+            .collect();
+        let net = TestNet::new(&ips);
+        let listeners = Backends::start(&net, backends, proto);
+        let dir = std::env::temp_dir().join(unique_name());
+        std::fs::create_dir_all(&dir).expect("config dir");
+        let mut s = Self {
+            agent: None,
+            backends: Some(listeners),
+            pins: PinDir::new(),
+            cgroup: TestCgroup::new(),
+            net,
+            config: dir.join("lb.toml"),
+            dir,
+        };
+        s.write_config(config);
+        s.start_agent();
+        s
+    }
+
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(&self.config, text).expect("write config");
+    }
+
+    /// Starts the agent on this scenario's pins and waits until it has applied its config.
+    pub fn start_agent(&mut self) {
+        let mut agent = Agent::start(&self.net, &self.cgroup, &self.pins, &self.config);
+        let ready = crate::wait_for(Duration::from_secs(15), || {
+            agent.log().contains(" ready services=") || !agent.is_running()
+        });
+        assert!(
+            ready && agent.is_running(),
+            "agent did not become ready:\n{}",
+            agent.log()
+        );
+        self.agent = Some(agent);
+    }
+
+    pub fn agent(&mut self) -> &mut Agent {
+        self.agent.as_mut().expect("agent running")
+    }
+
+    /// A client inside the balanced cgroup.
+    pub fn client(&self, to: &str, count: u64, proto: Proto) -> ClientReport {
+        run_client(&self.net, Some(&self.cgroup), to, count, proto)
+    }
+
+    /// A client in the same namespace but outside the balanced cgroup.
+    pub fn outside_client(&self, to: &str, count: u64, proto: Proto) -> ClientReport {
+        run_client(&self.net, None, to, count, proto)
+    }
+
+    /// Stops the backends and returns what each accepted.
+    pub fn stop_backends(&mut self) -> HashMap<String, u64> {
+        self.backends.take().expect("backends running").stop()
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,68 @@
+//! `lb-agent stats --json` as the tests' window into the data plane, and polling instead of
+//! sleeping.
+
+use crate::{paths::agent_bin, PinDir};
+use serde_json::Value;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub fn agent_stats(pins: &PinDir) -> Option<Value> {
+    let out = Command::new(agent_bin())
+        .args(["stats", "--json", "--pin-dir"])
+        .arg(&pins.path)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The service named `name` in a stats report.
+pub fn service<'a>(stats: &'a Value, name: &str) -> Option<&'a Value> {
+    stats["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == name)
+}
+
+/// Backend addresses of a service in a stats report, sorted.
+pub fn backend_set(stats: &Value, name: &str) -> Option<Vec<String>> {
+    let mut set: Vec<String> = service(stats, name)?["backends"]
+        .as_array()?
+        .iter()
+        .filter_map(|b| b["address"].as_str().map(String::from))
+        .collect();
+    set.sort();
+    Some(set)
+}
+
+/// Waits until the pinned maps show exactly `expected` as the backends of `name`: the sign that
+/// the agent applied a config. Panics with the last report on timeout.
+pub fn wait_backends(pins: &PinDir, name: &str, expected: &[&str], timeout: Duration) {
+    let mut want: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    let mut last = None;
+    let ok = wait_for(timeout, || {
+        last = agent_stats(pins);
+        last.as_ref().and_then(|s| backend_set(s, name)).as_ref() == Some(&want)
+    });
+    assert!(
+        ok,
+        "service {name} never had backends {want:?}; last stats: {last:?}"
+    );
+}

@@ -1,0 +1,299 @@
+//! Privileged end-to-end tests of connect4 balancing: the real agent binary, real sockets in a
+//! namespace of the test's own (lo only, no route out) and clients in a child cgroup.
+
+use lb_testkit::procs::Proto;
+use lb_testkit::stats::service;
+use lb_testkit::{agent_stats, require_privileged, wait_backends, Scenario, SteadyClient};
+use std::time::Duration;
+
+const VIP: &str = "10.96.0.10:80";
+const B1: &str = "127.0.0.11:8080";
+const B2: &str = "127.0.0.12:8080";
+const B3: &str = "127.0.0.13:8080";
+const WAIT: Duration = Duration::from_secs(10);
+
+fn web(backends: &str) -> String {
+    format!("[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nprotocol = \"tcp\"\nbackends = [ {backends} ]\n")
+}
+
+fn quoted(addrs: &[&str]) -> String {
+    addrs
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn stats_service(s: &Scenario, name: &str) -> serde_json::Value {
+    let stats = agent_stats(&s.pins).expect("lb-agent stats --json");
+    service(&stats, name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no service {name} in {stats}"))
+}
+
+fn backend_connects(svc: &serde_json::Value, addr: &str) -> u64 {
+    svc["backends"]
+        .as_array()
+        .and_then(|bs| bs.iter().find(|b| b["address"] == addr))
+        .and_then(|b| b["connects"].as_u64())
+        .unwrap_or(0)
+}
+
+fn assert_near(label: &str, got: u64, expected: f64) {
+    let tolerance = expected * 0.15;
+    assert!(
+        (got as f64 - expected).abs() <= tolerance,
+        "{label}: {got} connects, expected {expected:.0} ± 15%"
+    );
+}
+
+#[test]
+fn vip_connects_reach_only_configured_backends() {
+    if !require_privileged("vip_connects_reach_only_configured_backends") {
+        return;
+    }
+    let extra = "127.0.0.14:8080";
+    let mut s = Scenario::start(
+        &[B1, B2, B3, extra],
+        Proto::Tcp,
+        &web(&quoted(&[B1, B2, B3])),
+    );
+    let report = s.client(VIP, 300, Proto::Tcp);
+    assert_eq!(report.ok, 300, "{report:?}");
+    assert_eq!(report.from(extra), 0);
+    let accepted = s.stop_backends();
+    assert_eq!(accepted[extra], 0, "an unconfigured backend was reached");
+    assert_eq!(accepted[B1] + accepted[B2] + accepted[B3], 300);
+}
+
+#[test]
+fn spread_is_even_and_follows_weights() {
+    if !require_privileged("spread_is_even_and_follows_weights") {
+        return;
+    }
+    let s = Scenario::start(&[B1, B2, B3], Proto::Tcp, &web(&quoted(&[B1, B2, B3])));
+    let even = s.client(VIP, 3000, Proto::Tcp);
+    assert_eq!(even.ok, 3000, "{even:?}");
+    for b in [B1, B2, B3] {
+        assert_near(b, even.from(b), 1000.0);
+    }
+
+    let weighted = format!("\"{B1}\", \"{B2}\", {{ address = \"{B3}\", weight = 3 }}");
+    s.write_config(&web(&weighted));
+    let mut s = s;
+    s.agent().sighup();
+    let ok = lb_testkit::wait_for(WAIT, || stats_service(&s, "web")["slots"] == 5);
+    assert!(ok, "weights never applied: {}", stats_service(&s, "web"));
+    let report = s.client(VIP, 3000, Proto::Tcp);
+    assert_eq!(report.ok, 3000, "{report:?}");
+    assert_near(B1, report.from(B1), 600.0);
+    assert_near(B2, report.from(B2), 600.0);
+    assert_near(B3, report.from(B3), 1800.0);
+}
+
+#[test]
+fn counters_equal_what_backends_and_clients_counted() {
+    if !require_privileged("counters_equal_what_backends_and_clients_counted") {
+        return;
+    }
+    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, &web(&quoted(&[B1, B2, B3])));
+    let report = s.client(VIP, 500, Proto::Tcp);
+    let svc = stats_service(&s, "web");
+    let accepted = s.stop_backends();
+    assert_eq!(svc["connects"].as_u64(), Some(500));
+    assert_eq!(svc["no_backend"].as_u64(), Some(0));
+    for b in [B1, B2, B3] {
+        assert_eq!(
+            backend_connects(&svc, b),
+            accepted[b],
+            "kernel counter vs backend for {b}"
+        );
+        assert_eq!(report.from(b), accepted[b], "client vs backend for {b}");
+    }
+}
+
+#[test]
+fn client_outside_the_cgroup_is_not_rewritten() {
+    if !require_privileged("client_outside_the_cgroup_is_not_rewritten") {
+        return;
+    }
+    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&quoted(&[B1, B2])));
+    let report = s.outside_client(VIP, 50, Proto::Tcp);
+    assert_eq!(report.failed("ENETUNREACH"), 50, "{report:?}");
+    assert_eq!(stats_service(&s, "web")["connects"].as_u64(), Some(0));
+    let accepted = s.stop_backends();
+    assert_eq!(accepted[B1] + accepted[B2], 0);
+}
+
+#[test]
+fn non_service_destinations_are_untouched() {
+    if !require_privileged("non_service_destinations_are_untouched") {
+        return;
+    }
+    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&quoted(&[B1, B2])));
+    let direct = s.client(B1, 40, Proto::Tcp);
+    assert_eq!(direct.from(B1), 40, "{direct:?}");
+    let other_port = s.client("10.96.0.10:81", 20, Proto::Tcp);
+    assert_eq!(other_port.failed("ENETUNREACH"), 20, "{other_port:?}");
+    let udp_same_vip = s.client(VIP, 5, Proto::Udp);
+    assert_eq!(
+        udp_same_vip.ok, 0,
+        "tcp service must not catch udp: {udp_same_vip:?}"
+    );
+    assert_eq!(stats_service(&s, "web")["connects"].as_u64(), Some(0));
+    let accepted = s.stop_backends();
+    assert_eq!((accepted[B1], accepted[B2]), (40, 0));
+}
+
+#[test]
+fn empty_service_refuses_connects_with_econnrefused() {
+    if !require_privileged("empty_service_refuses_connects_with_econnrefused") {
+        return;
+    }
+    let s = Scenario::start(&[B1], Proto::Tcp, &web(""));
+    let report = s.client(VIP, 25, Proto::Tcp);
+    assert_eq!(report.failed("ECONNREFUSED"), 25, "{report:?}");
+    let svc = stats_service(&s, "web");
+    assert_eq!(svc["no_backend"].as_u64(), Some(25));
+    assert_eq!(svc["connects"].as_u64(), Some(0));
+}
+
+#[test]
+fn reload_removing_a_backend_stops_traffic_to_it_and_bad_config_is_rejected() {
+    if !require_privileged("reload_removing_a_backend_stops_traffic_to_it") {
+        return;
+    }
+    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, &web(&quoted(&[B1, B2, B3])));
+    assert_eq!(s.client(VIP, 90, Proto::Tcp).ok, 90);
+
+    s.write_config(&web(&quoted(&[B1, B2])));
+    s.agent().sighup();
+    wait_backends(&s.pins, "web", &[B1, B2], WAIT);
+    let after = s.client(VIP, 500, Proto::Tcp);
+    assert_eq!(after.ok, 500, "{after:?}");
+    assert_eq!(
+        after.from(B3),
+        0,
+        "removed backend still reached: {after:?}"
+    );
+
+    s.write_config("[[service]]\nname = \"web\"\nvip = \"10.96.0.10:0\"\nbackends = []\n");
+    s.agent().sighup();
+    let rejected = lb_testkit::wait_for(WAIT, || {
+        s.agent.as_ref().unwrap().log().contains("config rejected")
+    });
+    assert!(
+        rejected,
+        "invalid config was not reported:\n{}",
+        s.agent().log()
+    );
+    assert!(s.agent().is_running(), "agent died on an invalid config");
+    wait_backends(&s.pins, "web", &[B1, B2], WAIT);
+    assert_eq!(
+        s.client(VIP, 50, Proto::Tcp).ok,
+        50,
+        "old state must keep serving"
+    );
+    assert!(s.agent().sigterm_and_wait(), "clean exit on SIGTERM");
+}
+
+#[test]
+fn agent_sigkill_under_load_loses_nothing_and_restart_adopts_pins() {
+    if !require_privileged("agent_sigkill_under_load_loses_nothing_and_restart_adopts_pins") {
+        return;
+    }
+    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, &web(&quoted(&[B1, B2, B3])));
+    let load = SteadyClient::start(
+        &s.net,
+        &s.cgroup,
+        VIP,
+        Duration::from_millis(2),
+        Duration::from_secs(30),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    s.agent().sigkill();
+    s.agent = None;
+    std::thread::sleep(Duration::from_secs(1));
+    let report = load.stop();
+    assert!(
+        report.attempts > 100,
+        "too little load to prove anything: {report:?}"
+    );
+    assert_eq!(
+        report.ok, report.attempts,
+        "connects failed while the agent was dead: {report:?}"
+    );
+    let before = stats_service(&s, "web")["connects"].as_u64().unwrap();
+    assert_eq!(before, report.ok);
+
+    s.start_agent();
+    assert!(
+        s.agent().log().contains("adopted=true"),
+        "{}",
+        s.agent().log()
+    );
+    let svc = stats_service(&s, "web");
+    assert_eq!(
+        svc["connects"].as_u64(),
+        Some(before),
+        "counters reset on restart"
+    );
+    assert_eq!(
+        svc["revision"].as_u64(),
+        Some(1),
+        "unchanged config must not rewrite the table"
+    );
+    assert_eq!(s.client(VIP, 100, Proto::Tcp).ok, 100);
+
+    assert!(s.agent().sigterm_and_wait());
+    s.agent = None;
+    let detach = std::process::Command::new(lb_testkit::paths::agent_bin())
+        .arg("detach")
+        .arg("--pin-dir")
+        .arg(&s.pins.path)
+        .output()
+        .unwrap();
+    assert!(detach.status.success(), "{detach:?}");
+    let after = s.client(VIP, 10, Proto::Tcp);
+    assert_eq!(
+        after.failed("ENETUNREACH"),
+        10,
+        "program still attached after detach: {after:?}"
+    );
+}
+
+#[test]
+fn second_agent_on_the_same_pins_refuses_and_traffic_continues() {
+    if !require_privileged("second_agent_on_the_same_pins_refuses") {
+        return;
+    }
+    let s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&quoted(&[B1, B2])));
+    let mut second = lb_testkit::Agent::start(&s.net, &s.cgroup, &s.pins, &s.config);
+    let exited = lb_testkit::wait_for(WAIT, || !second.is_running());
+    assert!(exited, "second agent kept running");
+    assert!(
+        second.log().contains("another lb-agent"),
+        "{}",
+        second.log()
+    );
+    assert_eq!(s.client(VIP, 50, Proto::Tcp).ok, 50);
+}
+
+#[test]
+fn connected_udp_is_balanced() {
+    if !require_privileged("connected_udp_is_balanced") {
+        return;
+    }
+    let (u1, u2) = ("127.0.0.11:5353", "127.0.0.12:5353");
+    let config = format!(
+        "[[service]]\nname = \"dns\"\nvip = \"10.96.0.10:53\"\nprotocol = \"udp\"\nbackends = [ {} ]\n",
+        quoted(&[u1, u2])
+    );
+    let mut s = Scenario::start(&[u1, u2], Proto::Udp, &config);
+    let report = s.client("10.96.0.10:53", 300, Proto::Udp);
+    assert_eq!(report.ok, 300, "{report:?}");
+    assert!(report.from(u1) > 0 && report.from(u2) > 0, "{report:?}");
+    let accepted = s.stop_backends();
+    assert_eq!(accepted[u1] + accepted[u2], 300);
+    assert_eq!(stats_service(&s, "dns")["connects"].as_u64(), Some(300));
+}
