@@ -109,6 +109,12 @@ fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Stats { json, pin_dir } => {
+            if !pin_dir.join(lb_common::names::MAP_META).exists() {
+                anyhow::bail!(
+                    "no pinned state at {} (is `lb-agent run` using another --pin-dir?)",
+                    pin_dir.display()
+                );
+            }
             let maps = bpf_maps::PinnedMaps::open(&pin_dir)?;
             let report = stats::collect(&maps)?;
             if json {
