@@ -193,7 +193,14 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn start(net: &TestNet, cgroup: &TestCgroup, pins: &PinDir, config: &Path) -> Self {
+    /// `watch_ms` is the agent's config-file poll interval; 0 means only SIGHUP reloads.
+    pub fn start(
+        net: &TestNet,
+        cgroup: &TestCgroup,
+        pins: &PinDir,
+        config: &Path,
+        watch_ms: u64,
+    ) -> Self {
         let log = config.with_extension(format!("agent-{}.log", crate::paths::unique_name()));
         let log_file = std::fs::File::create(&log).expect("agent log file");
         let child = net
@@ -209,7 +216,7 @@ impl Agent {
             .arg("--pin-dir")
             .arg(&pins.path)
             .arg("--watch-interval-ms")
-            .arg("0")
+            .arg(watch_ms.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)

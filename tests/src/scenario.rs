@@ -15,6 +15,8 @@ pub struct Scenario {
     pub cgroup: TestCgroup,
     pub net: TestNet,
     pub config: PathBuf,
+    /// Config-file poll interval given to the agent; 0 (the default) = only SIGHUP reloads.
+    pub watch_ms: u64,
     dir: PathBuf,
 }
 
@@ -36,6 +38,7 @@ impl Scenario {
             cgroup: TestCgroup::new(),
             net,
             config: dir.join("lb.toml"),
+            watch_ms: 0,
             dir,
         };
         s.write_config(config);
@@ -49,7 +52,13 @@ impl Scenario {
 
     /// Starts the agent on this scenario's pins and waits until it has applied its config.
     pub fn start_agent(&mut self) {
-        let mut agent = Agent::start(&self.net, &self.cgroup, &self.pins, &self.config);
+        let mut agent = Agent::start(
+            &self.net,
+            &self.cgroup,
+            &self.pins,
+            &self.config,
+            self.watch_ms,
+        );
         let ready = crate::wait_for(Duration::from_secs(15), || {
             agent.log().contains(" ready services=") || !agent.is_running()
         });

@@ -268,7 +268,7 @@ fn second_agent_on_the_same_pins_refuses_and_traffic_continues() {
         return;
     }
     let s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&quoted(&[B1, B2])));
-    let mut second = lb_testkit::Agent::start(&s.net, &s.cgroup, &s.pins, &s.config);
+    let mut second = lb_testkit::Agent::start(&s.net, &s.cgroup, &s.pins, &s.config, 0);
     let exited = lb_testkit::wait_for(WAIT, || !second.is_running());
     assert!(exited, "second agent kept running");
     assert!(
@@ -296,4 +296,24 @@ fn connected_udp_is_balanced() {
     let accepted = s.stop_backends();
     assert_eq!(accepted[u1] + accepted[u2], 300);
     assert_eq!(stats_service(&s, "dns")["connects"].as_u64(), Some(300));
+}
+
+#[test]
+fn editing_the_config_file_reloads_without_a_signal() {
+    if !require_privileged("editing_the_config_file_reloads_without_a_signal") {
+        return;
+    }
+    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&quoted(&[B1])));
+    assert!(s.agent().sigterm_and_wait());
+    s.watch_ms = 100;
+    s.start_agent();
+    s.write_config(&web(&quoted(&[B2])));
+    wait_backends(&s.pins, "web", &[B2], WAIT);
+    let report = s.client(VIP, 50, Proto::Tcp);
+    assert_eq!(report.from(B2), 50, "{report:?}");
+    assert!(
+        s.agent().log().contains("file changed"),
+        "{}",
+        s.agent().log()
+    );
 }
