@@ -317,3 +317,39 @@ fn editing_the_config_file_reloads_without_a_signal() {
         s.agent().log()
     );
 }
+
+#[test]
+fn backend_set_swaps_under_load_fail_no_connect() {
+    if !require_privileged("backend_set_swaps_under_load_fail_no_connect") {
+        return;
+    }
+    let sets: [&[&str]; 2] = [&[B1, B2], &[B2, B3]];
+    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, &web(&quoted(sets[0])));
+    let load = SteadyClient::start(
+        &s.net,
+        &s.cgroup,
+        VIP,
+        Duration::from_millis(1),
+        Duration::from_secs(60),
+    );
+    for round in 1..=20 {
+        let set = sets[round % 2];
+        s.write_config(&web(&quoted(set)));
+        s.agent().sighup();
+        wait_backends(&s.pins, "web", set, WAIT);
+        // Pacing, not an assertion: let connects run against each set before the next swap.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let report = load.stop();
+    assert!(
+        report.attempts > 200,
+        "too little load to prove anything: {report:?}"
+    );
+    assert_eq!(
+        report.ok, report.attempts,
+        "connects failed during swaps: {report:?}"
+    );
+    let svc = stats_service(&s, "web");
+    assert_eq!(svc["update_races"].as_u64(), Some(0), "{svc}");
+    assert_eq!(svc["revision"].as_u64(), Some(21), "{svc}");
+}
