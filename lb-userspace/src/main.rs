@@ -67,10 +67,12 @@ enum Command {
 }
 
 fn main() {
+    // eBPF log records (target `lb_ebpf`) are only produced with `run --bpf-log`; when asked
+    // for, they are shown.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lb_ebpf=debug")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
