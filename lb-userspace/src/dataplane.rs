@@ -10,6 +10,7 @@ use lb_common::{
     ipv4_from_raw, ipv4_to_raw, port_from_raw, port_to_raw, BackendValue, ServiceKey, ServiceName,
     ServiceValue, SlotKey,
 };
+use lb_common::{MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS_PER_SERVICE};
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -54,6 +55,12 @@ pub fn read_installed(dp: &impl Dataplane, scan_strays: bool) -> Result<Installe
         .map(|(id, n)| (id, n.as_str().unwrap_or("").to_string()))
         .collect();
     for (key, value) in dp.services()? {
+        if value.slot_count > MAX_SLOTS_PER_SERVICE {
+            return Err(inconsistent(format!(
+                "service id {} claims {} slots (at most {MAX_SLOTS_PER_SERVICE})",
+                value.id, value.slot_count
+            )));
+        }
         let mut slots = Vec::with_capacity(value.slot_count as usize);
         for slot in 0..value.slot_count {
             let k = SlotKey {
@@ -75,6 +82,7 @@ pub fn read_installed(dp: &impl Dataplane, scan_strays: bool) -> Result<Installe
         };
         installed.services.insert(key, svc);
     }
+    check_ids(&installed)?;
     installed.backends = dp
         .backends()?
         .iter()
@@ -99,6 +107,39 @@ pub fn read_installed(dp: &impl Dataplane, scan_strays: bool) -> Result<Installe
             .collect();
     }
     Ok(installed)
+}
+
+fn inconsistent(what: String) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the pinned maps are inconsistent ({what}); this agent never writes such state, so \
+         nothing was changed. `lb-agent detach` resets it (balancing stops until the next start)"
+    )
+}
+
+/// Reconcile relies on ids being in range (they index the counter arrays) and owned once: a
+/// service id by one service, a backend id by one service. State breaking that is refused
+/// rather than repaired by guesswork.
+fn check_ids(installed: &Installed) -> Result<()> {
+    let mut service_ids = BTreeSet::new();
+    let mut backend_owner = std::collections::BTreeMap::new();
+    for svc in installed.services.values() {
+        if svc.id >= MAX_SERVICES || !service_ids.insert(svc.id) {
+            return Err(inconsistent(format!(
+                "service id {} out of range or repeated",
+                svc.id
+            )));
+        }
+        for b in svc.backend_ids() {
+            let owner = *backend_owner.entry(b).or_insert(svc.id);
+            if b >= MAX_BACKENDS || owner != svc.id {
+                return Err(inconsistent(format!(
+                    "backend id {b} out of range or used by services {owner} and {}",
+                    svc.id
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Applies operations in order and stops at the first failure; see `reconcile` for why any

@@ -518,6 +518,55 @@ mod tests {
     }
 
     #[test]
+    fn inconsistent_pinned_state_is_refused_not_repaired() {
+        let mut dp = FakeDataplane::default();
+        converge(&mut dp, &web(&[("10.0.0.1:8080", 1)]));
+        let (key, v) = dp.services.iter().next().map(|(k, v)| (*k, *v)).unwrap();
+        let mut twin = key;
+        twin.port = twin.port.wrapping_add(1);
+
+        let mut shared_id = dp.clone();
+        shared_id.services.insert(twin, v);
+        let err = read_installed(&shared_id, true).unwrap_err().to_string();
+        assert!(
+            err.contains("service id 0 out of range or repeated"),
+            "{err}"
+        );
+
+        let mut huge = dp.clone();
+        huge.services.insert(
+            key,
+            ServiceValue {
+                slot_count: u32::MAX,
+                ..v
+            },
+        );
+        let err = read_installed(&huge, true).unwrap_err().to_string();
+        assert!(err.contains("claims 4294967295 slots"), "{err}");
+
+        let mut stolen = dp.clone();
+        let other = ServiceValue {
+            id: 1,
+            revision: 1,
+            ..v
+        };
+        stolen.services.insert(twin, other);
+        stolen.slots.insert(
+            SlotKey {
+                service_id: 1,
+                revision: 1,
+                slot: 0,
+            },
+            0,
+        );
+        let err = read_installed(&stolen, true).unwrap_err().to_string();
+        assert!(
+            err.contains("backend id 0 out of range or used by services 0 and 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn too_many_backends_is_a_capacity_error_that_changes_nothing() {
         let installed = Installed::default();
         let backends: Vec<(String, u32)> = (0..MAX_BACKENDS + 1)
