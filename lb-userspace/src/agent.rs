@@ -31,15 +31,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     let _lock = lock::acquire(&args.pin_dir)?;
     loader::prepare_pin_dir(&args.pin_dir)?;
-    let logger = loader::load_and_attach(&LoadOptions {
+    let attached = loader::load_and_attach(&LoadOptions {
         pin_dir: &args.pin_dir,
         cgroup: &cgroup,
         bpf_log: args.bpf_log,
     })?;
-    if let Some(logger) = logger {
+    if let Some(logger) = attached.logger {
         tokio::spawn(drain_ebpf_logs(logger));
     }
-    let mut maps = PinnedMaps::open(&args.pin_dir)?;
+    let mut maps = attached.maps;
     reconcile_to(&mut maps, &config).context("initial reconcile failed")?;
     info!(services = config.services.len(), "ready");
 

@@ -81,20 +81,26 @@ pub fn check_existing_pins(pin_dir: &Path) -> Result<bool> {
         check_pinned(pin_dir, s)?;
     }
     if pin_dir.join(MAP_META).exists() {
-        let meta = PinnedMaps::read_meta(pin_dir)?;
-        if meta.magic != 0 && (meta.magic != META_MAGIC || meta.layout_version != LAYOUT_VERSION) {
-            bail!(
-                "pinned state in {} has layout version {} (magic {:#x}); this agent writes \
-                 version {LAYOUT_VERSION}. Remove it with `lb-agent detach --pin-dir {}` \
-                 (interrupts balancing) or run a matching agent",
-                pin_dir.display(),
-                meta.layout_version,
-                meta.magic,
-                pin_dir.display()
-            );
-        }
+        check_meta(&PinnedMaps::read_meta(pin_dir)?, pin_dir)?;
     }
     Ok(!present.is_empty())
+}
+
+/// A zero magic is a folder whose maps were created but whose first agent died before writing
+/// `LB_META`: ours, and empty.
+fn check_meta(meta: &Meta, pin_dir: &Path) -> Result<()> {
+    if meta.magic == 0 || (meta.magic == META_MAGIC && meta.layout_version == LAYOUT_VERSION) {
+        return Ok(());
+    }
+    bail!(
+        "pinned state in {} has layout version {} (magic {:#x}); this agent writes version \
+         {LAYOUT_VERSION}. Remove it with `lb-agent detach --pin-dir {}` (interrupts balancing) \
+         or run a matching agent",
+        pin_dir.display(),
+        meta.layout_version,
+        meta.magic,
+        pin_dir.display()
+    )
 }
 
 pub struct LoadOptions<'a> {
@@ -103,13 +109,17 @@ pub struct LoadOptions<'a> {
     pub bpf_log: bool,
 }
 
+pub struct Attached {
+    pub maps: PinnedMaps,
+    /// Present when eBPF logging was asked for.
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
 /// Loads the program (creating or reusing pinned maps), attaches it and moves the link pin.
-/// Returns the logger when eBPF logging was asked for.
-pub fn load_and_attach(
-    opts: &LoadOptions,
-) -> Result<Option<aya_log::EbpfLogger<&'static dyn log::Log>>> {
+pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached> {
     let adopted = check_existing_pins(opts.pin_dir)?;
-    // aya-log's level filter is read by the program on every log call: 0 turns them off.
+    // aya-log's level filter is read by the program on every log call: 0 turns them all off,
+    // 5 (trace) lets every level through.
     let level: u8 = if opts.bpf_log { 5 } else { 0 };
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(opts.pin_dir)
@@ -148,7 +158,7 @@ pub fn load_and_attach(
         adopted,
         "connect4 attached"
     );
-    Ok(logger)
+    Ok(Attached { maps, logger })
 }
 
 /// Pins the new link under a temporary name, then renames it over the old pin. The old link
@@ -165,4 +175,40 @@ fn swap_link_pin(pin_dir: &Path, link: FdLink) -> Result<()> {
     // The pin, not this process, now keeps the program attached.
     drop(pinned);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(magic: u32, layout_version: u32) -> Meta {
+        Meta {
+            magic,
+            layout_version,
+        }
+    }
+
+    #[test]
+    fn accepts_own_layout_and_unwritten_meta() {
+        let dir = Path::new("/sys/fs/bpf/lb");
+        assert!(check_meta(&meta(META_MAGIC, LAYOUT_VERSION), dir).is_ok());
+        assert!(check_meta(&meta(0, 0), dir).is_ok());
+    }
+
+    #[test]
+    fn refuses_other_layouts_and_foreign_maps_naming_the_fix() {
+        let dir = Path::new("/sys/fs/bpf/lb");
+        let err = check_meta(&meta(META_MAGIC, LAYOUT_VERSION + 1), dir)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("layout version {}", LAYOUT_VERSION + 1)),
+            "{err}"
+        );
+        assert!(
+            err.contains("lb-agent detach --pin-dir /sys/fs/bpf/lb"),
+            "{err}"
+        );
+        assert!(check_meta(&meta(0xdead_beef, LAYOUT_VERSION), dir).is_err());
+    }
 }
