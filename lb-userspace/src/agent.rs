@@ -1,16 +1,21 @@
-//! `lb-agent run`: attach, reconcile the maps to the config, then follow config changes
-//! (SIGHUP or the file changing) until SIGTERM/SIGINT. Exiting leaves the pins, so traffic keeps
-//! being balanced by the last applied state while no agent runs.
+//! `lb-agent run`: attach, reconcile the maps to the config and the health of its backends,
+//! then follow config changes (SIGHUP or the file changing) and health transitions until
+//! SIGTERM/SIGINT. Exiting leaves the pins, so traffic keeps being balanced by the last applied
+//! state while no agent runs.
 
 use crate::bpf_maps::PinnedMaps;
 use crate::dataplane::{apply, read_installed};
+use crate::health::runner::HealthRunner;
+use crate::health::status_file::{self, ServiceStatus, StatusFile};
 use crate::loader::{self, LoadOptions};
-use crate::reconcile::{reconcile, Summary};
+use crate::reconcile::reconcile;
 use crate::{cgroup, config, lock, plan};
 use anyhow::{Context, Result};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 pub struct RunArgs {
@@ -21,6 +26,9 @@ pub struct RunArgs {
     pub watch_interval: Option<Duration>,
     pub bpf_log: bool,
 }
+
+/// How often health state is published for `lb-agent stats`.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 pub async fn run(args: RunArgs) -> Result<()> {
     // Validate before touching any kernel state: a bad config must not half-start the agent.
@@ -39,26 +47,45 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(logger) = attached.logger {
         tokio::spawn(drain_ebpf_logs(logger));
     }
-    let mut maps = attached.maps;
-    reconcile_to(&mut maps, &config).context("initial reconcile failed")?;
-    info!(services = config.services.len(), "ready");
+    let (transitions_tx, mut transitions) = mpsc::unbounded_channel();
+    let mut agent = Agent {
+        maps: attached.maps,
+        health: HealthRunner::new(transitions_tx),
+        config,
+        failing_open: BTreeSet::new(),
+        pin_dir: args.pin_dir.clone(),
+    };
+    agent.health.sync(&agent.config);
+    agent.reconcile().context("initial reconcile failed")?;
+    info!(services = agent.config.services.len(), "ready");
 
     let mut watcher = ConfigWatcher::new(&args.config);
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut tick = tokio::time::interval(args.watch_interval.unwrap_or(Duration::from_secs(3600)));
+    let watching = args.watch_interval.is_some();
+    let mut watch = tokio::time::interval(args.watch_interval.unwrap_or(Duration::from_secs(3600)));
+    let mut status = tokio::time::interval(STATUS_INTERVAL);
     loop {
         tokio::select! {
             _ = hup.recv() => {
                 watcher.changed();
-                reload(&mut maps, &args.config, "SIGHUP");
+                agent.reload(&args.config, "SIGHUP");
             }
-            _ = tick.tick(), if args.watch_interval.is_some() => {
+            _ = watch.tick(), if watching => {
                 if watcher.changed() {
-                    reload(&mut maps, &args.config, "file changed");
+                    agent.reload(&args.config, "file changed");
                 }
             }
+            Some(()) = transitions.recv() => {
+                // One reconcile covers every transition that arrived meanwhile.
+                while transitions.try_recv().is_ok() {}
+                if let Err(e) = agent.reconcile() {
+                    error!("reconcile after a health change failed: {e:#}");
+                }
+                agent.publish_status();
+            }
+            _ = status.tick() => agent.publish_status(),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -70,33 +97,84 @@ pub async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// A rejected config keeps the running state: nothing is applied unless the whole file is valid.
-fn reload(maps: &mut PinnedMaps, path: &Path, why: &str) {
-    info!(reason = why, "reloading config");
-    match config::load(path) {
-        Err(e) => error!("config rejected, keeping the running state:\n{e}"),
-        Ok(config) => {
-            if let Err(e) = reconcile_to(maps, &config) {
-                error!("reconcile failed, data plane left consistent at the last step: {e:#}");
+struct Agent {
+    maps: PinnedMaps,
+    health: HealthRunner,
+    /// The config in force: the last valid one read.
+    config: config::Config,
+    failing_open: BTreeSet<String>,
+    pin_dir: PathBuf,
+}
+
+impl Agent {
+    /// A rejected config keeps the running state: nothing is applied unless the whole file is
+    /// valid.
+    fn reload(&mut self, path: &Path, why: &str) {
+        info!(reason = why, "reloading config");
+        match config::load(path) {
+            Err(e) => error!("config rejected, keeping the running state:\n{e}"),
+            Ok(config) => {
+                self.config = config;
+                self.health.sync(&self.config);
+                if let Err(e) = self.reconcile() {
+                    error!("reconcile failed, data plane left consistent at the last step: {e:#}");
+                }
             }
         }
     }
-}
 
-pub fn reconcile_to(maps: &mut PinnedMaps, config: &config::Config) -> Result<Summary> {
-    let installed = read_installed(maps, true)?;
-    let plan = reconcile(&installed, &plan::desired(config))?;
-    apply(maps, &plan.ops)?;
-    let s = &plan.summary;
-    info!(
-        added = s.added,
-        updated = s.updated,
-        removed = s.removed,
-        unchanged = s.unchanged,
-        map_ops = plan.ops.len(),
-        "reconciled"
-    );
-    Ok(plan.summary)
+    fn reconcile(&mut self) -> Result<()> {
+        let health = &self.health;
+        let (desired, failing_open) =
+            plan::desired(&self.config, &|svc, addr| health.is_healthy(svc, addr));
+        self.log_fail_open(failing_open.into_iter().collect());
+        let installed = read_installed(&self.maps, true)?;
+        let plan = reconcile(&installed, &desired)?;
+        apply(&mut self.maps, &plan.ops)?;
+        let s = &plan.summary;
+        info!(
+            added = s.added,
+            updated = s.updated,
+            removed = s.removed,
+            unchanged = s.unchanged,
+            map_ops = plan.ops.len(),
+            "reconciled"
+        );
+        Ok(())
+    }
+
+    /// Failing open sends traffic to backends known to be failing: say so loudly, once per
+    /// change.
+    fn log_fail_open(&mut self, now: BTreeSet<String>) {
+        for name in now.difference(&self.failing_open) {
+            warn!(service = %name, "too few healthy backends: FAILING OPEN to all configured backends");
+        }
+        for name in self.failing_open.difference(&now) {
+            info!(service = %name, "enough healthy backends again: no longer failing open");
+        }
+        self.failing_open = now;
+    }
+
+    fn publish_status(&self) {
+        let mut file = StatusFile {
+            agent_pid: std::process::id(),
+            written_unix_ms: crate::health::runner::now_ms(),
+            ..StatusFile::default()
+        };
+        for (target, health) in self.health.snapshot() {
+            let svc = file
+                .services
+                .entry(target.service.clone())
+                .or_insert_with(|| ServiceStatus {
+                    fail_open_active: self.failing_open.contains(&target.service),
+                    ..ServiceStatus::default()
+                });
+            svc.backends.insert(target.backend.to_string(), health);
+        }
+        if let Err(e) = status_file::write(&self.pin_dir, &file) {
+            warn!("cannot publish health state: {e:#}");
+        }
+    }
 }
 
 /// Compares file contents rather than mtimes: editors replace files and Kubernetes swaps

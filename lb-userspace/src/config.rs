@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::ops::RangeInclusive;
 use std::path::Path;
+use std::time::Duration;
 use toml::{Table, Value};
 
 pub const MAX_SERVICES: usize = lb_common::MAX_SERVICES as usize;
@@ -21,8 +23,46 @@ const MAX_LISTED: usize = 100;
 /// Long values are cut in messages so that one huge string cannot swamp them.
 const MAX_SHOWN_CHARS: usize = 64;
 
-const SERVICE_KEYS: &[&str] = &["name", "vip", "protocol", "backends"];
+const SERVICE_KEYS: &[&str] = &[
+    "name",
+    "vip",
+    "protocol",
+    "backends",
+    "fail_open",
+    "panic_threshold",
+    "health",
+];
 const BACKEND_KEYS: &[&str] = &["address", "weight"];
+const HEALTH_KEYS: &[&str] = &[
+    "kind",
+    "port",
+    "path",
+    "expect_status",
+    "interval",
+    "timeout",
+    "rise",
+    "fall",
+    "jitter",
+    "initial",
+];
+
+const PROTOCOLS: &[(&str, Protocol)] = &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
+/// `true` for HTTP: the path and status of `ProbeKind::Http` are read separately.
+const PROBE_KINDS: &[(&str, bool)] = &[("tcp", false), ("http", true)];
+const INITIAL_STATES: &[(&str, InitialState)] = &[
+    ("healthy", InitialState::Healthy),
+    ("unhealthy", InitialState::Unhealthy),
+];
+
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+const INTERVAL_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(10)..=Duration::from_secs(3_600);
+/// Consecutive probe results needed to flip a backend's state (`rise` and `fall`).
+const THRESHOLD_RANGE: RangeInclusive<u32> = 1..=100;
+const MAX_HEALTH_PATH_LEN: usize = 1_024;
+const DURATION_FORMS: &str =
+    "a duration such as \"500ms\", \"2s\", \"1m\" or \"1h\" (an unsigned integer followed by ms, s, m or h)";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
@@ -51,6 +91,40 @@ pub struct ServiceConfig {
     pub vip: SocketAddrV4,
     pub protocol: Protocol,
     pub backends: Vec<BackendConfig>,
+    pub health: Option<HealthConfig>,
+    /// When too few backends are healthy, balance over all configured backends instead of refusing connects.
+    pub fail_open: bool,
+    /// Percent 0..=100: fail open when the healthy share is below this (0 = only when no backend is healthy).
+    pub panic_threshold: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeKind {
+    Tcp,
+    /// `expect_status: None` = any 2xx.
+    Http {
+        path: String,
+        expect_status: Option<u16>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitialState {
+    Healthy,
+    Unhealthy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub kind: ProbeKind,
+    /// Port to probe; None = the backend's own port.
+    pub port: Option<u16>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub jitter: Duration,
+    pub initial: InitialState,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -206,6 +280,18 @@ impl Checker {
         });
     }
 
+    /// The value of a passed check; a failed one is reported at `field`.
+    fn checked<T>(
+        &mut self,
+        scope: Option<&str>,
+        field: &str,
+        result: Result<T, String>,
+    ) -> Option<T> {
+        result
+            .map_err(|message| self.report(scope, field, message))
+            .ok()
+    }
+
     fn unknown_keys(&mut self, scope: Option<&str>, prefix: &str, table: &Table, allowed: &[&str]) {
         for key in table.keys().filter(|k| !allowed.contains(&k.as_str())) {
             let message = format!("unknown key (allowed: {})", allowed.join(", "));
@@ -240,12 +326,35 @@ impl Checker {
             self.report(None, "service", message);
         }
         let mut seen = Seen::default();
-        let services = raw
+        let services: Vec<(usize, ServiceConfig)> = raw
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| self.service(i, s, &mut seen));
+            .filter_map(|(i, s)| self.service(i, s, &mut seen).map(|c| (i, c)))
+            .collect();
+        self.backends_are_not_vips(&services);
         Config {
-            services: services.collect(),
+            services: services.into_iter().map(|(_, s)| s).collect(),
+        }
+    }
+
+    /// A backend that is itself a VIP would be translated a second time, and health probes to
+    /// it would be balanced instead of reaching the backend they judge.
+    fn backends_are_not_vips(&mut self, services: &[(usize, ServiceConfig)]) {
+        let vips: HashMap<(SocketAddrV4, Protocol), &str> = services
+            .iter()
+            .map(|(_, s)| ((s.vip, s.protocol), s.name.as_str()))
+            .collect();
+        for (i, s) in services {
+            for (j, b) in s.backends.iter().enumerate() {
+                if let Some(owner) = vips.get(&(b.address, s.protocol)) {
+                    let scope = format!("service \"{}\" (service[{i}])", s.name);
+                    let message = format!(
+                        "{} is the VIP of service \"{owner}\"; backends must be real addresses",
+                        b.address
+                    );
+                    self.report(Some(&scope), format!("backends[{j}]"), message);
+                }
+            }
         }
     }
 
@@ -302,13 +411,147 @@ impl Checker {
             }
         }
         let backends = self.backends(scope, table.get("backends"));
+        let fail_open = table.get("fail_open").map_or(Ok(true), check_bool);
+        let fail_open = self.checked(scope, "fail_open", fail_open);
+        let panic_threshold = table
+            .get("panic_threshold")
+            .map_or(Ok(0), |v| check_integer(v, 0..=100));
+        let panic_threshold = self.checked(scope, "panic_threshold", panic_threshold);
+        let health = self.health(scope, table.get("health"));
         self.unknown_keys(scope, "", table, SERVICE_KEYS);
         Some(ServiceConfig {
             name: name?.to_owned(),
             vip: vip?,
             protocol: protocol?,
             backends: backends?,
+            health: health?,
+            fail_open: fail_open?,
+            panic_threshold: panic_threshold?,
         })
+    }
+
+    /// `Some(None)` for a service without health checks, `None` when the table is invalid.
+    fn health(&mut self, scope: Option<&str>, raw: Option<&Value>) -> Option<Option<HealthConfig>> {
+        let table = match raw {
+            None => return Some(None),
+            Some(Value::Table(table)) => table,
+            Some(other) => {
+                self.report(scope, "health", type_error("a table", other));
+                return None;
+            }
+        };
+        self.unknown_keys(scope, "health.", table, HEALTH_KEYS);
+        let http = match table.get("kind") {
+            None => Err(format!("required ({})", one_of(PROBE_KINDS))),
+            Some(v) => check_choice(v, PROBE_KINDS),
+        };
+        let http = self.checked(scope, "health.kind", http);
+        let port = table
+            .get("port")
+            .map(|v| check_integer(v, 1..=u16::MAX))
+            .transpose();
+        let port = self.checked(scope, "health.port", port);
+        let path = self.http_only(scope, table, "path", http).map(|path| {
+            let path = path.map_or_else(|| Ok("/".to_owned()), check_path);
+            self.checked(scope, "health.path", path)
+        });
+        let expect_status = self
+            .http_only(scope, table, "expect_status", http)
+            .map(|status| {
+                let status = status.map(|v| check_integer(v, 100..=599)).transpose();
+                self.checked(scope, "health.expect_status", status)
+            });
+        let interval = table.get("interval").map_or(Ok(DEFAULT_INTERVAL), |v| {
+            check_duration(v).and_then(|d| check_between(d, INTERVAL_RANGE))
+        });
+        let interval = self.checked(scope, "health.interval", interval);
+        let timeout = table.get("timeout").map_or(Ok(DEFAULT_TIMEOUT), |v| {
+            let timeout = check_duration(v)?;
+            if timeout.is_zero() {
+                return Err("must be longer than 0ms".to_owned());
+            }
+            Ok(timeout)
+        });
+        let timeout = self.checked(scope, "health.timeout", timeout);
+        let timeout = self.shorter_than_interval(scope, table, "timeout", timeout, interval);
+        let jitter = match table.get("jitter") {
+            None => interval.map(|i| i / 10),
+            Some(v) => self.checked(scope, "health.jitter", check_duration(v)),
+        };
+        let jitter = self.shorter_than_interval(scope, table, "jitter", jitter, interval);
+        let threshold = |key, default| {
+            let raw = table.get(key);
+            raw.map_or(Ok(default), |v| check_integer(v, THRESHOLD_RANGE))
+        };
+        let rise = self.checked(scope, "health.rise", threshold("rise", 2));
+        let fall = self.checked(scope, "health.fall", threshold("fall", 3));
+        let initial = table.get("initial").map_or(Ok(InitialState::Healthy), |v| {
+            check_choice(v, INITIAL_STATES)
+        });
+        let initial = self.checked(scope, "health.initial", initial);
+        let kind = if http? {
+            ProbeKind::Http {
+                path: path??,
+                expect_status: expect_status??,
+            }
+        } else {
+            ProbeKind::Tcp
+        };
+        Some(Some(HealthConfig {
+            kind,
+            port: port?,
+            interval: interval?,
+            timeout: timeout?,
+            rise: rise?,
+            fall: fall?,
+            jitter: jitter?,
+            initial: initial?,
+        }))
+    }
+
+    /// The raw value of an HTTP-only health key (`Some(None)` when absent); `None`, reported,
+    /// when it is given for a TCP probe.
+    fn http_only<'t>(
+        &mut self,
+        scope: Option<&str>,
+        table: &'t Table,
+        key: &str,
+        http: Option<bool>,
+    ) -> Option<Option<&'t Value>> {
+        let value = table.get(key);
+        if value.is_some() && http == Some(false) {
+            let message = "only valid with kind = \"http\"";
+            self.report(scope, format!("health.{key}"), message);
+            return None;
+        }
+        Some(value)
+    }
+
+    /// `value` unless it is not shorter than a valid `interval`, which is reported.
+    fn shorter_than_interval(
+        &mut self,
+        scope: Option<&str>,
+        table: &Table,
+        key: &str,
+        value: Option<Duration>,
+        interval: Option<Duration>,
+    ) -> Option<Duration> {
+        let (value, interval) = match (value, interval) {
+            (Some(value), Some(interval)) if value >= interval => (value, interval),
+            _ => return value,
+        };
+        let default = if table.contains_key(key) {
+            ""
+        } else {
+            " (the default)"
+        };
+        let message = format!(
+            "must be shorter than health.interval ({}), got {}{default}",
+            show_duration(interval),
+            show_duration(value)
+        );
+        self.report(scope, format!("health.{key}"), message);
+        None
     }
 
     fn backends(&mut self, scope: Option<&str>, raw: Option<&Value>) -> Option<Vec<BackendConfig>> {
@@ -416,24 +659,12 @@ fn check_name(raw: Option<&Value>) -> Result<&str, String> {
     if name.is_empty() {
         return Err("must not be empty".to_owned());
     }
-    // A few distinct offenders are enough to point at the problem.
-    let mut bad: Vec<String> = Vec::new();
-    let offenders = name
-        .chars()
-        .filter(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')));
-    for shown in offenders.map(|c| format!("{c:?}")) {
-        if bad.len() == 8 {
-            break;
-        }
-        if !bad.contains(&shown) {
-            bad.push(shown);
-        }
-    }
-    if !bad.is_empty() {
+    if let Some(bad) = offenders(name, |c| {
+        !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    }) {
         return Err(format!(
-            "{} contains {}; only ASCII letters, digits, '.', '_' and '-' are allowed",
-            show(name),
-            bad.join(", ")
+            "{} contains {bad}; only ASCII letters, digits, '.', '_' and '-' are allowed",
+            show(name)
         ));
     }
     // Bytes, not characters: the name is stored in a fixed-size byte array for `stats`.
@@ -447,25 +678,160 @@ fn check_name(raw: Option<&Value>) -> Result<&str, String> {
     Ok(name)
 }
 
-fn check_protocol(raw: Option<&Value>) -> Result<Protocol, String> {
-    match raw {
-        None => Ok(Protocol::Tcp),
-        Some(Value::String(p)) if p == "tcp" => Ok(Protocol::Tcp),
-        Some(Value::String(p)) if p == "udp" => Ok(Protocol::Udp),
-        Some(Value::String(p)) => Err(format!("must be \"tcp\" or \"udp\", got {}", show(p))),
-        Some(other) => Err(type_error("\"tcp\" or \"udp\"", other)),
+/// A few distinct characters of `text` for which `is_bad` holds, listed for a message.
+fn offenders(text: &str, is_bad: impl Fn(char) -> bool) -> Option<String> {
+    // A few distinct offenders are enough to point at the problem.
+    let mut bad: Vec<String> = Vec::new();
+    for shown in text
+        .chars()
+        .filter(|&c| is_bad(c))
+        .map(|c| format!("{c:?}"))
+    {
+        if bad.len() == 8 {
+            break;
+        }
+        if !bad.contains(&shown) {
+            bad.push(shown);
+        }
     }
+    (!bad.is_empty()).then(|| bad.join(", "))
+}
+
+fn check_protocol(raw: Option<&Value>) -> Result<Protocol, String> {
+    raw.map_or(Ok(Protocol::Tcp), |p| check_choice(p, PROTOCOLS))
 }
 
 fn check_weight(raw: Option<&Value>) -> Result<u32, String> {
-    match raw {
-        None => Ok(1),
-        Some(Value::Integer(w)) => u32::try_from(*w)
-            .ok()
-            .filter(|w| (1..=MAX_WEIGHT).contains(w))
-            .ok_or_else(|| format!("must be between 1 and {MAX_WEIGHT}, got {w}")),
-        Some(other) => Err(type_error("an integer", other)),
+    raw.map_or(Ok(1), |w| check_integer(w, 1..=MAX_WEIGHT))
+}
+
+/// One of the strings of `choices`, compared case-sensitively.
+fn check_choice<T: Copy>(raw: &Value, choices: &[(&str, T)]) -> Result<T, String> {
+    let Value::String(text) = raw else {
+        return Err(type_error(&one_of(choices), raw));
+    };
+    match choices.iter().find(|(name, _)| name == text) {
+        Some(&(_, value)) => Ok(value),
+        None => Err(format!("must be {}, got {}", one_of(choices), show(text))),
     }
+}
+
+/// `"a"`, `"a" or "b"`, `"a", "b" or "c"`.
+fn one_of<T>(choices: &[(&str, T)]) -> String {
+    let quoted: Vec<String> = choices
+        .iter()
+        .map(|(name, _)| format!("{name:?}"))
+        .collect();
+    match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => quoted.concat(),
+    }
+}
+
+fn check_integer<T>(raw: &Value, range: RangeInclusive<T>) -> Result<T, String>
+where
+    T: TryFrom<i64> + PartialOrd + fmt::Display,
+{
+    let Value::Integer(n) = raw else {
+        return Err(type_error("an integer", raw));
+    };
+    T::try_from(*n)
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| {
+            let (min, max) = (range.start(), range.end());
+            format!("must be between {min} and {max}, got {n}")
+        })
+}
+
+fn check_bool(raw: &Value) -> Result<bool, String> {
+    match raw {
+        Value::Boolean(b) => Ok(*b),
+        other => Err(type_error("a boolean", other)),
+    }
+}
+
+fn check_duration(raw: &Value) -> Result<Duration, String> {
+    match raw {
+        Value::String(text) => parse_duration(text),
+        _ => None,
+    }
+    .ok_or_else(|| type_error(DURATION_FORMS, raw))
+}
+
+fn check_between(value: Duration, range: RangeInclusive<Duration>) -> Result<Duration, String> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!(
+            "must be between {} and {}, got {}",
+            show_duration(*range.start()),
+            show_duration(*range.end()),
+            show_duration(value)
+        ))
+    }
+}
+
+/// An unsigned integer directly followed by `ms`, `s`, `m` or `h`: no sign, fraction or space.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let unit_at = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(unit_at);
+    let millis_per_unit: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    // `number` holds ASCII digits only, so this fails only when empty or too large.
+    let number: u64 = number.parse().ok()?;
+    number
+        .checked_mul(millis_per_unit)
+        .map(Duration::from_millis)
+}
+
+/// In the largest unit that shows it exactly, as written in the config: `1500ms`, `2s`, `1h`.
+fn show_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0ms".to_owned();
+    }
+    if !d.subsec_nanos().is_multiple_of(1_000_000) {
+        return format!("{d:?}");
+    }
+    match [(3_600_000, "h"), (60_000, "m"), (1_000, "s")]
+        .into_iter()
+        .find(|(per_unit, _)| ms.is_multiple_of(*per_unit))
+    {
+        Some((per_unit, unit)) => format!("{}{unit}", ms / per_unit),
+        None => format!("{ms}ms"),
+    }
+}
+
+/// An HTTP path sent verbatim in the probe's request line.
+fn check_path(raw: &Value) -> Result<String, String> {
+    let Value::String(path) = raw else {
+        return Err(type_error("a string", raw));
+    };
+    if !path.starts_with('/') {
+        return Err(format!("must start with '/', got {}", show(path)));
+    }
+    if let Some(bad) = offenders(path, |c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{} contains {bad}; spaces and control characters are not allowed",
+            show(path)
+        ));
+    }
+    if path.len() > MAX_HEALTH_PATH_LEN {
+        return Err(format!(
+            "{} is {} bytes long, at most {MAX_HEALTH_PATH_LEN} allowed",
+            show(path),
+            path.len()
+        ));
+    }
+    Ok(path.clone())
 }
 
 /// An IPv4 `address:port` a connect can be sent to: the data plane matches and rewrites exact
@@ -630,6 +996,9 @@ mod tests {
                             weight: 1,
                         },
                     ],
+                    health: None,
+                    fail_open: true,
+                    panic_threshold: 0,
                 },
                 ServiceConfig {
                     name: "dns.kube-system_1".into(),
@@ -639,6 +1008,9 @@ mod tests {
                         address: addr("10.0.0.21:53"),
                         weight: 10_000,
                     }],
+                    health: None,
+                    fail_open: true,
+                    panic_threshold: 0,
                 },
             ],
         };
@@ -776,6 +1148,27 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_backend_may_not_be_a_vip_of_the_same_protocol() {
+        let text =
+            "[[service]]\nname = \"a\"\nvip = \"10.96.0.1:80\"\nbackends = [\"10.0.0.1:80\"]\n\
+                    [[service]]\nname = \"b\"\nvip = \"10.96.0.2:80\"\n\
+                    backends = [\"10.0.0.2:80\", \"10.96.0.1:80\"]\n";
+        assert_eq!(
+            single(text),
+            "lb.toml: service \"b\" (service[1]): backends[1]: 10.96.0.1:80 is the VIP of \
+             service \"a\"; backends must be real addresses"
+        );
+        let udp = text.replace(
+            "backends = [\"10.0.0.2:80\"",
+            "protocol = \"udp\"\nbackends = [\"10.0.0.2:80\"",
+        );
+        assert!(
+            parse(&udp, "lb.toml").is_ok(),
+            "a udp backend on a tcp VIP's address is fine"
+        );
+    }
+
     // ---- unknown keys ----
 
     #[test]
@@ -792,7 +1185,7 @@ mod tests {
         assert_eq!(
             single(&text),
             "lb.toml: service \"web\" (service[0]): protocl: unknown key \
-             (allowed: name, vip, protocol, backends)"
+             (allowed: name, vip, protocol, backends, fail_open, panic_threshold, health)"
         );
     }
 
@@ -1284,6 +1677,571 @@ mod tests {
         );
     }
 
+    // ---- health checks and fail-open ----
+
+    /// The `health` of service "web" with the given inline-table body.
+    fn health(body: &str) -> Option<HealthConfig> {
+        let text = web_with(&format!("health = {{ {body} }}"));
+        parse(&text, ORIGIN).unwrap().services[0].health.clone()
+    }
+
+    /// The single problem of service "web" with the given inline `health` body, without the
+    /// `lb.toml: service "web" (service[0]): ` prefix.
+    fn health_error(body: &str) -> String {
+        service_error(&format!("health = {{ {body} }}"))
+    }
+
+    /// The single problem of service "web" with one field line added, without the prefix.
+    fn service_error(line: &str) -> String {
+        let e = single(&web_with(line));
+        let prefix = "lb.toml: service \"web\" (service[0]): ";
+        assert!(e.starts_with(prefix), "{e}");
+        e[prefix.len()..].to_owned()
+    }
+
+    fn tcp_defaults() -> HealthConfig {
+        HealthConfig {
+            kind: ProbeKind::Tcp,
+            port: None,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            jitter: Duration::from_millis(200),
+            initial: InitialState::Healthy,
+        }
+    }
+
+    #[test]
+    fn parses_every_health_and_fail_open_field() {
+        let text = r#"
+            [[service]]
+            name = "plain"
+            vip = "10.96.0.9:80"
+            backends = []
+
+            [[service]]
+            name = "web"
+            vip = "10.96.0.10:80"
+            backends = ["10.0.0.11:8080"]
+            fail_open = false
+            panic_threshold = 50
+
+            [service.health]
+            kind = "http"
+            port = 8081
+            path = "/healthz?full=1"
+            expect_status = 204
+            interval = "1s"
+            timeout = "500ms"
+            rise = 4
+            fall = 5
+            jitter = "100ms"
+            initial = "unhealthy"
+        "#;
+        let config = parse(text, ORIGIN).unwrap();
+        // `[service.health]` belongs to the last `[[service]]` only.
+        let plain = &config.services[0];
+        assert_eq!(
+            (&plain.health, plain.fail_open, plain.panic_threshold),
+            (&None, true, 0)
+        );
+        let expected = ServiceConfig {
+            name: "web".into(),
+            vip: addr("10.96.0.10:80"),
+            protocol: Protocol::Tcp,
+            backends: vec![BackendConfig {
+                address: addr("10.0.0.11:8080"),
+                weight: 1,
+            }],
+            health: Some(HealthConfig {
+                kind: ProbeKind::Http {
+                    path: "/healthz?full=1".into(),
+                    expect_status: Some(204),
+                },
+                port: Some(8081),
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_millis(500),
+                rise: 4,
+                fall: 5,
+                jitter: Duration::from_millis(100),
+                initial: InitialState::Unhealthy,
+            }),
+            fail_open: false,
+            panic_threshold: 50,
+        };
+        assert_eq!(config.services[1], expected);
+    }
+
+    #[test]
+    fn services_without_health_fail_open_by_default() {
+        let config = parse(&web_with("protocol = \"tcp\""), ORIGIN).unwrap();
+        let service = &config.services[0];
+        assert_eq!(service.health, None);
+        assert!(service.fail_open);
+        assert_eq!(service.panic_threshold, 0);
+    }
+
+    #[test]
+    fn minimal_health_table_gets_defaults() {
+        assert_eq!(health("kind = \"tcp\""), Some(tcp_defaults()));
+        let http = HealthConfig {
+            kind: ProbeKind::Http {
+                path: "/".into(),
+                expect_status: None,
+            },
+            ..tcp_defaults()
+        };
+        assert_eq!(health("kind = \"http\""), Some(http));
+        // The default jitter follows the interval.
+        let h = health("kind = \"tcp\", interval = \"5s\"").unwrap();
+        assert_eq!(h.jitter, Duration::from_millis(500));
+        let h = health("kind = \"tcp\", interval = \"15ms\", timeout = \"10ms\"").unwrap();
+        assert_eq!(h.jitter, Duration::from_micros(1_500));
+    }
+
+    #[test]
+    fn table_and_inline_health_forms_are_equal() {
+        let body = "kind = \"http\"\npath = \"/ready\"\nport = 9000\nrise = 1";
+        let table = format!(
+            "{}[service.health]\n{body}\n",
+            web_with("protocol = \"tcp\"")
+        );
+        let inline = web_with(&format!("health = {{ {} }}", body.replace('\n', ", ")));
+        let (table, inline) = (
+            parse(&table, ORIGIN).unwrap(),
+            parse(&inline, ORIGIN).unwrap(),
+        );
+        assert_eq!(table, inline);
+        let h = table.services[0].health.as_ref().unwrap();
+        assert_eq!(h.port, Some(9000));
+        assert_eq!(h.rise, 1);
+        assert_eq!(
+            h.kind,
+            ProbeKind::Http {
+                path: "/ready".into(),
+                expect_status: None
+            }
+        );
+    }
+
+    #[test]
+    fn health_error_matches_the_documented_format() {
+        let text = r#"
+            [[service]]
+            name = "web"
+            vip = "10.96.0.10:80"
+            backends = ["10.0.0.11:8080"]
+            [service.health]
+            kind = "tcp"
+            interval = "1s"
+            timeout = "2s"
+        "#;
+        assert_eq!(
+            single(text),
+            "lb.toml: service \"web\" (service[0]): health.timeout: \
+             must be shorter than health.interval (1s), got 2s"
+        );
+    }
+
+    #[test]
+    fn health_must_be_a_table() {
+        assert_eq!(
+            service_error("health = \"tcp\""),
+            "health: expected a table, got string \"tcp\""
+        );
+        let text = format!(
+            "{}[[service.health]]\nkind = \"tcp\"\n",
+            web_with("protocol = \"tcp\"")
+        );
+        assert_eq!(
+            single(&text),
+            "lb.toml: service \"web\" (service[0]): health: expected a table, got array"
+        );
+    }
+
+    #[test]
+    fn unknown_health_key_lists_allowed_keys() {
+        assert_eq!(
+            health_error("kind = \"tcp\", intreval = \"1s\""),
+            "health.intreval: unknown key (allowed: kind, port, path, expect_status, interval, \
+             timeout, rise, fall, jitter, initial)"
+        );
+    }
+
+    #[test]
+    fn health_kind_is_required_and_checked() {
+        assert_eq!(
+            health_error("port = 80"),
+            "health.kind: required (\"tcp\" or \"http\")"
+        );
+        for kind in ["TCP", "https", "grpc", ""] {
+            assert_eq!(
+                health_error(&format!("kind = \"{kind}\"")),
+                format!("health.kind: must be \"tcp\" or \"http\", got \"{kind}\"")
+            );
+        }
+        assert_eq!(
+            health_error("kind = 1"),
+            "health.kind: expected \"tcp\" or \"http\", got integer 1"
+        );
+    }
+
+    #[test]
+    fn http_only_fields_are_rejected_for_tcp() {
+        assert_eq!(
+            health_error("kind = \"tcp\", path = \"/healthz\""),
+            "health.path: only valid with kind = \"http\""
+        );
+        assert_eq!(
+            health_error("kind = \"tcp\", expect_status = 200"),
+            "health.expect_status: only valid with kind = \"http\""
+        );
+        let e = errors(&web_with(
+            "health = { kind = \"tcp\", path = \"/\", expect_status = 200 }",
+        ));
+        assert_eq!(e.problems.len(), 2, "{e}");
+    }
+
+    #[test]
+    fn health_port_bounds() {
+        for port in [0, -1, 65_536] {
+            assert_eq!(
+                health_error(&format!("kind = \"tcp\", port = {port}")),
+                format!("health.port: must be between 1 and 65535, got {port}")
+            );
+        }
+        assert_eq!(
+            health_error("kind = \"tcp\", port = \"80\""),
+            "health.port: expected an integer, got string \"80\""
+        );
+        for port in [1, 65_535] {
+            let h = health(&format!("kind = \"tcp\", port = {port}")).unwrap();
+            assert_eq!(h.port, Some(port));
+        }
+    }
+
+    #[test]
+    fn http_path_is_checked() {
+        let http = |path: &str| health_error(&format!("kind = \"http\", path = {path:?}"));
+        assert_eq!(
+            http("healthz"),
+            "health.path: must start with '/', got \"healthz\""
+        );
+        assert_eq!(http(""), "health.path: must start with '/', got \"\"");
+        assert_eq!(
+            http("/a b"),
+            "health.path: \"/a b\" contains ' '; spaces and control characters are not allowed"
+        );
+        assert_eq!(
+            http("/a\tb\r\nHost: x"),
+            "health.path: \"/a\\tb\\r\\nHost: x\" contains '\\t', '\\r', '\\n', ' '; \
+             spaces and control characters are not allowed"
+        );
+        let long = format!("/{}", "a".repeat(MAX_HEALTH_PATH_LEN));
+        let e = http(&long);
+        assert!(e.starts_with("health.path: \"/aaa"), "{e}");
+        assert!(
+            e.ends_with("is 1025 bytes long, at most 1024 allowed"),
+            "{e}"
+        );
+        assert_eq!(
+            health_error("kind = \"http\", path = 1"),
+            "health.path: expected a string, got integer 1"
+        );
+        let ok = format!("/{}", "a".repeat(MAX_HEALTH_PATH_LEN - 1));
+        for path in [ok.as_str(), "/", "/a/b?c=d&e=%20"] {
+            let h = health(&format!("kind = \"http\", path = {path:?}")).unwrap();
+            let ProbeKind::Http { path: got, .. } = h.kind else {
+                panic!("{h:?}")
+            };
+            assert_eq!(got, path);
+        }
+    }
+
+    #[test]
+    fn http_expect_status_bounds() {
+        for status in [0, 99, 600, -200] {
+            assert_eq!(
+                health_error(&format!("kind = \"http\", expect_status = {status}")),
+                format!("health.expect_status: must be between 100 and 599, got {status}")
+            );
+        }
+        assert_eq!(
+            health_error("kind = \"http\", expect_status = \"200\""),
+            "health.expect_status: expected an integer, got string \"200\""
+        );
+        for status in [100, 200, 599] {
+            let h = health(&format!("kind = \"http\", expect_status = {status}")).unwrap();
+            let ProbeKind::Http { expect_status, .. } = h.kind else {
+                panic!("{h:?}")
+            };
+            assert_eq!(expect_status, Some(status));
+        }
+    }
+
+    #[test]
+    fn health_interval_bounds() {
+        for interval in ["9ms", "0s", "61m", "2h"] {
+            let shown = if interval == "0s" { "0ms" } else { interval };
+            assert_eq!(
+                health_error(&format!(
+                    "kind = \"tcp\", interval = \"{interval}\", timeout = \"1ms\""
+                )),
+                format!("health.interval: must be between 10ms and 1h, got {shown}")
+            );
+        }
+        for (interval, expected) in [("10ms", 10), ("60m", 3_600_000), ("1h", 3_600_000)] {
+            let text = format!("kind = \"tcp\", interval = \"{interval}\", timeout = \"5ms\"");
+            let h = health(&text).unwrap();
+            assert_eq!(h.interval, Duration::from_millis(expected));
+        }
+    }
+
+    #[test]
+    fn health_timeout_and_jitter_must_be_shorter_than_interval() {
+        assert_eq!(
+            health_error("kind = \"tcp\", interval = \"1s\", timeout = \"1000ms\""),
+            "health.timeout: must be shorter than health.interval (1s), got 1s"
+        );
+        assert_eq!(
+            health_error("kind = \"tcp\", interval = \"500ms\""),
+            "health.timeout: must be shorter than health.interval (500ms), got 1s (the default)"
+        );
+        assert_eq!(
+            health_error("kind = \"tcp\", timeout = \"0ms\""),
+            "health.timeout: must be longer than 0ms"
+        );
+        assert_eq!(
+            health_error("kind = \"tcp\", jitter = \"2s\""),
+            "health.jitter: must be shorter than health.interval (2s), got 2s"
+        );
+        assert_eq!(
+            health_error("kind = \"tcp\", interval = \"1m\", jitter = \"90s\""),
+            "health.jitter: must be shorter than health.interval (1m), got 90s"
+        );
+        let h = health("kind = \"tcp\", interval = \"1s\", timeout = \"999ms\", jitter = \"0s\"");
+        let h = h.unwrap();
+        assert_eq!(h.timeout, Duration::from_millis(999));
+        assert_eq!(h.jitter, Duration::ZERO);
+        // An invalid interval is reported alone, not again through timeout and jitter.
+        assert_eq!(
+            health_error("kind = \"tcp\", interval = \"5ms\", timeout = \"1s\", jitter = \"1s\""),
+            "health.interval: must be between 10ms and 1h, got 5ms"
+        );
+    }
+
+    #[test]
+    fn health_rise_and_fall_bounds() {
+        for key in ["rise", "fall"] {
+            for n in [0, -1, 101, i64::MAX] {
+                assert_eq!(
+                    health_error(&format!("kind = \"tcp\", {key} = {n}")),
+                    format!("health.{key}: must be between 1 and 100, got {n}")
+                );
+            }
+            assert_eq!(
+                health_error(&format!("kind = \"tcp\", {key} = 2.0")),
+                format!("health.{key}: expected an integer, got float 2")
+            );
+        }
+        let h = health("kind = \"tcp\", rise = 1, fall = 100").unwrap();
+        assert_eq!((h.rise, h.fall), (1, 100));
+    }
+
+    #[test]
+    fn health_initial_state() {
+        let h = health("kind = \"tcp\", initial = \"unhealthy\"").unwrap();
+        assert_eq!(h.initial, InitialState::Unhealthy);
+        let h = health("kind = \"tcp\", initial = \"healthy\"").unwrap();
+        assert_eq!(h.initial, InitialState::Healthy);
+        for initial in ["up", "Healthy", ""] {
+            assert_eq!(
+                health_error(&format!("kind = \"tcp\", initial = \"{initial}\"")),
+                format!("health.initial: must be \"healthy\" or \"unhealthy\", got \"{initial}\"")
+            );
+        }
+        assert_eq!(
+            health_error("kind = \"tcp\", initial = true"),
+            "health.initial: expected \"healthy\" or \"unhealthy\", got boolean true"
+        );
+    }
+
+    #[test]
+    fn fail_open_must_be_a_bool() {
+        assert_eq!(
+            service_error("fail_open = \"yes\""),
+            "fail_open: expected a boolean, got string \"yes\""
+        );
+        assert_eq!(
+            service_error("fail_open = 1"),
+            "fail_open: expected a boolean, got integer 1"
+        );
+        let config = parse(&web_with("fail_open = false"), ORIGIN).unwrap();
+        assert!(!config.services[0].fail_open);
+    }
+
+    #[test]
+    fn panic_threshold_bounds() {
+        for n in [101, -1, 256, i64::MIN] {
+            assert_eq!(
+                service_error(&format!("panic_threshold = {n}")),
+                format!("panic_threshold: must be between 0 and 100, got {n}")
+            );
+        }
+        assert_eq!(
+            service_error("panic_threshold = \"50\""),
+            "panic_threshold: expected an integer, got string \"50\""
+        );
+        assert_eq!(
+            service_error("panic_threshold = 50.5"),
+            "panic_threshold: expected an integer, got float 50.5"
+        );
+        for n in [0, 1, 100] {
+            let config = parse(&web_with(&format!("panic_threshold = {n}")), ORIGIN).unwrap();
+            assert_eq!(config.services[0].panic_threshold, n);
+        }
+    }
+
+    #[test]
+    fn health_durations_must_be_well_formed() {
+        for key in ["interval", "timeout", "jitter"] {
+            for bad in [
+                "2",
+                "1.5s",
+                "-1s",
+                "2 s",
+                "",
+                "10us",
+                " 2s",
+                "2s ",
+                "+2s",
+                "s",
+                "2S",
+                "2sec",
+                "1d",
+                "1m30s",
+                "0x10s",
+                "\u{0661}s",
+                "99999999999999999999s",
+                "18446744073709551615h",
+            ] {
+                assert_eq!(
+                    health_error(&format!("kind = \"tcp\", {key} = {bad:?}")),
+                    format!(
+                        "health.{key}: expected a duration such as \"500ms\", \"2s\", \"1m\" or \
+                         \"1h\" (an unsigned integer followed by ms, s, m or h), got string {}",
+                        show(bad)
+                    ),
+                    "{key} = {bad:?}"
+                );
+            }
+            assert_eq!(
+                health_error(&format!("kind = \"tcp\", {key} = 2")),
+                format!(
+                    "health.{key}: expected a duration such as \"500ms\", \"2s\", \"1m\" or \
+                     \"1h\" (an unsigned integer followed by ms, s, m or h), got integer 2"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn parse_duration_accepts_only_integer_and_unit() {
+        for (text, ms) in [
+            ("0ms", 0),
+            ("500ms", 500),
+            ("2s", 2_000),
+            ("007s", 7_000),
+            ("1m", 60_000),
+            ("1h", 3_600_000),
+            ("18446744073709551615ms", u64::MAX),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Some(Duration::from_millis(ms)),
+                "{text}"
+            );
+        }
+        for text in [
+            "",
+            "2",
+            "ms",
+            "1.5s",
+            "-1s",
+            "+1s",
+            "2 s",
+            "10us",
+            "1ns",
+            "1M",
+            "1H",
+            "2ms ",
+            "1sm",
+            "18446744073709551615s",
+        ] {
+            assert_eq!(parse_duration(text), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn show_duration_uses_the_largest_exact_unit() {
+        for (ms, shown) in [
+            (0, "0ms"),
+            (1, "1ms"),
+            (1_500, "1500ms"),
+            (2_000, "2s"),
+            (90_000, "90s"),
+            (60_000, "1m"),
+            (5_400_000, "90m"),
+            (7_200_000, "2h"),
+        ] {
+            assert_eq!(show_duration(Duration::from_millis(ms)), shown);
+        }
+        assert_eq!(show_duration(Duration::from_micros(1_500)), "1.5ms");
+    }
+
+    #[test]
+    fn all_health_problems_are_reported_together() {
+        let text = r#"
+            [[service]]
+            name = "web"
+            vip = "10.96.0.10:80"
+            backends = []
+            fail_open = "no"
+            panic_threshold = 101
+            [service.health]
+            kind = "tcp"
+            port = 0
+            path = "/x"
+            interval = "1s"
+            timeout = "1s"
+            jitter = "1.5s"
+            rise = 0
+            fall = 101
+            initial = "up"
+            typo = 1
+        "#;
+        let e = errors(text);
+        let scope = "lb.toml: service \"web\" (service[0])";
+        let expected = [
+            "lb.toml: 10 errors".to_owned(),
+            format!("{scope}: fail_open: expected a boolean, got string \"no\""),
+            format!("{scope}: panic_threshold: must be between 0 and 100, got 101"),
+            format!(
+                "{scope}: health.typo: unknown key (allowed: kind, port, path, expect_status, \
+                 interval, timeout, rise, fall, jitter, initial)"
+            ),
+            format!("{scope}: health.port: must be between 1 and 65535, got 0"),
+            format!("{scope}: health.path: only valid with kind = \"http\""),
+            format!("{scope}: health.timeout: must be shorter than health.interval (1s), got 1s"),
+            format!("{scope}: health.jitter: expected {DURATION_FORMS}, got string \"1.5s\""),
+            format!("{scope}: health.rise: must be between 1 and 100, got 0"),
+            format!("{scope}: health.fall: must be between 1 and 100, got 101"),
+            format!("{scope}: health.initial: must be \"healthy\" or \"unhealthy\", got \"up\""),
+        ];
+        assert_eq!(e.to_string(), expected.join("\n"));
+    }
+
     // ---- reporting ----
 
     #[test]
@@ -1428,6 +2386,8 @@ mod tests {
             "[[service]]\nbackends = [{ address = \"1.2.3.4:5\", weight = nan }, { address = \"1.2.3.4:6\", weight = inf }]",
             "[service.backends]\nx = 1",
             "[[service.backends.address]]",
+            "[[service]]\n[service.health]\nkind = []\ninterval = {}\n[service.health.x]\ny = 1",
+            "[[service]]\nhealth = [{ kind = \"http\", path = { a = 1 } }]\nfail_open = []",
             "name = \"\\u0000\"\n[[service]]\nname = \"\\u0000\\u001b[31m\"",
             &deep_array,
             &deep_table,

@@ -23,8 +23,8 @@ impl PinLock {
     }
 }
 
-fn lock_path(pin_dir: &Path) -> PathBuf {
-    // bpffs cannot hold a regular file, so the lock lives in /run, named after the pin folder.
+/// A file in /run named after the pin folder: bpffs cannot hold regular files.
+pub fn run_file(pin_dir: &Path, suffix: &str) -> PathBuf {
     let name: String = pin_dir
         .to_string_lossy()
         .chars()
@@ -36,12 +36,12 @@ fn lock_path(pin_dir: &Path) -> PathBuf {
             }
         })
         .collect();
-    Path::new(LOCK_DIR).join(format!("{name}.lock"))
+    Path::new(LOCK_DIR).join(format!("{name}.{suffix}"))
 }
 
 pub fn acquire(pin_dir: &Path) -> Result<PinLock> {
     std::fs::create_dir_all(LOCK_DIR).with_context(|| format!("cannot create {LOCK_DIR}"))?;
-    let path = lock_path(pin_dir);
+    let path = run_file(pin_dir, "lock");
     let mut file = File::options()
         .read(true)
         .write(true)

@@ -6,6 +6,7 @@ mod cgroup;
 mod config;
 mod dataplane;
 mod detach;
+mod health;
 mod installed;
 mod loader;
 mod lock;
@@ -118,7 +119,8 @@ fn dispatch(command: Command) -> Result<()> {
                 );
             }
             let maps = bpf_maps::PinnedMaps::open(&pin_dir)?;
-            let report = stats::collect(&maps)?;
+            let status = health::status_file::read(&pin_dir);
+            let report = stats::collect(&maps, status.as_ref())?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

@@ -2,6 +2,7 @@
 //! into a slot table, where a backend's weight is the number of slots pointing at it.
 
 use crate::config::{BackendConfig, Config, Protocol};
+use crate::health::state::select;
 use lb_common::MAX_SLOTS_PER_SERVICE;
 use lb_common::{ipv4_to_raw, port_to_raw, ServiceKey, IPPROTO_TCP, IPPROTO_UDP};
 use std::collections::BTreeMap;
@@ -16,18 +17,37 @@ pub struct DesiredService {
 
 pub type Desired = BTreeMap<ServiceKey, DesiredService>;
 
-pub fn desired(config: &Config) -> Desired {
-    config
+/// Backends a health check currently rejects are left out; a service whose healthy share is
+/// too low fails open to all of its backends when it allows that (`health::state::select`).
+/// Returns the desired state and the names of services failing open.
+pub fn desired(
+    config: &Config,
+    healthy: &dyn Fn(&str, &SocketAddrV4) -> bool,
+) -> (Desired, Vec<String>) {
+    let mut failing_open = Vec::new();
+    let desired = config
         .services
         .iter()
         .map(|s| {
+            let up: Vec<bool> = s
+                .backends
+                .iter()
+                .map(|b| healthy(&s.name, &b.address))
+                .collect();
+            let (chosen, panic) = select(&up, s.fail_open, s.panic_threshold);
+            if panic {
+                failing_open.push(s.name.clone());
+            }
+            let backends: Vec<BackendConfig> =
+                chosen.iter().map(|&i| s.backends[i].clone()).collect();
             let svc = DesiredService {
                 name: s.name.clone(),
-                slots: slot_table(&s.backends),
+                slots: slot_table(&backends),
             };
             (service_key(s.vip, s.protocol), svc)
         })
-        .collect()
+        .collect();
+    (desired, failing_open)
 }
 
 pub fn service_key(vip: SocketAddrV4, protocol: Protocol) -> ServiceKey {

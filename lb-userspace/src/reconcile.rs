@@ -295,6 +295,9 @@ mod tests {
                     weight: *w,
                 })
                 .collect(),
+            health: None,
+            fail_open: true,
+            panic_threshold: 0,
         }
     }
 
@@ -306,7 +309,7 @@ mod tests {
     /// plan is applied to a copy first and must leave it consistent; the end state always must.
     fn converge(dp: &mut FakeDataplane, cfg: &Config) -> Plan {
         let installed = read_installed(dp, true).unwrap();
-        let plan = reconcile(&installed, &desired(cfg)).unwrap();
+        let plan = reconcile(&installed, &desired(cfg, &|_, _| true).0).unwrap();
         if dp.check_consistent().is_ok() {
             let mut step = dp.clone();
             for op in &plan.ops {
@@ -589,7 +592,7 @@ mod tests {
                 )
             })
             .collect();
-        let err = reconcile(&installed, &desired(&config(services))).unwrap_err();
+        let err = reconcile(&installed, &desired(&config(services), &|_, _| true).0).unwrap_err();
         assert!(err.0.contains("out of backend ids"), "{err}");
     }
 }

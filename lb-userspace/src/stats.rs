@@ -3,6 +3,8 @@
 
 use crate::bpf_maps::PinnedMaps;
 use crate::dataplane::read_installed;
+use crate::health::runner::BackendHealth;
+use crate::health::status_file::StatusFile;
 use anyhow::Result;
 use lb_common::{ipv4_from_raw, port_from_raw, ServiceKey, IPPROTO_TCP, IPPROTO_UDP};
 use serde::Serialize;
@@ -26,19 +28,39 @@ pub struct ServiceReport {
     pub connects: u64,
     pub no_backend: u64,
     pub update_races: u64,
+    /// Health checks found too few healthy backends; balancing over all configured ones.
+    pub fail_open_active: bool,
     pub backends: Vec<BackendReport>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct BackendReport {
-    pub id: u32,
+    /// None for a backend a health check took out of the data plane.
+    pub id: Option<u32>,
     pub address: String,
     /// Slots pointing at this backend: its effective weight.
     pub weight: u32,
     pub connects: u64,
+    /// Present when the service has a health block and the agent has published state.
+    pub health: Option<BackendHealth>,
 }
 
-pub fn collect(maps: &PinnedMaps) -> Result<Report> {
+/// `status` is the agent's published health state, if any. Backends a health check removed
+/// are not in the maps, so they are listed from it with zero weight.
+impl BackendReport {
+    fn out_of_service(address: &str, health: &BackendHealth) -> Self {
+        let health = Some(health.clone());
+        Self {
+            id: None,
+            address: address.to_string(),
+            weight: 0,
+            connects: 0,
+            health,
+        }
+    }
+}
+
+pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report> {
     let installed = read_installed(maps, false)?;
     let mut services = Vec::new();
     for (key, svc) in &installed.services {
@@ -47,6 +69,8 @@ pub fn collect(maps: &PinnedMaps) -> Result<Report> {
         for id in &svc.slots {
             *weights.entry(*id).or_default() += 1;
         }
+        let svc_status = status.and_then(|f| f.services.get(&svc.name));
+        let health_of = |addr: &str| svc_status.and_then(|s| s.backends.get(addr)).cloned();
         let mut backends = Vec::new();
         for (id, weight) in weights {
             let address = installed
@@ -54,12 +78,20 @@ pub fn collect(maps: &PinnedMaps) -> Result<Report> {
                 .get(&id)
                 .map_or("?".into(), |a| a.to_string());
             let connects = maps.backend_counters(id)?.connects;
+            let health = health_of(&address);
+            let id = Some(id);
             backends.push(BackendReport {
                 id,
                 address,
                 weight,
                 connects,
+                health,
             });
+        }
+        for (addr, health) in svc_status.map(|s| &s.backends).into_iter().flatten() {
+            if !backends.iter().any(|b| &b.address == addr) {
+                backends.push(BackendReport::out_of_service(addr, health));
+            }
         }
         backends.sort_by(|a, b| a.address.cmp(&b.address));
         services.push(ServiceReport {
@@ -72,6 +104,7 @@ pub fn collect(maps: &PinnedMaps) -> Result<Report> {
             connects: counters.connects,
             no_backend: counters.no_backend,
             update_races: counters.update_races,
+            fail_open_active: svc_status.is_some_and(|s| s.fail_open_active),
             backends,
         });
     }
@@ -105,10 +138,16 @@ pub fn render_table(report: &Report) -> String {
             "{:<20} {:>21}/{:<3}  connects {:>10}  no-backend {:>8}  races {:>4}  rev {}",
             s.name, s.vip, s.protocol, s.connects, s.no_backend, s.update_races, s.revision
         );
-        if s.backends.is_empty() {
+        if s.fail_open_active {
             let _ = writeln!(
                 out,
-                "    (no backends: connects are refused with ECONNREFUSED)"
+                "    FAILING OPEN: too few healthy backends, using all of them"
+            );
+        }
+        if s.slots == 0 {
+            let _ = writeln!(
+                out,
+                "    (no backend in service: connects are refused with ECONNREFUSED)"
             );
         }
         for b in &s.backends {
@@ -119,10 +158,25 @@ pub fn render_table(report: &Report) -> String {
             };
             let _ = writeln!(
                 out,
-                "    {:<21}  weight {:>5}  connects {:>10}  {:>5.1}%",
-                b.address, b.weight, b.connects, share
+                "    {:<21}  weight {:>5}  connects {:>10}  {:>5.1}%  {}",
+                b.address,
+                b.weight,
+                b.connects,
+                share,
+                health_cell(b.health.as_ref())
             );
         }
     }
     out
+}
+
+fn health_cell(h: Option<&BackendHealth>) -> String {
+    match h {
+        None => String::new(),
+        Some(h) if h.healthy => format!("up ({}, {} ok in a row)", h.last_result, h.consecutive_ok),
+        Some(h) => format!(
+            "DOWN ({}, {} failed in a row)",
+            h.last_result, h.consecutive_fail
+        ),
+    }
 }

@@ -16,6 +16,6 @@ pub use cgroup::TestCgroup;
 pub use netns::TestNet;
 pub use pins::PinDir;
 pub use privilege::require_privileged;
-pub use procs::{Agent, Backends, ClientReport, Proto, SteadyClient};
+pub use procs::{Agent, Backends, ClientReport, Proto, ServeMode, SteadyClient};
 pub use scenario::Scenario;
 pub use stats::{agent_stats, wait_backends, wait_for};

@@ -86,6 +86,17 @@ fn spawn_ready(mut cmd: Command, what: &str) -> Child {
     child
 }
 
+/// How a TCP backend answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServeMode {
+    /// Its own address, then close (what balanced clients expect).
+    Answer,
+    /// An HTTP response with this status (for HTTP health checks).
+    Http(u16),
+    /// Accept and never answer (a hung backend).
+    Hang,
+}
+
 /// Listeners that answer every connection (or datagram) with their own address.
 pub struct Backends {
     child: Option<Child>,
@@ -93,8 +104,21 @@ pub struct Backends {
 
 impl Backends {
     pub fn start(net: &TestNet, addrs: &[&str], proto: Proto) -> Self {
+        Self::start_mode(net, addrs, proto, ServeMode::Answer)
+    }
+
+    pub fn start_mode(net: &TestNet, addrs: &[&str], proto: Proto, mode: ServeMode) -> Self {
         let mut cmd = net.testkit(None);
         cmd.args(["serve", "--proto", proto.as_str()]);
+        match mode {
+            ServeMode::Answer => {}
+            ServeMode::Http(status) => {
+                cmd.args(["--http", &status.to_string()]);
+            }
+            ServeMode::Hang => {
+                cmd.arg("--hang");
+            }
+        }
         for a in addrs {
             cmd.args(["--listen", a]);
         }

@@ -2,15 +2,16 @@
 //! clients, a pin folder and the real agent running a config. Fields drop in declaration order:
 //! agent, backends, pins (detached), cgroup, namespace.
 
-use crate::procs::{run_client, Agent, Backends, ClientReport, Proto};
+use crate::procs::{run_client, Agent, Backends, ClientReport, Proto, ServeMode};
 use crate::{paths::unique_name, PinDir, TestCgroup, TestNet};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub struct Scenario {
     pub agent: Option<Agent>,
-    backends: Option<Backends>,
+    /// One process per listen address, so a test can stop and restart single backends.
+    backends: BTreeMap<String, Backends>,
     pub pins: PinDir,
     pub cgroup: TestCgroup,
     pub net: TestNet,
@@ -28,12 +29,15 @@ impl Scenario {
             .filter_map(|b| b.split(':').next())
             .collect();
         let net = TestNet::new(&ips);
-        let listeners = Backends::start(&net, backends, proto);
+        let listeners = backends
+            .iter()
+            .map(|b| (b.to_string(), Backends::start(&net, &[b], proto)))
+            .collect();
         let dir = std::env::temp_dir().join(unique_name());
         std::fs::create_dir_all(&dir).expect("config dir");
         let mut s = Self {
             agent: None,
-            backends: Some(listeners),
+            backends: listeners,
             pins: PinDir::new(),
             cgroup: TestCgroup::new(),
             net,
@@ -86,7 +90,30 @@ impl Scenario {
 
     /// Stops the backends and returns what each accepted.
     pub fn stop_backends(&mut self) -> HashMap<String, u64> {
-        self.backends.take().expect("backends running").stop()
+        std::mem::take(&mut self.backends)
+            .into_values()
+            .flat_map(Backends::stop)
+            .collect()
+    }
+
+    /// Stops one backend (its port then refuses connections) and returns what it accepted.
+    pub fn stop_backend(&mut self, addr: &str) -> u64 {
+        let b = self.backends.remove(addr).expect("backend running");
+        b.stop().values().sum()
+    }
+
+    /// Starts many answering listeners in one process (for scale benchmarks).
+    pub fn start_backend_group(&mut self, addrs: &[&str]) {
+        let b = Backends::start(&self.net, addrs, Proto::Tcp);
+        self.backends.insert(addrs.join(","), b);
+    }
+
+    /// Starts (or restarts) one listener in this namespace.
+    pub fn start_backend(&mut self, addr: &str, proto: Proto, mode: ServeMode) {
+        let b = Backends::start_mode(&self.net, &[addr], proto, mode);
+        if let Some(old) = self.backends.insert(addr.to_string(), b) {
+            old.stop();
+        }
     }
 }
 

@@ -40,11 +40,13 @@ pub fn service<'a>(stats: &'a Value, name: &str) -> Option<&'a Value> {
         .find(|s| s["name"] == name)
 }
 
-/// Backend addresses of a service in a stats report, sorted.
+/// Addresses of the backends a service balances over (weight > 0; stats also lists backends a
+/// health check took out, with weight 0), sorted.
 pub fn backend_set(stats: &Value, name: &str) -> Option<Vec<String>> {
     let mut set: Vec<String> = service(stats, name)?["backends"]
         .as_array()?
         .iter()
+        .filter(|b| b["weight"].as_u64() > Some(0))
         .filter_map(|b| b["address"].as_str().map(String::from))
         .collect();
     set.sort();

@@ -35,6 +35,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the benchmarks and print their tables (needs root).
+    Bench {
+        /// Fewer trials and a shorter probe interval (under a minute).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Setup, build and run a self-contained demo in its own netns and cgroup (needs root).
     Demo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -51,6 +57,7 @@ fn main() {
         Task::Test => tasks::test(),
         Task::Run { release, args } => tasks::run(release, &args),
         Task::Demo { args } => tasks::demo(&args),
+        Task::Bench { quick } => tasks::bench(quick),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

@@ -89,18 +89,45 @@ pub fn run(release: bool, args: &[String]) -> Result<()> {
     cmd::run(Command::new(bin).args(args))
 }
 
-pub fn demo(args: &[String]) -> Result<()> {
+/// The demo and the benchmarks are `lb-testkit` subcommands: they reuse the test harness's
+/// namespace, cgroup and agent handling.
+fn testkit(what: &str, args: &[String], release: bool) -> Result<()> {
     if !cmd::is_root() {
-        bail!("the demo needs root: it creates a network namespace and a cgroup and loads eBPF");
+        bail!("the {what} needs root: it creates a network namespace and a cgroup and loads eBPF");
     }
     setup::run()?;
-    build(false)?;
-    let testkit = cmd::root().join("target/debug/lb-testkit");
-    let agent = cmd::root().join("target/debug/lb-agent");
+    build(release)?;
+    let dir = cmd::root().join("target").join(profile_dir(release));
     cmd::run(
-        Command::new(testkit)
-            .env("LB_AGENT_BIN", agent)
-            .arg("demo")
+        Command::new(dir.join("lb-testkit"))
+            .env("LB_AGENT_BIN", dir.join("lb-agent"))
             .args(args),
     )
+}
+
+pub fn demo(args: &[String]) -> Result<()> {
+    let mut all = vec!["demo".to_string()];
+    all.extend_from_slice(args);
+    testkit("demo", &all, false)
+}
+
+pub fn bench(quick: bool) -> Result<()> {
+    let (trials, interval) = if quick { ("5", "200") } else { ("20", "1000") };
+    let detection = [
+        "bench-health",
+        "--trials",
+        trials,
+        "--interval-ms",
+        interval,
+    ];
+    testkit("benchmark", &detection.map(String::from), true)?;
+    let seconds = if quick { "5" } else { "20" };
+    let scale = [
+        "bench-health-scale",
+        "--backends",
+        "1000",
+        "--seconds",
+        seconds,
+    ];
+    testkit("benchmark", &scale.map(String::from), true)
 }

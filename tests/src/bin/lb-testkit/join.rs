@@ -7,7 +7,23 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
+/// Dies with the process that started us (the test, the demo or the bench), so nothing of a
+/// crashed test keeps running; the setting survives `exec`, so it also covers the agent.
+pub fn die_with_parent() {
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+}
+
+fn current_netns() -> Result<std::fs::Metadata> {
+    std::fs::metadata("/proc/self/ns/net").context("stat /proc/self/ns/net")
+}
+
+/// Enters the test's namespace and checks that it really is another namespace than the one we
+/// started in: a holder pid reused by an unrelated process must never put test traffic on the
+/// host's network.
 pub fn netns(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let before = current_netns()?.ino();
     let f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     // SAFETY: setns on a namespace fd we opened; this process is still single-threaded.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -17,10 +33,27 @@ pub fn netns(path: &Path) -> Result<()> {
             std::io::Error::last_os_error()
         );
     }
+    if current_netns()?.ino() == before {
+        bail!(
+            "{} is the namespace we started in, not a test namespace",
+            path.display()
+        );
+    }
     Ok(())
 }
 
+/// Only cgroups the harness created (`lbtest-*`) are ever joined.
 pub fn cgroup(dir: &Path) -> Result<()> {
+    let ours = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("lbtest-"));
+    if !ours {
+        bail!(
+            "refusing to join {}: not a cgroup the test harness created",
+            dir.display()
+        );
+    }
     std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
         .with_context(|| format!("join cgroup {}", dir.display()))
 }

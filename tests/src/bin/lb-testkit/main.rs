@@ -2,6 +2,7 @@
 //! holds the namespace, serves as backends, acts as a client, or execs a program there.
 //! It joins the namespace and cgroup before creating any socket.
 
+mod bench;
 mod demo;
 mod join;
 mod net;
@@ -35,6 +36,12 @@ enum Cmd {
         listen: Vec<std::net::SocketAddr>,
         #[arg(long, default_value = "tcp")]
         proto: net::Proto,
+        /// Answer HTTP requests with this status instead of the plain reply.
+        #[arg(long, conflicts_with = "hang")]
+        http: Option<u16>,
+        /// Accept connections and never answer.
+        #[arg(long)]
+        hang: bool,
     },
     /// Sequential connects; prints a JSON report.
     Connect {
@@ -55,6 +62,24 @@ enum Cmd {
         #[arg(trailing_var_arg = true, required = true)]
         argv: Vec<String>,
     },
+    /// Health benchmark: detection time over repeated backend deaths (root).
+    BenchHealth {
+        #[arg(long, default_value_t = 20)]
+        trials: u32,
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 3)]
+        fall: u32,
+    },
+    /// Health benchmark: agent CPU and memory while probing many backends (root).
+    BenchHealthScale {
+        #[arg(long, default_value_t = 1000)]
+        backends: u32,
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
     /// Self-contained demo (root): namespace, cgroup, backends, agent, client, live stats.
     Demo {
         #[arg(long, default_value_t = 15)]
@@ -71,6 +96,14 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    join::die_with_parent();
+    let in_test_net = matches!(
+        cli.command,
+        Cmd::Serve { .. } | Cmd::Connect { .. } | Cmd::Exec { .. }
+    );
+    if in_test_net && cli.netns.is_none() {
+        anyhow::bail!("serve, connect and exec only run inside a test namespace: pass --netns");
+    }
     if let Some(ns) = &cli.netns {
         join::netns(ns)?;
     }
@@ -79,7 +112,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     match cli.command {
         Cmd::Hold { addrs } => join::hold(&addrs),
-        Cmd::Serve { listen, proto } => net::serve(&listen, proto),
+        Cmd::Serve {
+            listen,
+            proto,
+            http,
+            hang,
+        } => {
+            let mode = match (http, hang) {
+                (Some(status), _) => net::Mode::Http(status),
+                (None, true) => net::Mode::Hang,
+                (None, false) => net::Mode::Answer,
+            };
+            net::serve(&listen, proto, mode)
+        }
         Cmd::Connect {
             to,
             count,
@@ -89,5 +134,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => net::connect(to, count, proto, interval_ms, max_seconds),
         Cmd::Exec { argv } => join::exec(&argv),
         Cmd::Demo { seconds } => demo::run(seconds),
+        Cmd::BenchHealth {
+            trials,
+            interval_ms,
+            fall,
+        } => bench::detection(trials, interval_ms, fall),
+        Cmd::BenchHealthScale {
+            backends,
+            interval_ms,
+            seconds,
+        } => bench::scale(backends, interval_ms, seconds),
     }
 }

@@ -16,10 +16,21 @@ pub enum Proto {
     Udp,
 }
 
+/// How a TCP backend treats a connection.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    /// Reply with the listen address (the balancing tests' protocol).
+    Answer,
+    /// Read an HTTP request, reply with this status and the listen address as body.
+    Http(u16),
+    /// Accept and never answer (a hung backend).
+    Hang,
+}
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 
-pub fn serve(listen: &[SocketAddr], proto: Proto) -> Result<()> {
+pub fn serve(listen: &[SocketAddr], proto: Proto, mode: Mode) -> Result<()> {
     let mut counts = Vec::new();
     for addr in listen {
         let count = Arc::new(AtomicU64::new(0));
@@ -28,7 +39,7 @@ pub fn serve(listen: &[SocketAddr], proto: Proto) -> Result<()> {
             Proto::Tcp => {
                 let l = TcpListener::bind(addr).with_context(|| format!("bind tcp {addr}"))?;
                 let (c, r) = (count.clone(), reply);
-                std::thread::spawn(move || serve_tcp(l, &c, &r));
+                std::thread::spawn(move || serve_tcp(l, &c, &r, mode));
             }
             Proto::Udp => {
                 let s = UdpSocket::bind(addr).with_context(|| format!("bind udp {addr}"))?;
@@ -49,12 +60,42 @@ pub fn serve(listen: &[SocketAddr], proto: Proto) -> Result<()> {
     Ok(())
 }
 
-fn serve_tcp(l: TcpListener, count: &AtomicU64, reply: &str) {
+fn serve_tcp(l: TcpListener, count: &AtomicU64, reply: &str, mode: Mode) {
+    let mut hung = Vec::new();
     for conn in l.incoming().flatten() {
         count.fetch_add(1, Ordering::SeqCst);
         let mut conn = conn;
-        let _ = conn.write_all(reply.as_bytes());
+        match mode {
+            Mode::Answer => {
+                let _ = conn.write_all(reply.as_bytes());
+            }
+            Mode::Http(status) => {
+                let _ = read_request_head(&mut conn);
+                let response = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                    reply.len()
+                );
+                let _ = conn.write_all(response.as_bytes());
+            }
+            // Kept open and silent until the process exits; bounded by the test's lifetime.
+            Mode::Hang => hung.push(conn),
+        }
     }
+}
+
+/// Reads until the blank line ending an HTTP request head (bounded in size and time).
+fn read_request_head(conn: &mut TcpStream) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Ok(())
 }
 
 fn serve_udp(s: UdpSocket, count: &AtomicU64, reply: &str) {
@@ -71,7 +112,8 @@ fn errno_name(e: &std::io::Error) -> String {
         Some(libc::ENETUNREACH) => "ENETUNREACH",
         Some(libc::EHOSTUNREACH) => "EHOSTUNREACH",
         Some(libc::ETIMEDOUT) => "ETIMEDOUT",
-        Some(libc::EAGAIN) => "EAGAIN",
+        // A read timeout surfaces as EAGAIN on a socket with SO_RCVTIMEO.
+        Some(libc::EAGAIN) => "ETIMEDOUT",
         Some(libc::EPERM) => "EPERM",
         Some(libc::ECONNRESET) => "ECONNRESET",
         Some(libc::EINPROGRESS) => "EINPROGRESS",
@@ -101,7 +143,15 @@ fn exchange(to: SocketAddr, proto: Proto) -> std::io::Result<String> {
             reply = String::from_utf8_lossy(&buf[..n]).into_owned();
         }
     }
-    Ok(reply.trim().to_string())
+    let reply = reply.trim();
+    if reply.is_empty() {
+        // Accepted and closed without a word: not an answer from a backend.
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "empty reply",
+        ));
+    }
+    Ok(reply.to_string())
 }
 
 pub fn connect(

@@ -1,0 +1,6 @@
+//! Active health checks: which configured backends may receive connections.
+
+pub mod probe;
+pub mod runner;
+pub mod state;
+pub mod status_file;

@@ -1,0 +1,201 @@
+//! Privileged end-to-end tests of active health checks: real probes from the real agent to
+//! backends in the test's namespace, observed through real connects and `lb-agent stats`.
+
+use lb_testkit::procs::Proto;
+use lb_testkit::stats::service;
+use lb_testkit::{
+    agent_stats, require_privileged, wait_backends, wait_for, Scenario, ServeMode, SteadyClient,
+};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+const VIP: &str = "10.96.0.10:80";
+const B1: &str = "127.0.0.11:8080";
+const B2: &str = "127.0.0.12:8080";
+const B3: &str = "127.0.0.13:8080";
+const INTERVAL_MS: u64 = 200;
+const RISE: u64 = 2;
+const FALL: u64 = 3;
+/// Scheduling slack on top of the protocol's own bound (jitter, reconcile, a loaded CI machine).
+const SLACK: Duration = Duration::from_millis(1000);
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A service over `backends` with the given health block body and fail-open choice.
+fn config(backends: &[&str], health: &str, fail_open: bool) -> String {
+    let list = backends
+        .iter()
+        .map(|b| format!("\"{b}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nbackends = [ {list} ]\n\
+         fail_open = {fail_open}\n\n[service.health]\n{health}\n\
+         interval = \"{INTERVAL_MS}ms\"\ntimeout = \"100ms\"\nrise = {RISE}\nfall = {FALL}\n\
+         jitter = \"20ms\"\n"
+    )
+}
+
+fn web(s: &Scenario) -> Value {
+    let stats = agent_stats(&s.pins).expect("stats");
+    service(&stats, "web")
+        .cloned()
+        .unwrap_or_else(|| panic!("no service web: {stats}"))
+}
+
+fn health_of(svc: &Value, addr: &str) -> Value {
+    let b = svc["backends"]
+        .as_array()
+        .and_then(|bs| bs.iter().find(|b| b["address"] == addr));
+    b.map(|b| b["health"].clone()).unwrap_or(Value::Null)
+}
+
+/// Waits until every listed backend has passed at least one probe.
+fn wait_probed(s: &Scenario, addrs: &[&str]) {
+    let ok = wait_for(WAIT, || {
+        let svc = web(s);
+        addrs
+            .iter()
+            .all(|a| health_of(&svc, a)["last_result"] == "ok")
+    });
+    assert!(ok, "backends never probed healthy: {}", web(s));
+}
+
+fn bound(probes: u64) -> Duration {
+    Duration::from_millis(probes * INTERVAL_MS) + SLACK
+}
+
+#[test]
+fn dead_backend_is_removed_within_fall_probes_and_returns_after_rise() {
+    if !require_privileged("dead_backend_is_removed_within_fall_probes_and_returns_after_rise") {
+        return;
+    }
+    let mut s = Scenario::start(
+        &[B1, B2, B3],
+        Proto::Tcp,
+        &config(&[B1, B2, B3], "kind = \"tcp\"", true),
+    );
+    wait_probed(&s, &[B1, B2, B3]);
+    let load = SteadyClient::start(
+        &s.net,
+        &s.cgroup,
+        VIP,
+        Duration::from_millis(2),
+        Duration::from_secs(60),
+    );
+
+    let killed = Instant::now();
+    s.stop_backend(B3);
+    wait_backends(&s.pins, "web", &[B1, B2], WAIT);
+    let detected = killed.elapsed();
+    assert!(
+        detected <= bound(FALL + 1),
+        "removal took {detected:?}, bound {:?}",
+        bound(FALL + 1)
+    );
+    let h = health_of(&web(&s), B3);
+    assert_eq!(h["healthy"], false, "{h}");
+    assert!(
+        h["last_result"].as_str().unwrap().contains("connect"),
+        "{h}"
+    );
+
+    let after = s.client(VIP, 300, Proto::Tcp);
+    assert_eq!(after.ok, 300, "connects after removal: {after:?}");
+    assert_eq!(after.from(B3), 0);
+
+    let restarted = Instant::now();
+    s.start_backend(B3, Proto::Tcp, ServeMode::Answer);
+    wait_backends(&s.pins, "web", &[B1, B2, B3], WAIT);
+    let back = restarted.elapsed();
+    assert!(
+        back <= bound(RISE + 1),
+        "return took {back:?}, bound {:?}",
+        bound(RISE + 1)
+    );
+    let report = load.stop();
+    // Only connects that raced the removal window may have failed, and only by refusal.
+    assert_eq!(
+        report.ok + report.failed("ECONNREFUSED"),
+        report.attempts,
+        "{report:?}"
+    );
+    assert!(
+        s.client(VIP, 300, Proto::Tcp).from(B3) > 0,
+        "restarted backend gets traffic"
+    );
+}
+
+#[test]
+fn http_check_removes_a_500_backend_and_keeps_a_200_one() {
+    if !require_privileged("http_check_removes_a_500_backend_and_keeps_a_200_one") {
+        return;
+    }
+    let health = "kind = \"http\"\npath = \"/healthz\"";
+    let mut s = Scenario::start(&[], Proto::Tcp, "");
+    s.start_backend(B1, Proto::Tcp, ServeMode::Http(200));
+    s.start_backend(B2, Proto::Tcp, ServeMode::Http(500));
+    s.write_config(&config(&[B1, B2], health, false));
+    s.agent().sighup();
+    wait_backends(&s.pins, "web", &[B1], WAIT);
+    let svc = web(&s);
+    assert_eq!(
+        health_of(&svc, B2)["last_result"],
+        "http status 500",
+        "{svc}"
+    );
+    assert_eq!(health_of(&svc, B1)["healthy"], true, "{svc}");
+}
+
+#[test]
+fn all_backends_down_fail_open_balances_over_all_and_fail_closed_refuses() {
+    if !require_privileged("all_backends_down_fail_open_vs_closed") {
+        return;
+    }
+    // Data ports serve; the health port has no listener, so every backend is unhealthy.
+    let health = "kind = \"tcp\"\nport = 9999";
+    let open = Scenario::start(&[B1, B2], Proto::Tcp, &config(&[B1, B2], health, true));
+    let ok = wait_for(WAIT, || web(&open)["fail_open_active"] == true);
+    assert!(ok, "never failed open: {}", web(&open));
+    wait_backends(&open.pins, "web", &[B1, B2], WAIT);
+    let report = open.client(VIP, 200, Proto::Tcp);
+    assert_eq!(report.ok, 200, "{report:?}");
+    assert!(report.from(B1) > 0 && report.from(B2) > 0, "{report:?}");
+    assert!(open.agent.as_ref().unwrap().log().contains("FAILING OPEN"));
+
+    let closed = Scenario::start(&[B1, B2], Proto::Tcp, &config(&[B1, B2], health, false));
+    let emptied = wait_for(WAIT, || web(&closed)["slots"] == 0);
+    assert!(
+        emptied,
+        "fail-closed service kept backends: {}",
+        web(&closed)
+    );
+    let report = closed.client(VIP, 50, Proto::Tcp);
+    assert_eq!(report.failed("ECONNREFUSED"), 50, "{report:?}");
+    assert_eq!(web(&closed)["fail_open_active"], false);
+}
+
+#[test]
+fn hanging_probe_fails_after_its_timeout_without_stalling_the_checker() {
+    if !require_privileged("hanging_probe_fails_after_its_timeout") {
+        return;
+    }
+    let hang_port = "127.0.0.11:9090";
+    let health = "kind = \"http\"\nport = 9090";
+    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, "");
+    s.start_backend(hang_port, Proto::Tcp, ServeMode::Hang);
+    s.start_backend("127.0.0.12:9090", Proto::Tcp, ServeMode::Http(204));
+    s.write_config(&config(&[B1, B2], health, false));
+    s.agent().sighup();
+    wait_backends(&s.pins, "web", &[B2], WAIT);
+    // Probes keep coming every interval: the hung one times out instead of blocking.
+    let ok = wait_for(WAIT, || {
+        health_of(&web(&s), B1)["consecutive_fail"].as_u64() >= Some(FALL + 3)
+    });
+    let h = health_of(&web(&s), B1);
+    assert!(ok, "checker stalled on a hanging backend: {h}");
+    assert!(
+        h["last_result"].as_str().unwrap().starts_with("timeout"),
+        "{h}"
+    );
+    assert_eq!(health_of(&web(&s), B2)["healthy"], true);
+}
