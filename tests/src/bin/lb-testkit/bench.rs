@@ -20,8 +20,9 @@ fn require_root() -> Result<()> {
 
 fn health_block(interval_ms: u64, fall: u32) -> String {
     format!(
-        "[service.health]\nkind = \"tcp\"\ninterval = \"{interval_ms}ms\"\ntimeout = \"500ms\"\n\
+        "[service.health]\nkind = \"tcp\"\ninterval = \"{interval_ms}ms\"\ntimeout = \"{}ms\"\n\
          rise = 2\nfall = {fall}\njitter = \"{}ms\"\n",
+        (interval_ms / 2).min(500),
         interval_ms / 10
     )
 }
