@@ -37,12 +37,49 @@ pub fn test() -> Result<()> {
     if !cmd::is_root() {
         eprintln!("xtask: not root: privileged end-to-end tests will report SKIPPED");
     }
-    cmd::run(
-        cmd::cargo()
-            .env("LB_EBPF_OBJECT", &obj)
-            .env("LB_AGENT_BIN", agent)
-            .args(["test", "--workspace"]),
-    )
+    let mut c = cmd::cargo();
+    c.env("LB_EBPF_OBJECT", &obj)
+        .env("LB_AGENT_BIN", agent)
+        .args(["test", "--workspace"]);
+    run_counting_tests(&mut c)
+}
+
+/// Runs cargo test, echoing its output, and ends with one total over every test binary:
+/// cargo's own last line only describes the last binary (often doc tests, with 0 tests).
+fn run_counting_tests(c: &mut Command) -> Result<()> {
+    eprintln!("xtask: $ {}", cmd::describe(c));
+    let mut child = c.stdout(std::process::Stdio::piped()).spawn()?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count(rest, " passed");
+            failed += count(rest, " failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("xtask: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("tests failed ({status})");
+    }
+    Ok(())
+}
+
+/// The number before `what` in `ok. 12 passed; 0 failed; …`.
+fn count(summary: &str, what: &str) -> u64 {
+    summary
+        .split(';')
+        .find_map(|part| {
+            part.trim_end()
+                .strip_suffix(what)?
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 /// Formatting and clippy are part of the test run so that CI enforces them. A toolchain
@@ -130,4 +167,18 @@ pub fn bench(quick: bool) -> Result<()> {
         seconds,
     ];
     testkit("benchmark", &scale.map(String::from), true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count;
+
+    #[test]
+    fn counts_passed_and_failed_from_a_cargo_summary() {
+        let ok = "ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 4.0s";
+        assert_eq!((count(ok, " passed"), count(ok, " failed")), (12, 0));
+        let bad = "FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out";
+        assert_eq!((count(bad, " passed"), count(bad, " failed")), (3, 2));
+        assert_eq!(count("garbage", " passed"), 0);
+    }
 }
