@@ -3,7 +3,7 @@
 
 use crate::bpf_maps::PinnedMaps;
 use crate::dataplane::read_installed;
-use crate::health::runner::BackendHealth;
+use crate::health::runner::{now_ms, BackendHealth};
 use crate::health::status_file::StatusFile;
 use anyhow::Result;
 use lb_common::{ipv4_from_raw, port_from_raw, ServiceKey, IPPROTO_TCP, IPPROTO_UDP};
@@ -156,8 +156,7 @@ pub fn render_table(report: &Report) -> String {
             } else {
                 0.0
             };
-            let _ = writeln!(
-                out,
+            let line = format!(
                 "    {:<21}  weight {:>5}  connects {:>10}  {:>5.1}%  {}",
                 b.address,
                 b.weight,
@@ -165,18 +164,29 @@ pub fn render_table(report: &Report) -> String {
                 share,
                 health_cell(b.health.as_ref())
             );
+            let _ = writeln!(out, "{}", line.trim_end());
         }
     }
     out
 }
 
 fn health_cell(h: Option<&BackendHealth>) -> String {
-    match h {
-        None => String::new(),
-        Some(h) if h.healthy => format!("up ({}, {} ok in a row)", h.last_result, h.consecutive_ok),
-        Some(h) => format!(
-            "DOWN ({}, {} failed in a row)",
+    let Some(h) = h else {
+        return String::new();
+    };
+    let since = match h.last_change_unix_ms {
+        0 => "since agent start".to_string(),
+        t => format!("changed {}s ago", now_ms().saturating_sub(t) / 1000),
+    };
+    if h.healthy {
+        format!(
+            "up ({}, {} ok in a row, {since})",
+            h.last_result, h.consecutive_ok
+        )
+    } else {
+        format!(
+            "DOWN ({}, {} failed in a row, {since})",
             h.last_result, h.consecutive_fail
-        ),
+        )
     }
 }
