@@ -54,6 +54,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         config,
         failing_open: BTreeSet::new(),
         pin_dir: args.pin_dir.clone(),
+        published_empty: false,
     };
     agent.health.sync(&agent.config);
     agent.reconcile().context("initial reconcile failed")?;
@@ -104,6 +105,7 @@ struct Agent {
     config: config::Config,
     failing_open: BTreeSet<String>,
     pin_dir: PathBuf,
+    published_empty: bool,
 }
 
 impl Agent {
@@ -155,13 +157,19 @@ impl Agent {
         self.failing_open = now;
     }
 
-    fn publish_status(&self) {
+    /// Without any health block there is nothing to publish after the first (empty) file.
+    fn publish_status(&mut self) {
+        let snapshot = self.health.snapshot();
+        if snapshot.is_empty() && self.published_empty {
+            return;
+        }
+        self.published_empty = snapshot.is_empty();
         let mut file = StatusFile {
             agent_pid: std::process::id(),
             written_unix_ms: crate::health::runner::now_ms(),
             ..StatusFile::default()
         };
-        for (target, health) in self.health.snapshot() {
+        for (target, health) in snapshot {
             let svc = file
                 .services
                 .entry(target.service.clone())
