@@ -1382,11 +1382,16 @@ mod tests {
 
     // ---- vip ----
 
-    fn vip_error(vip: &str) -> String {
-        let e = single(&web_with(&format!("vip = \"{vip}\"")));
-        let prefix = "lb.toml: service \"web\" (service[0]): vip: ";
+    /// The one error of `text`, without `prefix` (which it must start with).
+    fn error_after(text: &str, prefix: &str) -> String {
+        let e = single(text);
         assert!(e.starts_with(prefix), "{e}");
         e[prefix.len()..].to_owned()
+    }
+
+    fn vip_error(vip: &str) -> String {
+        let text = web_with(&format!("vip = \"{vip}\""));
+        error_after(&text, "lb.toml: service \"web\" (service[0]): vip: ")
     }
 
     #[test]
@@ -1515,10 +1520,8 @@ mod tests {
     // ---- backends ----
 
     fn backend_error(entry: &str) -> String {
-        let e = single(&web_with(&format!("backends = [\"10.0.0.1:80\", {entry}]")));
-        let prefix = "lb.toml: service \"web\" (service[0]): ";
-        assert!(e.starts_with(prefix), "{e}");
-        e[prefix.len()..].to_owned()
+        let text = web_with(&format!("backends = [\"10.0.0.1:80\", {entry}]"));
+        error_after(&text, "lb.toml: service \"web\" (service[0]): ")
     }
 
     #[test]
