@@ -1,5 +1,6 @@
 //! Privileged tests skip loudly when they cannot run; CI turns that skip into a failure.
 
+use std::io::Write;
 use std::path::Path;
 
 /// True when this process can create namespaces, cgroups and load eBPF. Otherwise prints
@@ -12,7 +13,9 @@ pub fn require_privileged(test: &str) -> bool {
     if std::env::var("LB_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
         panic!("{msg} (LB_REQUIRE_PRIVILEGED=1 makes this a failure)");
     }
-    eprintln!("{msg}");
+    // Written to the stderr handle rather than with eprintln!, which the test harness captures
+    // and hides for passing tests: a skip must be seen.
+    let _ = writeln!(std::io::stderr(), "{msg}");
     false
 }
 
