@@ -337,22 +337,32 @@ impl Checker {
         }
     }
 
-    /// A backend that is itself a VIP would be translated a second time, and health probes to
-    /// it would be balanced instead of reaching the backend they judge.
+    /// A backend that is itself a VIP would be translated a second time, and health probes
+    /// (always TCP) to a VIP would be balanced instead of reaching the backend they judge.
     fn backends_are_not_vips(&mut self, services: &[(usize, ServiceConfig)]) {
         let vips: HashMap<(SocketAddrV4, Protocol), &str> = services
             .iter()
             .map(|(_, s)| ((s.vip, s.protocol), s.name.as_str()))
             .collect();
         for (i, s) in services {
+            let scope = format!("service \"{}\" (service[{i}])", s.name);
             for (j, b) in s.backends.iter().enumerate() {
                 if let Some(owner) = vips.get(&(b.address, s.protocol)) {
-                    let scope = format!("service \"{}\" (service[{i}])", s.name);
                     let message = format!(
                         "{} is the VIP of service \"{owner}\"; backends must be real addresses",
                         b.address
                     );
                     self.report(Some(&scope), format!("backends[{j}]"), message);
+                }
+                let Some(port) = s.health.as_ref().and_then(|h| h.port) else {
+                    continue;
+                };
+                let probed = SocketAddrV4::new(*b.address.ip(), port);
+                if let Some(owner) = vips.get(&(probed, Protocol::Tcp)) {
+                    let message = format!(
+                        "probing backends[{j}] on {probed} would hit the VIP of service \"{owner}\""
+                    );
+                    self.report(Some(&scope), "health.port", message);
                 }
             }
         }
@@ -1158,6 +1168,14 @@ mod tests {
             single(text),
             "lb.toml: service \"b\" (service[1]): backends[1]: 10.96.0.1:80 is the VIP of \
              service \"a\"; backends must be real addresses"
+        );
+        let probe = "[[service]]\nname = \"a\"\nvip = \"10.96.0.1:80\"\nbackends = []\n\
+                     [[service]]\nname = \"b\"\nvip = \"10.96.0.2:80\"\n\
+                     backends = [\"10.96.0.1:8080\"]\nhealth = { kind = \"tcp\", port = 80 }\n";
+        assert_eq!(
+            single(probe),
+            "lb.toml: service \"b\" (service[1]): health.port: probing backends[0] on \
+             10.96.0.1:80 would hit the VIP of service \"a\""
         );
         let udp = text.replace(
             "backends = [\"10.0.0.2:80\"",
