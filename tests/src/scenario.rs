@@ -78,6 +78,14 @@ impl Scenario {
         self.agent.as_mut().expect("agent running")
     }
 
+    /// One service's entry in `lb-agent stats --json`; panics (failing the test) if absent.
+    pub fn service_stats(&self, name: &str) -> serde_json::Value {
+        let stats = crate::agent_stats(&self.pins).expect("lb-agent stats --json");
+        crate::stats::service(&stats, name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no service {name} in {stats}"))
+    }
+
     /// A client inside the balanced cgroup.
     pub fn client(&self, to: &str, count: u64, proto: Proto) -> ClientReport {
         run_client(&self.net, Some(&self.cgroup), to, count, proto)

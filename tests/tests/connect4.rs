@@ -2,8 +2,7 @@
 //! namespace of the test's own (lo only, no route out) and clients in a child cgroup.
 
 use lb_testkit::procs::Proto;
-use lb_testkit::stats::service;
-use lb_testkit::{agent_stats, require_privileged, wait_backends, Scenario, SteadyClient};
+use lb_testkit::{require_privileged, wait_backends, Scenario, SteadyClient};
 use std::time::Duration;
 
 const VIP: &str = "10.96.0.10:80";
@@ -22,13 +21,6 @@ fn quoted(addrs: &[&str]) -> String {
         .map(|a| format!("\"{a}\""))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn stats_service(s: &Scenario, name: &str) -> serde_json::Value {
-    let stats = agent_stats(&s.pins).expect("lb-agent stats --json");
-    service(&stats, name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no service {name} in {stats}"))
 }
 
 fn backend_connects(svc: &serde_json::Value, addr: &str) -> u64 {
@@ -82,8 +74,8 @@ fn spread_is_even_and_follows_weights() {
     s.write_config(&web(&weighted));
     let mut s = s;
     s.agent().sighup();
-    let ok = lb_testkit::wait_for(WAIT, || stats_service(&s, "web")["slots"] == 5);
-    assert!(ok, "weights never applied: {}", stats_service(&s, "web"));
+    let ok = lb_testkit::wait_for(WAIT, || s.service_stats("web")["slots"] == 5);
+    assert!(ok, "weights never applied: {}", s.service_stats("web"));
     let report = s.client(VIP, 3000, Proto::Tcp);
     assert_eq!(report.ok, 3000, "{report:?}");
     assert_near(B1, report.from(B1), 600.0);
@@ -98,7 +90,7 @@ fn counters_equal_what_backends_and_clients_counted() {
     }
     let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, &web(&quoted(&[B1, B2, B3])));
     let report = s.client(VIP, 500, Proto::Tcp);
-    let svc = stats_service(&s, "web");
+    let svc = s.service_stats("web");
     let accepted = s.stop_backends();
     assert_eq!(svc["connects"].as_u64(), Some(500));
     assert_eq!(svc["no_backend"].as_u64(), Some(0));
@@ -120,7 +112,7 @@ fn client_outside_the_cgroup_is_not_rewritten() {
     let mut s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&quoted(&[B1, B2])));
     let report = s.outside_client(VIP, 50, Proto::Tcp);
     assert_eq!(report.failed("ENETUNREACH"), 50, "{report:?}");
-    assert_eq!(stats_service(&s, "web")["connects"].as_u64(), Some(0));
+    assert_eq!(s.service_stats("web")["connects"].as_u64(), Some(0));
     let accepted = s.stop_backends();
     assert_eq!(accepted[B1] + accepted[B2], 0);
 }
@@ -140,7 +132,7 @@ fn non_service_destinations_are_untouched() {
         udp_same_vip.ok, 0,
         "tcp service must not catch udp: {udp_same_vip:?}"
     );
-    assert_eq!(stats_service(&s, "web")["connects"].as_u64(), Some(0));
+    assert_eq!(s.service_stats("web")["connects"].as_u64(), Some(0));
     let accepted = s.stop_backends();
     assert_eq!((accepted[B1], accepted[B2]), (40, 0));
 }
@@ -153,7 +145,7 @@ fn empty_service_refuses_connects_with_econnrefused() {
     let s = Scenario::start(&[B1], Proto::Tcp, &web(""));
     let report = s.client(VIP, 25, Proto::Tcp);
     assert_eq!(report.failed("ECONNREFUSED"), 25, "{report:?}");
-    let svc = stats_service(&s, "web");
+    let svc = s.service_stats("web");
     assert_eq!(svc["no_backend"].as_u64(), Some(25));
     assert_eq!(svc["connects"].as_u64(), Some(0));
 }
@@ -223,7 +215,7 @@ fn agent_sigkill_under_load_loses_nothing_and_restart_adopts_pins() {
         report.ok, report.attempts,
         "connects failed while the agent was dead: {report:?}"
     );
-    let before = stats_service(&s, "web")["connects"].as_u64().unwrap();
+    let before = s.service_stats("web")["connects"].as_u64().unwrap();
     assert_eq!(before, report.ok);
 
     s.start_agent();
@@ -232,7 +224,7 @@ fn agent_sigkill_under_load_loses_nothing_and_restart_adopts_pins() {
         "{}",
         s.agent().log()
     );
-    let svc = stats_service(&s, "web");
+    let svc = s.service_stats("web");
     assert_eq!(
         svc["connects"].as_u64(),
         Some(before),
@@ -295,7 +287,7 @@ fn connected_udp_is_balanced() {
     assert!(report.from(u1) > 0 && report.from(u2) > 0, "{report:?}");
     let accepted = s.stop_backends();
     assert_eq!(accepted[u1] + accepted[u2], 300);
-    assert_eq!(stats_service(&s, "dns")["connects"].as_u64(), Some(300));
+    assert_eq!(s.service_stats("dns")["connects"].as_u64(), Some(300));
 }
 
 #[test]
@@ -349,7 +341,7 @@ fn backend_set_swaps_under_load_fail_no_connect() {
         report.ok, report.attempts,
         "connects failed during swaps: {report:?}"
     );
-    let svc = stats_service(&s, "web");
+    let svc = s.service_stats("web");
     assert_eq!(svc["update_races"].as_u64(), Some(0), "{svc}");
     assert_eq!(svc["revision"].as_u64(), Some(21), "{svc}");
 }

@@ -2,10 +2,7 @@
 //! backends in the test's namespace, observed through real connects and `lb-agent stats`.
 
 use lb_testkit::procs::Proto;
-use lb_testkit::stats::service;
-use lb_testkit::{
-    agent_stats, require_privileged, wait_backends, wait_for, Scenario, ServeMode, SteadyClient,
-};
+use lb_testkit::{require_privileged, wait_backends, wait_for, Scenario, ServeMode, SteadyClient};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -36,10 +33,7 @@ fn config(backends: &[&str], health: &str, fail_open: bool) -> String {
 }
 
 fn web(s: &Scenario) -> Value {
-    let stats = agent_stats(&s.pins).expect("stats");
-    service(&stats, "web")
-        .cloned()
-        .unwrap_or_else(|| panic!("no service web: {stats}"))
+    s.service_stats("web")
 }
 
 fn health_of(svc: &Value, addr: &str) -> Value {
