@@ -31,6 +31,18 @@ fn backend_connects(svc: &serde_json::Value, addr: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A steady load big enough to mean something, with every connect answered.
+fn assert_lost_nothing(report: &lb_testkit::ClientReport, min_attempts: u64, when: &str) {
+    assert!(
+        report.attempts > min_attempts,
+        "too little load to prove anything: {report:?}"
+    );
+    assert_eq!(
+        report.ok, report.attempts,
+        "connects failed {when}: {report:?}"
+    );
+}
+
 fn assert_near(label: &str, got: u64, expected: f64) {
     let tolerance = expected * 0.15;
     assert!(
@@ -207,14 +219,7 @@ fn agent_sigkill_under_load_loses_nothing_and_restart_adopts_pins() {
     s.agent = None;
     std::thread::sleep(Duration::from_secs(1));
     let report = load.stop();
-    assert!(
-        report.attempts > 100,
-        "too little load to prove anything: {report:?}"
-    );
-    assert_eq!(
-        report.ok, report.attempts,
-        "connects failed while the agent was dead: {report:?}"
-    );
+    assert_lost_nothing(&report, 100, "while the agent was dead");
     let before = s.service_stats("web")["connects"].as_u64().unwrap();
     assert_eq!(before, report.ok);
 
@@ -333,14 +338,7 @@ fn backend_set_swaps_under_load_fail_no_connect() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let report = load.stop();
-    assert!(
-        report.attempts > 200,
-        "too little load to prove anything: {report:?}"
-    );
-    assert_eq!(
-        report.ok, report.attempts,
-        "connects failed during swaps: {report:?}"
-    );
+    assert_lost_nothing(&report, 200, "during swaps");
     let svc = s.service_stats("web");
     assert_eq!(svc["update_races"].as_u64(), Some(0), "{svc}");
     assert_eq!(svc["revision"].as_u64(), Some(21), "{svc}");
