@@ -1,14 +1,15 @@
-//! `lb-agent run`: attach, reconcile the maps to the config and the health of its backends,
-//! then follow config changes (SIGHUP or the file changing) and health transitions until
-//! SIGTERM/SIGINT. Exiting leaves the pins, so traffic keeps being balanced by the last applied
+//! `lb-agent run`: attach, reconcile the maps to the config, the answers of discovery sources
+//! and the health of backends, then follow config changes (SIGHUP or the file changing),
+//! discovery answers and health transitions until SIGTERM/SIGINT. Exiting leaves the pins, so traffic keeps being balanced by the last applied
 //! state while no agent runs.
 
 use crate::bpf_maps::PinnedMaps;
 use crate::dataplane::{apply, read_installed};
+use crate::discovery::{merge, Discovery};
 use crate::health::runner::HealthRunner;
-use crate::health::status_file::{self, ServiceStatus, StatusFile};
 use crate::loader::{self, LoadOptions};
 use crate::reconcile::reconcile;
+use crate::status_file::{self, ServiceStatus, StatusFile};
 use crate::{cgroup, config, lock, plan};
 use anyhow::{Context, Result};
 use std::collections::BTreeSet;
@@ -48,15 +49,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::spawn(drain_ebpf_logs(logger));
     }
     let (transitions_tx, mut transitions) = mpsc::unbounded_channel();
+    let (discovery, mut answers) = Discovery::new();
     let mut agent = Agent {
         maps: attached.maps,
         health: HealthRunner::new(transitions_tx),
+        discovery,
         config,
         failing_open: BTreeSet::new(),
+        dropped: Vec::new(),
         pin_dir: args.pin_dir.clone(),
         published_empty: false,
     };
-    agent.health.sync(&agent.config);
+    agent.discovery.sync(&agent.config);
     agent.reconcile().context("initial reconcile failed")?;
     info!(services = agent.config.services.len(), "ready");
 
@@ -77,6 +81,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 if watcher.changed() {
                     agent.reload(&args.config, "file changed");
                 }
+            }
+            Some(update) = answers.recv() => {
+                let mut changed = agent.discovery.apply(update);
+                while let Ok(update) = answers.try_recv() {
+                    changed |= agent.discovery.apply(update);
+                }
+                if changed {
+                    if let Err(e) = agent.reconcile() {
+                        error!("reconcile after a discovery change failed: {e:#}");
+                    }
+                }
+                agent.publish_status();
             }
             Some(()) = transitions.recv() => {
                 // One reconcile covers every transition that arrived meanwhile.
@@ -101,9 +117,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
 struct Agent {
     maps: PinnedMaps,
     health: HealthRunner,
+    discovery: Discovery,
     /// The config in force: the last valid one read.
     config: config::Config,
     failing_open: BTreeSet<String>,
+    /// Discovered backends last left out for being VIPs, logged when this changes.
+    dropped: Vec<String>,
     pin_dir: PathBuf,
     published_empty: bool,
 }
@@ -117,7 +136,7 @@ impl Agent {
             Err(e) => error!("config rejected, keeping the running state:\n{e}"),
             Ok(config) => {
                 self.config = config;
-                self.health.sync(&self.config);
+                self.discovery.sync(&self.config);
                 if let Err(e) = self.reconcile() {
                     error!("reconcile failed, data plane left consistent at the last step: {e:#}");
                 }
@@ -125,12 +144,23 @@ impl Agent {
         }
     }
 
+    /// The one path into the maps, whatever changed: config, discovery answers or health.
     fn reconcile(&mut self) -> Result<()> {
+        let installed = read_installed(&self.maps, true)?;
+        let discovery = &self.discovery;
+        let (effective, dropped) =
+            merge::effective(&self.config, &|svc| discovery.backends(svc), &installed);
+        if dropped != self.dropped {
+            for message in &dropped {
+                warn!("{message}");
+            }
+            self.dropped = dropped;
+        }
+        self.health.sync(&effective);
         let health = &self.health;
         let (desired, failing_open) =
-            plan::desired(&self.config, &|svc, addr| health.is_healthy(svc, addr));
+            plan::desired(&effective, &|svc, addr| health.is_healthy(svc, addr));
         self.log_fail_open(failing_open.into_iter().collect());
-        let installed = read_installed(&self.maps, true)?;
         let plan = reconcile(&installed, &desired)?;
         apply(&mut self.maps, &plan.ops)?;
         let s = &plan.summary;
@@ -157,13 +187,16 @@ impl Agent {
         self.failing_open = now;
     }
 
-    /// Without any health block there is nothing to publish after the first (empty) file.
+    /// Without health blocks or discovery there is nothing to publish after the first (empty)
+    /// file.
     fn publish_status(&mut self) {
         let snapshot = self.health.snapshot();
-        if snapshot.is_empty() && self.published_empty {
+        let sources = self.discovery.status();
+        let empty = snapshot.is_empty() && sources.is_empty();
+        if empty && self.published_empty {
             return;
         }
-        self.published_empty = snapshot.is_empty();
+        self.published_empty = empty;
         let mut file = StatusFile {
             agent_pid: std::process::id(),
             written_unix_ms: crate::health::runner::now_ms(),
@@ -178,6 +211,11 @@ impl Agent {
                     ..ServiceStatus::default()
                 });
             svc.backends.insert(target.backend.to_string(), health);
+        }
+        for (service, source) in sources {
+            let svc = file.services.entry(service.clone()).or_default();
+            svc.fail_open_active = self.failing_open.contains(&service);
+            svc.discovery = Some(source);
         }
         if let Err(e) = status_file::write(&self.pin_dir, &file) {
             warn!("cannot publish health state: {e:#}");

@@ -13,6 +13,11 @@ use std::path::Path;
 use std::time::Duration;
 use toml::{Table, Value};
 
+mod discovery;
+pub use discovery::{
+    ConsulConfig, DiscoveryConfig, DnsConfig, DnsRecord, Env, EtcdConfig, SourceConfig,
+};
+
 pub const MAX_SERVICES: usize = lb_common::MAX_SERVICES as usize;
 pub const MAX_BACKENDS_PER_SERVICE: usize = 1_024;
 pub const MAX_WEIGHT: u32 = 10_000;
@@ -31,6 +36,7 @@ const SERVICE_KEYS: &[&str] = &[
     "fail_open",
     "panic_threshold",
     "health",
+    "discovery",
 ];
 const BACKEND_KEYS: &[&str] = &["address", "weight"];
 const HEALTH_KEYS: &[&str] = &[
@@ -96,6 +102,8 @@ pub struct ServiceConfig {
     pub fail_open: bool,
     /// Percent 0..=100: fail open when the healthy share is below this (0 = only when no backend is healthy).
     pub panic_threshold: u8,
+    /// Where `backends` come from at run time; `None` = the static list above.
+    pub discovery: Option<DiscoveryConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,11 +215,18 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             format!("not valid UTF-8 (byte {at})"),
         )
     })?;
-    parse(&text, &origin)
+    parse_with_env(&text, &origin, Env::from_process())
 }
 
 /// Validates text; `origin` is what errors call the source (normally the file path).
+/// Settings the file leaves to the environment stay unset.
+#[cfg(test)]
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    parse_with_env(text, origin, Env::default())
+}
+
+/// `parse`, taking settings the file leaves out from `env` (`ETCD_ENDPOINTS`, ...).
+pub fn parse_with_env(text: &str, origin: &str, env: Env) -> Result<Config, ConfigError> {
     let root: Table = toml::from_str(text).map_err(|e| {
         let position = e.span().map_or_else(String::new, |span| {
             let (line, column) = line_column(text, span.start);
@@ -230,7 +245,10 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
             format!("invalid TOML: {}", message.join("; ")),
         )
     })?;
-    let mut checker = Checker::default();
+    let mut checker = Checker {
+        problems: Vec::new(),
+        env,
+    };
     let config = checker.config(&root);
     if checker.problems.is_empty() {
         Ok(config)
@@ -264,6 +282,7 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 #[derive(Default)]
 struct Checker {
     problems: Vec<Problem>,
+    env: Env,
 }
 
 impl Checker {
@@ -420,7 +439,18 @@ impl Checker {
                 }
             }
         }
-        let backends = self.backends(scope, table.get("backends"));
+        let env = self.env.clone();
+        let discovery = self.discovery(scope, table.get("discovery"), &env);
+        let backends = match (table.get("backends"), table.contains_key("discovery")) {
+            (Some(_), true) => {
+                let message = "not allowed together with [service.discovery]: \
+                               backends come either from the file or from a source";
+                self.report(scope, "backends", message);
+                None
+            }
+            (None, true) => Some(Vec::new()),
+            (raw, false) => self.backends(scope, raw),
+        };
         let fail_open = table.get("fail_open").map_or(Ok(true), check_bool);
         let fail_open = self.checked(scope, "fail_open", fail_open);
         let panic_threshold = table
@@ -437,6 +467,7 @@ impl Checker {
             health: health?,
             fail_open: fail_open?,
             panic_threshold: panic_threshold?,
+            discovery: discovery?,
         })
     }
 
@@ -568,7 +599,8 @@ impl Checker {
         let list = match raw {
             None => {
                 // Required so that a misspelt key cannot silently create a service nobody serves.
-                let message = "required (write backends = [] for a service without backends)";
+                let message = "required (write backends = [] for a service without backends, \
+                               or add a [service.discovery] block)";
                 self.report(scope, "backends", message);
                 return None;
             }
@@ -1009,6 +1041,7 @@ mod tests {
                     health: None,
                     fail_open: true,
                     panic_threshold: 0,
+                    discovery: None,
                 },
                 ServiceConfig {
                     name: "dns.kube-system_1".into(),
@@ -1021,6 +1054,7 @@ mod tests {
                     health: None,
                     fail_open: true,
                     panic_threshold: 0,
+                    discovery: None,
                 },
             ],
         };
@@ -1203,7 +1237,7 @@ mod tests {
         assert_eq!(
             single(&text),
             "lb.toml: service \"web\" (service[0]): protocl: unknown key \
-             (allowed: name, vip, protocol, backends, fail_open, panic_threshold, health)"
+             (allowed: name, vip, protocol, backends, fail_open, panic_threshold, health, discovery)"
         );
     }
 
@@ -1548,7 +1582,7 @@ mod tests {
         assert_eq!(
             e,
             "lb.toml: service \"web\" (service[0]): backends: required \
-             (write backends = [] for a service without backends)"
+             (write backends = [] for a service without backends, or add a [service.discovery] block)"
         );
     }
 
@@ -1790,6 +1824,7 @@ mod tests {
             }),
             fail_open: false,
             panic_threshold: 50,
+            discovery: None,
         };
         assert_eq!(config.services[1], expected);
     }

@@ -24,7 +24,7 @@ pub fn detach(pin_dir: &Path) -> Result<()> {
             Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
         }
     }
-    let _ = std::fs::remove_file(crate::health::status_file::path(pin_dir));
+    let _ = std::fs::remove_file(crate::status_file::path(pin_dir));
     std::fs::remove_dir(pin_dir).with_context(|| {
         format!(
             "{} still holds other files; left in place",

@@ -6,13 +6,16 @@ mod cgroup;
 mod config;
 mod dataplane;
 mod detach;
+mod discovery;
 mod health;
 mod installed;
+mod jitter;
 mod loader;
 mod lock;
 mod plan;
 mod reconcile;
 mod stats;
+mod status_file;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -119,7 +122,7 @@ fn dispatch(command: Command) -> Result<()> {
                 );
             }
             let maps = bpf_maps::PinnedMaps::open(&pin_dir)?;
-            let status = health::status_file::read(&pin_dir);
+            let status = status_file::read(&pin_dir);
             let report = stats::collect(&maps, status.as_ref())?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);

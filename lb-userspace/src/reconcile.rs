@@ -298,6 +298,7 @@ mod tests {
             health: None,
             fail_open: true,
             panic_threshold: 0,
+            discovery: None,
         }
     }
 

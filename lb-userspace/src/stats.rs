@@ -3,8 +3,9 @@
 
 use crate::bpf_maps::PinnedMaps;
 use crate::dataplane::read_installed;
+use crate::discovery::SourceStatus;
 use crate::health::runner::{now_ms, BackendHealth};
-use crate::health::status_file::StatusFile;
+use crate::status_file::StatusFile;
 use anyhow::Result;
 use lb_common::{ipv4_from_raw, port_from_raw, ServiceKey, IPPROTO_TCP, IPPROTO_UDP};
 use serde::Serialize;
@@ -30,6 +31,9 @@ pub struct ServiceReport {
     pub update_races: u64,
     /// Health checks found too few healthy backends; balancing over all configured ones.
     pub fail_open_active: bool,
+    /// The service's discovery source as the agent last published it; `None` for listed
+    /// backends.
+    pub discovery: Option<SourceStatus>,
     pub backends: Vec<BackendReport>,
 }
 
@@ -105,6 +109,7 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
             no_backend: counters.no_backend,
             update_races: counters.update_races,
             fail_open_active: svc_status.is_some_and(|s| s.fail_open_active),
+            discovery: svc_status.and_then(|s| s.discovery.clone()),
             backends,
         });
     }
@@ -144,6 +149,9 @@ pub fn render_table(report: &Report) -> String {
                 "    FAILING OPEN: too few healthy backends, using all of them"
             );
         }
+        if let Some(source) = &s.discovery {
+            let _ = writeln!(out, "    {}", source_line(source));
+        }
         if s.slots == 0 {
             let _ = writeln!(
                 out,
@@ -168,6 +176,33 @@ pub fn render_table(report: &Report) -> String {
         }
     }
     out
+}
+
+fn ago(unix_ms: Option<u64>) -> String {
+    match unix_ms {
+        None => "never".to_string(),
+        Some(t) => format!("{}s ago", now_ms().saturating_sub(t) / 1000),
+    }
+}
+
+fn source_line(s: &SourceStatus) -> String {
+    let mut line = format!("source {} {:?}: ", s.kind, s.target);
+    match s.state.as_str() {
+        "ok" => line += &format!("ok, last answer {}", ago(s.last_success_unix_ms)),
+        "syncing" => line += "syncing (keeping what the maps held before the agent started)",
+        _ => {
+            line += &format!(
+                "ERROR x{} ({}), serving the last known set; last success {}",
+                s.consecutive_errors,
+                s.last_error.as_deref().unwrap_or("?"),
+                ago(s.last_success_unix_ms)
+            );
+        }
+    }
+    if s.skipped > 0 {
+        line += &format!("; {} unusable entries skipped", s.skipped);
+    }
+    line
 }
 
 fn health_cell(h: Option<&BackendHealth>) -> String {

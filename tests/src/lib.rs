@@ -10,6 +10,7 @@ pub mod pins;
 pub mod privilege;
 pub mod procs;
 pub mod scenario;
+pub mod servers;
 pub mod stats;
 
 pub use cgroup::TestCgroup;
@@ -18,4 +19,5 @@ pub use pins::PinDir;
 pub use privilege::require_privileged;
 pub use procs::{Agent, Backends, ClientReport, Proto, ServeMode, SteadyClient};
 pub use scenario::Scenario;
+pub use servers::{ConsulMock, Dns, DnsRecords, Etcd, KeepAlive, SrvRecord};
 pub use stats::{agent_stats, wait_backends, wait_for};

@@ -18,8 +18,16 @@ use std::process::Command;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const DEBIAN_RUST: [&str; 3] = ["rustc-web", "cargo-web", "rust-web-src"];
-/// Tools the privileged tests and the demo call (`ip` for netns set-up).
-const RUNTIME_PACKAGES: [(&str, &str); 1] = [("ip", "iproute2")];
+/// Tools the build, the privileged tests and the demo call: `ip` for netns set-up, `protoc` for
+/// etcd-client's generated gRPC code, dnsmasq and etcdctl for the discovery tests.
+const RUNTIME_PACKAGES: [(&str, &str); 4] = [
+    ("ip", "iproute2"),
+    ("protoc", "protobuf-compiler"),
+    ("dnsmasq", "dnsmasq-base"),
+    ("etcdctl", "etcd-client"),
+];
+/// Debian's etcd server, unpacked rather than installed (see `ensure_etcd_server`).
+const ETCD_PACKAGE: &str = "etcd-server";
 
 #[derive(Debug, Clone)]
 pub struct EbpfToolchain {
@@ -33,6 +41,7 @@ pub struct EbpfToolchain {
 
 pub fn run() -> Result<()> {
     ensure_runtime_tools()?;
+    ensure_etcd_server()?;
     let tc = ensure_toolchain()?;
     let linker = ensure_bpf_linker(&tc)?;
     eprintln!(
@@ -221,6 +230,54 @@ fn ensure_runtime_tools() -> Result<()> {
         );
     }
     apt_install(&missing)
+}
+
+/// Where the discovery tests find the etcd server binary.
+pub fn etcd_bin() -> PathBuf {
+    toolchain_dir().join("etcd/usr/bin/etcd")
+}
+
+/// Installing the `etcd-server` package would also start a system-wide etcd on
+/// 127.0.0.1:2379 from its init script, which a build or test machine does not want: the
+/// package is unpacked into the toolchain folder instead, and tests start their own servers.
+fn ensure_etcd_server() -> Result<()> {
+    let bin = etcd_bin();
+    if cmd::output(Command::new(&bin).arg("--version")).is_some() {
+        return Ok(());
+    }
+    if !apt_available() || !cmd::is_root() {
+        bail!(
+            "the etcd discovery tests need Debian's {ETCD_PACKAGE} unpacked into {} (run setup as root on Debian)",
+            toolchain_dir().join("etcd").display()
+        );
+    }
+    let download = std::env::temp_dir().join(format!("lb-etcd-download-{}", std::process::id()));
+    std::fs::create_dir_all(&download)?;
+    let fetched = (|| {
+        if cmd::output(Command::new("apt-cache").args(["show", ETCD_PACKAGE])).is_none() {
+            cmd::run(Command::new("apt-get").arg("update"))?;
+        }
+        cmd::run(
+            Command::new("apt-get")
+                .current_dir(&download)
+                .args(["download", ETCD_PACKAGE]),
+        )?;
+        let deb = std::fs::read_dir(&download)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .context("apt-get download produced no .deb")?;
+        cmd::run(
+            Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(&deb)
+                .arg(toolchain_dir().join("etcd")),
+        )
+    })();
+    let _ = std::fs::remove_dir_all(&download);
+    fetched?;
+    cmd::output(Command::new(&bin).arg("--version"))
+        .map(|_| eprintln!("xtask: etcd server unpacked to {}", bin.display()))
+        .context("etcd was unpacked but does not run")
 }
 
 fn apt_available() -> bool {

@@ -40,6 +40,7 @@ pub fn test() -> Result<()> {
     let mut c = cmd::cargo();
     c.env("LB_EBPF_OBJECT", &obj)
         .env("LB_AGENT_BIN", agent)
+        .env("LB_ETCD_BIN", setup::etcd_bin())
         .args(["test", "--workspace"]);
     run_counting_tests(&mut c)
 }

@@ -3,4 +3,3 @@
 pub mod probe;
 pub mod runner;
 pub mod state;
-pub mod status_file;

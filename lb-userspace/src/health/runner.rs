@@ -6,11 +6,12 @@
 use super::probe::probe;
 use super::state::HealthState;
 use crate::config::{Config, HealthConfig, InitialState};
+use crate::jitter::Jitter;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddrV4;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -138,28 +139,17 @@ impl Drop for HealthRunner {
     }
 }
 
-/// A small xorshift: jitter needs spread, not cryptographic randomness.
-struct Jitter(u64);
-
-impl Jitter {
-    fn new(target: &Target) -> Self {
-        let seed = now_ms()
+/// Spreads probe schedules of different backends that start at the same moment.
+fn jitter_for(target: &Target) -> Jitter {
+    Jitter::seeded(
+        now_ms()
             ^ u64::from(u32::from(*target.backend.ip())) << 16
             ^ u64::from(target.backend.port())
             ^ target
                 .service
                 .bytes()
-                .fold(0u64, |h, b| h.rotate_left(5) ^ u64::from(b));
-        Self(seed | 1)
-    }
-
-    fn below(&mut self, max: Duration) -> Duration {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        let ms = max.as_millis() as u64;
-        Duration::from_millis(if ms == 0 { 0 } else { self.0 % ms })
-    }
+                .fold(0u64, |h, b| h.rotate_left(5) ^ u64::from(b)),
+    )
 }
 
 async fn probe_loop(
@@ -173,7 +163,7 @@ async fn probe_loop(
         *target.backend.ip(),
         hc.port.unwrap_or(target.backend.port()),
     );
-    let mut jitter = Jitter::new(&target);
+    let mut jitter = jitter_for(&target);
     let mut state = HealthState::new(hc.initial == InitialState::Healthy);
     tokio::time::sleep(jitter.below(hc.interval)).await;
     loop {

@@ -3,6 +3,7 @@
 //! It joins the namespace and cgroup before creating any socket.
 
 mod bench;
+mod consul;
 mod demo;
 mod join;
 mod net;
@@ -80,6 +81,14 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
+    /// Mock Consul health API answering from a JSON state file; runs until stdin closes.
+    ConsulMock {
+        #[arg(long, default_value = "127.0.0.1:8500")]
+        listen: std::net::SocketAddr,
+        /// JSON state (see lb_testkit::servers::ConsulMock); requests go to `<state>.requests`.
+        #[arg(long)]
+        state: PathBuf,
+    },
     /// Self-contained demo (root): namespace, cgroup, backends, agent, client, live stats.
     Demo {
         #[arg(long, default_value_t = 15)]
@@ -99,10 +108,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     join::die_with_parent();
     let in_test_net = matches!(
         cli.command,
-        Cmd::Serve { .. } | Cmd::Connect { .. } | Cmd::Exec { .. }
+        Cmd::Serve { .. } | Cmd::Connect { .. } | Cmd::Exec { .. } | Cmd::ConsulMock { .. }
     );
     if in_test_net && cli.netns.is_none() {
-        anyhow::bail!("serve, connect and exec only run inside a test namespace: pass --netns");
+        anyhow::bail!(
+            "serve, connect, exec and consul-mock only run inside a test namespace: pass --netns"
+        );
     }
     if let Some(ns) = &cli.netns {
         join::netns(ns)?;
@@ -133,6 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_seconds,
         } => net::connect(to, count, proto, interval_ms, max_seconds),
         Cmd::Exec { argv } => join::exec(&argv),
+        Cmd::ConsulMock { listen, state } => consul::run(listen, state),
         Cmd::Demo { seconds } => demo::run(seconds),
         Cmd::BenchHealth {
             trials,

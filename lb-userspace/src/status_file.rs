@@ -1,7 +1,8 @@
-//! The agent publishes health state to a small JSON file next to its lock, so that
-//! `lb-agent stats` can show it from another process without a socket or a running query API.
+//! The agent publishes health and discovery state to a small JSON file next to its lock, so
+//! that `lb-agent stats` can show it from another process without a socket or a query API.
 
-use super::runner::BackendHealth;
+use crate::discovery::SourceStatus;
+use crate::health::runner::BackendHealth;
 use crate::lock::run_file;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -21,10 +22,13 @@ pub struct ServiceStatus {
     pub fail_open_active: bool,
     /// Keyed by backend address; only backends with a health block appear.
     pub backends: BTreeMap<String, BackendHealth>,
+    /// The service's discovery source, if it has one.
+    #[serde(default)]
+    pub discovery: Option<SourceStatus>,
 }
 
 pub fn path(pin_dir: &Path) -> PathBuf {
-    run_file(pin_dir, "health.json")
+    run_file(pin_dir, "status.json")
 }
 
 /// Written to a temporary file and renamed, so a reader never sees half a file.

@@ -1,0 +1,170 @@
+//! Turns what a source reported into backends the data plane can use. Entries that cannot be
+//! used are skipped and named (the rest of the answer still counts); an answer too large to
+//! install is an error, so the last good set stays.
+
+use crate::config::{BackendConfig, MAX_BACKENDS_PER_SERVICE, MAX_WEIGHT};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddrV4};
+
+/// Reasons kept per answer: enough to diagnose, bounded for a garbage answer of any size.
+pub const MAX_REASONS: usize = 10;
+
+/// One instance as a source reported it, before validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reported {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Answer {
+    /// Sorted by address, one entry per address.
+    pub backends: Vec<BackendConfig>,
+    /// How many reported entries were not used, and the first few reasons.
+    pub skipped: usize,
+    pub reasons: Vec<String>,
+}
+
+impl Answer {
+    /// Records an entry the source itself could not parse (bad key, bad JSON value...).
+    pub fn skip(&mut self, reason: String) {
+        self.skipped += 1;
+        if self.reasons.len() < MAX_REASONS {
+            self.reasons.push(reason);
+        }
+    }
+}
+
+/// Validates `reported`, keeping the entries skipped earlier in `answer`.
+pub fn build(
+    reported: impl IntoIterator<Item = Reported>,
+    mut answer: Answer,
+) -> Result<Answer, String> {
+    let mut by_address: BTreeMap<SocketAddrV4, u32> = BTreeMap::new();
+    for r in reported {
+        match usable(&r) {
+            // Names that resolve to the same address twice are normal in DNS: keep the first.
+            Ok(address) => {
+                by_address.entry(address).or_insert(r.weight);
+            }
+            Err(reason) => answer.skip(reason),
+        }
+    }
+    if by_address.len() > MAX_BACKENDS_PER_SERVICE {
+        return Err(format!(
+            "answer has {} usable instances, at most {MAX_BACKENDS_PER_SERVICE} per service",
+            by_address.len()
+        ));
+    }
+    answer.backends = by_address
+        .into_iter()
+        .map(|(address, weight)| BackendConfig { address, weight })
+        .collect();
+    Ok(answer)
+}
+
+fn usable(r: &Reported) -> Result<SocketAddrV4, String> {
+    let ip = match r.ip {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(ip) => ip,
+            None => {
+                return Err(format!(
+                    "[{ip}]:{}: IPv6 backends are not supported yet",
+                    r.port
+                ))
+            }
+        },
+    };
+    let shown = SocketAddrV4::new(ip, r.port);
+    if r.port == 0 {
+        return Err(format!("{shown}: port 0"));
+    }
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+        return Err(format!("{shown}: not a unicast address"));
+    }
+    if !(1..=MAX_WEIGHT).contains(&r.weight) {
+        return Err(format!(
+            "{shown}: weight {} is not between 1 and {MAX_WEIGHT}",
+            r.weight
+        ));
+    }
+    Ok(shown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(ip: &str, port: u16, weight: u32) -> Reported {
+        Reported {
+            ip: ip.parse().unwrap(),
+            port,
+            weight,
+        }
+    }
+
+    #[test]
+    fn keeps_good_entries_sorted_and_deduplicated() {
+        let a = build(
+            [
+                r("10.0.0.2", 80, 1),
+                r("10.0.0.1", 80, 3),
+                r("10.0.0.2", 80, 5),
+            ],
+            Answer::default(),
+        )
+        .unwrap();
+        let got: Vec<(String, u32)> = a
+            .backends
+            .iter()
+            .map(|b| (b.address.to_string(), b.weight))
+            .collect();
+        assert_eq!(got, [("10.0.0.1:80".into(), 3), ("10.0.0.2:80".into(), 1)]);
+        assert_eq!(a.skipped, 0);
+    }
+
+    #[test]
+    fn unusable_entries_are_skipped_with_a_reason() {
+        let a = build(
+            [
+                r("10.0.0.1", 0, 1),
+                r("0.0.0.0", 80, 1),
+                r("224.0.0.1", 80, 1),
+                r("255.255.255.255", 80, 1),
+                r("fd00::1", 80, 1),
+                r("10.0.0.1", 80, 0),
+                r("10.0.0.1", 80, MAX_WEIGHT + 1),
+                r("::ffff:10.0.0.9", 80, 1),
+            ],
+            Answer::default(),
+        )
+        .unwrap();
+        assert_eq!(a.backends.len(), 1, "{a:?}");
+        assert_eq!(a.backends[0].address.to_string(), "10.0.0.9:80");
+        assert_eq!(a.skipped, 7);
+        assert!(a.reasons[0].contains("port 0"), "{:?}", a.reasons);
+        assert!(a.reasons[4].contains("IPv6"), "{:?}", a.reasons);
+    }
+
+    #[test]
+    fn ten_thousand_instances_are_an_error_not_a_truncation() {
+        let many = (0..10_000u32).map(|i| Reported {
+            ip: IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)),
+            port: 80,
+            weight: 1,
+        });
+        let e = build(many, Answer::default()).unwrap_err();
+        assert!(e.contains("10000 usable instances, at most 1024"), "{e}");
+    }
+
+    #[test]
+    fn reasons_are_bounded_but_every_skip_is_counted() {
+        let bad = (0..5_000).map(|_| r("10.0.0.1", 0, 1));
+        let a = build(bad, Answer::default()).unwrap();
+        assert_eq!(a.skipped, 5_000);
+        assert_eq!(a.reasons.len(), MAX_REASONS);
+        assert!(a.backends.is_empty());
+    }
+}
