@@ -1,0 +1,385 @@
+//! Privileged end-to-end tests of discovery sources against real servers in the test's
+//! namespace: a real etcd, a real dnsmasq, and a Consul mock that follows Consul's documented
+//! blocking-query contract (no Consul server can be installed here). Every change is checked in
+//! the pinned maps and with real connects through the VIP.
+
+use lb_testkit::procs::Proto;
+use lb_testkit::stats::{agent_stats, backend_set};
+use lb_testkit::{
+    require_privileged, wait_backends, wait_for, ConsulMock, Dns, DnsRecords, Etcd, Scenario,
+    SrvRecord,
+};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const VIP: &str = "10.96.0.10:80";
+const VIP2: &str = "10.96.0.11:80";
+const B1: &str = "127.0.0.21:8080";
+const B2: &str = "127.0.0.22:8080";
+const B3: &str = "127.0.0.23:8080";
+const B4: &str = "127.0.0.23:9090";
+const WAIT: Duration = Duration::from_secs(15);
+/// Fast retries so that a recovered source is noticed quickly.
+const RETRY: &str = "retry_initial = \"100ms\"\nretry_max = \"1s\"";
+
+fn service(name: &str, vip: &str, discovery: &str) -> String {
+    format!(
+        "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\n[service.discovery]\n{discovery}\n{RETRY}\n\n"
+    )
+}
+
+/// Service "web" on VIP, discovered from `prefix` in `etcd`.
+fn etcd_service(etcd: &Etcd, prefix: &str) -> String {
+    let discovery = format!(
+        "kind = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"{prefix}\"\ntimeout = \"1s\"",
+        etcd.endpoint
+    );
+    service("web", VIP, &discovery)
+}
+
+fn source(s: &Scenario, name: &str) -> Value {
+    s.service_stats(name)["discovery"].clone()
+}
+
+fn wait_state(s: &Scenario, name: &str, state: &str) {
+    let ok = wait_for(WAIT, || source(s, name)["state"] == state);
+    assert!(ok, "source of {name} never {state}: {}", source(s, name));
+}
+
+/// Connects through `vip`: all succeed and land only on `expected`, each of them used.
+fn assert_balanced(s: &Scenario, vip: &str, expected: &[&str]) {
+    let report = s.client(vip, 120, Proto::Tcp);
+    assert_eq!(report.ok, 120, "{report:?}");
+    for b in expected {
+        assert!(report.from(b) > 0, "{b} got nothing: {report:?}");
+    }
+    let landed: u64 = expected.iter().map(|b| report.from(b)).sum();
+    assert_eq!(landed, 120, "connects outside {expected:?}: {report:?}");
+}
+
+/// Installs a config and waits until the agent applied it (a reload by signal).
+fn apply(s: &mut Scenario, config: &str) {
+    s.write_config(config);
+    s.agent().sighup();
+}
+
+#[test]
+fn etcd_registrations_leases_and_outages_reach_the_data_plane() {
+    if !require_privileged("etcd_registrations_leases_and_outages_reach_the_data_plane") {
+        return;
+    }
+    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, "");
+    let mut etcd = Etcd::start(&s.net);
+    let prefix = "/services/web/";
+    let long = etcd.grant(60);
+    let _long_alive = etcd.keep_alive(&long);
+    etcd.put(&format!("{prefix}{B1}"), "", Some(&long));
+    etcd.put(&format!("{prefix}{B2}"), r#"{"weight": 1}"#, Some(&long));
+    // Garbage registrations are skipped, not fatal.
+    etcd.put(&format!("{prefix}not-an-address"), "", None);
+    apply(&mut s, &etcd_service(&etcd, prefix));
+    wait_backends(&s.pins, "web", &[B1, B2], WAIT);
+    assert_balanced(&s, VIP, &[B1, B2]);
+    let src = source(&s, "web");
+    assert_eq!(src["state"], "ok", "{src}");
+    assert_eq!(src["skipped"], 1, "{src}");
+
+    // A new registration and a deregistration arrive through the watch.
+    etcd.put(&format!("{prefix}{B3}"), "", Some(&long));
+    wait_backends(&s.pins, "web", &[B1, B2, B3], WAIT);
+    etcd.del(&format!("{prefix}{B1}"));
+    wait_backends(&s.pins, "web", &[B2, B3], WAIT);
+    assert_balanced(&s, VIP, &[B2, B3]);
+
+    // An instance that stops refreshing its lease disappears when the lease expires.
+    let short = etcd.grant(2);
+    etcd.put(&format!("{prefix}{B1}"), "", Some(&short));
+    wait_backends(&s.pins, "web", &[B1, B2, B3], WAIT);
+    let granted = Instant::now();
+    wait_backends(&s.pins, "web", &[B2, B3], WAIT);
+    assert!(
+        granted.elapsed() < Duration::from_secs(8),
+        "lease expiry took {:?}",
+        granted.elapsed()
+    );
+
+    // etcd down: the last known set stays and keeps serving; the source shows the error.
+    etcd.kill();
+    wait_state(&s, "web", "error");
+    assert_balanced(&s, VIP, &[B2, B3]);
+    let src = source(&s, "web");
+    assert!(src["last_error"].as_str().is_some(), "{src}");
+    assert!(src["last_success_unix_ms"].as_u64().is_some(), "{src}");
+    assert!(s.agent().log().contains("keeping the last known set"));
+
+    // Back up: the agent relists, catching up on what changed meanwhile.
+    etcd.restart();
+    etcd.del(&format!("{prefix}{B3}"));
+    wait_state(&s, "web", "ok");
+    wait_backends(&s.pins, "web", &[B2], WAIT);
+
+    // Every instance gone is a real "no instances": the service refuses connects.
+    etcd.del(&format!("{prefix}{B2}"));
+    let emptied = wait_for(WAIT, || s.service_stats("web")["slots"] == 0);
+    assert!(emptied, "{}", s.service_stats("web"));
+    let report = s.client(VIP, 20, Proto::Tcp);
+    assert_eq!(report.failed("ECONNREFUSED"), 20, "{report:?}");
+}
+
+#[test]
+fn agent_restart_keeps_discovered_backends_until_the_source_answers() {
+    if !require_privileged("agent_restart_keeps_discovered_backends_until_the_source_answers") {
+        return;
+    }
+    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, "");
+    let mut etcd = Etcd::start(&s.net);
+    etcd.put(&format!("/services/web/{B1}"), "", None);
+    etcd.put(&format!("/services/web/{B2}"), "", None);
+    apply(&mut s, &etcd_service(&etcd, "/services/web/"));
+    wait_backends(&s.pins, "web", &[B1, B2], WAIT);
+
+    // With its source unreachable, a new agent must not wipe the pinned service.
+    s.agent().sigkill();
+    etcd.kill();
+    s.start_agent();
+    std::thread::sleep(Duration::from_millis(1500));
+    let stats = agent_stats(&s.pins).expect("stats");
+    assert_eq!(
+        backend_set(&stats, "web").unwrap(),
+        [B1, B2],
+        "restart without a source emptied the service: {stats}"
+    );
+    assert_balanced(&s, VIP, &[B1, B2]);
+    etcd.restart();
+    etcd.del(&format!("/services/web/{B1}"));
+    wait_backends(&s.pins, "web", &[B2], WAIT);
+}
+
+fn records(ttl: u32, a: &[&str], srv: &[(&str, u16, u16)]) -> DnsRecords {
+    DnsRecords {
+        ttl,
+        a: a.iter()
+            .map(|ip| ("web.lb.test".to_string(), ip.parse().unwrap()))
+            .chain(srv.iter().map(|(target, _, _)| {
+                let ip = target.split(':').next().unwrap();
+                (
+                    format!("t{}.lb.test", ip.replace('.', "-")),
+                    ip.parse().unwrap(),
+                )
+            }))
+            .collect(),
+        srv: srv
+            .iter()
+            .map(|(target, priority, weight)| {
+                let (ip, port) = target.split_once(':').unwrap();
+                SrvRecord {
+                    name: "_web._tcp.lb.test".into(),
+                    target: format!("t{}.lb.test", ip.replace('.', "-")),
+                    port: port.parse().unwrap(),
+                    priority: *priority,
+                    weight: *weight,
+                }
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn dns_a_and_srv_records_refresh_on_their_ttl() {
+    if !require_privileged("dns_a_and_srv_records_refresh_on_their_ttl") {
+        return;
+    }
+    let mut s = Scenario::start(&[B1, B2, B3, B4], Proto::Tcp, "");
+    let ttl = 1;
+    let mut dns = Dns::start(
+        &s.net,
+        &records(
+            ttl,
+            &["127.0.0.21", "127.0.0.22"],
+            &[(B3, 10, 1), (B1, 20, 1)],
+        ),
+    );
+    let common = format!(
+        "nameservers = [\"{}\"]\nmin_refresh = \"200ms\"\nmax_refresh = \"30s\"\ntimeout = \"500ms\"",
+        dns.addr
+    );
+    let config = service(
+        "web-a",
+        VIP,
+        &format!("kind = \"dns\"\nname = \"web.lb.test\"\nport = 8080\n{common}"),
+    ) + &service(
+        "web-srv",
+        VIP2,
+        &format!("kind = \"dns\"\nname = \"_web._tcp.lb.test\"\nrecord = \"srv\"\n{common}"),
+    );
+    apply(&mut s, &config);
+    wait_backends(&s.pins, "web-a", &[B1, B2], WAIT);
+    // Only the lowest SRV priority is used: B1 (priority 20) is a fallback.
+    wait_backends(&s.pins, "web-srv", &[B3], WAIT);
+    assert_balanced(&s, VIP, &[B1, B2]);
+    assert_balanced(&s, VIP2, &[B3]);
+
+    // New records are picked up once the TTL runs out (the server changes them under the
+    // agent, which is only told by the TTL).
+    let changed = Instant::now();
+    dns.set(&records(ttl, &["127.0.0.23"], &[(B3, 10, 1), (B4, 10, 3)]));
+    wait_backends(&s.pins, "web-a", &["127.0.0.23:8080"], WAIT);
+    wait_backends(&s.pins, "web-srv", &[B3, B4], WAIT);
+    assert!(
+        changed.elapsed() < Duration::from_secs(5),
+        "TTL {ttl}s refresh took {:?}",
+        changed.elapsed()
+    );
+    let srv = s.service_stats("web-srv");
+    let weight = |addr: &str| {
+        srv["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == addr)
+            .map(|b| b["weight"].clone())
+    };
+    assert_eq!(weight(B4), Some(json!(3)), "SRV weight: {srv}");
+    assert_balanced(&s, VIP, &["127.0.0.23:8080"]);
+
+    // A name with no records is an empty answer from a healthy server: the service empties.
+    dns.set(&records(ttl, &[], &[(B3, 10, 1)]));
+    let emptied = wait_for(WAIT, || s.service_stats("web-a")["slots"] == 0);
+    assert!(emptied, "{}", s.service_stats("web-a"));
+    assert_eq!(source(&s, "web-a")["state"], "ok");
+    let report = s.client(VIP, 20, Proto::Tcp);
+    assert_eq!(report.failed("ECONNREFUSED"), 20, "{report:?}");
+
+    // No server at all is an error: the last set stays.
+    drop(dns);
+    wait_state(&s, "web-srv", "error");
+    assert_balanced(&s, VIP2, &[B3]);
+}
+
+fn consul_state(index: u64, instances: &[(&str, &str)]) -> Value {
+    let list: Vec<Value> = instances
+        .iter()
+        .map(|(addr, status)| {
+            let (ip, port) = addr.split_once(':').unwrap();
+            json!({"node": format!("node-{ip}"), "node_address": ip, "address": "",
+                   "port": port.parse::<u16>().unwrap(), "weight": 1, "status": status,
+                   "tags": ["v1"]})
+        })
+        .collect();
+    json!({"index": index, "services": {"web": list}, "raw_body": null, "raw_status": 200})
+}
+
+fn garbage(index: u64, body: &str) -> Value {
+    json!({"index": index, "services": {}, "raw_body": body, "raw_status": 200})
+}
+
+#[test]
+fn consul_blocking_queries_follow_the_index_and_survive_garbage() {
+    if !require_privileged("consul_blocking_queries_follow_the_index_and_survive_garbage") {
+        return;
+    }
+    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, "");
+    let consul = ConsulMock::start(
+        &s.net,
+        &consul_state(10, &[(B1, "passing"), (B2, "passing"), (B3, "critical")]),
+    );
+    let token = s.config.with_extension("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let discovery = format!(
+        "kind = \"consul\"\naddress = \"{}\"\nservice = \"web\"\ntag = \"v1\"\n\
+         datacenter = \"dc1\"\ntoken_file = \"{}\"\nwait = \"2s\"",
+        consul.addr,
+        token.display()
+    );
+    apply(&mut s, &service("web", VIP, &discovery));
+    // Only passing instances: B3's check is critical.
+    wait_backends(&s.pins, "web", &[B1, B2], WAIT);
+    assert_balanced(&s, VIP, &[B1, B2]);
+
+    // A change wakes the blocked query at once.
+    let changed = Instant::now();
+    consul.set(&consul_state(
+        11,
+        &[(B1, "passing"), (B2, "passing"), (B3, "passing")],
+    ));
+    wait_backends(&s.pins, "web", &[B1, B2, B3], WAIT);
+    assert!(
+        changed.elapsed() < Duration::from_secs(2),
+        "blocking query did not return on change: {:?}",
+        changed.elapsed()
+    );
+    let requests = consul.requests();
+    let blocking = requests
+        .iter()
+        .find(|r| r.contains("index=10"))
+        .unwrap_or_else(|| panic!("no blocking query on index 10: {requests:#?}"));
+    for part in ["passing", "wait=2000ms", "dc=dc1", "tag=v1", "token=s3cret"] {
+        assert!(blocking.contains(part), "{part} missing in {blocking}");
+    }
+
+    // The index going backwards (a restored Consul) resets: the new, smaller state is used.
+    consul.set(&consul_state(5, &[(B1, "passing")]));
+    wait_backends(&s.pins, "web", &[B1], WAIT);
+    // Per Consul's rules the agent first asks without an index, then blocks on the new one.
+    let reset_seen = wait_for(WAIT, || {
+        let r = consul.requests();
+        let after = r
+            .iter()
+            .rposition(|q| q.contains("index=11"))
+            .map_or(0, |i| i + 1);
+        let fresh = r[after..].iter().position(|q| !q.contains("index="));
+        fresh.is_some_and(|f| r[after + f..].iter().any(|q| q.contains("index=5&")))
+    });
+    assert!(
+        reset_seen,
+        "no reset after the index went back: {:#?}",
+        consul.requests()
+    );
+
+    // Garbage answers never change the set; the source shows the error.
+    for (index, body, error) in [
+        (20, "{not json".to_string(), "not valid JSON"),
+        (
+            21,
+            "{\"not\": \"an array\"}".to_string(),
+            "not a JSON array",
+        ),
+        (22, ten_thousand_instances(), "10000 usable instances"),
+    ] {
+        consul.set(&garbage(index, &body));
+        let ok = wait_for(WAIT, || {
+            let src = source(&s, "web");
+            src["state"] == "error" && src["last_error"].as_str().unwrap_or("").contains(error)
+        });
+        assert!(
+            ok,
+            "answer {index} not reported as {error:?}: {}",
+            source(&s, "web")
+        );
+        let stats = agent_stats(&s.pins).unwrap();
+        assert_eq!(backend_set(&stats, "web").unwrap(), [B1], "{stats}");
+    }
+    assert_balanced(&s, VIP, &[B1]);
+
+    // Bad entries inside a good answer are skipped, the rest is used.
+    let mut state = consul_state(30, &[(B1, "passing"), (B2, "passing")]);
+    state["services"]["web"][1]["node_address"] = json!("not-an-ip");
+    consul.set(&state);
+    wait_state(&s, "web", "ok");
+    let ok = wait_for(WAIT, || source(&s, "web")["skipped"] == 1);
+    assert!(ok, "{}", source(&s, "web"));
+    assert_balanced(&s, VIP, &[B1]);
+}
+
+/// A well-formed answer with far more instances than a service may have.
+fn ten_thousand_instances() -> String {
+    let entries: Vec<String> = (0..10_000u32)
+        .map(|i| {
+            let ip = std::net::Ipv4Addr::from(0x0a01_0000 + i);
+            format!(
+                r#"{{"Node":{{"Node":"n{i}","Address":"{ip}"}},"Service":{{"Service":"web","Address":"","Port":8080}},"Checks":[]}}"#
+            )
+        })
+        .collect();
+    format!("[{}]", entries.join(","))
+}
