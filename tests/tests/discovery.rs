@@ -360,6 +360,17 @@ fn consul_blocking_queries_follow_the_index_and_survive_garbage() {
         assert_eq!(backend_set(&stats, "web").unwrap(), [B1], "{stats}");
     }
     assert_balanced(&s, VIP, &[B1]);
+    let table = std::process::Command::new(lb_testkit::paths::agent_bin())
+        .args(["stats", "--pin-dir"])
+        .arg(&s.pins.path)
+        .output()
+        .expect("lb-agent stats");
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("source consul \"web\": ERROR x")
+            && table.contains("serving the last known set"),
+        "{table}"
+    );
 
     // Bad entries inside a good answer are skipped, the rest is used.
     let mut state = consul_state(30, &[(B1, "passing"), (B2, "passing")]);
@@ -382,4 +393,39 @@ fn ten_thousand_instances() -> String {
         })
         .collect();
     format!("[{}]", entries.join(","))
+}
+
+#[test]
+fn discovered_backends_go_through_health_checks() {
+    if !require_privileged("discovered_backends_go_through_health_checks") {
+        return;
+    }
+    // B3 is registered as passing in Consul but nothing listens there: the agent's own probe
+    // must keep it out.
+    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, "");
+    let consul = ConsulMock::start(
+        &s.net,
+        &consul_state(3, &[(B1, "passing"), (B2, "passing"), (B3, "passing")]),
+    );
+    let config = service(
+        "web",
+        VIP,
+        &format!(
+            "kind = \"consul\"\naddress = \"{}\"\nservice = \"web\"",
+            consul.addr
+        ),
+    ) + "[service.health]\nkind = \"tcp\"\ninterval = \"200ms\"\n\
+         timeout = \"100ms\"\nrise = 1\nfall = 2\njitter = \"20ms\"\n";
+    apply(&mut s, &config);
+    wait_backends(&s.pins, "web", &[B1, B2], WAIT);
+    let svc = s.service_stats("web");
+    let b3 = svc["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == B3)
+        .cloned()
+        .unwrap_or_else(|| panic!("B3 not listed: {svc}"));
+    assert_eq!(b3["health"]["healthy"], false, "{b3}");
+    assert_balanced(&s, VIP, &[B1, B2]);
 }
