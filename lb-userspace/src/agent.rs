@@ -7,6 +7,8 @@ use crate::bpf_maps::PinnedMaps;
 use crate::dataplane::{apply, read_installed};
 use crate::discovery::{merge, Discovery};
 use crate::health::runner::HealthRunner;
+use crate::http_api::{self, Readiness};
+use crate::kubernetes::Kubernetes;
 use crate::loader::{self, LoadOptions};
 use crate::reconcile::reconcile;
 use crate::status_file::{self, ServiceStatus, StatusFile};
@@ -26,6 +28,8 @@ pub struct RunArgs {
     /// How often the config file is compared with what was last read; `None` disables it.
     pub watch_interval: Option<Duration>,
     pub bpf_log: bool,
+    /// Where `/healthz` and `/readyz` are served; `None` = not at all.
+    pub http_listen: Option<std::net::SocketAddr>,
 }
 
 /// How often health state is published for `lb-agent stats`.
@@ -50,7 +54,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     let (transitions_tx, mut transitions) = mpsc::unbounded_channel();
     let (discovery, mut answers) = Discovery::new();
+    let (kubernetes, mut kube_events) = Kubernetes::new();
+    let readiness = Readiness::default();
+    if let Some(addr) = args.http_listen {
+        http_api::serve(addr, readiness.clone()).await?;
+    }
     let mut agent = Agent {
+        kubernetes,
+        readiness,
         maps: attached.maps,
         health: HealthRunner::new(transitions_tx),
         discovery,
@@ -61,7 +72,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         published_empty: false,
     };
     agent.discovery.sync(&agent.config);
+    agent.kubernetes.sync(agent.config.kubernetes.as_ref());
     agent.reconcile().context("initial reconcile failed")?;
+    agent.publish_status();
     info!(services = agent.config.services.len(), "ready");
 
     let mut watcher = ConfigWatcher::new(&args.config);
@@ -94,6 +107,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 }
                 agent.publish_status();
             }
+            Some(event) = kube_events.recv() => {
+                let mut changed = agent.kubernetes.apply(event);
+                while let Ok(event) = kube_events.try_recv() {
+                    changed |= agent.kubernetes.apply(event);
+                }
+                if changed {
+                    if let Err(e) = agent.reconcile() {
+                        error!("reconcile after a kubernetes change failed: {e:#}");
+                    }
+                }
+                agent.publish_status();
+            }
             Some(()) = transitions.recv() => {
                 // One reconcile covers every transition that arrived meanwhile.
                 while transitions.try_recv().is_ok() {}
@@ -118,6 +143,8 @@ struct Agent {
     maps: PinnedMaps,
     health: HealthRunner,
     discovery: Discovery,
+    kubernetes: Kubernetes,
+    readiness: Readiness,
     /// The config in force: the last valid one read.
     config: config::Config,
     failing_open: BTreeSet<String>,
@@ -137,6 +164,7 @@ impl Agent {
             Ok(config) => {
                 self.config = config;
                 self.discovery.sync(&self.config);
+                self.kubernetes.sync(self.config.kubernetes.as_ref());
                 if let Err(e) = self.reconcile() {
                     error!("reconcile failed, data plane left consistent at the last step: {e:#}");
                 }
@@ -148,8 +176,11 @@ impl Agent {
     fn reconcile(&mut self) -> Result<()> {
         let installed = read_installed(&self.maps, true)?;
         let discovery = &self.discovery;
-        let (effective, dropped) =
-            merge::effective(&self.config, &|svc| discovery.backends(svc), &installed);
+        let sources = merge::Sources {
+            discovered: &|svc| discovery.backends(svc),
+            kubernetes: self.kubernetes.services(),
+        };
+        let (effective, dropped) = merge::effective(&self.config, &sources, &installed);
         if dropped != self.dropped {
             for message in &dropped {
                 warn!("{message}");
@@ -190,9 +221,18 @@ impl Agent {
     /// Without health blocks or discovery there is nothing to publish after the first (empty)
     /// file.
     fn publish_status(&mut self) {
+        // Ready once every source has reported and what it reported is in the maps (reconcile
+        // runs before this on every change).
+        let ready = self.kubernetes.is_synced() && self.discovery.all_answered();
+        self.readiness.set(ready);
         let snapshot = self.health.snapshot();
         let sources = self.discovery.status();
-        let empty = snapshot.is_empty() && sources.is_empty();
+        let kubernetes = self
+            .config
+            .kubernetes
+            .as_ref()
+            .map(|_| self.kubernetes.status.clone());
+        let empty = snapshot.is_empty() && sources.is_empty() && kubernetes.is_none();
         if empty && self.published_empty {
             return;
         }
@@ -200,6 +240,7 @@ impl Agent {
         let mut file = StatusFile {
             agent_pid: std::process::id(),
             written_unix_ms: crate::health::runner::now_ms(),
+            kubernetes,
             ..StatusFile::default()
         };
         for (target, health) in snapshot {

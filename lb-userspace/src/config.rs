@@ -14,9 +14,11 @@ use std::time::Duration;
 use toml::{Table, Value};
 
 mod discovery;
+mod kubernetes;
 pub use discovery::{
     ConsulConfig, DiscoveryConfig, DnsConfig, DnsRecord, Env, EtcdConfig, SourceConfig,
 };
+pub use kubernetes::KubernetesConfig;
 
 pub const MAX_SERVICES: usize = lb_common::MAX_SERVICES as usize;
 pub const MAX_BACKENDS_PER_SERVICE: usize = 1_024;
@@ -138,6 +140,8 @@ pub struct HealthConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Config {
     pub services: Vec<ServiceConfig>,
+    /// Services from a Kubernetes API server, next to the listed ones.
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 /// Every problem found in one config source; never empty.
@@ -319,7 +323,8 @@ impl Checker {
     }
 
     fn config(&mut self, root: &Table) -> Config {
-        self.unknown_keys(None, "", root, &["service"]);
+        self.unknown_keys(None, "", root, &["service", "kubernetes"]);
+        let kubernetes = self.kubernetes(root.get("kubernetes"));
         let raw: &[Value] = match root.get("service") {
             None => &[],
             Some(Value::Array(services)) => services,
@@ -353,6 +358,7 @@ impl Checker {
         self.backends_are_not_vips(&services);
         Config {
             services: services.into_iter().map(|(_, s)| s).collect(),
+            kubernetes: kubernetes.flatten(),
         }
     }
 
@@ -1057,6 +1063,7 @@ mod tests {
                     discovery: None,
                 },
             ],
+            kubernetes: None,
         };
         assert_eq!(config, expected);
     }
@@ -1227,7 +1234,7 @@ mod tests {
     fn unknown_top_level_key() {
         assert_eq!(
             single("services = 1\n"),
-            "lb.toml: services: unknown key (allowed: service)"
+            "lb.toml: services: unknown key (allowed: service, kubernetes)"
         );
     }
 
@@ -1265,7 +1272,10 @@ mod tests {
     #[test]
     fn odd_keys_are_quoted_and_escaped() {
         let e = single("\"bad\\nkey\" = 1\n");
-        assert_eq!(e, "lb.toml: \"bad\\nkey\": unknown key (allowed: service)");
+        assert_eq!(
+            e,
+            "lb.toml: \"bad\\nkey\": unknown key (allowed: service, kubernetes)"
+        );
         assert_eq!(e.lines().count(), 1);
     }
 
@@ -2321,7 +2331,7 @@ mod tests {
         let e = errors(text);
         let expected = [
             "lb.toml: 8 errors",
-            "lb.toml: typo: unknown key (allowed: service)",
+            "lb.toml: typo: unknown key (allowed: service, kubernetes)",
             "lb.toml: service \"web\" (service[0]): backends[1].weight: must be between 1 and 10000, got 0",
             "lb.toml: service[1]: name: \"bad name\" contains ' '; only ASCII letters, digits, '.', '_' and '-' are allowed",
             "lb.toml: service[1]: vip: IPv6 is not supported yet, got \"::1\"",

@@ -8,8 +8,10 @@ mod dataplane;
 mod detach;
 mod discovery;
 mod health;
+mod http_api;
 mod installed;
 mod jitter;
+mod kubernetes;
 mod loader;
 mod lock;
 mod plan;
@@ -53,6 +55,9 @@ enum Command {
         /// Emit eBPF debug logs (one per balanced connect: costs CPU on busy hosts).
         #[arg(long)]
         bpf_log: bool,
+        /// Serve GET /healthz and /readyz on this address (e.g. 127.0.0.1:9901).
+        #[arg(long)]
+        http_listen: Option<std::net::SocketAddr>,
     },
     /// Validate a config file without root and without touching the kernel.
     CheckConfig { file: PathBuf },
@@ -95,6 +100,7 @@ fn dispatch(command: Command) -> Result<()> {
             pin_dir,
             watch_interval_ms,
             bpf_log,
+            http_listen,
         } => {
             let args = agent::RunArgs {
                 config,
@@ -103,6 +109,7 @@ fn dispatch(command: Command) -> Result<()> {
                 watch_interval: (watch_interval_ms > 0)
                     .then(|| Duration::from_millis(watch_interval_ms)),
                 bpf_log,
+                http_listen,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -303,7 +303,10 @@ mod tests {
     }
 
     fn config(services: Vec<ServiceConfig>) -> Config {
-        Config { services }
+        Config {
+            services,
+            kubernetes: None,
+        }
     }
 
     /// Plans against `dp` and applies the plan. If `dp` starts consistent, every prefix of the

@@ -15,6 +15,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// The Kubernetes source's state, when the agent has one.
+    pub kubernetes: Option<SourceStatus>,
     pub services: Vec<ServiceReport>,
 }
 
@@ -114,7 +116,10 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
         });
     }
     services.sort_by(|a, b| (&a.name, &a.vip).cmp(&(&b.name, &b.vip)));
-    Ok(Report { services })
+    Ok(Report {
+        kubernetes: status.and_then(|s| s.kubernetes.clone()),
+        services,
+    })
 }
 
 fn vip(key: &ServiceKey) -> SocketAddrV4 {
@@ -134,6 +139,9 @@ fn protocol(proto: u8) -> String {
 
 pub fn render_table(report: &Report) -> String {
     let mut out = String::new();
+    if let Some(k) = &report.kubernetes {
+        let _ = writeln!(out, "{}", source_line(k));
+    }
     if report.services.is_empty() {
         out.push_str("no services installed\n");
     }
@@ -189,6 +197,12 @@ fn source_line(s: &SourceStatus) -> String {
     let mut line = format!("source {} {:?}: ", s.kind, s.target);
     match s.state.as_str() {
         "ok" => line += &format!("ok, last answer {}", ago(s.last_success_unix_ms)),
+        "syncing" if s.last_error.is_some() => {
+            line += &format!(
+                "syncing, not reached yet ({}); keeping what the maps held",
+                s.last_error.as_deref().unwrap_or("?")
+            )
+        }
         "syncing" => line += "syncing (keeping what the maps held before the agent started)",
         _ => {
             line += &format!(

@@ -14,6 +14,9 @@ pub struct StatusFile {
     pub agent_pid: u32,
     pub written_unix_ms: u64,
     pub services: BTreeMap<String, ServiceStatus>,
+    /// The Kubernetes source, when configured.
+    #[serde(default)]
+    pub kubernetes: Option<SourceStatus>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

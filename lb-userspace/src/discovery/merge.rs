@@ -1,59 +1,134 @@
-//! Pure: the config the data plane should follow, with each discovered service's backends
-//! filled in from its source's last good answer. Everything downstream (health, plan,
-//! reconcile) then treats discovered and listed backends alike.
+//! Pure: the config the data plane should follow: the file's services, each discovered service's
+//! backends filled in from its source's last good answer, and the services Kubernetes reports.
+//! Everything downstream (health, plan, reconcile) then treats them all alike.
 
-use crate::config::{BackendConfig, Config, Protocol};
+use crate::config::{BackendConfig, Config, Protocol, ServiceConfig};
 use crate::installed::Installed;
 use crate::plan::service_key;
-use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddrV4;
+use lb_common::{ipv4_from_raw, port_from_raw, ServiceKey, IPPROTO_TCP, IPPROTO_UDP};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
 
-/// `discovered` gives a service's last good answer, `None` before the first one; such a service
-/// keeps what the maps hold for it (left by an earlier agent), so that starting or restarting
-/// the agent never empties a working service while its source is still syncing.
+/// Where the services and backends that the file does not list come from.
+pub struct Sources<'a> {
+    /// A discovered service's last good answer, `None` before its first one.
+    pub discovered: &'a dyn Fn(&str) -> Option<&'a [BackendConfig]>,
+    /// `None` when Kubernetes is not configured, `Some(None)` before its first full sync.
+    pub kubernetes: Option<Option<&'a [ServiceConfig]>>,
+}
+
+/// A discovered service without an answer yet keeps what the maps hold for it (left by an
+/// earlier agent), and so does every installed service while Kubernetes has not synced: starting
+/// or restarting the agent never empties or removes a working service while a source is still
+/// syncing.
 ///
-/// Discovered backends that are VIPs (or whose health port is a VIP) are dropped, as config
-/// validation does for listed ones; the returned messages say which.
-pub fn effective<'a>(
+/// The file wins over Kubernetes when both claim a VIP or a name. Backends from a source that
+/// are VIPs (or whose health port is a VIP) are dropped, as config validation does for listed
+/// ones. The returned messages say what was left out.
+pub fn effective(
     config: &Config,
-    discovered: &dyn Fn(&str) -> Option<&'a [BackendConfig]>,
+    sources: &Sources,
     installed: &Installed,
 ) -> (Config, Vec<String>) {
-    let vips: HashMap<(SocketAddrV4, Protocol), &str> = config
-        .services
-        .iter()
-        .map(|s| ((s.vip, s.protocol), s.name.as_str()))
-        .collect();
-    let mut dropped = Vec::new();
+    let mut notes = Vec::new();
     let mut merged = config.clone();
     for service in merged.services.iter_mut().filter(|s| s.discovery.is_some()) {
-        let backends = match discovered(&service.name) {
+        service.backends = match (sources.discovered)(&service.name) {
             Some(answer) => answer.to_vec(),
             None => in_maps(installed, service_key(service.vip, service.protocol)),
         };
-        let health_port = service.health.as_ref().and_then(|h| h.port);
-        service.backends = backends
-            .into_iter()
-            .filter(|b| {
-                let probed = health_port.map(|p| SocketAddrV4::new(*b.address.ip(), p));
-                let hit = vips
-                    .get(&(b.address, service.protocol))
-                    .or_else(|| probed.and_then(|p| vips.get(&(p, Protocol::Tcp))));
-                if let Some(owner) = hit {
-                    dropped.push(format!(
-                        "service {:?}: discovered backend {} ignored: it or its health port is the VIP of service {owner:?}",
-                        service.name, b.address
-                    ));
-                }
-                hit.is_none()
-            })
-            .collect();
     }
-    (merged, dropped)
+    let listed = merged.services.len();
+    match sources.kubernetes {
+        None => {}
+        Some(Some(from_api)) => {
+            for service in from_api {
+                let clash = merged.services[..listed].iter().find(|s| {
+                    (s.vip, s.protocol) == (service.vip, service.protocol) || s.name == service.name
+                });
+                match clash {
+                    Some(owner) => notes.push(format!(
+                        "kubernetes service {:?} ({}/{}) ignored: the config file's service {:?} has that VIP or name",
+                        service.name,
+                        service.vip,
+                        service.protocol.as_str(),
+                        owner.name
+                    )),
+                    None => merged.services.push(service.clone()),
+                }
+            }
+        }
+        Some(None) => {
+            let known: HashSet<ServiceKey> = merged
+                .services
+                .iter()
+                .map(|s| service_key(s.vip, s.protocol))
+                .collect();
+            for (key, service) in &installed.services {
+                if known.contains(key) {
+                    continue;
+                }
+                let Some((vip, protocol)) = vip_of(key) else {
+                    continue;
+                };
+                merged.services.push(ServiceConfig {
+                    name: service.name.clone(),
+                    vip,
+                    protocol,
+                    backends: in_maps(installed, *key),
+                    health: None,
+                    fail_open: true,
+                    panic_threshold: 0,
+                    discovery: None,
+                });
+            }
+        }
+    }
+    drop_vip_backends(&mut merged, listed, &mut notes);
+    (merged, notes)
+}
+
+/// Applies the backend-is-not-a-VIP rule to every service whose backends came from a source.
+fn drop_vip_backends(merged: &mut Config, listed: usize, notes: &mut Vec<String>) {
+    let vips: HashMap<(SocketAddrV4, Protocol), String> = merged
+        .services
+        .iter()
+        .map(|s| ((s.vip, s.protocol), s.name.clone()))
+        .collect();
+    for (i, service) in merged.services.iter_mut().enumerate() {
+        if i < listed && service.discovery.is_none() {
+            continue;
+        }
+        let health_port = service.health.as_ref().and_then(|h| h.port);
+        let (name, protocol) = (service.name.clone(), service.protocol);
+        service.backends.retain(|b| {
+            let probed = health_port.map(|p| SocketAddrV4::new(*b.address.ip(), p));
+            let hit = vips
+                .get(&(b.address, protocol))
+                .or_else(|| probed.and_then(|p| vips.get(&(p, Protocol::Tcp))));
+            if let Some(owner) = hit {
+                notes.push(format!(
+                    "service {name:?}: discovered backend {} ignored: it or its health port is the VIP of service {owner:?}",
+                    b.address
+                ));
+            }
+            hit.is_none()
+        });
+    }
+}
+
+fn vip_of(key: &ServiceKey) -> Option<(SocketAddrV4, Protocol)> {
+    let protocol = match key.proto {
+        IPPROTO_TCP => Protocol::Tcp,
+        IPPROTO_UDP => Protocol::Udp,
+        _ => return None,
+    };
+    let ip = Ipv4Addr::from(ipv4_from_raw(key.addr));
+    Some((SocketAddrV4::new(ip, port_from_raw(key.port)), protocol))
 }
 
 /// The backends a service's current slot table points at, weighted by their slot count.
-fn in_maps(installed: &Installed, key: lb_common::ServiceKey) -> Vec<BackendConfig> {
+fn in_maps(installed: &Installed, key: ServiceKey) -> Vec<BackendConfig> {
     let Some(service) = installed.services.get(&key) else {
         return Vec::new();
     };
@@ -96,6 +171,14 @@ service = "web"
         }
     }
 
+    /// Sources with discovery answers only (no Kubernetes).
+    fn only<'a>(discovered: &'a dyn Fn(&str) -> Option<&'a [BackendConfig]>) -> Sources<'a> {
+        Sources {
+            discovered,
+            kubernetes: None,
+        }
+    }
+
     fn web(config: &Config) -> Vec<BackendConfig> {
         config.services[1].backends.clone()
     }
@@ -106,7 +189,7 @@ service = "web"
         let answer = vec![be("10.0.1.1:80", 1), be("10.0.1.2:80", 2)];
         let (merged, dropped) = effective(
             &config,
-            &|s| (s == "web").then_some(&answer[..]),
+            &only(&|s| (s == "web").then_some(&answer[..])),
             &Installed::default(),
         );
         assert_eq!(web(&merged), answer);
@@ -128,9 +211,9 @@ service = "web"
                 ..InstalledService::default()
             },
         );
-        let (merged, _) = effective(&config, &|_| None, &installed);
+        let (merged, _) = effective(&config, &only(&|_| None), &installed);
         assert_eq!(web(&merged), [be("10.0.2.1:80", 1), be("10.0.2.2:80", 2)]);
-        let (fresh, _) = effective(&config, &|_| None, &Installed::default());
+        let (fresh, _) = effective(&config, &only(&|_| None), &Installed::default());
         assert!(web(&fresh).is_empty());
     }
 
@@ -147,7 +230,7 @@ service = "web"
                 ..InstalledService::default()
             },
         );
-        let (merged, _) = effective(&config, &|_| Some(&[]), &installed);
+        let (merged, _) = effective(&config, &only(&|_| Some(&[])), &installed);
         assert!(web(&merged).is_empty());
     }
 
@@ -155,7 +238,11 @@ service = "web"
     fn discovered_vips_are_dropped_and_named() {
         let config = parse(CONFIG, "t").unwrap();
         let answer = [be("10.96.0.1:80", 1), be("10.0.1.1:80", 1)];
-        let (merged, dropped) = effective(&config, &|_| Some(&answer[..]), &Installed::default());
+        let (merged, dropped) = effective(
+            &config,
+            &only(&|_| Some(&answer[..])),
+            &Installed::default(),
+        );
         assert_eq!(web(&merged), [be("10.0.1.1:80", 1)]);
         assert_eq!(dropped.len(), 1);
         assert!(

@@ -8,7 +8,7 @@
 //! set.
 
 pub mod answer;
-mod backoff;
+pub mod backoff;
 mod consul;
 mod dns;
 mod etcd;
@@ -73,7 +73,8 @@ impl Reporter {
 pub struct SourceStatus {
     pub kind: String,
     pub target: String,
-    /// "syncing" (no answer yet), "ok" or "error" (serving the last known set).
+    /// "syncing" (no answer yet; `last_error` says why), "ok" or "error" (serving the last
+    /// known set).
     pub state: String,
     /// Size of the set in use; `None` before the first answer.
     pub instances: Option<usize>,
@@ -180,7 +181,10 @@ impl Discovery {
                 let kept = known.backends.as_ref().map_or(0, Vec::len);
                 warn!(service = %service, source = %kind, target = %target, kept_backends = kept,
                       "discovery failed, keeping the last known set: {error}");
-                status.state = "error".to_owned();
+                // Before the first answer it is still "syncing", with the reason it has not yet.
+                if known.backends.is_some() {
+                    status.state = "error".to_owned();
+                }
                 status.last_error = Some(error);
                 status.last_error_unix_ms = Some(now_ms());
                 status.consecutive_errors = status.consecutive_errors.saturating_add(1);
@@ -216,6 +220,11 @@ impl Discovery {
     /// The last good answer of a discovered service; `None` before its first answer.
     pub fn backends(&self, service: &str) -> Option<&[BackendConfig]> {
         self.known.get(service)?.backends.as_deref()
+    }
+
+    /// True when every discovered service's source has answered at least once.
+    pub fn all_answered(&self) -> bool {
+        self.known.values().all(|k| k.backends.is_some())
     }
 
     pub fn status(&self) -> BTreeMap<String, SourceStatus> {
