@@ -250,4 +250,86 @@ service = "web"
             "{dropped:?}"
         );
     }
+
+    fn installed_service(
+        installed: &mut Installed,
+        name: &str,
+        vip: &str,
+        backends: &[(u32, &str)],
+    ) {
+        for (id, addr) in backends {
+            installed.backends.insert(*id, addr.parse().unwrap());
+        }
+        installed.services.insert(
+            service_key(vip.parse().unwrap(), Protocol::Tcp),
+            InstalledService {
+                name: name.into(),
+                slots: backends.iter().map(|(id, _)| *id).collect(),
+                complete: true,
+                ..InstalledService::default()
+            },
+        );
+    }
+
+    fn kube_service(name: &str, vip: &str, backends: &[&str]) -> ServiceConfig {
+        let mut s = parse(
+            &format!("[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nbackends = []\n"),
+            "t",
+        )
+        .unwrap()
+        .services
+        .remove(0);
+        s.backends = backends.iter().map(|b| be(b, 1)).collect();
+        s
+    }
+
+    #[test]
+    fn before_kubernetes_syncs_every_installed_service_is_kept() {
+        let config = parse("[kubernetes]\n", "t").unwrap();
+        let mut installed = Installed::default();
+        installed_service(
+            &mut installed,
+            "shop.web.http",
+            "10.96.5.5:80",
+            &[(1, "10.1.0.1:8080")],
+        );
+        let sources = Sources {
+            discovered: &|_| None,
+            kubernetes: Some(None),
+        };
+        let (merged, _) = effective(&config, &sources, &installed);
+        assert_eq!(merged.services.len(), 1);
+        assert_eq!(merged.services[0].name, "shop.web.http");
+        assert_eq!(merged.services[0].vip.to_string(), "10.96.5.5:80");
+        assert_eq!(merged.services[0].backends, [be("10.1.0.1:8080", 1)]);
+        // Once synced, the API's view replaces it, including removals.
+        let sources = Sources {
+            discovered: &|_| None,
+            kubernetes: Some(Some(&[])),
+        };
+        let (merged, _) = effective(&config, &sources, &installed);
+        assert!(merged.services.is_empty());
+    }
+
+    #[test]
+    fn the_file_wins_over_kubernetes_and_api_backends_may_not_be_vips() {
+        let config = parse(CONFIG, "t").unwrap();
+        let from_api = [
+            kube_service("a.clash.80", "10.96.0.1:80", &["10.2.0.1:80"]),
+            kube_service("a.ok.80", "10.96.9.9:80", &["10.2.0.2:80", "10.96.0.2:80"]),
+        ];
+        let sources = Sources {
+            discovered: &|_| Some(&[]),
+            kubernetes: Some(Some(&from_api)),
+        };
+        let (merged, notes) = effective(&config, &sources, &Installed::default());
+        let names: Vec<&str> = merged.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["api", "web", "a.ok.80"]);
+        assert_eq!(merged.services[2].backends, [be("10.2.0.2:80", 1)]);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(
+            notes[0].contains("\"a.clash.80\"") && notes[0].contains("\"api\""),
+            "{notes:?}"
+        );
+    }
 }
