@@ -4,6 +4,7 @@
 //! which has only a loopback device: an untranslated VIP connect fails with ENETUNREACH there.
 
 pub mod cgroup;
+pub mod kube_mock;
 pub mod netns;
 pub mod paths;
 pub mod pins;
@@ -14,10 +15,11 @@ pub mod servers;
 pub mod stats;
 
 pub use cgroup::TestCgroup;
+pub use kube_mock::KubeMock;
 pub use netns::TestNet;
 pub use pins::PinDir;
 pub use privilege::require_privileged;
 pub use procs::{Agent, Backends, ClientReport, Proto, ServeMode, SteadyClient};
 pub use scenario::Scenario;
-pub use servers::{ConsulMock, Dns, DnsRecords, Etcd, KeepAlive, SrvRecord};
+pub use servers::{http_status, ConsulMock, Dns, DnsRecords, Etcd, KeepAlive, SrvRecord};
 pub use stats::{agent_stats, wait_backends, wait_for};

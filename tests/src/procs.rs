@@ -218,12 +218,14 @@ pub struct Agent {
 
 impl Agent {
     /// `watch_ms` is the agent's config-file poll interval; 0 means only SIGHUP reloads.
+    /// `extra` are further `run` flags.
     pub fn start(
         net: &TestNet,
         cgroup: &TestCgroup,
         pins: &PinDir,
         config: &Path,
         watch_ms: u64,
+        extra: &[String],
     ) -> Self {
         let log = config.with_extension(format!("agent-{}.log", crate::paths::unique_name()));
         let log_file = std::fs::File::create(&log).expect("agent log file");
@@ -241,6 +243,7 @@ impl Agent {
             .arg(&pins.path)
             .arg("--watch-interval-ms")
             .arg(watch_ms.to_string())
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)

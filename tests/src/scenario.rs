@@ -18,12 +18,23 @@ pub struct Scenario {
     pub config: PathBuf,
     /// Config-file poll interval given to the agent; 0 (the default) = only SIGHUP reloads.
     pub watch_ms: u64,
+    /// Further `lb-agent run` flags for the next `start_agent`.
+    pub agent_args: Vec<String>,
     dir: PathBuf,
 }
 
 impl Scenario {
     /// `backends` are `ip:port` listeners; their IPs are added to the namespace's `lo`.
     pub fn start(backends: &[&str], proto: Proto, config: &str) -> Self {
+        let mut s = Self::without_agent(backends, proto);
+        s.write_config(config);
+        s.start_agent();
+        s
+    }
+
+    /// Namespace, backends, cgroup and pins, but no agent yet: for tests that start servers
+    /// the agent's config points at, or pass it extra flags.
+    pub fn without_agent(backends: &[&str], proto: Proto) -> Self {
         let ips: Vec<&str> = backends
             .iter()
             .filter_map(|b| b.split(':').next())
@@ -35,7 +46,7 @@ impl Scenario {
             .collect();
         let dir = std::env::temp_dir().join(unique_name());
         std::fs::create_dir_all(&dir).expect("config dir");
-        let mut s = Self {
+        Self {
             agent: None,
             backends: listeners,
             pins: PinDir::new(),
@@ -43,11 +54,9 @@ impl Scenario {
             net,
             config: dir.join("lb.toml"),
             watch_ms: 0,
+            agent_args: Vec::new(),
             dir,
-        };
-        s.write_config(config);
-        s.start_agent();
-        s
+        }
     }
 
     pub fn write_config(&self, text: &str) {
@@ -62,6 +71,7 @@ impl Scenario {
             &self.pins,
             &self.config,
             self.watch_ms,
+            &self.agent_args,
         );
         let ready = crate::wait_for(Duration::from_secs(15), || {
             agent.log().contains(" ready services=") || !agent.is_running()
@@ -89,6 +99,18 @@ impl Scenario {
     /// A client inside the balanced cgroup.
     pub fn client(&self, to: &str, count: u64, proto: Proto) -> ClientReport {
         run_client(&self.net, Some(&self.cgroup), to, count, proto)
+    }
+
+    /// 120 connects through `vip` from the balanced cgroup: all succeed and land only on
+    /// `expected`, each of which gets some.
+    pub fn assert_balanced(&self, vip: &str, expected: &[&str]) {
+        let report = self.client(vip, 120, Proto::Tcp);
+        assert_eq!(report.ok, 120, "{report:?}");
+        for b in expected {
+            assert!(report.from(b) > 0, "{b} got nothing: {report:?}");
+        }
+        let landed: u64 = expected.iter().map(|b| report.from(b)).sum();
+        assert_eq!(landed, 120, "connects outside {expected:?}: {report:?}");
     }
 
     /// A client in the same namespace but outside the balanced cgroup.

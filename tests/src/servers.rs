@@ -385,6 +385,52 @@ impl Drop for Dns {
     }
 }
 
+/// Starts `lb-testkit <what> --listen <listen> --state <state>` in the namespace and waits for
+/// its `ready` line. The mock exits when the returned stdin is closed.
+pub(crate) fn spawn_mock(
+    net: &TestNet,
+    what: &str,
+    listen: &str,
+    state: &Path,
+    log: &Path,
+) -> (Child, ChildStdin) {
+    let mut child = net
+        .testkit(None)
+        .args([what, "--listen", listen, "--state"])
+        .arg(state)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(log_file(log))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {} {what}: {e}", testkit_bin().display()));
+    let stdin = child.stdin.take().expect("stdin");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .ok();
+    assert_eq!(line.trim(), "ready", "{what} did not start");
+    (child, stdin)
+}
+
+/// Replaces `path` with `text` through a temp file in `dir` and a rename, so that a mock polling
+/// the file never reads half of it.
+pub(crate) fn replace_file(dir: &Path, path: &Path, text: &str) {
+    let tmp = dir.join("state.json.tmp");
+    std::fs::write(&tmp, text).expect("write mock state");
+    std::fs::rename(&tmp, path).expect("replace mock state");
+}
+
+/// The request log a mock keeps next to its state file, one line per request.
+pub(crate) fn request_log(state: &Path) -> Vec<String> {
+    let mut path = state.to_path_buf().into_os_string();
+    path.push(".requests");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
 /// Runs `f` on a new thread that first enters the namespace at `ns_path`. Network namespaces
 /// are per thread, so the rest of the test process stays where it was; the thread then ends.
 fn in_netns<T: Send>(
@@ -410,6 +456,24 @@ fn in_netns<T: Send>(
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
     })
+}
+
+/// The status code of `GET path` on `addr` inside the test's namespace; `None` when nothing
+/// answers (a plain HTTP/1.0 request, so no client library is needed).
+pub fn http_status(net: &TestNet, addr: &str, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    in_netns(&net.ns_path, || {
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut head = String::new();
+        stream.take(64).read_to_string(&mut head)?;
+        head.split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| std::io::Error::other("not an HTTP answer"))
+    })
+    .ok()
 }
 
 /// One DNS query to 127.0.0.1:5353; the response code of the matching answer.
@@ -467,44 +531,22 @@ impl ConsulMock {
             stdin: None,
         };
         mock.set(state);
-        let mut child = net
-            .testkit(None)
-            .args(["consul-mock", "--listen", "127.0.0.1:8500", "--state"])
-            .arg(&mock.state)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(log_file(&mock.log))
-            .spawn()
-            .expect("spawn lb-testkit consul-mock");
-        mock.stdin = child.stdin.take();
-        let stdout = child.stdout.take().expect("stdout");
+        let (child, stdin) =
+            spawn_mock(net, "consul-mock", "127.0.0.1:8500", &mock.state, &mock.log);
         mock.child = Some(child);
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).ok();
-        assert_eq!(line.trim(), "ready", "consul-mock did not start");
+        mock.stdin = Some(stdin);
         mock
     }
 
     /// Replaces the state atomically (temp file + rename): the mock never reads half a file,
     /// and blocked queries return within ~20 ms if the index changed.
     pub fn set(&self, state: &serde_json::Value) {
-        let tmp = self.dir.join("state.json.tmp");
-        let mut f = std::fs::File::create(&tmp).expect("create consul state");
-        f.write_all(state.to_string().as_bytes())
-            .expect("write consul state");
-        drop(f);
-        std::fs::rename(&tmp, &self.state).expect("replace consul state");
+        replace_file(&self.dir, &self.state, &state.to_string());
     }
 
     /// One line per request received so far: `<path?query> token=<X-Consul-Token or ->`.
     pub fn requests(&self) -> Vec<String> {
-        let mut path = self.state.clone().into_os_string();
-        path.push(".requests");
-        std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .map(String::from)
-            .collect()
+        request_log(&self.state)
     }
 }
 

@@ -265,7 +265,7 @@ fn second_agent_on_the_same_pins_refuses_and_traffic_continues() {
         return;
     }
     let s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&quoted(&[B1, B2])));
-    let mut second = lb_testkit::Agent::start(&s.net, &s.cgroup, &s.pins, &s.config, 0);
+    let mut second = lb_testkit::Agent::start(&s.net, &s.cgroup, &s.pins, &s.config, 0, &[]);
     let exited = lb_testkit::wait_for(WAIT, || !second.is_running());
     assert!(exited, "second agent kept running");
     assert!(

@@ -46,17 +46,6 @@ fn wait_state(s: &Scenario, name: &str, state: &str) {
     assert!(ok, "source of {name} never {state}: {}", source(s, name));
 }
 
-/// Connects through `vip`: all succeed and land only on `expected`, each of them used.
-fn assert_balanced(s: &Scenario, vip: &str, expected: &[&str]) {
-    let report = s.client(vip, 120, Proto::Tcp);
-    assert_eq!(report.ok, 120, "{report:?}");
-    for b in expected {
-        assert!(report.from(b) > 0, "{b} got nothing: {report:?}");
-    }
-    let landed: u64 = expected.iter().map(|b| report.from(b)).sum();
-    assert_eq!(landed, 120, "connects outside {expected:?}: {report:?}");
-}
-
 /// Installs a config and waits until the agent applied it (a reload by signal).
 fn apply(s: &mut Scenario, config: &str) {
     s.write_config(config);
@@ -79,7 +68,7 @@ fn etcd_registrations_leases_and_outages_reach_the_data_plane() {
     etcd.put(&format!("{prefix}not-an-address"), "", None);
     apply(&mut s, &etcd_service(&etcd, prefix));
     wait_backends(&s.pins, "web", &[B1, B2], WAIT);
-    assert_balanced(&s, VIP, &[B1, B2]);
+    s.assert_balanced(VIP, &[B1, B2]);
     let src = source(&s, "web");
     assert_eq!(src["state"], "ok", "{src}");
     assert_eq!(src["skipped"], 1, "{src}");
@@ -89,7 +78,7 @@ fn etcd_registrations_leases_and_outages_reach_the_data_plane() {
     wait_backends(&s.pins, "web", &[B1, B2, B3], WAIT);
     etcd.del(&format!("{prefix}{B1}"));
     wait_backends(&s.pins, "web", &[B2, B3], WAIT);
-    assert_balanced(&s, VIP, &[B2, B3]);
+    s.assert_balanced(VIP, &[B2, B3]);
 
     // An instance that stops refreshing its lease disappears when the lease expires.
     let short = etcd.grant(2);
@@ -106,7 +95,7 @@ fn etcd_registrations_leases_and_outages_reach_the_data_plane() {
     // etcd down: the last known set stays and keeps serving; the source shows the error.
     etcd.kill();
     wait_state(&s, "web", "error");
-    assert_balanced(&s, VIP, &[B2, B3]);
+    s.assert_balanced(VIP, &[B2, B3]);
     let src = source(&s, "web");
     assert!(src["last_error"].as_str().is_some(), "{src}");
     assert!(src["last_success_unix_ms"].as_u64().is_some(), "{src}");
@@ -149,7 +138,7 @@ fn agent_restart_keeps_discovered_backends_until_the_source_answers() {
         [B1, B2],
         "restart without a source emptied the service: {stats}"
     );
-    assert_balanced(&s, VIP, &[B1, B2]);
+    s.assert_balanced(VIP, &[B1, B2]);
     etcd.restart();
     etcd.del(&format!("/services/web/{B1}"));
     wait_backends(&s.pins, "web", &[B2], WAIT);
@@ -216,8 +205,8 @@ fn dns_a_and_srv_records_refresh_on_their_ttl() {
     wait_backends(&s.pins, "web-a", &[B1, B2], WAIT);
     // Only the lowest SRV priority is used: B1 (priority 20) is a fallback.
     wait_backends(&s.pins, "web-srv", &[B3], WAIT);
-    assert_balanced(&s, VIP, &[B1, B2]);
-    assert_balanced(&s, VIP2, &[B3]);
+    s.assert_balanced(VIP, &[B1, B2]);
+    s.assert_balanced(VIP2, &[B3]);
 
     // New records are picked up once the TTL runs out (the server changes them under the
     // agent, which is only told by the TTL).
@@ -240,7 +229,7 @@ fn dns_a_and_srv_records_refresh_on_their_ttl() {
             .map(|b| b["weight"].clone())
     };
     assert_eq!(weight(B4), Some(json!(3)), "SRV weight: {srv}");
-    assert_balanced(&s, VIP, &["127.0.0.23:8080"]);
+    s.assert_balanced(VIP, &["127.0.0.23:8080"]);
 
     // A name with no records is an empty answer from a healthy server: the service empties.
     dns.set(&records(ttl, &[], &[(B3, 10, 1)]));
@@ -253,7 +242,7 @@ fn dns_a_and_srv_records_refresh_on_their_ttl() {
     // No server at all is an error: the last set stays.
     drop(dns);
     wait_state(&s, "web-srv", "error");
-    assert_balanced(&s, VIP2, &[B3]);
+    s.assert_balanced(VIP2, &[B3]);
 }
 
 fn consul_state(index: u64, instances: &[(&str, &str)]) -> Value {
@@ -294,7 +283,7 @@ fn consul_blocking_queries_follow_the_index_and_survive_garbage() {
     apply(&mut s, &service("web", VIP, &discovery));
     // Only passing instances: B3's check is critical.
     wait_backends(&s.pins, "web", &[B1, B2], WAIT);
-    assert_balanced(&s, VIP, &[B1, B2]);
+    s.assert_balanced(VIP, &[B1, B2]);
 
     // A change wakes the blocked query at once.
     let changed = Instant::now();
@@ -359,7 +348,7 @@ fn consul_blocking_queries_follow_the_index_and_survive_garbage() {
         let stats = agent_stats(&s.pins).unwrap();
         assert_eq!(backend_set(&stats, "web").unwrap(), [B1], "{stats}");
     }
-    assert_balanced(&s, VIP, &[B1]);
+    s.assert_balanced(VIP, &[B1]);
     let table = std::process::Command::new(lb_testkit::paths::agent_bin())
         .args(["stats", "--pin-dir"])
         .arg(&s.pins.path)
@@ -379,7 +368,7 @@ fn consul_blocking_queries_follow_the_index_and_survive_garbage() {
     wait_state(&s, "web", "ok");
     let ok = wait_for(WAIT, || source(&s, "web")["skipped"] == 1);
     assert!(ok, "{}", source(&s, "web"));
-    assert_balanced(&s, VIP, &[B1]);
+    s.assert_balanced(VIP, &[B1]);
 }
 
 /// A well-formed answer with far more instances than a service may have.
@@ -427,5 +416,5 @@ fn discovered_backends_go_through_health_checks() {
         .cloned()
         .unwrap_or_else(|| panic!("B3 not listed: {svc}"));
     assert_eq!(b3["health"]["healthy"], false, "{b3}");
-    assert_balanced(&s, VIP, &[B1, B2]);
+    s.assert_balanced(VIP, &[B1, B2]);
 }

@@ -8,17 +8,16 @@
 //! keeps instances having every given tag, `dc` is accepted and ignored. Each request is logged
 //! to `<state>.requests` before it waits, so a test can see that a blocking query has arrived.
 
+use crate::http::{percent_decode, query_pairs, read_head, Head};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const MAX_HEAD: usize = 64 * 1024;
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
 const DEFAULT_WAIT: Duration = Duration::from_secs(5 * 60);
 const MAX_WAIT: Duration = Duration::from_secs(10 * 60);
@@ -30,35 +29,11 @@ struct Shared {
 
 /// Serves until stdin closes (the test's wrapper going away), like `serve`.
 pub fn run(listen: SocketAddr, state: PathBuf) -> Result<()> {
-    let log_path = requests_path(&state);
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("open {}", log_path.display()))?;
-    let shared = Arc::new(Shared {
-        state,
-        log: Mutex::new(log),
-    });
+    let log = crate::http::open_request_log(&state)?;
+    let shared = Arc::new(Shared { state, log });
     let listener = TcpListener::bind(listen).with_context(|| format!("bind tcp {listen}"))?;
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let shared = shared.clone();
-            std::thread::spawn(move || handle(conn, &shared));
-        }
-    });
-    println!("ready");
-    let mut sink = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut sink);
-    // Requests still blocked end with the process.
+    crate::http::serve_until_stdin_closes(listener, move |conn| handle(conn, &shared));
     Ok(())
-}
-
-/// `<state>.requests` (appended to the full name, not replacing an extension).
-pub fn requests_path(state: &Path) -> PathBuf {
-    let mut p = state.as_os_str().to_owned();
-    p.push(".requests");
-    PathBuf::from(p)
 }
 
 struct Reply {
@@ -83,14 +58,7 @@ fn handle(mut conn: TcpStream, shared: &Shared) {
         Ok(head) => answer(&head, shared),
         Err(msg) => Reply::error(400, msg),
     };
-    let reason = match reply.status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        500 => "Internal Server Error",
-        _ => "Status",
-    };
+    let reason = crate::http::reason(reply.status);
     let mut out = format!("HTTP/1.1 {} {reason}\r\n", reply.status);
     if let Some(i) = reply.index {
         out += "Content-Type: application/json\r\n";
@@ -110,41 +78,16 @@ fn handle(mut conn: TcpStream, shared: &Shared) {
     let _ = conn.shutdown(std::net::Shutdown::Write);
 }
 
-/// The request head up to the blank line, bounded in size and time.
-fn read_head(conn: &mut TcpStream) -> Result<String, &'static str> {
-    conn.set_read_timeout(Some(HEAD_TIMEOUT))
-        .map_err(|_| "socket")?;
-    let mut head = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() > MAX_HEAD {
-            return Err("request head too large");
-        }
-        match conn.read(&mut buf) {
-            Ok(0) | Err(_) => return Err("incomplete request"),
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-    }
-    String::from_utf8(head).map_err(|_| "request head is not UTF-8")
-}
-
 fn answer(head: &str, shared: &Shared) -> Reply {
-    let mut lines = head.split("\r\n");
-    let mut parts = lines.next().unwrap_or("").split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Reply::error(400, "bad request line");
+    let head = match Head::parse(head) {
+        Ok(h) => h,
+        Err(msg) => return Reply::error(400, msg),
     };
-    if !version.starts_with("HTTP/1.") || !target.starts_with('/') {
-        return Reply::error(400, "bad request line");
-    }
-    let token = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("X-Consul-Token"))
-        .map(|(_, v)| v.trim().to_string())
+    let (method, target) = (head.method, head.target);
+    let token = head
+        .header("X-Consul-Token")
         .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| "-".into());
+        .unwrap_or("-");
     if let Ok(mut log) = shared.log.lock() {
         let _ = writeln!(log, "{target} token={token}");
         let _ = log.flush();
@@ -152,7 +95,7 @@ fn answer(head: &str, shared: &Shared) -> Reply {
     if method != "GET" {
         return Reply::error(405, "method not allowed");
     }
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let (path, query) = head.path_query();
     let Some(service) = path.strip_prefix("/v1/health/service/") else {
         return Reply::error(404, "not found");
     };
@@ -174,9 +117,7 @@ struct Query {
 impl Query {
     fn parse(query: &str) -> Result<Self, String> {
         let mut q = Query::default();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let (k, v) = (percent_decode(k), percent_decode(v));
+        for (k, v) in query_pairs(query) {
             match k.as_str() {
                 "index" => {
                     q.index = Some(v.parse().map_err(|_| format!("invalid index {v:?}"))?);
@@ -234,30 +175,6 @@ fn parse_duration(s: &str) -> Option<Duration> {
         total += num * secs;
     }
     Duration::try_from_secs_f64(total).ok()
-}
-
-fn percent_decode(s: &str) -> String {
-    let hex = |c: u8| (c as char).to_digit(16);
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let escaped = match b.get(i..i + 3) {
-            Some([b'%', h, l]) => hex(*h).zip(hex(*l)).map(|(h, l)| (h * 16 + l) as u8),
-            _ => None,
-        };
-        match (escaped, b[i]) {
-            (Some(c), _) => {
-                out.push(c);
-                i += 3;
-                continue;
-            }
-            (None, b'+') => out.push(b' '),
-            (None, c) => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn load(state: &Path) -> Result<Value, String> {

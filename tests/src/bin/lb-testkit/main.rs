@@ -5,7 +5,9 @@
 mod bench;
 mod consul;
 mod demo;
+mod http;
 mod join;
+mod kube;
 mod net;
 
 use clap::{Parser, Subcommand};
@@ -89,6 +91,15 @@ enum Cmd {
         #[arg(long)]
         state: PathBuf,
     },
+    /// Mock Kubernetes API server (list/watch of Services and EndpointSlices) answering from a
+    /// JSON state file; runs until stdin closes.
+    KubeMock {
+        #[arg(long, default_value = "127.0.0.1:6443")]
+        listen: std::net::SocketAddr,
+        /// JSON state (see lb_testkit::KubeMock); requests go to `<state>.requests`.
+        #[arg(long)]
+        state: PathBuf,
+    },
     /// Self-contained demo (root): namespace, cgroup, backends, agent, client, live stats.
     Demo {
         #[arg(long, default_value_t = 15)]
@@ -108,11 +119,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     join::die_with_parent();
     let in_test_net = matches!(
         cli.command,
-        Cmd::Serve { .. } | Cmd::Connect { .. } | Cmd::Exec { .. } | Cmd::ConsulMock { .. }
+        Cmd::Serve { .. }
+            | Cmd::Connect { .. }
+            | Cmd::Exec { .. }
+            | Cmd::ConsulMock { .. }
+            | Cmd::KubeMock { .. }
     );
     if in_test_net && cli.netns.is_none() {
         anyhow::bail!(
-            "serve, connect, exec and consul-mock only run inside a test namespace: pass --netns"
+            "serve, connect, exec, consul-mock and kube-mock only run inside a test namespace: pass --netns"
         );
     }
     if let Some(ns) = &cli.netns {
@@ -145,6 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => net::connect(to, count, proto, interval_ms, max_seconds),
         Cmd::Exec { argv } => join::exec(&argv),
         Cmd::ConsulMock { listen, state } => consul::run(listen, state),
+        Cmd::KubeMock { listen, state } => kube::run(listen, state),
         Cmd::Demo { seconds } => demo::run(seconds),
         Cmd::BenchHealth {
             trials,
