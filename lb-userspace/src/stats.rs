@@ -2,7 +2,7 @@
 //! maps directly, so it works with or without a running agent.
 
 use crate::bpf_maps::PinnedMaps;
-use crate::dataplane::read_installed;
+use crate::dataplane::{read_installed, Dataplane};
 use crate::discovery::SourceStatus;
 use crate::health::runner::{now_ms, BackendHealth};
 use crate::status_file::StatusFile;
@@ -18,6 +18,29 @@ pub struct Report {
     /// The Kubernetes source's state, when the agent has one.
     pub kubernetes: Option<SourceStatus>,
     pub services: Vec<ServiceReport>,
+    /// Entries in the pinned hash maps, counted directly (strays included), so leaks show.
+    pub map_entries: MapEntries,
+}
+
+/// Number of entries in each pinned hash map: every key present, whether or not a service
+/// entry references it (an interrupted update's leftovers count too).
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct MapEntries {
+    pub services: usize,
+    pub slots: usize,
+    pub backends: usize,
+    pub names: usize,
+}
+
+impl MapEntries {
+    fn count(maps: &impl Dataplane) -> Result<Self> {
+        Ok(Self {
+            services: maps.services()?.len(),
+            slots: maps.slot_keys()?.len(),
+            backends: maps.backends()?.len(),
+            names: maps.names()?.len(),
+        })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -119,6 +142,7 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
     Ok(Report {
         kubernetes: status.and_then(|s| s.kubernetes.clone()),
         services,
+        map_entries: MapEntries::count(maps)?,
     })
 }
 
@@ -183,6 +207,12 @@ pub fn render_table(report: &Report) -> String {
             let _ = writeln!(out, "{}", line.trim_end());
         }
     }
+    let m = &report.map_entries;
+    let _ = writeln!(
+        out,
+        "map entries: services {}  slots {}  backends {}  names {}",
+        m.services, m.slots, m.backends, m.names
+    );
     out
 }
 

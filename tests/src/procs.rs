@@ -97,6 +97,53 @@ pub enum ServeMode {
     Hang,
 }
 
+/// CLOCK_MONOTONIC in microseconds: the clock `lb-testkit serve --accept-log` stamps accepts
+/// with. One clock for all processes of the host, and it never steps.
+pub fn monotonic_micros() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
+/// One line of an accept log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Accept {
+    pub unix_micros: u64,
+    pub monotonic_micros: u64,
+    /// The listen address that accepted.
+    pub listener: String,
+}
+
+/// Reads an accept log written by `Backends::start_logged` (after the backends stopped, it is
+/// complete). Panics on a malformed line: a log the test cannot trust must fail the test.
+pub fn read_accept_log(path: &Path) -> Vec<Accept> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|line| {
+            let mut f = line.split(' ');
+            let mut num = || -> u64 {
+                f.next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("malformed accept log line {line:?}"))
+            };
+            let (unix_micros, monotonic_micros) = (num(), num());
+            let listener = f
+                .next()
+                .unwrap_or_else(|| panic!("malformed accept log line {line:?}"))
+                .to_string();
+            Accept {
+                unix_micros,
+                monotonic_micros,
+                listener,
+            }
+        })
+        .collect()
+}
+
 /// Listeners that answer every connection (or datagram) with their own address.
 pub struct Backends {
     child: Option<Child>,
@@ -119,6 +166,21 @@ impl Backends {
                 cmd.arg("--hang");
             }
         }
+        for a in addrs {
+            cmd.args(["--listen", a]);
+        }
+        Self {
+            child: Some(spawn_ready(cmd, "backends")),
+        }
+    }
+
+    /// Like `start`, and each accepted connection (or datagram) is appended to `accept_log` as
+    /// it happens; read it with `read_accept_log`.
+    pub fn start_logged(net: &TestNet, addrs: &[&str], proto: Proto, accept_log: &Path) -> Self {
+        let mut cmd = net.testkit(None);
+        cmd.args(["serve", "--proto", proto.as_str()])
+            .arg("--accept-log")
+            .arg(accept_log);
         for a in addrs {
             cmd.args(["--listen", a]);
         }

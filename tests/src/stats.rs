@@ -68,3 +68,20 @@ pub fn wait_backends(pins: &PinDir, name: &str, expected: &[&str], timeout: Dura
         "service {name} never had backends {want:?}; last stats: {last:?}"
     );
 }
+
+/// `map_entries` of a stats report: entries in the services, slots, backends and names maps,
+/// counted from the pinned maps (strays included).
+pub fn map_entries(stats: &Value) -> Option<[u64; 4]> {
+    let m = &stats["map_entries"];
+    Some([
+        m["services"].as_u64()?,
+        m["slots"].as_u64()?,
+        m["backends"].as_u64()?,
+        m["names"].as_u64()?,
+    ])
+}
+
+/// Whether the pinned maps list `addr` among the backends `name` balances over.
+pub fn has_backend(stats: &Value, name: &str, addr: &str) -> Option<bool> {
+    Some(backend_set(stats, name)?.iter().any(|b| b == addr))
+}

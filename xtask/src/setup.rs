@@ -26,6 +26,12 @@ const RUNTIME_PACKAGES: [(&str, &str); 4] = [
     ("dnsmasq", "dnsmasq-base"),
     ("etcdctl", "etcd-client"),
 ];
+/// What the side-by-side benchmark compares against (`cargo xtask bench` only).
+const BENCH_PACKAGES: [(&str, &str); 3] = [
+    ("nft", "nftables"),
+    ("iptables", "iptables"),
+    ("haproxy", "haproxy"),
+];
 /// Debian's etcd server, unpacked rather than installed (see `ensure_etcd_server`).
 const ETCD_PACKAGE: &str = "etcd-server";
 
@@ -214,12 +220,47 @@ fn find_libllvm(major: u32) -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-fn ensure_runtime_tools() -> Result<()> {
-    let missing: Vec<&str> = RUNTIME_PACKAGES
+/// Installs the benchmark's contenders without starting their services: HAProxy's package
+/// would otherwise start a system-wide haproxy from its init script.
+pub fn ensure_bench_tools() -> Result<()> {
+    let missing = missing_packages(&BENCH_PACKAGES);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !apt_available() {
+        bail!(
+            "the benchmark compares against {}; install them",
+            missing.join(" ")
+        );
+    }
+    // policy-rc.d answering 101 is Debian's documented way to keep maintainer scripts from
+    // starting services. One that already exists is left as it is.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists();
+    if ours {
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# written by cargo xtask setup during an install\nexit 101\n",
+        )?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let result = apt_install(&missing);
+    if ours {
+        let _ = std::fs::remove_file(policy);
+    }
+    result
+}
+
+fn missing_packages<'a>(wanted: &[(&str, &'a str)]) -> Vec<&'a str> {
+    wanted
         .iter()
         .filter(|(tool, _)| cmd::output(Command::new("which").arg(tool)).is_none())
         .map(|(_, pkg)| *pkg)
-        .collect();
+        .collect()
+}
+
+fn ensure_runtime_tools() -> Result<()> {
+    let missing = missing_packages(&RUNTIME_PACKAGES);
     if missing.is_empty() {
         return Ok(());
     }

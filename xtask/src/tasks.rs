@@ -150,6 +150,7 @@ pub fn demo(args: &[String]) -> Result<()> {
 }
 
 pub fn bench(quick: bool) -> Result<()> {
+    setup::ensure_bench_tools()?;
     let (trials, interval) = if quick { ("5", "200") } else { ("20", "1000") };
     let detection = [
         "bench-health",
@@ -167,7 +168,17 @@ pub fn bench(quick: bool) -> Result<()> {
         "--seconds",
         seconds,
     ];
-    testkit("benchmark", &scale.map(String::from), true)
+    testkit("benchmark", &scale.map(String::from), true)?;
+    let out = cmd::root().join("bench/results");
+    let mut compare = vec![
+        "bench-compare".to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    if quick {
+        compare.push("--quick".into());
+    }
+    testkit("benchmark", &compare, true)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! It joins the namespace and cgroup before creating any socket.
 
 mod bench;
+mod compare;
 mod consul;
 mod demo;
 mod http;
@@ -45,6 +46,10 @@ enum Cmd {
         /// Accept connections and never answer.
         #[arg(long)]
         hang: bool,
+        /// Append one line per accepted connection (or datagram) to this file:
+        /// `<unix µs> <CLOCK_MONOTONIC µs> <listen address>`.
+        #[arg(long)]
+        accept_log: Option<PathBuf>,
     },
     /// Sequential connects; prints a JSON report.
     Connect {
@@ -100,6 +105,30 @@ enum Cmd {
         #[arg(long)]
         state: PathBuf,
     },
+    /// Benchmark backends: echo each request; stream data after a request starting with `B`.
+    BenchServe {
+        #[arg(long = "listen", required = true)]
+        listen: Vec<std::net::SocketAddr>,
+    },
+    /// Benchmark clients: one workload for a while; prints a JSON report.
+    BenchLoad {
+        #[arg(long = "to", required = true)]
+        to: Vec<std::net::SocketAddr>,
+        #[arg(long, value_enum)]
+        workload: compare::load::Workload,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+    },
+    /// Side-by-side comparison with direct connects, nftables, iptables and HAProxy (root).
+    BenchCompare {
+        #[arg(long)]
+        quick: bool,
+        /// Where the markdown table and SVG chart are written.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Self-contained demo (root): namespace, cgroup, backends, agent, client, live stats.
     Demo {
         #[arg(long, default_value_t = 15)]
@@ -124,10 +153,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             | Cmd::Exec { .. }
             | Cmd::ConsulMock { .. }
             | Cmd::KubeMock { .. }
+            | Cmd::BenchServe { .. }
+            | Cmd::BenchLoad { .. }
     );
     if in_test_net && cli.netns.is_none() {
         anyhow::bail!(
-            "serve, connect, exec, consul-mock and kube-mock only run inside a test namespace: pass --netns"
+            "serve, connect, exec, the mocks and bench-serve/bench-load only run inside a test namespace: pass --netns"
         );
     }
     if let Some(ns) = &cli.netns {
@@ -143,13 +174,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             proto,
             http,
             hang,
+            accept_log,
         } => {
             let mode = match (http, hang) {
                 (Some(status), _) => net::Mode::Http(status),
                 (None, true) => net::Mode::Hang,
                 (None, false) => net::Mode::Answer,
             };
-            net::serve(&listen, proto, mode)
+            net::serve(&listen, proto, mode, accept_log.as_deref())
         }
         Cmd::Connect {
             to,
@@ -162,6 +194,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::ConsulMock { listen, state } => consul::run(listen, state),
         Cmd::KubeMock { listen, state } => kube::run(listen, state),
         Cmd::Demo { seconds } => demo::run(seconds),
+        Cmd::BenchServe { listen } => compare::load::serve(&listen),
+        Cmd::BenchLoad {
+            to,
+            workload,
+            seconds,
+            clients,
+        } => compare::load::load(&to, workload, seconds, clients),
+        Cmd::BenchCompare { quick, out } => compare::run(quick, &out),
         Cmd::BenchHealth {
             trials,
             interval_ms,

@@ -6,9 +6,10 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Proto {
@@ -30,21 +31,76 @@ pub enum Mode {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 
-pub fn serve(listen: &[SocketAddr], proto: Proto, mode: Mode) -> Result<()> {
+/// Where each accepted connection (or received datagram) is recorded, if asked for: one line
+/// `<unix µs> <CLOCK_MONOTONIC µs> <listen address>`, written right after `accept` returns and
+/// before the reply, so a test can compare it with when it saw a map change. CLOCK_MONOTONIC is
+/// one clock for every process on the host and never steps, unlike the wall clock.
+#[derive(Clone)]
+struct AcceptLog(Option<Arc<Mutex<std::fs::File>>>);
+
+impl AcceptLog {
+    fn open(path: Option<&Path>) -> Result<Self> {
+        let Some(path) = path else {
+            return Ok(Self(None));
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("open accept log {}", path.display()))?;
+        Ok(Self(Some(Arc::new(Mutex::new(file)))))
+    }
+
+    fn record(&self, addr: &str) {
+        let Some(file) = &self.0 else {
+            return;
+        };
+        let mono = monotonic_micros();
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
+        // One write per line: lines of concurrent listeners never interleave.
+        let line = format!("{unix} {mono} {addr}\n");
+        if let Ok(mut f) = file.lock() {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in microseconds (the clock `lb_testkit::procs::monotonic_micros` reads).
+fn monotonic_micros() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
+/// `accept_log`: see `AcceptLog`.
+pub fn serve(
+    listen: &[SocketAddr],
+    proto: Proto,
+    mode: Mode,
+    accept_log: Option<&Path>,
+) -> Result<()> {
+    let log = AcceptLog::open(accept_log)?;
     let mut counts = Vec::new();
     for addr in listen {
         let count = Arc::new(AtomicU64::new(0));
         let reply = format!("{addr}\n");
+        let log = log.clone();
         match proto {
             Proto::Tcp => {
                 let l = TcpListener::bind(addr).with_context(|| format!("bind tcp {addr}"))?;
                 let (c, r) = (count.clone(), reply);
-                std::thread::spawn(move || serve_tcp(l, &c, &r, mode));
+                std::thread::spawn(move || serve_tcp(l, &c, &r, mode, &log));
             }
             Proto::Udp => {
                 let s = UdpSocket::bind(addr).with_context(|| format!("bind udp {addr}"))?;
                 let (c, r) = (count.clone(), reply);
-                std::thread::spawn(move || serve_udp(s, &c, &r));
+                std::thread::spawn(move || serve_udp(s, &c, &r, &log));
             }
         }
         counts.push((addr.to_string(), count));
@@ -60,9 +116,11 @@ pub fn serve(listen: &[SocketAddr], proto: Proto, mode: Mode) -> Result<()> {
     Ok(())
 }
 
-fn serve_tcp(l: TcpListener, count: &AtomicU64, reply: &str, mode: Mode) {
+fn serve_tcp(l: TcpListener, count: &AtomicU64, reply: &str, mode: Mode, log: &AcceptLog) {
     let mut hung = Vec::new();
+    let addr = reply.trim_end();
     for conn in l.incoming().flatten() {
+        log.record(addr);
         count.fetch_add(1, Ordering::SeqCst);
         let mut conn = conn;
         match mode {
@@ -98,9 +156,11 @@ fn read_request_head(conn: &mut TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
-fn serve_udp(s: UdpSocket, count: &AtomicU64, reply: &str) {
+fn serve_udp(s: UdpSocket, count: &AtomicU64, reply: &str, log: &AcceptLog) {
     let mut buf = [0u8; 512];
+    let addr = reply.trim_end();
     while let Ok((_, from)) = s.recv_from(&mut buf) {
+        log.record(addr);
         count.fetch_add(1, Ordering::SeqCst);
         let _ = s.send_to(reply.as_bytes(), from);
     }

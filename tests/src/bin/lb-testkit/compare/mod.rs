@@ -1,0 +1,197 @@
+//! `cargo xtask bench`'s side-by-side comparison: the same clients, backends and network for
+//! direct connects, this project, nftables and iptables DNAT (kube-proxy's layouts) and HAProxy,
+//! one after another in one run, at several numbers of installed services. Prints and writes a
+//! markdown table and an SVG chart; nothing here asserts on speed.
+
+mod contenders;
+pub mod load;
+mod report;
+mod topo;
+
+use anyhow::{Context, Result};
+use contenders::{install, lb_change_time, Contender, Outcome};
+use lb_testkit::paths::testkit_bin;
+use lb_testkit::TestCgroup;
+use load::Workload;
+use report::{Row, Summary};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use topo::{vip, Topology};
+
+pub struct Plan {
+    pub scales: Vec<usize>,
+    pub seconds: f64,
+    pub repeats: usize,
+    pub budget: Duration,
+    pub clients: usize,
+}
+
+impl Plan {
+    pub fn new(quick: bool) -> Self {
+        if quick {
+            Plan {
+                scales: vec![1, 1_000],
+                seconds: 1.0,
+                repeats: 1,
+                budget: Duration::from_secs(20),
+                clients: 4,
+            }
+        } else {
+            Plan {
+                scales: vec![1, 1_000, 10_000, 100_000],
+                seconds: 3.0,
+                repeats: 3,
+                budget: Duration::from_secs(90),
+                clients: 4,
+            }
+        }
+    }
+}
+
+const BACKENDS: usize = 4;
+
+pub fn run(quick: bool, out_dir: &Path) -> Result<()> {
+    let plan = Plan::new(quick);
+    let topo = Topology::build(BACKENDS)?;
+    let _servers = start_backends(&topo)?;
+    let cgroup = TestCgroup::new();
+    let dir = std::env::temp_dir().join(lb_testkit::paths::unique_name());
+    std::fs::create_dir_all(&dir)?;
+    let result = measure(&plan, &topo, &cgroup, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let summary = result?;
+    let markdown = report::markdown(&summary, &plan, quick);
+    println!("{markdown}");
+    std::fs::create_dir_all(out_dir)?;
+    let stem = if quick { "latest-quick" } else { "latest" };
+    std::fs::write(out_dir.join(format!("{stem}.md")), &markdown)?;
+    std::fs::write(out_dir.join(format!("{stem}.svg")), report::svg(&summary))?;
+    println!("written: {}/{stem}.md and {stem}.svg", out_dir.display());
+    Ok(())
+}
+
+/// Backend processes in the backend namespace; they stop when this is dropped.
+struct Servers(std::process::Child);
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        lb_testkit::procs::wait_or_kill(&mut self.0);
+    }
+}
+
+fn start_backends(topo: &Topology) -> Result<Servers> {
+    let mut cmd = Command::new(testkit_bin());
+    cmd.args(["--netns", &topo.server.ns_path, "bench-serve"]);
+    for b in &topo.backends {
+        cmd.args(["--listen", b]);
+    }
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("start bench-serve")?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().context("stdout")?),
+        &mut line,
+    )?;
+    anyhow::ensure!(line.trim() == "ready", "bench-serve did not start");
+    Ok(Servers(child))
+}
+
+/// One `bench-load` run from the client namespace (inside the balanced cgroup).
+fn load(
+    topo: &Topology,
+    cgroup: &TestCgroup,
+    targets: &[String],
+    w: Workload,
+    plan: &Plan,
+) -> Result<load::LoadReport> {
+    let clients = if w == Workload::Bulk { 1 } else { plan.clients };
+    let mut cmd = Command::new(testkit_bin());
+    cmd.args(["--netns", &topo.client.ns_path, "--cgroup"])
+        .arg(&cgroup.path)
+        .arg("bench-load");
+    for t in targets {
+        cmd.args(["--to", t]);
+    }
+    let workload = match w {
+        Workload::Short => "short",
+        Workload::Persistent => "persistent",
+        Workload::Bulk => "bulk",
+    };
+    let out = cmd
+        .args([
+            "--workload",
+            workload,
+            "--seconds",
+            &plan.seconds.to_string(),
+        ])
+        .args(["--clients", &clients.to_string()])
+        .output()
+        .context("run bench-load")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bench-load: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("bench-load output")?;
+    Ok(load::LoadReport {
+        workload: Some(w),
+        seconds: v["seconds"].as_f64().unwrap_or(0.0),
+        ops: v["ops"].as_u64().unwrap_or(0),
+        ops_per_sec: v["ops_per_sec"].as_f64().unwrap_or(0.0),
+        p50_us: v["p50_us"].as_u64().unwrap_or(0),
+        p99_us: v["p99_us"].as_u64().unwrap_or(0),
+        bytes_per_sec: v["bytes_per_sec"].as_f64().unwrap_or(0.0),
+        errors: v["errors"].as_u64().unwrap_or(0),
+        first_error: v["first_error"].as_str().map(String::from),
+    })
+}
+
+fn measure(plan: &Plan, topo: &Topology, cgroup: &TestCgroup, dir: &Path) -> Result<Summary> {
+    let mut summary = Summary::default();
+    for c in Contender::ALL {
+        let scales: Vec<usize> = if c.scales() {
+            plan.scales.clone()
+        } else {
+            vec![1]
+        };
+        for &n in &scales {
+            eprintln!("bench: {} with {n} services", c.name());
+            let mut installed = match install(c, topo, cgroup, n, dir, plan.budget)? {
+                Outcome::Ready(i) => i,
+                Outcome::NotLoaded(reason) => {
+                    summary.not_loaded.push((c, n, reason));
+                    continue;
+                }
+            };
+            // The measured VIP sits in the middle of the installed ones.
+            let targets: Vec<String> = match c {
+                Contender::Direct => topo.backends.clone(),
+                _ => vec![vip(n / 2)],
+            };
+            let workloads: &[Workload] = if n == 1 {
+                &[Workload::Short, Workload::Persistent, Workload::Bulk]
+            } else {
+                &[Workload::Short]
+            };
+            for &w in workloads {
+                let runs = (0..plan.repeats)
+                    .map(|_| load(topo, cgroup, &targets, w, plan))
+                    .collect::<Result<Vec<_>>>()?;
+                summary.rows.push(Row::new(c, n, w, runs));
+            }
+            summary
+                .loads
+                .push((c, n, installed.load, installed.rss_kib));
+            if c == Contender::Lb {
+                let change = lb_change_time(&mut installed, &topo.backends, n, plan.budget);
+                summary.changes.push((n, change));
+            }
+        }
+    }
+    Ok(summary)
+}
