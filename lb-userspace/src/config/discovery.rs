@@ -645,6 +645,17 @@ mod tests {
         e[prefix.len()..].to_owned()
     }
 
+    /// Each config snippet has exactly one problem, which starts with the expected text.
+    fn assert_errors(cases: &[(&str, &str)]) {
+        for (text, expected) in cases {
+            let e = error(text);
+            assert!(
+                e.starts_with(expected),
+                "{text}\n got: {e}\nwant: {expected}"
+            );
+        }
+    }
+
     #[test]
     fn dns_a_record_defaults() {
         let d = ok("kind = \"dns\"\nname = \"web.local\"\nport = 8080");
@@ -689,13 +700,7 @@ mod tests {
             ("kind = \"dns\"\nname = \"web\"\nport = 80\nmin_refresh = \"1ms\"", "discovery.min_refresh: must be between 100ms and 24h"),
             ("kind = \"dns\"\nname = \"web\"\nport = 80\nprefix = \"/x/\"", "discovery.prefix: unknown key"),
         ];
-        for (text, expected) in cases {
-            let e = error(text);
-            assert!(
-                e.starts_with(expected),
-                "{text}\n got: {e}\nwant: {expected}"
-            );
-        }
+        assert_errors(&cases);
     }
 
     #[test]
@@ -752,13 +757,7 @@ mod tests {
             ("kind = \"etcd\"\nendpoints = [\"http://a:1\"]\nprefix = \"/s/\"\npassword_file = \"/p\"", "discovery.password_file: only valid together with discovery.username"),
             ("kind = \"etcd\"\nendpoints = [\"http://a:1\"]\nprefix = \"/s/\"\nusername = \"u\"\npassword_file = \"p\"", "discovery.password_file: must be an absolute path"),
         ];
-        for (text, expected) in cases {
-            let e = error(text);
-            assert!(
-                e.starts_with(expected),
-                "{text}\n got: {e}\nwant: {expected}"
-            );
-        }
+        assert_errors(&cases);
     }
 
     #[test]
@@ -808,13 +807,7 @@ mod tests {
                 "discovery.tag: must not be empty",
             ),
         ];
-        for (text, expected) in cases {
-            let e = error(text);
-            assert!(
-                e.starts_with(expected),
-                "{text}\n got: {e}\nwant: {expected}"
-            );
-        }
+        assert_errors(&cases);
     }
 
     #[test]
@@ -824,13 +817,7 @@ mod tests {
             ("kind = \"k8s\"", "discovery.kind: must be \"dns\", \"etcd\" or \"consul\""),
             ("kind = \"consul\"\nservice = \"w\"\nretry_initial = \"1m\"\nretry_max = \"1s\"", "discovery.retry_max: must not be shorter than discovery.retry_initial (1m), got 1s"),
         ];
-        for (text, expected) in cases {
-            let e = error(text);
-            assert!(
-                e.starts_with(expected),
-                "{text}\n got: {e}\nwant: {expected}"
-            );
-        }
+        assert_errors(&cases);
     }
 
     #[test]

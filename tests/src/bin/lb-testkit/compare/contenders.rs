@@ -183,20 +183,10 @@ pub fn install(
             let mut undo = move || {
                 let _ = child.kill();
                 let _ = child.wait();
-                let _ = Command::new(testkit_bin())
-                    .args([
-                        "--netns",
-                        &ns,
-                        "exec",
-                        "--",
-                        "ip",
-                        "addr",
-                        "del",
-                        &format!("{ip}/32"),
-                        "dev",
-                        "lo",
-                    ])
-                    .status();
+                exec_quietly(
+                    &ns,
+                    &["ip", "addr", "del", &format!("{ip}/32"), "dev", "lo"],
+                );
             };
             if !up {
                 undo();
@@ -222,22 +212,9 @@ fn ready_or_not(
     let ns = topo.client.ns_path.clone();
     let argv: Vec<String> = undo_argv.iter().map(|s| s.to_string()).collect();
     let undo = move || {
-        let _ = Command::new(testkit_bin())
-            .args(["--netns", &ns, "exec", "--"])
-            .args(&argv)
-            .status();
-        let _ = Command::new(testkit_bin())
-            .args([
-                "--netns",
-                &ns,
-                "exec",
-                "--",
-                "ip",
-                "route",
-                "del",
-                super::topo::VIP_RANGE,
-            ])
-            .status();
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        exec_quietly(&ns, &argv);
+        exec_quietly(&ns, &["ip", "route", "del", super::topo::VIP_RANGE]);
     };
     match loaded {
         Ok(Some(load)) => Ok(Outcome::Ready(Installed {
@@ -263,6 +240,16 @@ fn ready_or_not(
             Ok(Outcome::NotLoaded(format!("load failed: {first}")))
         }
     }
+}
+
+/// Best-effort clean-up inside the namespace at `ns` (it disappears with the run anyway).
+fn exec_quietly(ns: &str, argv: &[&str]) {
+    let _ = Command::new(testkit_bin())
+        .args(["--netns", ns, "exec", "--"])
+        .args(argv)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 fn wait_listening(topo: &Topology, addr: &str, budget: Duration) -> bool {
