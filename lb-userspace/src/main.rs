@@ -1,26 +1,8 @@
 //! `lb-agent`: keeps the connect-time load balancer's BPF maps equal to the configured services.
 
-mod agent;
-mod bpf_maps;
-mod cgroup;
-mod config;
-mod dataplane;
-mod detach;
-mod discovery;
-mod health;
-mod http_api;
-mod installed;
-mod jitter;
-mod kubernetes;
-mod loader;
-mod lock;
-mod plan;
-mod reconcile;
-mod stats;
-mod status_file;
-
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use lb_userspace::{agent, bpf_maps, config, detach, stats, status_file};
 use std::path::PathBuf;
 use std::time::Duration;
 

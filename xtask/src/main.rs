@@ -3,6 +3,7 @@
 
 mod cmd;
 mod ebpf;
+mod fuzz;
 mod setup;
 mod tasks;
 
@@ -46,6 +47,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run each cargo-fuzz target of fuzz/ (needs a nightly toolchain; skipped without one).
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
 }
 
 fn main() {
@@ -58,6 +65,7 @@ fn main() {
         Task::Run { release, args } => tasks::run(release, &args),
         Task::Demo { args } => tasks::demo(&args),
         Task::Bench { quick } => tasks::bench(quick),
+        Task::Fuzz { seconds } => fuzz::run(seconds),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

@@ -42,7 +42,17 @@ pub fn test() -> Result<()> {
         .env("LB_AGENT_BIN", agent)
         .env("LB_ETCD_BIN", setup::etcd_bin())
         .args(["test", "--workspace"]);
-    run_counting_tests(&mut c)
+    run_counting_tests(&mut c)?;
+    // Fuzzing builds every dependency again with sanitizers (minutes on a fresh machine), so it
+    // runs only when asked for; CI asks (.ci/run).
+    match std::env::var("LB_FUZZ_SECONDS")
+        .ok()
+        .map(|s| s.parse::<u64>())
+    {
+        None => Ok(()),
+        Some(Ok(seconds)) => crate::fuzz::run(seconds),
+        Some(Err(_)) => bail!("LB_FUZZ_SECONDS must be a number of seconds per fuzz target"),
+    }
 }
 
 /// Runs cargo test, echoing its output, and ends with one total over every test binary:

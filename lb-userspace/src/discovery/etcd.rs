@@ -164,7 +164,7 @@ fn read(path: &std::path::Path, field: &str) -> Result<String, End> {
         .map_err(|e| End::Failed(format!("discovery.{field} {}: {e}", path.display())))
 }
 
-fn to_answer(prefix: &str, keys: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Answer, String> {
+pub fn to_answer(prefix: &str, keys: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Answer, String> {
     let mut answer = Answer::default();
     let mut reported = Vec::with_capacity(keys.len());
     for (key, value) in keys {

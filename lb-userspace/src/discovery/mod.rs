@@ -9,9 +9,9 @@
 
 pub mod answer;
 pub mod backoff;
-mod consul;
+pub mod consul;
 mod dns;
-mod etcd;
+pub mod etcd;
 pub mod merge;
 
 use crate::config::{BackendConfig, Config, DiscoveryConfig, SourceConfig};

@@ -185,7 +185,12 @@ pub fn service_name(ns: &str, service: &str, port: &str) -> String {
     let hash = full.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
-    let keep = MAX_NAME_LEN - 9;
+    // Cut on a character boundary: the API server only sends ASCII names, but a hostile or
+    // broken one must not make this panic.
+    let mut keep = MAX_NAME_LEN - 9;
+    while !full.is_char_boundary(keep) {
+        keep -= 1;
+    }
     format!("{}~{:08x}", &full[..keep], hash as u32)
 }
 
@@ -361,6 +366,12 @@ mod tests {
         let t = translate([&svc], [&sl]);
         assert_eq!(t.services[0].backends.len(), MAX_BACKENDS_PER_SERVICE);
         assert_eq!(t.notes.len(), 1);
+    }
+
+    #[test]
+    fn long_non_ascii_names_are_cut_on_a_character_boundary() {
+        let name = service_name(&format!("a{}", "é".repeat(30)), "web", "80");
+        assert!(name.len() <= MAX_NAME_LEN, "{name}");
     }
 
     #[test]
