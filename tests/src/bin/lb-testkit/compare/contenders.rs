@@ -314,7 +314,15 @@ fn install_lb(
             .find(|l| l.contains("error") || l.contains("ERROR"))
             .map_or_else(
                 || format!("not ready within {}s", budget.as_secs()),
-                |l| l.trim().chars().take(160).collect(),
+                |l| {
+                    l.rsplit("lb.toml: ")
+                        .next()
+                        .unwrap_or(l)
+                        .trim()
+                        .chars()
+                        .take(160)
+                        .collect()
+                },
             );
         return Ok(Outcome::NotLoaded(reason));
     }
