@@ -84,6 +84,13 @@ impl Scenario {
         self.agent = Some(agent);
     }
 
+    /// Starts an agent over pins an earlier one left, and checks it adopted them.
+    pub fn start_agent_adopting(&mut self) {
+        self.start_agent();
+        let log = self.agent().log();
+        assert!(log.contains("adopted=true"), "pins not adopted:\n{log}");
+    }
+
     pub fn agent(&mut self) -> &mut Agent {
         self.agent.as_mut().expect("agent running")
     }

@@ -85,3 +85,31 @@ pub fn map_entries(stats: &Value) -> Option<[u64; 4]> {
 pub fn has_backend(stats: &Value, name: &str, addr: &str) -> Option<bool> {
     Some(backend_set(stats, name)?.iter().any(|b| b == addr))
 }
+
+/// A backend's kernel connect counter in one service's stats entry (0 when not listed).
+pub fn backend_connects(svc: &Value, addr: &str) -> u64 {
+    svc["backends"]
+        .as_array()
+        .and_then(|bs| bs.iter().find(|b| b["address"] == addr))
+        .and_then(|b| b["connects"].as_u64())
+        .unwrap_or(0)
+}
+
+/// The three witnesses of each backend agree: the kernel's counter in `svc`, what the backend
+/// accepted and what the client saw answered by it.
+pub fn assert_counts_agree(
+    svc: &Value,
+    accepted: &std::collections::HashMap<String, u64>,
+    report: &crate::ClientReport,
+    backends: &[&str],
+) {
+    for b in backends {
+        let got = accepted.get(*b).copied().unwrap_or(0);
+        assert_eq!(
+            backend_connects(svc, b),
+            got,
+            "kernel counter vs backend for {b}"
+        );
+        assert_eq!(report.from(b), got, "client vs backend for {b}");
+    }
+}

@@ -23,14 +23,6 @@ fn quoted(addrs: &[&str]) -> String {
         .join(", ")
 }
 
-fn backend_connects(svc: &serde_json::Value, addr: &str) -> u64 {
-    svc["backends"]
-        .as_array()
-        .and_then(|bs| bs.iter().find(|b| b["address"] == addr))
-        .and_then(|b| b["connects"].as_u64())
-        .unwrap_or(0)
-}
-
 /// A steady load big enough to mean something, with every connect answered.
 fn assert_lost_nothing(report: &lb_testkit::ClientReport, min_attempts: u64, when: &str) {
     assert!(
@@ -106,14 +98,7 @@ fn counters_equal_what_backends_and_clients_counted() {
     let accepted = s.stop_backends();
     assert_eq!(svc["connects"].as_u64(), Some(500));
     assert_eq!(svc["no_backend"].as_u64(), Some(0));
-    for b in [B1, B2, B3] {
-        assert_eq!(
-            backend_connects(&svc, b),
-            accepted[b],
-            "kernel counter vs backend for {b}"
-        );
-        assert_eq!(report.from(b), accepted[b], "client vs backend for {b}");
-    }
+    lb_testkit::stats::assert_counts_agree(&svc, &accepted, &report, &[B1, B2, B3]);
 }
 
 #[test]
@@ -223,12 +208,7 @@ fn agent_sigkill_under_load_loses_nothing_and_restart_adopts_pins() {
     let before = s.service_stats("web")["connects"].as_u64().unwrap();
     assert_eq!(before, report.ok);
 
-    s.start_agent();
-    assert!(
-        s.agent().log().contains("adopted=true"),
-        "{}",
-        s.agent().log()
-    );
+    s.start_agent_adopting();
     let svc = s.service_stats("web");
     assert_eq!(
         svc["connects"].as_u64(),

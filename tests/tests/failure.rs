@@ -105,13 +105,8 @@ fn wait_connects(s: &Scenario, n: u64) {
     );
 }
 
-#[test]
-fn agent_sigkill_under_load_then_restart_loses_nothing() {
-    if !require_privileged("agent_sigkill_under_load_then_restart_loses_nothing") {
-        return;
-    }
-    let backends = [B1, B2, B3];
-    let mut s = Scenario::start(&backends, Proto::Tcp, &web(&backends));
+/// Steady connects to the VIP, already balancing when this returns.
+fn start_load(s: &Scenario) -> SteadyClient {
     let load = SteadyClient::start(
         &s.net,
         &s.cgroup,
@@ -119,7 +114,18 @@ fn agent_sigkill_under_load_then_restart_loses_nothing() {
         LOAD_INTERVAL,
         Duration::from_secs(30),
     );
-    wait_connects(&s, 100);
+    wait_connects(s, 100);
+    load
+}
+
+#[test]
+fn agent_sigkill_under_load_then_restart_loses_nothing() {
+    if !require_privileged("agent_sigkill_under_load_then_restart_loses_nothing") {
+        return;
+    }
+    let backends = [B1, B2, B3];
+    let mut s = Scenario::start(&backends, Proto::Tcp, &web(&backends));
+    let load = start_load(&s);
     let before = s.service_stats("web");
 
     s.agent().sigkill();
@@ -132,12 +138,7 @@ fn agent_sigkill_under_load_then_restart_loses_nothing() {
         "little or no balancing without an agent: before {before}, after 1 s {headless}"
     );
 
-    s.start_agent();
-    assert!(
-        s.agent().log().contains("adopted=true"),
-        "{}",
-        s.agent().log()
-    );
+    s.start_agent_adopting();
     let adopted = s.service_stats("web");
     // Adopted, not rewritten: same service id and revision (an unchanged service gets no new
     // table), the same backend ids, counters continuing from where they were.
@@ -197,14 +198,7 @@ fn agent_sigkill_under_load_then_restart_loses_nothing() {
     assert_eq!(last["no_backend"].as_u64(), Some(0), "{last}");
     assert_eq!(last["update_races"].as_u64(), Some(0), "{last}");
     let accepted = s.stop_backends();
-    let c_last = backend_counters(&last);
-    for b in backends {
-        assert_eq!(
-            c_last[b].1, accepted[b],
-            "kernel counter vs backend for {b}"
-        );
-        assert_eq!(report.from(b), accepted[b], "client vs backend for {b}");
-    }
+    lb_testkit::stats::assert_counts_agree(&last, &accepted, &report, &backends);
 }
 
 #[test]
@@ -215,14 +209,7 @@ fn agent_upgrade_with_a_different_config_has_no_empty_window() {
     let config_x = web(&[B1, B2]);
     let config_y = web(&[B2, B3]) + &service("api", API_VIP, &[A1]);
     let mut s = Scenario::start(&[B1, B2, B3, A1, DECOY], Proto::Tcp, &config_x);
-    let load = SteadyClient::start(
-        &s.net,
-        &s.cgroup,
-        VIP,
-        LOAD_INTERVAL,
-        Duration::from_secs(30),
-    );
-    wait_connects(&s, 100);
+    let load = start_load(&s);
     let old = s.service_stats("web");
 
     assert!(s.agent().sigterm_and_wait(), "agent A did not exit cleanly");
