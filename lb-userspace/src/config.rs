@@ -362,8 +362,7 @@ impl Checker {
         }
     }
 
-    /// A backend that is itself a VIP would be translated a second time, and health probes
-    /// (always TCP) to a VIP would be balanced instead of reaching the backend they judge.
+    /// The `VipClash` rule for every listed backend, each problem reported at its field.
     fn backends_are_not_vips(&mut self, services: &[(usize, ServiceConfig)]) {
         let vips: HashMap<(SocketAddrV4, Protocol), &str> = services
             .iter()
@@ -372,18 +371,16 @@ impl Checker {
         for (i, s) in services {
             let scope = format!("service \"{}\" (service[{i}])", s.name);
             for (j, b) in s.backends.iter().enumerate() {
-                if let Some(owner) = vips.get(&(b.address, s.protocol)) {
+                let health_port = s.health.as_ref().and_then(|h| h.port);
+                let clash = VipClash::of(&vips, b.address, s.protocol, health_port);
+                if let Some(owner) = clash.backend_is {
                     let message = format!(
                         "{} is the VIP of service \"{owner}\"; backends must be real addresses",
                         b.address
                     );
                     self.report(Some(&scope), format!("backends[{j}]"), message);
                 }
-                let Some(port) = s.health.as_ref().and_then(|h| h.port) else {
-                    continue;
-                };
-                let probed = SocketAddrV4::new(*b.address.ip(), port);
-                if let Some(owner) = vips.get(&(probed, Protocol::Tcp)) {
+                if let Some((probed, owner)) = clash.probe_hits {
                     let message = format!(
                         "probing backends[{j}] on {probed} would hit the VIP of service \"{owner}\""
                     );
@@ -688,6 +685,40 @@ impl Checker {
                 None
             }
         }
+    }
+}
+
+/// Why a backend cannot serve a service: it is itself a VIP (it would be translated a second
+/// time), or its health probes (always TCP) would hit a VIP and be balanced instead of reaching
+/// the backend they judge. Both the config check and backends from sources apply this rule.
+pub struct VipClash<'a> {
+    /// The service whose VIP the backend is.
+    pub backend_is: Option<&'a str>,
+    /// The probed address and the service whose VIP it is.
+    pub probe_hits: Option<(SocketAddrV4, &'a str)>,
+}
+
+impl<'a> VipClash<'a> {
+    pub fn of<V: AsRef<str>>(
+        vips: &'a HashMap<(SocketAddrV4, Protocol), V>,
+        backend: SocketAddrV4,
+        protocol: Protocol,
+        health_port: Option<u16>,
+    ) -> Self {
+        let probe_hits = health_port.and_then(|port| {
+            let probed = SocketAddrV4::new(*backend.ip(), port);
+            let owner = vips.get(&(probed, Protocol::Tcp))?;
+            Some((probed, owner.as_ref()))
+        });
+        VipClash {
+            backend_is: vips.get(&(backend, protocol)).map(AsRef::as_ref),
+            probe_hits,
+        }
+    }
+
+    /// The service whose VIP is hit, if any.
+    pub fn owner(&self) -> Option<&'a str> {
+        self.backend_is.or(self.probe_hits.map(|(_, owner)| owner))
     }
 }
 

@@ -2,7 +2,7 @@
 //! backends filled in from its source's last good answer, and the services Kubernetes reports.
 //! Everything downstream (health, plan, reconcile) then treats them all alike.
 
-use crate::config::{BackendConfig, Config, Protocol, ServiceConfig};
+use crate::config::{BackendConfig, Config, Protocol, ServiceConfig, VipClash};
 use crate::installed::Installed;
 use crate::plan::service_key;
 use lb_common::{ipv4_from_raw, port_from_raw, ServiceKey, IPPROTO_TCP, IPPROTO_UDP};
@@ -102,10 +102,7 @@ fn drop_vip_backends(merged: &mut Config, listed: usize, notes: &mut Vec<String>
         let health_port = service.health.as_ref().and_then(|h| h.port);
         let (name, protocol) = (service.name.clone(), service.protocol);
         service.backends.retain(|b| {
-            let probed = health_port.map(|p| SocketAddrV4::new(*b.address.ip(), p));
-            let hit = vips
-                .get(&(b.address, protocol))
-                .or_else(|| probed.and_then(|p| vips.get(&(p, Protocol::Tcp))));
+            let hit = VipClash::of(&vips, b.address, protocol, health_port).owner();
             if let Some(owner) = hit {
                 notes.push(format!(
                     "service {name:?}: discovered backend {} ignored: it or its health port is the VIP of service {owner:?}",
