@@ -96,36 +96,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 }
             }
             Some(update) = answers.recv() => {
-                let mut changed = agent.discovery.apply(update);
-                while let Ok(update) = answers.try_recv() {
-                    changed |= agent.discovery.apply(update);
-                }
-                if changed {
-                    if let Err(e) = agent.reconcile() {
-                        error!("reconcile after a discovery change failed: {e:#}");
-                    }
-                }
-                agent.publish_status();
+                agent.absorb(update, &mut answers, "discovery", |a, u| a.discovery.apply(u));
             }
             Some(event) = kube_events.recv() => {
-                let mut changed = agent.kubernetes.apply(event);
-                while let Ok(event) = kube_events.try_recv() {
-                    changed |= agent.kubernetes.apply(event);
-                }
-                if changed {
-                    if let Err(e) = agent.reconcile() {
-                        error!("reconcile after a kubernetes change failed: {e:#}");
-                    }
-                }
-                agent.publish_status();
+                agent.absorb(event, &mut kube_events, "kubernetes", |a, e| a.kubernetes.apply(e));
             }
             Some(()) = transitions.recv() => {
-                // One reconcile covers every transition that arrived meanwhile.
-                while transitions.try_recv().is_ok() {}
-                if let Err(e) = agent.reconcile() {
-                    error!("reconcile after a health change failed: {e:#}");
-                }
-                agent.publish_status();
+                // A transition always changes what the maps should hold.
+                agent.absorb((), &mut transitions, "health", |_, ()| true);
             }
             _ = status.tick() => agent.publish_status(),
             _ = term.recv() => break,
@@ -170,6 +148,27 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Records `first` and every message already queued behind it, then reconciles once if any
+    /// of them changed what the maps should hold.
+    fn absorb<T>(
+        &mut self,
+        first: T,
+        queue: &mut mpsc::UnboundedReceiver<T>,
+        source: &str,
+        apply: impl Fn(&mut Self, T) -> bool,
+    ) {
+        let mut changed = apply(self, first);
+        while let Ok(next) = queue.try_recv() {
+            changed |= apply(self, next);
+        }
+        if changed {
+            if let Err(e) = self.reconcile() {
+                error!("reconcile after a {source} change failed: {e:#}");
+            }
+        }
+        self.publish_status();
     }
 
     /// The one path into the maps, whatever changed: config, discovery answers or health.

@@ -86,6 +86,29 @@ pub struct SourceStatus {
     pub consecutive_errors: u32,
 }
 
+impl SourceStatus {
+    /// A failed attempt. Before the first answer the state stays "syncing" (the error says why
+    /// it has not answered yet); after it, "error" while the last known set keeps serving.
+    pub fn record_error(&mut self, error: String, answered_before: bool) {
+        if answered_before {
+            self.state = "error".to_owned();
+        }
+        self.last_error = Some(error);
+        self.last_error_unix_ms = Some(now_ms());
+        self.consecutive_errors = self.consecutive_errors.saturating_add(1);
+    }
+
+    /// A successful answer of `instances` entries, `skipped` of them unusable.
+    pub fn record_answer(&mut self, instances: usize, skipped: usize, reasons: Vec<String>) {
+        self.state = "ok".to_owned();
+        self.last_success_unix_ms = Some(now_ms());
+        self.consecutive_errors = 0;
+        self.instances = Some(instances);
+        self.skipped = skipped;
+        self.skipped_reasons = reasons;
+    }
+}
+
 struct Running {
     config: DiscoveryConfig,
     generation: u64,
@@ -175,19 +198,13 @@ impl Discovery {
             return false;
         };
         let status = &mut known.status;
-        let (service, kind, target) = (&update.service, &status.kind, &status.target);
+        let (service, kind, target) = (&update.service, status.kind.clone(), status.target.clone());
         match update.event {
             Event::Error(error) => {
                 let kept = known.backends.as_ref().map_or(0, Vec::len);
                 warn!(service = %service, source = %kind, target = %target, kept_backends = kept,
                       "discovery failed, keeping the last known set: {error}");
-                // Before the first answer it is still "syncing", with the reason it has not yet.
-                if known.backends.is_some() {
-                    status.state = "error".to_owned();
-                }
-                status.last_error = Some(error);
-                status.last_error_unix_ms = Some(now_ms());
-                status.consecutive_errors = status.consecutive_errors.saturating_add(1);
+                status.record_error(error, known.backends.is_some());
                 false
             }
             Event::Answer(answer) => {
@@ -198,12 +215,7 @@ impl Discovery {
                     warn!(service = %service, source = %kind, target = %target, skipped = answer.skipped,
                           "discovery answer has unusable entries: {}", answer.reasons.join("; "));
                 }
-                status.state = "ok".to_owned();
-                status.last_success_unix_ms = Some(now_ms());
-                status.consecutive_errors = 0;
-                status.instances = Some(answer.backends.len());
-                status.skipped = answer.skipped;
-                status.skipped_reasons = answer.reasons;
+                status.record_answer(answer.backends.len(), answer.skipped, answer.reasons);
                 let changed = known.backends.as_ref() != Some(&answer.backends);
                 if changed {
                     info!(service = %service, source = %kind, backends = answer.backends.len(), "discovered set changed");

@@ -7,6 +7,7 @@
 pub mod translate;
 
 use crate::config::KubernetesConfig;
+use crate::discovery::answer::MAX_REASONS;
 use crate::discovery::backoff::Backoff;
 use crate::discovery::SourceStatus;
 use futures::stream::{self, BoxStream, StreamExt};
@@ -283,13 +284,7 @@ impl Kubernetes {
                     source = "kubernetes",
                     "watch failed, keeping the last known services: {error}"
                 );
-                // Before the first sync it is still "syncing", with the reason it has not yet.
-                if self.services.is_some() {
-                    status.state = "error".into();
-                }
-                status.last_error = Some(error);
-                status.last_error_unix_ms = Some(crate::health::runner::now_ms());
-                status.consecutive_errors = status.consecutive_errors.saturating_add(1);
+                status.record_error(error, self.services.is_some());
                 false
             }
             KubeEvent::Synced(t) => {
@@ -300,17 +295,8 @@ impl Kubernetes {
                         "kubernetes in sync"
                     );
                 }
-                status.state = "ok".into();
-                status.consecutive_errors = 0;
-                status.last_success_unix_ms = Some(crate::health::runner::now_ms());
-                status.instances = Some(t.services.len());
-                status.skipped = t.notes.len();
-                status.skipped_reasons = t
-                    .notes
-                    .iter()
-                    .take(crate::discovery::answer::MAX_REASONS)
-                    .cloned()
-                    .collect();
+                let reasons = t.notes.iter().take(MAX_REASONS).cloned().collect();
+                status.record_answer(t.services.len(), t.notes.len(), reasons);
                 if t.notes != self.notes {
                     for note in &t.notes {
                         tracing::info!(source = "kubernetes", "{note}");
