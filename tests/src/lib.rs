@@ -23,3 +23,12 @@ pub use procs::{Agent, Backends, ClientReport, Proto, ServeMode, SteadyClient};
 pub use scenario::Scenario;
 pub use servers::{http_status, ConsulMock, Dns, DnsRecords, Etcd, KeepAlive, SrvRecord};
 pub use stats::{agent_stats, wait_backends, wait_for};
+
+/// Addresses as a TOML list body: `"a", "b"`.
+pub fn quoted(addrs: &[&str]) -> String {
+    addrs
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

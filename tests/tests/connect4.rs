@@ -2,6 +2,7 @@
 //! namespace of the test's own (lo only, no route out) and clients in a child cgroup.
 
 use lb_testkit::procs::Proto;
+use lb_testkit::quoted;
 use lb_testkit::{require_privileged, wait_backends, Scenario, SteadyClient};
 use std::time::Duration;
 
@@ -13,14 +14,6 @@ const WAIT: Duration = Duration::from_secs(10);
 
 fn web(backends: &str) -> String {
     format!("[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nprotocol = \"tcp\"\nbackends = [ {backends} ]\n")
-}
-
-fn quoted(addrs: &[&str]) -> String {
-    addrs
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// A steady load big enough to mean something, with every connect answered.

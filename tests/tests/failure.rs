@@ -3,6 +3,7 @@
 //! out: a VIP connect left untranslated fails with ENETUNREACH) and clients in a child cgroup.
 
 use lb_testkit::procs::{monotonic_micros, read_accept_log, Backends, Proto};
+use lb_testkit::quoted;
 use lb_testkit::stats::{backend_set, has_backend, map_entries};
 use lb_testkit::{
     agent_stats, require_privileged, wait_backends, wait_for, ClientReport, PinDir, Scenario,
@@ -24,14 +25,6 @@ const DECOY: &str = "127.0.0.99:8080";
 const WAIT: Duration = Duration::from_secs(10);
 /// Steady load: one connect per millisecond (plus the exchange itself).
 const LOAD_INTERVAL: Duration = Duration::from_millis(1);
-
-fn quoted(addrs: &[&str]) -> String {
-    addrs
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 
 fn service(name: &str, vip: &str, backends: &[&str]) -> String {
     format!(

@@ -19,11 +19,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// A service over `backends` with the given health block body and fail-open choice.
 fn config(backends: &[&str], health: &str, fail_open: bool) -> String {
-    let list = backends
-        .iter()
-        .map(|b| format!("\"{b}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let list = lb_testkit::quoted(backends);
     format!(
         "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nbackends = [ {list} ]\n\
          fail_open = {fail_open}\n\n[service.health]\n{health}\n\

@@ -3,7 +3,7 @@
 //! back, and a request starting with `B` makes the server stream data until the client closes.
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -13,7 +13,7 @@ const REQUEST: &[u8] = b"ping";
 const CHUNK: usize = 64 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Workload {
     /// connect, one request, close: connections per second and their latency.
@@ -59,7 +59,7 @@ fn answer(mut conn: TcpStream) {
     }
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct LoadReport {
     pub workload: Option<Workload>,
     pub seconds: f64,

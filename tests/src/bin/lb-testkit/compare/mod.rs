@@ -137,18 +137,7 @@ fn load(
         "bench-load: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("bench-load output")?;
-    Ok(load::LoadReport {
-        workload: Some(w),
-        seconds: v["seconds"].as_f64().unwrap_or(0.0),
-        ops: v["ops"].as_u64().unwrap_or(0),
-        ops_per_sec: v["ops_per_sec"].as_f64().unwrap_or(0.0),
-        p50_us: v["p50_us"].as_u64().unwrap_or(0),
-        p99_us: v["p99_us"].as_u64().unwrap_or(0),
-        bytes_per_sec: v["bytes_per_sec"].as_f64().unwrap_or(0.0),
-        errors: v["errors"].as_u64().unwrap_or(0),
-        first_error: v["first_error"].as_str().map(String::from),
-    })
+    serde_json::from_slice(&out.stdout).context("bench-load output")
 }
 
 fn measure(plan: &Plan, topo: &Topology, cgroup: &TestCgroup, dir: &Path) -> Result<Summary> {
