@@ -205,7 +205,7 @@ fn check_service_name(s: &ServiceConfig) {
     );
 }
 
-/// What the data plane needs of a backend: a unicast IPv4 address, a port, a weight in range.
+/// What the data plane needs of a backend: a unicast address, a port, a weight in range.
 fn check_backend(service: &str, b: &BackendConfig) {
     let ip = b.address.ip();
     assert!(
@@ -214,7 +214,9 @@ fn check_backend(service: &str, b: &BackendConfig) {
         b.address
     );
     assert!(
-        !ip.is_unspecified() && !ip.is_broadcast() && !ip.is_multicast(),
+        !ip.is_unspecified()
+            && !ip.is_multicast()
+            && !matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast()),
         "{service}: backend {} is not unicast",
         b.address
     );

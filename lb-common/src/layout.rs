@@ -4,24 +4,35 @@
 //! older one. `LAYOUT_VERSION` is stored in the `LB_META` map; an agent refuses to adopt pins of a
 //! different version instead of misreading them. Bump it on any change below.
 
+use crate::addr::RawAddr;
 use core::mem::size_of;
 
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// "LBM1": marks an `LB_META` entry as written by this project.
 pub const META_MAGIC: u32 = 0x4c42_4d31;
 
-/// `LB_SERVICES` key: one VIP:port:protocol. Address and port in network byte order.
+/// `LB_SERVICES` key: one VIP:port:protocol. Address (16 bytes, IPv4 v4-mapped) and port in
+/// network byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct ServiceKey {
-    pub addr: u32,
+    pub addr: RawAddr,
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
 }
 
-/// Selection algorithm of a service (`ServiceValue::algorithm`).
+/// Selection algorithm of a service (`ServiceValue::algorithm`): a random slot per choice.
 pub const ALG_RANDOM: u8 = 0;
+/// The slot table is a Maglev lookup table indexed by `client_hash` of the client key, so a
+/// client keeps its backend, and only clients of a removed backend move.
+pub const ALG_MAGLEV: u8 = 1;
+
+/// `ServiceValue::flags`: remember each client's backend for `affinity_timeout_s`.
+pub const FLAG_AFFINITY_CLIENT: u8 = 1;
+/// `ServiceValue::flags`: the client key is the cgroup id of the calling task instead of the
+/// network namespace cookie of the socket.
+pub const FLAG_CLIENT_CGROUP: u8 = 2;
 
 /// `LB_SERVICES` value. `revision` names the slot table currently in force: the agent writes a
 /// table under a fresh revision, then replaces this value in one map update, then deletes the
@@ -36,6 +47,8 @@ pub struct ServiceValue {
     pub algorithm: u8,
     pub flags: u8,
     pub _pad: u16,
+    /// Idle time after which a client's remembered backend is forgotten (client affinity).
+    pub affinity_timeout_s: u32,
 }
 
 /// `LB_SLOTS` key: one entry of a service's selection table. Value: a backend id (`u32`).
@@ -51,9 +64,12 @@ pub struct SlotKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BackendValue {
-    pub addr: u32,
+    pub addr: RawAddr,
     pub port: u16,
     pub _pad: u16,
+    /// The one service this backend entry belongs to. A remembered backend (affinity) is used
+    /// only while its entry still exists and names the same service: ids are reused.
+    pub service_id: u32,
 }
 
 /// `LB_BACKEND_CTRS` per-CPU value, indexed by backend id.
@@ -74,6 +90,54 @@ pub struct ServiceCounters {
     pub no_backend: u64,
     /// connect() calls refused because every lookup attempt raced with an update.
     pub update_races: u64,
+    /// Choices answered from a remembered backend (client affinity, or a UDP socket's
+    /// earlier datagram to the same service).
+    pub affinity_hits: u64,
+    /// Fresh choices stored for later (no remembered backend, it expired or it is gone).
+    pub affinity_new: u64,
+}
+
+/// `LB_AFFINITY` key kinds.
+pub const AFFINITY_CLIENT: u32 = 0;
+pub const AFFINITY_SOCKET: u32 = 1;
+
+/// `LB_AFFINITY` key: a service and a client (netns cookie or cgroup id) or a socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub kind: u32,
+    pub key: u64,
+}
+
+/// `LB_AFFINITY` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of the last use.
+    pub last_used_ns: u64,
+}
+
+/// `LB_REVERSE` key: a socket and the backend it was sent to. Replies (recvmsg) and the peer
+/// name (getpeername) from that backend on that socket are shown as the service VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReverseKey {
+    pub cookie: u64,
+    pub addr: RawAddr,
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// `LB_REVERSE` value: the service the socket addressed. Used only while that VIP still maps
+/// to the same service id; otherwise the socket sees the backend's real address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReverseValue {
+    pub vip: ServiceKey,
+    pub service_id: u32,
 }
 
 /// `LB_SVC_NAMES` value (key: service id): the configured name, NUL-padded. Only read by
@@ -93,12 +157,16 @@ pub struct Meta {
 }
 
 // The eBPF object and the agent must agree to the byte; these fail the build of either side.
-const _: () = assert!(size_of::<ServiceKey>() == 8);
-const _: () = assert!(size_of::<ServiceValue>() == 16);
+const _: () = assert!(size_of::<ServiceKey>() == 20);
+const _: () = assert!(size_of::<ServiceValue>() == 20);
 const _: () = assert!(size_of::<SlotKey>() == 12);
-const _: () = assert!(size_of::<BackendValue>() == 8);
+const _: () = assert!(size_of::<BackendValue>() == 24);
 const _: () = assert!(size_of::<BackendCounters>() == 8);
-const _: () = assert!(size_of::<ServiceCounters>() == 24);
+const _: () = assert!(size_of::<ServiceCounters>() == 40);
+const _: () = assert!(size_of::<AffinityKey>() == 16);
+const _: () = assert!(size_of::<AffinityValue>() == 16);
+const _: () = assert!(size_of::<ReverseKey>() == 32);
+const _: () = assert!(size_of::<ReverseValue>() == 24);
 const _: () = assert!(size_of::<ServiceName>() == 64);
 const _: () = assert!(size_of::<Meta>() == 8);
 
@@ -115,6 +183,10 @@ mod pod {
     unsafe impl aya::Pod for ServiceCounters {}
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for Meta {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for ReverseKey {}
+    unsafe impl aya::Pod for ReverseValue {}
 }
 
 impl ServiceName {

@@ -6,10 +6,12 @@
 #![no_std]
 
 pub mod addr;
+pub mod hash;
 pub mod layout;
 pub mod limits;
 pub mod names;
 
 pub use addr::*;
+pub use hash::*;
 pub use layout::*;
 pub use limits::*;

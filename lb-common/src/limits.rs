@@ -5,9 +5,11 @@
 pub const MAX_SERVICES: u32 = 65_536;
 /// Backend ids are indices into the per-CPU counter array, so they are dense: 0..MAX_BACKENDS.
 pub const MAX_BACKENDS: u32 = 65_536;
-/// Upper bound on one service's selection table. Weights are reduced by their gcd and, if the
-/// sum still exceeds this, scaled down proportionally (every backend keeps at least one slot).
-pub const MAX_SLOTS_PER_SERVICE: u32 = 4_096;
+/// Upper bound on a `random` service's weighted table. Weights are reduced by their gcd and, if
+/// the sum still exceeds this, scaled down proportionally (every backend keeps at least one slot).
+pub const MAX_RANDOM_SLOTS: u32 = 4_096;
+/// Upper bound on any service's table: the largest Maglev lookup table (a prime).
+pub const MAX_SLOTS_PER_SERVICE: u32 = 65_537;
 /// Entries of the slots map. During an update a service has two revisions live at once, and
 /// the map is not preallocated, so this bounds memory rather than reserving it.
 pub const MAX_SLOTS: u32 = 1 << 20;
@@ -16,3 +18,9 @@ pub const MAX_SLOTS: u32 = 1 << 20;
 pub const MAX_LOOKUP_ATTEMPTS: u32 = 3;
 /// Longest service name stored for `lb-agent stats` (the value holds a NUL terminator).
 pub const MAX_NAME_LEN: usize = 63;
+/// Entries of the affinity map (LRU): remembered client and UDP-socket choices. LRU maps are
+/// preallocated, about 80 bytes an entry.
+pub const MAX_AFFINITY: u32 = 65_536;
+/// Entries of the reverse-translation map (LRU): one per socket talking to a backend through a
+/// VIP. Connected sockets remove theirs on close; about 110 bytes an entry, preallocated.
+pub const MAX_REVERSE: u32 = 131_072;

@@ -8,10 +8,14 @@ pub const MAP_BACKEND_COUNTERS: &str = "LB_BACKEND_CTRS";
 pub const MAP_SERVICE_COUNTERS: &str = "LB_SERVICE_CTRS";
 pub const MAP_SERVICE_NAMES: &str = "LB_SVC_NAMES";
 pub const MAP_META: &str = "LB_META";
+pub const MAP_AFFINITY: &str = "LB_AFFINITY";
+pub const MAP_REVERSE: &str = "LB_REVERSE";
 
 /// All pinned maps, in the order `lb-agent detach` removes them.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 9] = [
     MAP_SERVICES,
+    MAP_AFFINITY,
+    MAP_REVERSE,
     MAP_SLOTS,
     MAP_BACKENDS,
     MAP_BACKEND_COUNTERS,
@@ -20,9 +24,21 @@ pub const ALL_MAPS: [&str; 7] = [
     MAP_META,
 ];
 
-pub const PROG_CONNECT4: &str = "lb_connect4";
-/// Pin of the cgroup link: while it exists the program stays attached without any agent.
-pub const LINK_CONNECT4: &str = "lb_connect4_link";
-/// Where a starting agent pins its new link before renaming it over the old one (bpffs
-/// rejects names with dots).
-pub const LINK_CONNECT4_NEW: &str = "lb_connect4_link_new";
+/// Every program, attached to the cgroup in this order. The reverse-translation programs go
+/// first so that a socket translated by the new connect programs is always shown its VIP.
+/// Each has a link pinned as `<name>_link` (while it exists the program stays attached without
+/// any agent); a starting agent pins its new link as `<name>_link_new` and renames it over
+/// the old one (bpffs rejects names with dots).
+pub const PROGRAMS: [&str; 9] = [
+    "lb_sock_release",
+    "lb_recvmsg4",
+    "lb_recvmsg6",
+    "lb_getpeername4",
+    "lb_getpeername6",
+    "lb_sendmsg4",
+    "lb_sendmsg6",
+    "lb_connect4",
+    "lb_connect6",
+];
+/// The one program of another kind (`cgroup_sock`); all others are `cgroup_sock_addr`.
+pub const PROG_SOCK_RELEASE: &str = "lb_sock_release";

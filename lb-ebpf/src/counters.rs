@@ -23,6 +23,16 @@ pub fn raced(service_id: u32) {
 }
 
 #[inline(always)]
+pub fn affinity_hit(service_id: u32) {
+    bump_service(service_id, |c| c.affinity_hits += 1);
+}
+
+#[inline(always)]
+pub fn affinity_new(service_id: u32) {
+    bump_service(service_id, |c| c.affinity_new += 1);
+}
+
+#[inline(always)]
 fn bump_service(service_id: u32, bump: impl FnOnce(&mut ServiceCounters)) {
     if let Some(c) = LB_SERVICE_CTRS.get_ptr_mut(service_id) {
         // SAFETY: a per-CPU element, written only by this CPU while the program runs.

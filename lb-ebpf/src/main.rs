@@ -1,44 +1,157 @@
-//! `cgroup/connect4`: translate connect() to a service VIP:port into a backend IP:port, once,
-//! in the syscall. After that the socket talks to the backend directly: no per-packet NAT.
+//! The cgroup programs. `connect4/6` translate connect() to a service VIP:port into a backend
+//! IP:port, once, in the syscall; after that the socket talks to the backend directly, with no
+//! per-packet NAT. `sendmsg4/6` do the same for each unconnected UDP datagram (one backend per
+//! socket and service). `recvmsg4/6` and `getpeername4/6` show the VIP instead of the backend,
+//! and `sock_release` forgets a closing socket's reverse entry.
 #![no_std]
 #![no_main]
 
+mod affinity;
+mod client;
 mod counters;
 mod maps;
+mod reverse;
 mod select;
+mod sockaddr;
 
-use aya_ebpf::{bindings::bpf_sock_addr, macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    bindings::{bpf_sock, bpf_sock_addr},
+    helpers::generated::bpf_get_socket_cookie,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
+    EbpfContext,
+};
 use aya_log_ebpf::debug;
-use lb_common::{ServiceKey, IPPROTO_TCP, IPPROTO_UDP};
+use client::Client;
+use core::ptr::{addr_of, read_volatile};
+use lb_common::{v4_mapped, BackendValue, ServiceKey, IPPROTO_TCP, IPPROTO_UDP};
+use maps::LB_SERVICES;
 use select::Choice;
 
-/// Return values of sock_addr programs: 1 lets the syscall proceed, 0 fails it.
+/// Return values of cgroup programs: 1 lets the syscall proceed, 0 fails it.
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 /// errno a connect to a service without backends fails with. ECONNREFUSED is what clients
 /// already handle as "nobody is serving" (a closed port): they retry or fail over, instead of
 /// the confusing EPERM a bare rejection would give.
 const ECONNREFUSED: i32 = 111;
+const AF_INET6: u32 = 10;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+    forward::<false, false>(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+    forward::<true, false>(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    forward::<false, true>(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    forward::<true, true>(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    show_vip::<false>(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    show_vip::<true>(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+    show_vip::<false>(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+    show_vip::<true>(&ctx)
+}
+
+/// Only a connected socket knows its peer here; unconnected UDP sockets leave their entries
+/// to the LRU.
+#[cgroup_sock(sock_release)]
+pub fn lb_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock for the duration of the program; fields are
+    // read one word at a time as the verifier requires.
+    let (v6, ip4, ip6, port) = unsafe {
+        let sk: *const bpf_sock = ctx.sock;
+        let p6 = addr_of!((*sk).dst_ip6) as *const u32;
+        (
+            read_volatile(addr_of!((*sk).family)) == AF_INET6,
+            read_volatile(addr_of!((*sk).dst_ip4)),
+            [
+                read_volatile(p6),
+                read_volatile(p6.add(1)),
+                read_volatile(p6.add(2)),
+                read_volatile(p6.add(3)),
+            ],
+            read_volatile(addr_of!((*sk).dst_port)),
+        )
+    };
+    if port != 0 {
+        let addr = if v6 { ip6 } else { v4_mapped(ip4) };
+        reverse::forget(&reverse::key(cookie(&ctx), addr, port));
+    }
+    ALLOW
+}
+
+/// Translates a VIP destination. `V6`: the program's family; `SEND`: an unconnected UDP
+/// datagram (sendmsg), which keeps the socket's earlier backend.
+#[inline(always)]
+fn forward<const V6: bool, const SEND: bool>(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the duration of the program.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some(key) = service_key(sa) else {
+    let proto = sa.protocol as u8;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return ALLOW;
+    }
+    let key = ServiceKey {
+        addr: sockaddr::addr::<V6>(sa),
+        port: sockaddr::port(sa),
+        proto,
+        _pad: 0,
+    };
+    let Some(svc) = LB_SERVICES.get_ptr(&key) else {
         return ALLOW;
     };
-    match select::choose(&key) {
-        Choice::NotAService => ALLOW,
+    // SAFETY: the map is not preallocated, so the element stays valid under RCU while we copy.
+    let svc = unsafe { *svc };
+    let cookie = cookie(ctx);
+    let mut client = Client::new(ctx);
+    let remembered = affinity::slot(&svc, &mut client, SEND.then_some(cookie));
+    if let Some(slot) = &remembered {
+        if let Some((backend_id, backend)) = affinity::recall(slot) {
+            counters::affinity_hit(svc.id);
+            // A datagram on a socket that already has its backend is no new connection.
+            if !SEND {
+                counters::connected(svc.id, backend_id);
+            }
+            return rewrite::<V6>(sa, &key, svc.id, cookie, &backend, SEND);
+        }
+    }
+    match select::choose(&key, svc, &mut client) {
         Choice::Backend {
             service_id,
             backend_id,
             backend,
         } => {
-            sa.user_ip4 = backend.addr;
-            sa.user_port = u32::from(backend.port);
+            if let Some(slot) = &remembered {
+                affinity::remember(slot, backend_id);
+                counters::affinity_new(service_id);
+            }
             counters::connected(service_id, backend_id);
-            debug!(&ctx, "service {} -> backend {}", service_id, backend_id);
-            ALLOW
+            debug!(ctx, "service {} -> backend {}", service_id, backend_id);
+            rewrite::<V6>(sa, &key, service_id, cookie, &backend, false)
         }
         Choice::NoBackend { service_id } => {
             counters::no_backend(service_id);
@@ -52,18 +165,39 @@ pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
 }
 
 #[inline(always)]
-fn service_key(sa: &bpf_sock_addr) -> Option<ServiceKey> {
-    let proto = sa.protocol as u8;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return None;
+fn rewrite<const V6: bool>(
+    sa: &mut bpf_sock_addr,
+    vip: &ServiceKey,
+    service_id: u32,
+    cookie: u64,
+    backend: &BackendValue,
+    only_if_absent: bool,
+) -> i32 {
+    if !sockaddr::set::<V6>(sa, &backend.addr, backend.port) {
+        return refuse();
     }
-    Some(ServiceKey {
-        addr: sa.user_ip4,
-        // The port sits in network byte order in the low 16 bits.
-        port: sa.user_port as u16,
-        proto,
-        _pad: 0,
-    })
+    let key = reverse::key(cookie, backend.addr, backend.port);
+    reverse::record(&key, vip, service_id, only_if_absent);
+    ALLOW
+}
+
+/// recvmsg and getpeername: a backend address this socket reached through a VIP reads as
+/// the VIP.
+#[inline(always)]
+fn show_vip<const V6: bool>(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the duration of the program.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let key = reverse::key(cookie(ctx), sockaddr::addr::<V6>(sa), sockaddr::port(sa));
+    if let Some(vip) = reverse::lookup(&key) {
+        sockaddr::set::<V6>(sa, &vip.addr, vip.port);
+    }
+    ALLOW
+}
+
+#[inline(always)]
+fn cookie(ctx: &impl EbpfContext) -> u64 {
+    // SAFETY: the context pointer is the program's own, valid for this run.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
 #[inline(always)]

@@ -4,15 +4,18 @@
 //!
 //! Hash maps are not preallocated: with preallocation a deleted element can be reused by a
 //! concurrent insert while this program still reads it, which would defeat the revision swap.
+//! The two maps the programs write themselves (affinity and reverse translation) are LRU maps:
+//! they can never fill up, the least recently used entry makes room.
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendCounters, BackendValue, Meta, ServiceCounters, ServiceKey, ServiceName, ServiceValue,
-    SlotKey, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS,
+    AffinityKey, AffinityValue, BackendCounters, BackendValue, Meta, ReverseKey, ReverseValue,
+    ServiceCounters, ServiceKey, ServiceName, ServiceValue, SlotKey, MAX_AFFINITY, MAX_BACKENDS,
+    MAX_REVERSE, MAX_SERVICES, MAX_SLOTS,
 };
 
 #[map]
@@ -31,6 +34,13 @@ pub static LB_BACKEND_CTRS: PerCpuArray<BackendCounters> = PerCpuArray::pinned(M
 
 #[map]
 pub static LB_SERVICE_CTRS: PerCpuArray<ServiceCounters> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+#[map]
+pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(MAX_AFFINITY, 0);
+
+#[map]
+pub static LB_REVERSE: LruHashMap<ReverseKey, ReverseValue> = LruHashMap::pinned(MAX_REVERSE, 0);
 
 /// Read only by `lb-agent stats`; declared here so that it is created and pinned with the rest.
 #[map]

@@ -1,11 +1,14 @@
-//! Backend choice: random over the service's slot table, where weights are slot multiplicity.
+//! Backend choice over the service's slot table, where weights are slot multiplicity: a random
+//! slot, or for Maglev the slot the client's hash names.
 
+use crate::client::Client;
 use crate::maps::{LB_BACKENDS, LB_SERVICES, LB_SLOTS};
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use lb_common::{BackendValue, ServiceKey, SlotKey, MAX_LOOKUP_ATTEMPTS};
+use lb_common::{
+    client_hash, BackendValue, ServiceKey, ServiceValue, SlotKey, ALG_MAGLEV, MAX_LOOKUP_ATTEMPTS,
+};
 
 pub enum Choice {
-    NotAService,
     Backend {
         service_id: u32,
         backend_id: u32,
@@ -20,28 +23,33 @@ pub enum Choice {
     },
 }
 
+/// `svc` is the service entry the caller already read for `key`.
 #[inline(always)]
-pub fn choose(key: &ServiceKey) -> Choice {
-    let mut service_id = 0;
+pub fn choose(key: &ServiceKey, mut svc: ServiceValue, client: &mut Client) -> Choice {
     // A miss on the slot or backend means the agent flipped the service to a new revision and
     // deleted the old table between our reads; reading the service again yields the new one.
-    for _ in 0..MAX_LOOKUP_ATTEMPTS {
-        let Some(svc) = LB_SERVICES.get_ptr(key) else {
-            return Choice::NotAService;
-        };
-        // SAFETY: the map is not preallocated, so the element stays valid under RCU while we
-        // copy it.
-        let svc = unsafe { *svc };
-        service_id = svc.id;
-        if svc.slot_count == 0 {
-            return Choice::NoBackend { service_id };
+    for attempt in 0..MAX_LOOKUP_ATTEMPTS {
+        if attempt > 0 {
+            let Some(again) = LB_SERVICES.get_ptr(key) else {
+                return Choice::NoBackend { service_id: svc.id };
+            };
+            // SAFETY: the map is not preallocated, so the element stays valid under RCU while
+            // we copy it.
+            svc = unsafe { *again };
         }
-        // SAFETY: plain helper call without arguments.
-        let slot = unsafe { bpf_get_prandom_u32() } % svc.slot_count;
+        if svc.slot_count == 0 {
+            return Choice::NoBackend { service_id: svc.id };
+        }
+        let hash = if svc.algorithm == ALG_MAGLEV {
+            client_hash(client.key(svc.flags))
+        } else {
+            // SAFETY: plain helper call without arguments.
+            unsafe { bpf_get_prandom_u32() }
+        };
         let slot_key = SlotKey {
             service_id: svc.id,
             revision: svc.revision,
-            slot,
+            slot: hash % svc.slot_count,
         };
         let Some(backend_id) = LB_SLOTS.get_ptr(&slot_key) else {
             continue;
@@ -54,10 +62,20 @@ pub fn choose(key: &ServiceKey) -> Choice {
         // SAFETY: as above.
         let backend = unsafe { *backend };
         return Choice::Backend {
-            service_id,
+            service_id: svc.id,
             backend_id,
             backend,
         };
     }
-    Choice::Raced { service_id }
+    Choice::Raced { service_id: svc.id }
+}
+
+/// A remembered backend, if its entry still exists and still belongs to this service (backend
+/// ids are reused, and a backend that left the service, or turned unhealthy, is deleted).
+#[inline(always)]
+pub fn still_serving(service_id: u32, backend_id: u32) -> Option<BackendValue> {
+    let backend = LB_BACKENDS.get_ptr(&backend_id)?;
+    // SAFETY: as above.
+    let backend = unsafe { *backend };
+    (backend.service_id == service_id).then_some(backend)
 }

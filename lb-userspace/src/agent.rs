@@ -70,6 +70,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         dropped: Vec::new(),
         pin_dir: args.pin_dir.clone(),
         published_empty: false,
+        programs: attached.programs,
     };
     agent.discovery.sync(&agent.config);
     agent.kubernetes.sync(agent.config.kubernetes.as_ref());
@@ -130,6 +131,7 @@ struct Agent {
     dropped: Vec<String>,
     pin_dir: PathBuf,
     published_empty: bool,
+    programs: Vec<crate::loader::ProgramSize>,
 }
 
 impl Agent {
@@ -240,6 +242,7 @@ impl Agent {
             agent_pid: std::process::id(),
             written_unix_ms: crate::health::runner::now_ms(),
             kubernetes,
+            programs: self.programs.clone(),
             ..StatusFile::default()
         };
         for (target, health) in snapshot {

@@ -21,6 +21,8 @@ pub struct PinnedMaps {
     service_counters: PerCpuArray<MapData, ServiceCounters>,
     names: HashMap<MapData, u32, ServiceName>,
     meta: Array<MapData, Meta>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    reverse: HashMap<MapData, ReverseKey, ReverseValue>,
 }
 
 /// Expected kind and layout of one pinned map.
@@ -40,7 +42,9 @@ const fn spec<K, V>(name: &'static str, kind: MapType) -> MapSpec {
     }
 }
 
-pub const SPECS: [MapSpec; 7] = [
+pub const SPECS: [MapSpec; 9] = [
+    spec::<AffinityKey, AffinityValue>(MAP_AFFINITY, MapType::LruHash),
+    spec::<ReverseKey, ReverseValue>(MAP_REVERSE, MapType::LruHash),
     spec::<ServiceKey, ServiceValue>(MAP_SERVICES, MapType::Hash),
     spec::<SlotKey, u32>(MAP_SLOTS, MapType::Hash),
     spec::<u32, BackendValue>(MAP_BACKENDS, MapType::Hash),
@@ -94,6 +98,8 @@ impl PinnedMaps {
             service_counters: open(dir, MAP_SERVICE_COUNTERS, Map::PerCpuArray)?.try_into()?,
             names: open(dir, MAP_SERVICE_NAMES, Map::HashMap)?.try_into()?,
             meta: open(dir, MAP_META, Map::Array)?.try_into()?,
+            affinity: open(dir, MAP_AFFINITY, Map::LruHashMap)?.try_into()?,
+            reverse: open(dir, MAP_REVERSE, Map::LruHashMap)?.try_into()?,
         };
         Ok(maps)
     }
@@ -106,6 +112,11 @@ impl PinnedMaps {
 
     pub fn set_meta(&mut self, meta: Meta) -> Result<()> {
         Ok(self.meta.set(0, meta, 0)?)
+    }
+
+    /// Entries the programs keep themselves: remembered choices and reverse translations.
+    pub fn program_entries(&self) -> (usize, usize) {
+        (self.affinity.keys().count(), self.reverse.keys().count())
     }
 
     pub fn backend_counters(&self, id: u32) -> Result<BackendCounters> {
@@ -125,6 +136,8 @@ impl PinnedMaps {
                 connects: acc.connects + c.connects,
                 no_backend: acc.no_backend + c.no_backend,
                 update_races: acc.update_races + c.update_races,
+                affinity_hits: acc.affinity_hits + c.affinity_hits,
+                affinity_new: acc.affinity_new + c.affinity_new,
             }))
     }
 }

@@ -7,14 +7,18 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::Path;
 use std::time::Duration;
 use toml::{Table, Value};
 
+mod balancing;
 mod discovery;
 mod kubernetes;
+pub use balancing::{
+    Algorithm, Balancing, ClientKey, AFFINITY_TIMEOUT_RANGE, DEFAULT_AFFINITY_TIMEOUT,
+};
 pub use discovery::{
     ConsulConfig, DiscoveryConfig, DnsConfig, DnsRecord, Env, EtcdConfig, SourceConfig,
 };
@@ -39,6 +43,11 @@ const SERVICE_KEYS: &[&str] = &[
     "panic_threshold",
     "health",
     "discovery",
+    "algorithm",
+    "maglev_table_size",
+    "affinity",
+    "affinity_timeout",
+    "client_key",
 ];
 const BACKEND_KEYS: &[&str] = &["address", "weight"];
 const HEALTH_KEYS: &[&str] = &[
@@ -89,14 +98,14 @@ impl Protocol {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
-    pub address: SocketAddrV4,
+    pub address: SocketAddr,
     pub weight: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
     pub name: String,
-    pub vip: SocketAddrV4,
+    pub vip: SocketAddr,
     pub protocol: Protocol,
     pub backends: Vec<BackendConfig>,
     pub health: Option<HealthConfig>,
@@ -106,6 +115,7 @@ pub struct ServiceConfig {
     pub panic_threshold: u8,
     /// Where `backends` come from at run time; `None` = the static list above.
     pub discovery: Option<DiscoveryConfig>,
+    pub balancing: Balancing,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -364,7 +374,7 @@ impl Checker {
 
     /// The `VipClash` rule for every listed backend, each problem reported at its field.
     fn backends_are_not_vips(&mut self, services: &[(usize, ServiceConfig)]) {
-        let vips: HashMap<(SocketAddrV4, Protocol), &str> = services
+        let vips: HashMap<(SocketAddr, Protocol), &str> = services
             .iter()
             .map(|(_, s)| ((s.vip, s.protocol), s.name.as_str()))
             .collect();
@@ -421,7 +431,9 @@ impl Checker {
             }
         };
         let vip = match table.get("vip") {
-            None => Err("required (IPv4 address:port, e.g. \"10.96.0.10:80\")".to_owned()),
+            None => Err(
+                "required (address:port, e.g. \"10.96.0.10:80\" or \"[fd00::10]:80\")".to_owned(),
+            ),
             Some(v) => check_endpoint(v),
         };
         let vip = vip
@@ -461,6 +473,10 @@ impl Checker {
             .map_or(Ok(0), |v| check_integer(v, 0..=100));
         let panic_threshold = self.checked(scope, "panic_threshold", panic_threshold);
         let health = self.health(scope, table.get("health"));
+        let balancing = self.balancing(scope, table);
+        if let (Some(vip), Some(backends)) = (vip, &backends) {
+            self.same_family(scope, vip, backends);
+        }
         self.unknown_keys(scope, "", table, SERVICE_KEYS);
         Some(ServiceConfig {
             name: name?.to_owned(),
@@ -471,7 +487,23 @@ impl Checker {
             fail_open: fail_open?,
             panic_threshold: panic_threshold?,
             discovery: discovery?,
+            balancing: balancing?,
         })
+    }
+
+    /// A socket of one family cannot be connected to an address of the other (an IPv4 VIP
+    /// reached from an IPv6 socket is v4-mapped, and so is the backend it is sent to).
+    fn same_family(&mut self, scope: Option<&str>, vip: SocketAddr, backends: &[BackendConfig]) {
+        for (i, b) in backends.iter().enumerate() {
+            if b.address.is_ipv4() != vip.is_ipv4() {
+                let message = format!(
+                    "{} and the VIP {vip} are of different address families; a service's \
+                     backends must share its VIP's family",
+                    b.address
+                );
+                self.report(scope, format!("backends[{i}]"), message);
+            }
+        }
     }
 
     /// `Some(None)` for a service without health checks, `None` when the table is invalid.
@@ -620,7 +652,7 @@ impl Checker {
             );
             self.report(scope, "backends", message);
         }
-        let mut first_index: HashMap<SocketAddrV4, usize> = HashMap::new();
+        let mut first_index: HashMap<SocketAddr, usize> = HashMap::new();
         let mut backends = Vec::with_capacity(list.len());
         for (i, raw) in list.iter().enumerate() {
             let Some((backend, field)) = self.backend(scope, i, raw) else {
@@ -695,18 +727,18 @@ pub struct VipClash<'a> {
     /// The service whose VIP the backend is.
     pub backend_is: Option<&'a str>,
     /// The probed address and the service whose VIP it is.
-    pub probe_hits: Option<(SocketAddrV4, &'a str)>,
+    pub probe_hits: Option<(SocketAddr, &'a str)>,
 }
 
 impl<'a> VipClash<'a> {
     pub fn of<V: AsRef<str>>(
-        vips: &'a HashMap<(SocketAddrV4, Protocol), V>,
-        backend: SocketAddrV4,
+        vips: &'a HashMap<(SocketAddr, Protocol), V>,
+        backend: SocketAddr,
         protocol: Protocol,
         health_port: Option<u16>,
     ) -> Self {
         let probe_hits = health_port.and_then(|port| {
-            let probed = SocketAddrV4::new(*backend.ip(), port);
+            let probed = SocketAddr::new(backend.ip(), port);
             let owner = vips.get(&(probed, Protocol::Tcp))?;
             Some((probed, owner.as_ref()))
         });
@@ -726,7 +758,7 @@ impl<'a> VipClash<'a> {
 #[derive(Default)]
 struct Seen {
     names: HashMap<String, usize>,
-    vips: HashMap<(SocketAddrV4, Protocol), String>,
+    vips: HashMap<(SocketAddr, Protocol), String>,
 }
 
 fn check_name(raw: Option<&Value>) -> Result<&str, String> {
@@ -913,40 +945,56 @@ fn check_path(raw: &Value) -> Result<String, String> {
     Ok(path.clone())
 }
 
-/// An IPv4 `address:port` a connect can be sent to: the data plane matches and rewrites exact
-/// destinations, so wildcard, broadcast and multicast addresses or port 0 never make sense.
-fn check_endpoint(raw: &Value) -> Result<SocketAddrV4, String> {
+/// An `address:port` a connect can be sent to (IPv4, or IPv6 in brackets): the data plane
+/// matches and rewrites exact destinations, so wildcard, broadcast and multicast addresses or
+/// port 0 never make sense. A v4-mapped IPv6 address is the IPv4 address it maps.
+fn check_endpoint(raw: &Value) -> Result<SocketAddr, String> {
     let Value::String(text) = raw else {
-        return Err(type_error("an IPv4 address:port string", raw));
+        return Err(type_error("an address:port string", raw));
     };
-    let Ok(addr) = text.parse::<SocketAddrV4>() else {
+    let Ok(addr) = text.parse::<SocketAddr>() else {
         return Err(explain_bad_endpoint(text));
     };
+    let addr = match addr {
+        SocketAddr::V6(v6) if v6.scope_id() != 0 => {
+            return Err(format!(
+                "a zone (%{}) is not allowed in {}: the data plane matches addresses only",
+                v6.scope_id(),
+                show(text)
+            ))
+        }
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    };
     let ip = addr.ip();
+    let broadcast = matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
     if addr.port() == 0 {
         Err(format!("port 0 is not allowed ({addr})"))
     } else if ip.is_unspecified() {
-        Err(format!("address 0.0.0.0 is not allowed ({addr})"))
-    } else if ip.is_broadcast() {
+        Err(format!(
+            "the unspecified address {ip} is not allowed ({addr})"
+        ))
+    } else if broadcast {
         Err(format!(
             "broadcast address 255.255.255.255 is not allowed ({addr})"
         ))
     } else if ip.is_multicast() {
-        Err(format!(
-            "multicast address {ip} (224.0.0.0/4) is not allowed ({addr})"
-        ))
+        Err(format!("multicast address {ip} is not allowed ({addr})"))
     } else {
         Ok(addr)
     }
 }
 
 fn explain_bad_endpoint(text: &str) -> String {
-    let example = "expected IPv4 address:port like \"10.0.0.1:8080\"";
-    let is_ipv6 = text.starts_with('[')
-        || text.parse::<SocketAddr>().is_ok()
-        || text.parse::<Ipv6Addr>().is_ok();
-    if is_ipv6 {
-        return format!("IPv6 is not supported yet, got {}", show(text));
+    let example = "expected address:port like \"10.0.0.1:8080\" or \"[fd00::1]:8080\"";
+    if text.parse::<Ipv6Addr>().is_ok() {
+        return format!(
+            "missing port in {}; an IPv6 address goes in brackets: \"[{text}]:8080\"",
+            show(text)
+        );
     }
     if text.parse::<Ipv4Addr>().is_ok() {
         return format!("missing port in {}; {example}", show(text));
@@ -1033,7 +1081,7 @@ mod tests {
         web(&body.join("\n"))
     }
 
-    fn addr(s: &str) -> SocketAddrV4 {
+    fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
 
@@ -1079,6 +1127,7 @@ mod tests {
                     fail_open: true,
                     panic_threshold: 0,
                     discovery: None,
+                    balancing: Default::default(),
                 },
                 ServiceConfig {
                     name: "dns.kube-system_1".into(),
@@ -1092,6 +1141,7 @@ mod tests {
                     fail_open: true,
                     panic_threshold: 0,
                     discovery: None,
+                    balancing: Default::default(),
                 },
             ],
             kubernetes: None,
@@ -1275,7 +1325,8 @@ mod tests {
         assert_eq!(
             single(&text),
             "lb.toml: service \"web\" (service[0]): protocl: unknown key \
-             (allowed: name, vip, protocol, backends, fail_open, panic_threshold, health, discovery)"
+             (allowed: name, vip, protocol, backends, fail_open, panic_threshold, health, discovery, \
+             algorithm, maglev_table_size, affinity, affinity_timeout, client_key)"
         );
     }
 
@@ -1376,7 +1427,7 @@ mod tests {
     fn field_type_errors() {
         let e = single(&web_with("vip = 10"));
         assert!(
-            e.contains("(service[0]): vip: expected an IPv4 address:port string, got integer 10"),
+            e.contains("(service[0]): vip: expected an address:port string, got integer 10"),
             "{e}"
         );
         let e = single(&web_with("protocol = true"));
@@ -1386,7 +1437,7 @@ mod tests {
         );
         let e = single(&web_with("backends = [{ address = 1979-05-27 }]"));
         assert!(
-            e.contains("backends[0].address: expected an IPv4 address:port string, got datetime"),
+            e.contains("backends[0].address: expected an address:port string, got datetime"),
             "{e}"
         );
         let e = single("[[service]]\nname = 5\nvip = \"10.96.0.10:80\"\nbackends = []\n");
@@ -1493,31 +1544,54 @@ mod tests {
         assert_eq!(
             e,
             "lb.toml: service \"web\" (service[0]): vip: required \
-             (IPv4 address:port, e.g. \"10.96.0.10:80\")"
+             (address:port, e.g. \"10.96.0.10:80\" or \"[fd00::10]:80\")"
         );
     }
 
     #[test]
-    fn ipv6_vip_has_a_specific_message() {
-        for vip in [
-            "[::1]:80",
-            "::1",
-            "fe80::1",
-            "[2001:db8::1]",
-            "::ffff:10.0.0.1",
-        ] {
-            assert_eq!(
-                vip_error(vip),
-                format!("IPv6 is not supported yet, got \"{vip}\"")
-            );
-        }
+    fn ipv6_vips_are_accepted_and_checked() {
+        let text = web("vip = \"[fd00::10]:80\"\nbackends = [\"[fd00::1]:8080\"]");
+        let config = parse(&text, ORIGIN).unwrap();
+        assert_eq!(config.services[0].vip, "[fd00::10]:80".parse().unwrap());
+        // A v4-mapped address is the IPv4 address: that is what the kernel sees too.
+        let config = parse(&web_with("vip = \"[::ffff:10.0.0.1]:80\""), ORIGIN).unwrap();
+        assert_eq!(config.services[0].vip, "10.0.0.1:80".parse().unwrap());
+        assert_eq!(
+            vip_error("::1"),
+            "missing port in \"::1\"; an IPv6 address goes in brackets: \"[::1]:8080\""
+        );
+        assert_eq!(
+            vip_error("[fe80::1%2]:80"),
+            "a zone (%2) is not allowed in \"[fe80::1%2]:80\": the data plane matches addresses only"
+        );
+        assert_eq!(
+            vip_error("[::]:80"),
+            "the unspecified address :: is not allowed ([::]:80)"
+        );
+        assert_eq!(
+            vip_error("[ff02::1]:80"),
+            "multicast address ff02::1 is not allowed ([ff02::1]:80)"
+        );
+        assert!(vip_error("[2001:db8::1]").starts_with("expected address:port like"));
+    }
+
+    #[test]
+    fn backends_must_share_the_vip_family() {
+        let e = single(&web_with("vip = \"[fd00::10]:80\""));
+        assert!(
+            e.ends_with(
+                "backends[0]: 10.0.0.11:8080 and the VIP [fd00::10]:80 are of different address \
+                 families; a service's backends must share its VIP's family"
+            ),
+            "{e}"
+        );
     }
 
     #[test]
     fn vip_without_port() {
         assert_eq!(
             vip_error("10.96.0.10"),
-            "missing port in \"10.96.0.10\"; expected IPv4 address:port like \"10.0.0.1:8080\""
+            "missing port in \"10.96.0.10\"; expected address:port like \"10.0.0.1:8080\" or \"[fd00::1]:8080\""
         );
     }
 
@@ -1540,7 +1614,7 @@ mod tests {
         );
         assert_eq!(
             vip_error("0.0.0.0:80"),
-            "address 0.0.0.0 is not allowed (0.0.0.0:80)"
+            "the unspecified address 0.0.0.0 is not allowed (0.0.0.0:80)"
         );
         assert_eq!(
             vip_error("255.255.255.255:80"),
@@ -1549,7 +1623,7 @@ mod tests {
         for ip in ["224.0.0.1", "239.255.255.255", "230.1.2.3"] {
             assert_eq!(
                 vip_error(&format!("{ip}:80")),
-                format!("multicast address {ip} (224.0.0.0/4) is not allowed ({ip}:80)")
+                format!("multicast address {ip} is not allowed ({ip}:80)")
             );
         }
         // Just outside the multicast range.
@@ -1568,7 +1642,7 @@ mod tests {
         ] {
             assert_eq!(
                 vip_error(vip),
-                format!("expected IPv4 address:port like \"10.0.0.1:8080\", got {vip:?}"),
+                format!("expected address:port like \"10.0.0.1:8080\" or \"[fd00::1]:8080\", got {vip:?}"),
                 "{vip:?}"
             );
         }
@@ -1631,7 +1705,7 @@ mod tests {
     fn backend_addresses_are_validated() {
         assert_eq!(
             backend_error("\"10.0.0.2\""),
-            "backends[1]: missing port in \"10.0.0.2\"; expected IPv4 address:port like \"10.0.0.1:8080\""
+            "backends[1]: missing port in \"10.0.0.2\"; expected address:port like \"10.0.0.1:8080\" or \"[fd00::1]:8080\""
         );
         assert_eq!(
             backend_error("\"10.0.0.2:0\""),
@@ -1639,7 +1713,7 @@ mod tests {
         );
         assert_eq!(
             backend_error("{ address = \"0.0.0.0:80\" }"),
-            "backends[1].address: address 0.0.0.0 is not allowed (0.0.0.0:80)"
+            "backends[1].address: the unspecified address 0.0.0.0 is not allowed (0.0.0.0:80)"
         );
         assert_eq!(
             backend_error("\"255.255.255.255:80\""),
@@ -1647,15 +1721,15 @@ mod tests {
         );
         assert_eq!(
             backend_error("{ address = \"239.1.1.1:80\", weight = 2 }"),
-            "backends[1].address: multicast address 239.1.1.1 (224.0.0.0/4) is not allowed (239.1.1.1:80)"
+            "backends[1].address: multicast address 239.1.1.1 is not allowed (239.1.1.1:80)"
         );
         assert_eq!(
             backend_error("\"[fd00::1]:80\""),
-            "backends[1]: IPv6 is not supported yet, got \"[fd00::1]:80\""
+            "backends[1]: [fd00::1]:80 and the VIP 10.96.0.10:80 are of different address families; a service's backends must share its VIP's family"
         );
         assert_eq!(
             backend_error("\"backend-1:80\""),
-            "backends[1]: expected IPv4 address:port like \"10.0.0.1:8080\", got \"backend-1:80\""
+            "backends[1]: expected address:port like \"10.0.0.1:8080\" or \"[fd00::1]:8080\", got \"backend-1:80\""
         );
         assert_eq!(
             backend_error("{ weight = 2 }"),
@@ -1866,6 +1940,7 @@ mod tests {
             fail_open: false,
             panic_threshold: 50,
             discovery: None,
+            balancing: Default::default(),
         };
         assert_eq!(config.services[1], expected);
     }
@@ -2365,7 +2440,7 @@ mod tests {
             "lb.toml: typo: unknown key (allowed: service, kubernetes)",
             "lb.toml: service \"web\" (service[0]): backends[1].weight: must be between 1 and 10000, got 0",
             "lb.toml: service[1]: name: \"bad name\" contains ' '; only ASCII letters, digits, '.', '_' and '-' are allowed",
-            "lb.toml: service[1]: vip: IPv6 is not supported yet, got \"::1\"",
+            "lb.toml: service[1]: vip: missing port in \"::1\"; an IPv6 address goes in brackets: \"[::1]:8080\"",
             "lb.toml: service[1]: protocol: must be \"tcp\" or \"udp\", got \"TCP\"",
             "lb.toml: service[1]: backends: expected an array, got string \"x\"",
             "lb.toml: service \"web\" (service[2]): name: \"web\" is already used by service[0]",

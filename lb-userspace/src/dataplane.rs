@@ -7,12 +7,12 @@ use crate::installed::{Installed, InstalledService};
 use crate::reconcile::Op;
 use anyhow::{Context, Result};
 use lb_common::{
-    ipv4_from_raw, ipv4_to_raw, port_from_raw, port_to_raw, BackendValue, ServiceKey, ServiceName,
-    ServiceValue, SlotKey,
+    ip_from_raw, ip_to_raw, port_from_raw, port_to_raw, BackendValue, RawAddr, ServiceKey,
+    ServiceName, ServiceValue, SlotKey,
 };
 use lb_common::{MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS_PER_SERVICE};
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddr;
 
 pub trait Dataplane {
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>>;
@@ -34,15 +34,21 @@ pub trait Dataplane {
     fn reset_backend_counters(&mut self, id: u32) -> Result<()>;
 }
 
-pub fn socket_addr(b: &BackendValue) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(ipv4_from_raw(b.addr)), port_from_raw(b.port))
+/// A map address and raw port as a socket address (v4-mapped addresses come back as IPv4).
+pub fn endpoint(addr: &RawAddr, raw_port: u16) -> SocketAddr {
+    SocketAddr::new(ip_from_raw(addr), port_from_raw(raw_port))
 }
 
-pub fn backend_value(addr: &SocketAddrV4) -> BackendValue {
+pub fn socket_addr(b: &BackendValue) -> SocketAddr {
+    endpoint(&b.addr, b.port)
+}
+
+pub fn backend_value(addr: &SocketAddr, service_id: u32) -> BackendValue {
     BackendValue {
-        addr: ipv4_to_raw(addr.ip().octets()),
+        addr: ip_to_raw(addr.ip()),
         port: port_to_raw(addr.port()),
         _pad: 0,
+        service_id,
     }
 }
 
@@ -77,6 +83,7 @@ pub fn read_installed(dp: &impl Dataplane, scan_strays: bool) -> Result<Installe
             revision: value.revision,
             name: names.get(&value.id).cloned().unwrap_or_default(),
             slot_count: value.slot_count,
+            mode: crate::plan::Mode::from_value(&value),
             complete: slots.len() == value.slot_count as usize,
             slots,
         };
@@ -155,7 +162,11 @@ fn apply_one(dp: &mut impl Dataplane, op: &Op) -> Result<()> {
     match op {
         Op::ResetServiceCounters(id) => dp.reset_service_counters(*id),
         Op::ResetBackendCounters(id) => dp.reset_backend_counters(*id),
-        Op::PutBackend { id, addr } => dp.put_backend(*id, &backend_value(addr)),
+        Op::PutBackend {
+            id,
+            addr,
+            service_id,
+        } => dp.put_backend(*id, &backend_value(addr, *service_id)),
         Op::PutSlots {
             service_id,
             revision,

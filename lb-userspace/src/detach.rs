@@ -1,8 +1,9 @@
-//! `lb-agent detach`: remove the link pin (the program stops translating) and the map pins.
+//! `lb-agent detach`: remove the link pins (the programs stop translating) and the map pins.
 
+use crate::loader::link_pins;
 use crate::lock;
 use anyhow::{Context, Result};
-use lb_common::names::{ALL_MAPS, LINK_CONNECT4, LINK_CONNECT4_NEW};
+use lb_common::names::{ALL_MAPS, PROGRAMS};
 use std::path::Path;
 
 pub fn detach(pin_dir: &Path) -> Result<()> {
@@ -13,10 +14,8 @@ pub fn detach(pin_dir: &Path) -> Result<()> {
         lock.remove();
         return Ok(());
     }
-    for name in [LINK_CONNECT4, LINK_CONNECT4_NEW]
-        .into_iter()
-        .chain(ALL_MAPS)
-    {
+    let links = PROGRAMS.iter().flat_map(|p| link_pins(p));
+    for name in links.chain(ALL_MAPS.iter().map(|m| m.to_string())) {
         let path = pin_dir.join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => println!("removed {}", path.display()),

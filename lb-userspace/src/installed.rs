@@ -4,7 +4,7 @@
 
 use lb_common::{ServiceKey, SlotKey};
 use std::collections::BTreeMap;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct InstalledService {
@@ -13,6 +13,7 @@ pub struct InstalledService {
     pub name: String,
     /// Slot count of the current revision as the service entry states it.
     pub slot_count: u32,
+    pub mode: crate::plan::Mode,
     /// Backend id per slot of the current revision (the ones found, if incomplete).
     pub slots: Vec<u32>,
     /// False if some slot of the current revision is missing (written by something else):
@@ -34,7 +35,7 @@ impl InstalledService {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Installed {
     pub services: BTreeMap<ServiceKey, InstalledService>,
-    pub backends: BTreeMap<u32, SocketAddrV4>,
+    pub backends: BTreeMap<u32, SocketAddr>,
     /// Slots of no current revision: an update interrupted between its flip and its cleanup.
     pub stray_slots: Vec<SlotKey>,
     /// Names of service ids that no longer exist.

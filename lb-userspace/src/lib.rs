@@ -15,6 +15,7 @@ pub mod jitter;
 pub mod kubernetes;
 pub mod loader;
 pub mod lock;
+pub mod maglev;
 pub mod plan;
 pub mod reconcile;
 pub mod stats;

@@ -1,17 +1,18 @@
 //! Loading the embedded eBPF object, adopting pinned maps and attaching to the cgroup.
 //!
 //! Start-up never interrupts traffic that an earlier agent set up: the maps are pinned by name,
-//! so loading reuses them with their contents; the new program is attached next to the old one
-//! (cgroup links always allow several programs; the second one sees an already-translated
-//! address, which is no VIP, and leaves it alone), and only then the link pin is moved to the
-//! new link, which detaches the old program.
+//! so loading reuses them with their contents; each new program is attached next to the old one
+//! (cgroup links always allow several programs; the second connect program sees an
+//! already-translated address, which is no VIP, and leaves it alone), and only then its link
+//! pin is moved to the new link, which detaches the old program.
 
 use crate::bpf_maps::{check_pinned, PinnedMaps, SPECS};
 use anyhow::{bail, Context, Result};
-use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr};
-use aya::EbpfLoader;
-use lb_common::names::{LINK_CONNECT4, LINK_CONNECT4_NEW, MAP_META, PROG_CONNECT4};
+use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramInfo};
+use aya::{Ebpf, EbpfLoader};
+use lb_common::names::{MAP_META, PROGRAMS, PROG_SOCK_RELEASE};
 use lb_common::{Meta, LAYOUT_VERSION, META_MAGIC};
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT_PATH"));
@@ -113,6 +114,34 @@ pub struct Attached {
     pub maps: PinnedMaps,
     /// Present when eBPF logging was asked for.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    pub programs: Vec<ProgramSize>,
+}
+
+/// What the verifier made of one program; `stats` shows it so that growth is visible.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramSize {
+    pub name: String,
+    /// Instructions the verifier processed (kernel 5.16+; 0 when unknown).
+    pub verified_insns: u32,
+    /// Bytes of translated eBPF and of JIT-compiled machine code.
+    pub xlated_bytes: u32,
+    pub jited_bytes: u32,
+}
+
+impl ProgramSize {
+    fn of(name: &str, info: &ProgramInfo) -> Self {
+        Self {
+            name: name.to_owned(),
+            verified_insns: info.verified_instruction_count().unwrap_or(0),
+            xlated_bytes: info.size_translated().unwrap_or(0),
+            jited_bytes: info.size_jitted(),
+        }
+    }
+}
+
+/// Pin of a program's cgroup link, and where a starting agent pins its replacement first.
+pub fn link_pins(program: &str) -> [String; 2] {
+    [format!("{program}_link"), format!("{program}_link_new")]
 }
 
 /// Loads the program (creating or reusing pinned maps), attaches it and moves the link pin.
@@ -137,35 +166,62 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached> {
         None
     };
 
-    let prog: &mut CgroupSockAddr = ebpf
-        .program_mut(PROG_CONNECT4)
-        .context("the eBPF object has no connect4 program")?
-        .try_into()?;
-    prog.load()
-        .context("the kernel verifier rejected the connect4 program")?;
     let cgroup = std::fs::File::open(opts.cgroup)
         .with_context(|| format!("cannot open cgroup {}", opts.cgroup.display()))?;
-    let link_id = prog
-        // With bpf_link the kernel always lets several programs share the cgroup and rejects
-        // any attach flag, so the mode must be the flag-less one.
-        .attach(&cgroup, CgroupAttachMode::Single)
-        .with_context(|| format!("cannot attach to cgroup {}", opts.cgroup.display()))?;
-    let link: FdLink = prog.take_link(link_id)?.try_into()?;
-    swap_link_pin(opts.pin_dir, link)?;
+    let mut programs = Vec::with_capacity(PROGRAMS.len());
+    for name in PROGRAMS {
+        let (link, size) = attach(&mut ebpf, name, &cgroup)
+            .with_context(|| format!("program {name}, cgroup {}", opts.cgroup.display()))?;
+        swap_link_pin(opts.pin_dir, name, link)?;
+        tracing::debug!(?size, "attached");
+        programs.push(size);
+    }
     tracing::info!(
         pin_dir = %opts.pin_dir.display(),
         cgroup = %opts.cgroup.display(),
         adopted,
-        "connect4 attached"
+        programs = PROGRAMS.len(),
+        "programs attached"
     );
-    Ok(Attached { maps, logger })
+    Ok(Attached {
+        maps,
+        logger,
+        programs,
+    })
+}
+
+/// Loads one program through the verifier and attaches it. With bpf_link the kernel always
+/// lets several programs share the cgroup and rejects any attach flag, so the mode must be
+/// the flag-less one.
+fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &std::fs::File) -> Result<(FdLink, ProgramSize)> {
+    let program = ebpf
+        .program_mut(name)
+        .context("missing from the eBPF object")?;
+    if name == PROG_SOCK_RELEASE {
+        let prog: &mut CgroupSock = program.try_into()?;
+        prog.load().context("the kernel verifier rejected it")?;
+        let size = ProgramSize::of(name, &prog.info()?);
+        let id = prog
+            .attach(cgroup, CgroupAttachMode::Single)
+            .context("cannot attach")?;
+        Ok((prog.take_link(id)?.try_into()?, size))
+    } else {
+        let prog: &mut CgroupSockAddr = program.try_into()?;
+        prog.load().context("the kernel verifier rejected it")?;
+        let size = ProgramSize::of(name, &prog.info()?);
+        let id = prog
+            .attach(cgroup, CgroupAttachMode::Single)
+            .context("cannot attach")?;
+        Ok((prog.take_link(id)?.try_into()?, size))
+    }
 }
 
 /// Pins the new link under a temporary name, then renames it over the old pin. The old link
 /// loses its last reference at the rename and detaches; the new one is already running.
-fn swap_link_pin(pin_dir: &Path, link: FdLink) -> Result<()> {
-    let final_path = pin_dir.join(LINK_CONNECT4);
-    let tmp = pin_dir.join(LINK_CONNECT4_NEW);
+fn swap_link_pin(pin_dir: &Path, program: &str, link: FdLink) -> Result<()> {
+    let [final_name, tmp_name] = link_pins(program);
+    let final_path = pin_dir.join(final_name);
+    let tmp = pin_dir.join(tmp_name);
     let _ = std::fs::remove_file(&tmp);
     let pinned = link
         .pin(&tmp)

@@ -1,18 +1,80 @@
 //! Pure: what the data plane should hold for a config. Turns each service's weighted backends
-//! into a slot table, where a backend's weight is the number of slots pointing at it.
+//! into a slot table: for `random`, a backend's weight is the number of slots pointing at it;
+//! for `maglev`, the table is the Maglev lookup table the kernel indexes by client hash.
 
-use crate::config::{BackendConfig, Config, Protocol};
+use crate::config::{Algorithm, BackendConfig, Balancing, ClientKey, Config, Protocol};
 use crate::health::state::select;
-use lb_common::MAX_SLOTS_PER_SERVICE;
-use lb_common::{ipv4_to_raw, port_to_raw, ServiceKey, IPPROTO_TCP, IPPROTO_UDP};
+use crate::maglev;
+use lb_common::MAX_RANDOM_SLOTS;
+use lb_common::{
+    ip_to_raw, port_to_raw, ServiceKey, ServiceValue, ALG_MAGLEV, ALG_RANDOM, FLAG_AFFINITY_CLIENT,
+    FLAG_CLIENT_CGROUP, IPPROTO_TCP, IPPROTO_UDP,
+};
 use std::collections::BTreeMap;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredService {
     pub name: String,
     /// One entry per slot; a backend appears as many times as its (reduced) weight.
-    pub slots: Vec<SocketAddrV4>,
+    pub slots: Vec<SocketAddr>,
+    pub mode: Mode,
+}
+
+/// The selection settings a service entry carries besides its table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Mode {
+    pub algorithm: u8,
+    pub flags: u8,
+    pub affinity_timeout_s: u32,
+}
+
+impl Mode {
+    pub fn of(b: &Balancing) -> Self {
+        let algorithm = match b.algorithm {
+            Algorithm::Random => ALG_RANDOM,
+            Algorithm::Maglev { .. } => ALG_MAGLEV,
+        };
+        let mut flags = 0;
+        if b.affinity.is_some() {
+            flags |= FLAG_AFFINITY_CLIENT;
+        }
+        if b.client_key == ClientKey::Cgroup {
+            flags |= FLAG_CLIENT_CGROUP;
+        }
+        let timeout = b.affinity.map_or(0, |t| t.as_secs());
+        Self {
+            algorithm,
+            flags,
+            affinity_timeout_s: u32::try_from(timeout).unwrap_or(u32::MAX),
+        }
+    }
+
+    pub fn from_value(v: &ServiceValue) -> Self {
+        Self {
+            algorithm: v.algorithm,
+            flags: v.flags,
+            affinity_timeout_s: v.affinity_timeout_s,
+        }
+    }
+
+    /// The balancing that reproduces this mode; unknown bits (a newer writer) read as the
+    /// defaults. `table_size` is the installed table's length.
+    pub fn balancing(&self, table_size: u32) -> Balancing {
+        Balancing {
+            algorithm: match self.algorithm {
+                ALG_MAGLEV if maglev::is_prime(table_size) => Algorithm::Maglev { table_size },
+                _ => Algorithm::Random,
+            },
+            affinity: (self.flags & FLAG_AFFINITY_CLIENT != 0)
+                .then(|| std::time::Duration::from_secs(self.affinity_timeout_s.into())),
+            client_key: if self.flags & FLAG_CLIENT_CGROUP != 0 {
+                ClientKey::Cgroup
+            } else {
+                ClientKey::Netns
+            },
+        }
+    }
 }
 
 pub type Desired = BTreeMap<ServiceKey, DesiredService>;
@@ -22,7 +84,7 @@ pub type Desired = BTreeMap<ServiceKey, DesiredService>;
 /// Returns the desired state and the names of services failing open.
 pub fn desired(
     config: &Config,
-    healthy: &dyn Fn(&str, &SocketAddrV4) -> bool,
+    healthy: &dyn Fn(&str, &SocketAddr) -> bool,
 ) -> (Desired, Vec<String>) {
     let mut failing_open = Vec::new();
     let desired = config
@@ -42,7 +104,11 @@ pub fn desired(
                 chosen.iter().map(|&i| s.backends[i].clone()).collect();
             let svc = DesiredService {
                 name: s.name.clone(),
-                slots: slot_table(&backends),
+                slots: match s.balancing.algorithm {
+                    Algorithm::Random => slot_table(&backends),
+                    Algorithm::Maglev { table_size } => maglev_table(&backends, table_size),
+                },
+                mode: Mode::of(&s.balancing),
             };
             (service_key(s.vip, s.protocol), svc)
         })
@@ -50,9 +116,9 @@ pub fn desired(
     (desired, failing_open)
 }
 
-pub fn service_key(vip: SocketAddrV4, protocol: Protocol) -> ServiceKey {
+pub fn service_key(vip: SocketAddr, protocol: Protocol) -> ServiceKey {
     ServiceKey {
-        addr: ipv4_to_raw(vip.ip().octets()),
+        addr: ip_to_raw(vip.ip()),
         port: port_to_raw(vip.port()),
         proto: match protocol {
             Protocol::Tcp => IPPROTO_TCP,
@@ -62,15 +128,33 @@ pub fn service_key(vip: SocketAddrV4, protocol: Protocol) -> ServiceKey {
     }
 }
 
+/// The Maglev lookup table over `backends`; empty without backends, so that connects are
+/// refused as for any service without backends.
+pub fn maglev_table(backends: &[BackendConfig], size: u32) -> Vec<SocketAddr> {
+    let ids: Vec<String> = backends.iter().map(|b| b.address.to_string()).collect();
+    let members: Vec<maglev::Member> = backends
+        .iter()
+        .zip(&ids)
+        .map(|(b, id)| maglev::Member {
+            id: id.as_bytes(),
+            weight: b.weight,
+        })
+        .collect();
+    maglev::table(&members, size)
+        .into_iter()
+        .map(|i| backends[i as usize].address)
+        .collect()
+}
+
 /// Backends are ordered by address so that reordering a config does not rewrite the table.
 /// Weights are divided by their gcd (weights 2:2:4 take 4 slots, not 8); if the sum still
-/// exceeds `MAX_SLOTS_PER_SERVICE` they are scaled down proportionally, keeping one slot each.
-pub fn slot_table(backends: &[BackendConfig]) -> Vec<SocketAddrV4> {
+/// exceeds `MAX_RANDOM_SLOTS` they are scaled down proportionally, keeping one slot each.
+pub fn slot_table(backends: &[BackendConfig]) -> Vec<SocketAddr> {
     let mut sorted: Vec<&BackendConfig> = backends.iter().collect();
     sorted.sort_by_key(|b| b.address);
     let g = sorted.iter().fold(0, |g, b| gcd(g, b.weight)).max(1);
     let total: u64 = sorted.iter().map(|b| u64::from(b.weight / g)).sum();
-    let cap = u64::from(MAX_SLOTS_PER_SERVICE);
+    let cap = u64::from(MAX_RANDOM_SLOTS);
     let share = |w: u32| -> usize {
         let w = u64::from(w / g);
         let scaled = if total > cap {
@@ -105,8 +189,8 @@ mod tests {
         }
     }
 
-    fn count(slots: &[SocketAddrV4], addr: &str) -> usize {
-        let a: SocketAddrV4 = addr.parse().unwrap();
+    fn count(slots: &[SocketAddr], addr: &str) -> usize {
+        let a: SocketAddr = addr.parse().unwrap();
         slots.iter().filter(|s| **s == a).count()
     }
 
@@ -149,11 +233,7 @@ mod tests {
             .chain([be("10.0.1.1:80", 1)])
             .collect();
         let t = slot_table(&backends);
-        assert!(
-            t.len() <= MAX_SLOTS_PER_SERVICE as usize,
-            "{} slots",
-            t.len()
-        );
+        assert!(t.len() <= MAX_RANDOM_SLOTS as usize, "{} slots", t.len());
         assert_eq!(count(&t, "10.0.1.1:80"), 1);
         assert!(count(&t, "10.0.0.1:80") > 1000);
     }
@@ -166,8 +246,48 @@ mod tests {
     #[test]
     fn service_key_is_in_network_order() {
         let k = service_key("10.96.0.10:80".parse().unwrap(), Protocol::Udp);
-        assert_eq!(k.addr.to_ne_bytes(), [10, 96, 0, 10]);
+        assert_eq!(
+            lb_common::as_v4(&k.addr),
+            Some(u32::from_ne_bytes([10, 96, 0, 10]))
+        );
         assert_eq!(k.port.to_ne_bytes(), [0, 80]);
         assert_eq!(k.proto, IPPROTO_UDP);
+    }
+}
+
+#[cfg(test)]
+mod maglev_tests {
+    use super::*;
+    use crate::config::{parse, Algorithm};
+
+    #[test]
+    fn a_maglev_service_gets_its_lookup_table_and_mode() {
+        let text = "[[service]]\nname = \"m\"\nvip = \"[fd00::10]:80\"\n\
+                    backends = [\"[fd00::1]:80\", { address = \"[fd00::2]:80\", weight = 3 }]\n\
+                    algorithm = \"maglev\"\nmaglev_table_size = 1031\naffinity = \"client\"\n\
+                    affinity_timeout = \"90s\"\nclient_key = \"cgroup\"\n";
+        let config = parse(text, "t").unwrap();
+        assert_eq!(
+            config.services[0].balancing.algorithm,
+            Algorithm::Maglev { table_size: 1031 }
+        );
+        let (d, _) = desired(&config, &|_, _| true);
+        let svc = d.values().next().unwrap();
+        assert_eq!(svc.slots.len(), 1031);
+        let heavy = svc
+            .slots
+            .iter()
+            .filter(|a| a.port() == 80 && a.to_string() == "[fd00::2]:80");
+        let share = heavy.count() as f64 / 1031.0;
+        assert!((0.70..0.80).contains(&share), "weight 3 of 4 got {share}");
+        assert_eq!(
+            svc.mode,
+            Mode {
+                algorithm: ALG_MAGLEV,
+                flags: FLAG_AFFINITY_CLIENT | FLAG_CLIENT_CGROUP,
+                affinity_timeout_s: 90,
+            }
+        );
+        assert_eq!(svc.mode.balancing(1031), config.services[0].balancing);
     }
 }

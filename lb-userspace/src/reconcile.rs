@@ -9,12 +9,10 @@
 //! half-way leaves a consistent data plane (the unit tests apply every prefix to check this).
 
 use crate::installed::{Installed, InstalledService};
-use crate::plan::{Desired, DesiredService};
-use lb_common::{
-    ServiceKey, ServiceValue, SlotKey, ALG_RANDOM, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS,
-};
+use crate::plan::{Desired, DesiredService, Mode};
+use lb_common::{ServiceKey, ServiceValue, SlotKey, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -23,7 +21,8 @@ pub enum Op {
     ResetBackendCounters(u32),
     PutBackend {
         id: u32,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
+        service_id: u32,
     },
     PutSlots {
         service_id: u32,
@@ -157,14 +156,22 @@ pub fn reconcile(installed: &Installed, desired: &Desired) -> Result<Plan, Capac
     Ok(Plan { ops, summary })
 }
 
-/// Both revisions of every changed service exist during its swap; count that worst case.
+/// Follows the plan's order: services are added or swapped one by one (a swapped service has
+/// both tables for a moment), and removed services go last. The peak must fit the slot map.
+/// Unchanged services are counted once, so large Maglev tables do not count double.
 fn check_slot_capacity(installed: &Installed, desired: &Desired) -> Result<(), CapacityError> {
-    let have: usize = installed.services.values().map(|s| s.slots.len()).sum();
-    let want: usize = desired.values().map(|s| s.slots.len()).sum();
-    if have + want > MAX_SLOTS as usize {
+    let mut held: usize = installed.services.values().map(|s| s.slots.len()).sum();
+    let mut peak = held;
+    for (key, want) in desired {
+        let old = installed.services.get(key).map_or(0, |s| s.slots.len());
+        peak = peak.max(held + want.slots.len());
+        held = held + want.slots.len() - old;
+    }
+    if peak > MAX_SLOTS as usize {
         return Err(CapacityError(format!(
-            "the config needs {want} slots and {have} are installed; both exist during the \
-             update but the slot map holds {MAX_SLOTS}"
+            "the update needs {peak} slot entries at its peak (tables being replaced exist twice \
+             for a moment) but the slot map holds {MAX_SLOTS}; use fewer or smaller Maglev \
+             tables (maglev_table_size)"
         )));
     }
     Ok(())
@@ -183,8 +190,8 @@ fn add_service(
         service_id: id,
         name: want.name.clone(),
     });
-    let slots = assign_backends(&BTreeMap::new(), want, backend_ids, ops)?;
-    write_table(key, id, 1, slots, ops);
+    let slots = assign_backends(id, &BTreeMap::new(), want, backend_ids, ops)?;
+    write_table(key, id, 1, want.mode, slots, ops);
     Ok(())
 }
 
@@ -197,7 +204,7 @@ fn update_service(
     backend_ids: &mut IdPool,
     ops: &mut Vec<Op>,
 ) -> Result<bool, CapacityError> {
-    let owned: BTreeMap<SocketAddrV4, u32> = have
+    let owned: BTreeMap<SocketAddr, u32> = have
         .backend_ids()
         .filter_map(|id| installed.backends.get(&id).map(|addr| (*addr, id)))
         .collect();
@@ -209,13 +216,14 @@ fn update_service(
         });
     }
     let mark = ops.len();
-    let slots = assign_backends(&owned, want, backend_ids, ops)?;
-    if have.complete && slots == have.slots {
+    let slots = assign_backends(have.id, &owned, want, backend_ids, ops)?;
+    if have.complete && slots == have.slots && have.mode == want.mode {
         ops.truncate(mark);
         return Ok(renamed);
     }
     let keep: BTreeSet<u32> = slots.iter().copied().collect();
-    write_table(key, have.id, have.revision.wrapping_add(1), slots, ops);
+    let revision = have.revision.wrapping_add(1);
+    write_table(key, have.id, revision, want.mode, slots, ops);
     ops.push(delete_table(have));
     ops.extend(
         have.backend_ids()
@@ -228,7 +236,8 @@ fn update_service(
 /// Backend ids for each slot: a backend the service already has keeps its id (and so its
 /// counters); a new one gets a fresh id, zeroed and written before any table names it.
 fn assign_backends(
-    owned: &BTreeMap<SocketAddrV4, u32>,
+    service_id: u32,
+    owned: &BTreeMap<SocketAddr, u32>,
     want: &DesiredService,
     backend_ids: &mut IdPool,
     ops: &mut Vec<Op>,
@@ -242,21 +251,33 @@ fn assign_backends(
             }
             let id = backend_ids.take()?;
             ops.push(Op::ResetBackendCounters(id));
-            ops.push(Op::PutBackend { id, addr: *addr });
+            ops.push(Op::PutBackend {
+                id,
+                addr: *addr,
+                service_id,
+            });
             fresh.insert(*addr, id);
             Ok(id)
         })
         .collect()
 }
 
-fn write_table(key: ServiceKey, id: u32, revision: u32, backends: Vec<u32>, ops: &mut Vec<Op>) {
+fn write_table(
+    key: ServiceKey,
+    id: u32,
+    revision: u32,
+    mode: Mode,
+    backends: Vec<u32>,
+    ops: &mut Vec<Op>,
+) {
     let value = ServiceValue {
         id,
         revision,
         slot_count: backends.len() as u32,
-        algorithm: ALG_RANDOM,
-        flags: 0,
+        algorithm: mode.algorithm,
+        flags: mode.flags,
         _pad: 0,
+        affinity_timeout_s: mode.affinity_timeout_s,
     };
     if !backends.is_empty() {
         ops.push(Op::PutSlots {
@@ -299,6 +320,7 @@ mod tests {
             fail_open: true,
             panic_threshold: 0,
             discovery: None,
+            balancing: Default::default(),
         }
     }
 
@@ -396,7 +418,7 @@ mod tests {
         let kept_id = *dp
             .backends
             .iter()
-            .find(|(_, b)| socket_addr(b).port() == 8080 && socket_addr(b).ip().octets()[3] == 1)
+            .find(|(_, b)| socket_addr(b) == "10.0.0.1:8080".parse().unwrap())
             .unwrap()
             .0;
 
@@ -496,7 +518,7 @@ mod tests {
         );
         dp.backends.insert(
             99,
-            crate::dataplane::backend_value(&"10.9.9.9:1".parse().unwrap()),
+            crate::dataplane::backend_value(&"10.9.9.9:1".parse().unwrap(), 5),
         );
         dp.names.insert(77, lb_common::ServiceName::new("gone"));
         converge(&mut dp, &cfg);

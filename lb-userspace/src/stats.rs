@@ -7,11 +7,13 @@ use crate::discovery::SourceStatus;
 use crate::health::runner::{now_ms, BackendHealth};
 use crate::status_file::StatusFile;
 use anyhow::Result;
-use lb_common::{ipv4_from_raw, port_from_raw, ServiceKey, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{
+    ServiceKey, ALG_MAGLEV, ALG_RANDOM, FLAG_AFFINITY_CLIENT, IPPROTO_TCP, IPPROTO_UDP,
+};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddr;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -20,6 +22,8 @@ pub struct Report {
     pub services: Vec<ServiceReport>,
     /// Entries in the pinned hash maps, counted directly (strays included), so leaks show.
     pub map_entries: MapEntries,
+    /// The attached programs as the verifier sized them (from the agent's status file).
+    pub programs: Vec<crate::loader::ProgramSize>,
 }
 
 /// Number of entries in each pinned hash map: every key present, whether or not a service
@@ -30,15 +34,22 @@ pub struct MapEntries {
     pub slots: usize,
     pub backends: usize,
     pub names: usize,
+    /// Remembered client and UDP-socket choices (LRU).
+    pub affinity: usize,
+    /// Reverse translations of live sockets (LRU; connected sockets remove theirs on close).
+    pub reverse: usize,
 }
 
 impl MapEntries {
-    fn count(maps: &impl Dataplane) -> Result<Self> {
+    fn count(maps: &PinnedMaps) -> Result<Self> {
+        let (affinity, reverse) = maps.program_entries();
         Ok(Self {
             services: maps.services()?.len(),
             slots: maps.slot_keys()?.len(),
             backends: maps.backends()?.len(),
             names: maps.names()?.len(),
+            affinity,
+            reverse,
         })
     }
 }
@@ -54,6 +65,12 @@ pub struct ServiceReport {
     pub connects: u64,
     pub no_backend: u64,
     pub update_races: u64,
+    /// "random" or "maglev".
+    pub algorithm: String,
+    /// Client affinity timeout in seconds; `None` without client affinity.
+    pub affinity_timeout_s: Option<u32>,
+    pub affinity_hits: u64,
+    pub affinity_new: u64,
     /// Health checks found too few healthy backends; balancing over all configured ones.
     pub fail_open_active: bool,
     /// The service's discovery source as the agent last published it; `None` for listed
@@ -133,6 +150,11 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
             connects: counters.connects,
             no_backend: counters.no_backend,
             update_races: counters.update_races,
+            algorithm: algorithm_name(svc.mode.algorithm),
+            affinity_timeout_s: (svc.mode.flags & FLAG_AFFINITY_CLIENT != 0)
+                .then_some(svc.mode.affinity_timeout_s),
+            affinity_hits: counters.affinity_hits,
+            affinity_new: counters.affinity_new,
             fail_open_active: svc_status.is_some_and(|s| s.fail_open_active),
             discovery: svc_status.and_then(|s| s.discovery.clone()),
             backends,
@@ -143,14 +165,20 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
         kubernetes: status.and_then(|s| s.kubernetes.clone()),
         services,
         map_entries: MapEntries::count(maps)?,
+        programs: status.map(|s| s.programs.clone()).unwrap_or_default(),
     })
 }
 
-fn vip(key: &ServiceKey) -> SocketAddrV4 {
-    SocketAddrV4::new(
-        Ipv4Addr::from(ipv4_from_raw(key.addr)),
-        port_from_raw(key.port),
-    )
+fn vip(key: &ServiceKey) -> SocketAddr {
+    crate::dataplane::endpoint(&key.addr, key.port)
+}
+
+fn algorithm_name(alg: u8) -> String {
+    match alg {
+        ALG_RANDOM => "random".into(),
+        ALG_MAGLEV => "maglev".into(),
+        other => format!("algorithm-{other}"),
+    }
 }
 
 fn protocol(proto: u8) -> String {
@@ -174,6 +202,15 @@ pub fn render_table(report: &Report) -> String {
             out,
             "{:<20} {:>21}/{:<3}  connects {:>10}  no-backend {:>8}  races {:>4}  rev {}",
             s.name, s.vip, s.protocol, s.connects, s.no_backend, s.update_races, s.revision
+        );
+        let affinity = match s.affinity_timeout_s {
+            Some(t) => format!(", client affinity {t}s"),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "    {} over {} slots{affinity}; remembered choices used {}, stored {}",
+            s.algorithm, s.slots, s.affinity_hits, s.affinity_new
         );
         if s.fail_open_active {
             let _ = writeln!(
@@ -210,9 +247,16 @@ pub fn render_table(report: &Report) -> String {
     let m = &report.map_entries;
     let _ = writeln!(
         out,
-        "map entries: services {}  slots {}  backends {}  names {}",
-        m.services, m.slots, m.backends, m.names
+        "map entries: services {}  slots {}  backends {}  names {}  affinity {}  reverse {}",
+        m.services, m.slots, m.backends, m.names, m.affinity, m.reverse
     );
+    for p in &report.programs {
+        let _ = writeln!(
+            out,
+            "program {:<16} {:>5} insns verified  {:>6} B translated  {:>6} B jited",
+            p.name, p.verified_insns, p.xlated_bytes, p.jited_bytes
+        );
+    }
     out
 }
 

@@ -25,6 +25,20 @@ impl TestCgroup {
         Self { path }
     }
 
+    /// A cgroup below this one: the parent's programs apply to it too, but its id differs
+    /// (drop it before the parent).
+    pub fn child(&self) -> Self {
+        let path = self.path.join(unique_name());
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self { path }
+    }
+
+    /// The id `bpf_get_current_cgroup_id()` returns for tasks in it: its inode number.
+    pub fn id(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.path).expect("cgroup folder").ino()
+    }
+
     fn pids(&self) -> Vec<i32> {
         std::fs::read_to_string(self.path.join("cgroup.procs"))
             .unwrap_or_default()

@@ -32,6 +32,10 @@ pub struct ClientReport {
     pub by_backend: HashMap<String, u64>,
     /// Failures per errno name (ECONNREFUSED, ENETUNREACH, …).
     pub errors: HashMap<String, u64>,
+    /// Successful exchanges per peer address the client saw (getpeername, or the source of
+    /// a reply to an unconnected UDP socket).
+    #[serde(default)]
+    pub peers: HashMap<String, u64>,
 }
 
 impl ClientReport {
@@ -222,7 +226,20 @@ pub fn run_client(
     count: u64,
     proto: Proto,
 ) -> ClientReport {
+    run_client_with(net, cgroup, to, count, proto, &[])
+}
+
+/// `run_client` with further `lb-testkit connect` flags (e.g. `--unconnected`).
+pub fn run_client_with(
+    net: &TestNet,
+    cgroup: Option<&TestCgroup>,
+    to: &str,
+    count: u64,
+    proto: Proto,
+    extra: &[&str],
+) -> ClientReport {
     let mut cmd = connect_cmd(net, cgroup, to, proto);
+    cmd.args(extra);
     cmd.args(["--count", &count.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped());

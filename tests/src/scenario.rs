@@ -35,8 +35,10 @@ impl Scenario {
     /// Namespace, backends, cgroup and pins, but no agent yet: for tests that start servers
     /// the agent's config points at, or pass it extra flags.
     pub fn without_agent(backends: &[&str], proto: Proto) -> Self {
+        // IPv6 backends listen on ::1, which `lo` already has.
         let ips: Vec<&str> = backends
             .iter()
+            .filter(|b| !b.starts_with('['))
             .filter_map(|b| b.split(':').next())
             .collect();
         let net = TestNet::new(&ips);

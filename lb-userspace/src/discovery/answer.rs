@@ -4,7 +4,7 @@
 
 use crate::config::{BackendConfig, MAX_BACKENDS_PER_SERVICE, MAX_WEIGHT};
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 /// Reasons kept per answer: enough to diagnose, bounded for a garbage answer of any size.
 pub const MAX_REASONS: usize = 10;
@@ -41,7 +41,7 @@ pub fn build(
     reported: impl IntoIterator<Item = Reported>,
     mut answer: Answer,
 ) -> Result<Answer, String> {
-    let mut by_address: BTreeMap<SocketAddrV4, u32> = BTreeMap::new();
+    let mut by_address: BTreeMap<SocketAddr, u32> = BTreeMap::new();
     for r in reported {
         match usable(&r) {
             // Names that resolve to the same address twice are normal in DNS: keep the first.
@@ -64,24 +64,19 @@ pub fn build(
     Ok(answer)
 }
 
-fn usable(r: &Reported) -> Result<SocketAddrV4, String> {
+/// Both families are usable here; a backend of the other family than its service's VIP is
+/// dropped where the VIP is known (`merge`).
+fn usable(r: &Reported) -> Result<SocketAddr, String> {
     let ip = match r.ip {
-        IpAddr::V4(ip) => ip,
-        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
-            Some(ip) => ip,
-            None => {
-                return Err(format!(
-                    "[{ip}]:{}: IPv6 backends are not supported yet",
-                    r.port
-                ))
-            }
-        },
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(r.ip, IpAddr::V4),
+        v4 => v4,
     };
-    let shown = SocketAddrV4::new(ip, r.port);
+    let shown = SocketAddr::new(ip, r.port);
     if r.port == 0 {
         return Err(format!("{shown}: port 0"));
     }
-    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    if ip.is_unspecified() || broadcast || ip.is_multicast() {
         return Err(format!("{shown}: not a unicast address"));
     }
     if !(1..=MAX_WEIGHT).contains(&r.weight) {
@@ -141,11 +136,12 @@ mod tests {
             Answer::default(),
         )
         .unwrap();
-        assert_eq!(a.backends.len(), 1, "{a:?}");
-        assert_eq!(a.backends[0].address.to_string(), "10.0.0.9:80");
-        assert_eq!(a.skipped, 7);
+        // IPv6 is usable; a v4-mapped address is its IPv4 address.
+        let kept: Vec<String> = a.backends.iter().map(|b| b.address.to_string()).collect();
+        assert_eq!(kept, ["10.0.0.9:80", "[fd00::1]:80"]);
+        assert_eq!(a.skipped, 6);
         assert!(a.reasons[0].contains("port 0"), "{:?}", a.reasons);
-        assert!(a.reasons[4].contains("IPv6"), "{:?}", a.reasons);
+        assert!(a.reasons[3].contains("not a unicast"), "{:?}", a.reasons);
     }
 
     #[test]

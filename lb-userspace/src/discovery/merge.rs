@@ -5,9 +5,9 @@
 use crate::config::{BackendConfig, Config, Protocol, ServiceConfig, VipClash};
 use crate::installed::Installed;
 use crate::plan::service_key;
-use lb_common::{ipv4_from_raw, port_from_raw, ServiceKey, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{ServiceKey, IPPROTO_TCP, IPPROTO_UDP};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddr;
 
 /// Where the services and backends that the file does not list come from.
 pub struct Sources<'a> {
@@ -80,6 +80,7 @@ pub fn effective(
                     fail_open: true,
                     panic_threshold: 0,
                     discovery: None,
+                    balancing: service.mode.balancing(service.slot_count),
                 });
             }
         }
@@ -90,7 +91,7 @@ pub fn effective(
 
 /// Applies the backend-is-not-a-VIP rule to every service whose backends came from a source.
 fn drop_vip_backends(merged: &mut Config, listed: usize, notes: &mut Vec<String>) {
-    let vips: HashMap<(SocketAddrV4, Protocol), String> = merged
+    let vips: HashMap<(SocketAddr, Protocol), String> = merged
         .services
         .iter()
         .map(|s| ((s.vip, s.protocol), s.name.clone()))
@@ -101,7 +102,15 @@ fn drop_vip_backends(merged: &mut Config, listed: usize, notes: &mut Vec<String>
         }
         let health_port = service.health.as_ref().and_then(|h| h.port);
         let (name, protocol) = (service.name.clone(), service.protocol);
+        let vip = service.vip;
         service.backends.retain(|b| {
+            if b.address.is_ipv4() != vip.is_ipv4() {
+                notes.push(format!(
+                    "service {name:?}: discovered backend {} ignored: the VIP {vip} is of the other address family",
+                    b.address
+                ));
+                return false;
+            }
             let hit = VipClash::of(&vips, b.address, protocol, health_port).owner();
             if let Some(owner) = hit {
                 notes.push(format!(
@@ -114,14 +123,13 @@ fn drop_vip_backends(merged: &mut Config, listed: usize, notes: &mut Vec<String>
     }
 }
 
-fn vip_of(key: &ServiceKey) -> Option<(SocketAddrV4, Protocol)> {
+fn vip_of(key: &ServiceKey) -> Option<(SocketAddr, Protocol)> {
     let protocol = match key.proto {
         IPPROTO_TCP => Protocol::Tcp,
         IPPROTO_UDP => Protocol::Udp,
         _ => return None,
     };
-    let ip = Ipv4Addr::from(ipv4_from_raw(key.addr));
-    Some((SocketAddrV4::new(ip, port_from_raw(key.port)), protocol))
+    Some((crate::dataplane::endpoint(&key.addr, key.port), protocol))
 }
 
 /// The backends a service's current slot table points at, weighted by their slot count.
@@ -129,7 +137,7 @@ fn in_maps(installed: &Installed, key: ServiceKey) -> Vec<BackendConfig> {
     let Some(service) = installed.services.get(&key) else {
         return Vec::new();
     };
-    let mut weights: BTreeMap<SocketAddrV4, u32> = BTreeMap::new();
+    let mut weights: BTreeMap<SocketAddr, u32> = BTreeMap::new();
     for id in &service.slots {
         if let Some(address) = installed.backends.get(id) {
             *weights.entry(*address).or_default() += 1;

@@ -7,21 +7,21 @@
 use crate::config::ProbeKind;
 use bytes::Bytes;
 use http_body_util::Empty;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpStream;
 
 /// `Err` carries a short reason for logs and `stats`.
 pub type Outcome = Result<(), String>;
 
-pub async fn probe(addr: SocketAddrV4, kind: &ProbeKind, timeout: Duration) -> Outcome {
+pub async fn probe(addr: SocketAddr, kind: &ProbeKind, timeout: Duration) -> Outcome {
     match tokio::time::timeout(timeout, run(addr, kind)).await {
         Ok(outcome) => outcome,
         Err(_) => Err(format!("timeout after {timeout:?}")),
     }
 }
 
-async fn run(addr: SocketAddrV4, kind: &ProbeKind) -> Outcome {
+async fn run(addr: SocketAddr, kind: &ProbeKind) -> Outcome {
     let stream = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -34,7 +34,7 @@ async fn run(addr: SocketAddrV4, kind: &ProbeKind) -> Outcome {
     }
 }
 
-async fn http(stream: TcpStream, addr: SocketAddrV4, path: &str, expect: Option<u16>) -> Outcome {
+async fn http(stream: TcpStream, addr: SocketAddr, path: &str, expect: Option<u16>) -> Outcome {
     let io = hyper_util::rt::TokioIo::new(stream);
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(io)
         .await

@@ -9,7 +9,7 @@ use crate::config::{Config, HealthConfig, InitialState};
 use crate::jitter::Jitter;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, Semaphore};
@@ -22,7 +22,7 @@ const MAX_CONCURRENT_PROBES: usize = 256;
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Target {
     pub service: String,
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
 }
 
 /// What `lb-agent stats` shows per probed backend.
@@ -114,7 +114,7 @@ impl HealthRunner {
     }
 
     /// Backends without a health block count as healthy.
-    pub fn is_healthy(&self, service: &str, backend: &SocketAddrV4) -> bool {
+    pub fn is_healthy(&self, service: &str, backend: &SocketAddr) -> bool {
         let target = Target {
             service: service.to_string(),
             backend: *backend,
@@ -143,13 +143,23 @@ impl Drop for HealthRunner {
 fn jitter_for(target: &Target) -> Jitter {
     Jitter::seeded(
         now_ms()
-            ^ u64::from(u32::from(*target.backend.ip())) << 16
+            ^ ip_seed(target.backend.ip()) << 16
             ^ u64::from(target.backend.port())
             ^ target
                 .service
                 .bytes()
                 .fold(0u64, |h, b| h.rotate_left(5) ^ u64::from(b)),
     )
+}
+
+fn ip_seed(ip: std::net::IpAddr) -> u64 {
+    match ip {
+        std::net::IpAddr::V4(v4) => u64::from(u32::from(v4)),
+        std::net::IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            (bits >> 64) as u64 ^ bits as u64
+        }
+    }
 }
 
 async fn probe_loop(
@@ -159,8 +169,8 @@ async fn probe_loop(
     transitions: mpsc::UnboundedSender<()>,
     limit: Arc<Semaphore>,
 ) {
-    let addr = SocketAddrV4::new(
-        *target.backend.ip(),
+    let addr = SocketAddr::new(
+        target.backend.ip(),
         hc.port.unwrap_or(target.backend.port()),
     );
     let mut jitter = jitter_for(&target);
@@ -217,7 +227,7 @@ mod tests {
         parse(&text, "test.toml").unwrap()
     }
 
-    fn addr(s: &str) -> SocketAddrV4 {
+    fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
 

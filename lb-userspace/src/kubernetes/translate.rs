@@ -7,12 +7,14 @@
 //! ready and a missing `serving` as equal to `ready`, as the API documents.
 
 use crate::config::{
-    BackendConfig, Protocol, ServiceConfig, MAX_BACKENDS_PER_SERVICE, MAX_NAME_LEN,
+    BackendConfig, Balancing, Protocol, ServiceConfig, AFFINITY_TIMEOUT_RANGE,
+    DEFAULT_AFFINITY_TIMEOUT, MAX_BACKENDS_PER_SERVICE, MAX_NAME_LEN,
 };
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 /// The label EndpointSlices carry to name their Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -48,19 +50,23 @@ pub fn translate<'a>(
             continue;
         };
         let Some(spec) = &service.spec else { continue };
-        let Some(vip) = cluster_ipv4(spec) else {
+        let vips = cluster_ips(spec);
+        if vips.is_empty() {
             if spec.cluster_ip.as_deref() != Some("None")
                 && spec.type_.as_deref() != Some("ExternalName")
             {
-                out.notes
-                    .push(format!("{ns}/{name}: no IPv4 ClusterIP (IPv6 comes later)"));
+                out.notes.push(format!("{ns}/{name}: no usable ClusterIP"));
             }
             continue;
-        };
+        }
         let slices = by_service
             .get(&(ns.clone(), name.clone()))
             .map_or(&[][..], Vec::as_slice);
-        for port in spec.ports.iter().flatten() {
+        let balancing = session_affinity(spec);
+        for (vip, port) in vips
+            .iter()
+            .flat_map(|vip| spec.ports.iter().flatten().map(move |p| (*vip, p)))
+        {
             let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
                 "TCP" => Protocol::Tcp,
                 "UDP" => Protocol::Udp,
@@ -79,50 +85,94 @@ pub fn translate<'a>(
                 continue;
             }
             let port_name = port.name.as_deref().unwrap_or("");
-            let (backends, capped) = backends(slices, port_name, protocol);
+            let (backends, capped) = backends(slices, vip.is_ipv6(), port_name, protocol);
             if capped {
                 out.notes.push(format!(
                     "{ns}/{name}: more than {MAX_BACKENDS_PER_SERVICE} endpoints; using the first {MAX_BACKENDS_PER_SERVICE} by address"
                 ));
             }
-            let label = if port_name.is_empty() {
+            let mut label = if port_name.is_empty() {
                 vip_port.to_string()
             } else {
                 port_name.to_owned()
             };
+            // Dual-stack Services get one service per family; the IPv4 one keeps the plain name.
+            if vip.is_ipv6() {
+                label.push_str(".ipv6");
+            }
             out.services.push(ServiceConfig {
                 name: service_name(ns, name, &label),
-                vip: SocketAddrV4::new(vip, vip_port),
+                vip: SocketAddr::new(vip, vip_port),
                 protocol,
                 backends,
                 health: None,
                 fail_open: true,
                 panic_threshold: 0,
                 discovery: None,
+                balancing,
             });
         }
     }
     out
 }
 
-fn cluster_ipv4(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Option<Ipv4Addr> {
-    spec.cluster_ips
+/// At most one ClusterIP per family (dual-stack), usable ones only.
+fn cluster_ips(spec: &ServiceSpec) -> Vec<IpAddr> {
+    let mut found: Vec<IpAddr> = Vec::new();
+    for ip in spec
+        .cluster_ips
         .iter()
         .flatten()
         .chain(spec.cluster_ip.iter())
-        .find_map(|ip| ip.parse::<Ipv4Addr>().ok())
-        .filter(|ip| !ip.is_unspecified() && !ip.is_broadcast() && !ip.is_multicast())
+    {
+        let Ok(ip) = ip.parse::<IpAddr>() else {
+            continue;
+        };
+        if usable(ip) && !found.iter().any(|f| f.is_ipv6() == ip.is_ipv6()) {
+            found.push(ip);
+        }
+    }
+    found
+}
+
+fn usable(ip: IpAddr) -> bool {
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    !ip.is_unspecified() && !broadcast && !ip.is_multicast()
+}
+
+/// `sessionAffinity: ClientIP` is client affinity keyed by the pod's network namespace, with
+/// Kubernetes' timeout (default three hours).
+fn session_affinity(spec: &ServiceSpec) -> Balancing {
+    let mut b = Balancing::default();
+    if spec.session_affinity.as_deref() == Some("ClientIP") {
+        let seconds = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|s| u64::try_from(s).ok())
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT);
+        let (min, max) = (
+            *AFFINITY_TIMEOUT_RANGE.start(),
+            *AFFINITY_TIMEOUT_RANGE.end(),
+        );
+        b.affinity = Some(seconds.clamp(min, max));
+    }
+    b
 }
 
 /// Returns the backends for one service port and whether the list was cut to the cap.
 fn backends(
     slices: &[&EndpointSlice],
+    ipv6: bool,
     port_name: &str,
     protocol: Protocol,
 ) -> (Vec<BackendConfig>, bool) {
     let mut ready = BTreeSet::new();
     let mut draining = BTreeSet::new();
-    for slice in slices.iter().filter(|s| s.address_type == "IPv4") {
+    let family = if ipv6 { "IPv6" } else { "IPv4" };
+    for slice in slices.iter().filter(|s| s.address_type == family) {
         let Some(port) = slice.ports.iter().flatten().find(|p| {
             p.name.as_deref().unwrap_or("") == port_name
                 && p.protocol.as_deref().unwrap_or("TCP") == protocol_name(protocol)
@@ -149,9 +199,9 @@ fn backends(
                 continue;
             };
             for address in &endpoint.addresses {
-                if let Ok(ip) = address.parse::<Ipv4Addr>() {
-                    if !ip.is_unspecified() && !ip.is_broadcast() && !ip.is_multicast() {
-                        set.insert(SocketAddrV4::new(ip, port));
+                if let Ok(ip) = address.parse::<IpAddr>() {
+                    if usable(ip) && ip.is_ipv6() == ipv6 {
+                        set.insert(SocketAddr::new(ip, port));
                     }
                 }
             }
@@ -297,9 +347,39 @@ mod tests {
     }
 
     #[test]
-    fn headless_external_ipv6_and_sctp_are_skipped() {
+    fn dual_stack_gives_one_service_per_family_and_client_ip_affinity_carries_over() {
+        let mut svc = service("a", "web", "10.96.0.10", json!([{"port": 80}]));
+        let spec = svc.spec.as_mut().unwrap();
+        spec.cluster_ips = Some(vec!["10.96.0.10".into(), "fd00::10".into()]);
+        spec.session_affinity = Some("ClientIP".into());
+        let v4 = slice(
+            "a",
+            "web",
+            json!([ep("10.1.0.1", None, None, None)]),
+            json!([{"port": 8080}]),
+        );
+        let mut v6 = slice(
+            "a",
+            "web",
+            json!([ep("fd00::1", None, None, None)]),
+            json!([{"port": 8080}]),
+        );
+        v6.address_type = "IPv6".into();
+        let t = translate([&svc], [&v4, &v6]);
+        let names: Vec<&str> = t.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a.web.80", "a.web.80.ipv6"]);
+        assert_eq!(addrs(&t.services[0]), ["10.1.0.1:8080"]);
+        assert_eq!(addrs(&t.services[1]), ["[fd00::1]:8080"]);
+        assert_eq!(t.services[1].vip, "[fd00::10]:80".parse().unwrap());
+        for s in &t.services {
+            assert_eq!(s.balancing.affinity, Some(DEFAULT_AFFINITY_TIMEOUT));
+        }
+    }
+
+    #[test]
+    fn headless_external_and_sctp_are_skipped() {
         let headless = service("a", "h", "None", json!([{"port": 80}]));
-        let v6 = service("a", "six", "fd00::10", json!([{"port": 80}]));
+        let v6 = service("a", "six", "::", json!([{"port": 80}]));
         let sctp = service(
             "a",
             "s",
@@ -354,7 +434,7 @@ mod tests {
         let many: Vec<serde_json::Value> = (0..2000u32)
             .map(|i| {
                 ep(
-                    &Ipv4Addr::from(0x0a01_0000 + i).to_string(),
+                    &std::net::Ipv4Addr::from(0x0a01_0000 + i).to_string(),
                     None,
                     None,
                     None,

@@ -60,6 +60,9 @@ enum Cmd {
         count: u64,
         #[arg(long, default_value = "tcp")]
         proto: net::Proto,
+        /// UDP: one unconnected socket sends every datagram with sendto().
+        #[arg(long)]
+        unconnected: bool,
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
         #[arg(long, default_value_t = 60)]
@@ -187,9 +190,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             to,
             count,
             proto,
+            unconnected,
             interval_ms,
             max_seconds,
-        } => net::connect(to, count, proto, interval_ms, max_seconds),
+        } => net::connect(to, count, proto, unconnected, interval_ms, max_seconds),
         Cmd::Exec { argv } => join::exec(&argv),
         Cmd::ConsulMock { listen, state } => consul::run(listen, state),
         Cmd::KubeMock { listen, state } => kube::run(listen, state),

@@ -184,25 +184,51 @@ fn errno_name(e: &std::io::Error) -> String {
     name.into()
 }
 
-/// One exchange; the reply names the backend.
-fn exchange(to: SocketAddr, proto: Proto) -> std::io::Result<String> {
+/// A UDP socket of `to`'s family on an ephemeral port.
+fn udp_socket(to: SocketAddr) -> std::io::Result<UdpSocket> {
+    let any: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let s = UdpSocket::bind(any)?;
+    s.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    Ok(s)
+}
+
+/// One exchange. Returns the reply, which names the backend, and the peer the client saw:
+/// `getpeername()` of the TCP or connected UDP socket, the source `recvfrom()` reported on an
+/// unconnected one (`shared`, reused across exchanges).
+fn exchange(
+    to: SocketAddr,
+    proto: Proto,
+    shared: Option<&UdpSocket>,
+) -> std::io::Result<(String, SocketAddr)> {
     let mut reply = String::new();
-    match proto {
-        Proto::Tcp => {
+    let peer = match (proto, shared) {
+        (Proto::Tcp, _) => {
             let mut s = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)?;
             s.set_read_timeout(Some(REPLY_TIMEOUT))?;
             s.read_to_string(&mut reply)?;
+            s.peer_addr()?
         }
-        Proto::Udp => {
-            let s = UdpSocket::bind("0.0.0.0:0")?;
+        (Proto::Udp, Some(s)) => {
+            s.send_to(b"hi", to)?;
+            let mut buf = [0u8; 512];
+            let (n, from) = s.recv_from(&mut buf)?;
+            reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+            from
+        }
+        (Proto::Udp, None) => {
+            let s = udp_socket(to)?;
             s.connect(to)?;
-            s.set_read_timeout(Some(REPLY_TIMEOUT))?;
             s.send(b"hi")?;
             let mut buf = [0u8; 512];
             let n = s.recv(&mut buf)?;
             reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+            s.peer_addr()?
         }
-    }
+    };
     let reply = reply.trim();
     if reply.is_empty() {
         // Accepted and closed without a word: not an answer from a backend.
@@ -211,16 +237,24 @@ fn exchange(to: SocketAddr, proto: Proto) -> std::io::Result<String> {
             "empty reply",
         ));
     }
-    Ok(reply.to_string())
+    Ok((reply.to_string(), peer))
 }
 
+/// `unconnected`: UDP only, one socket sends every datagram with `sendto()` (as DNS clients
+/// do); otherwise each exchange uses a fresh connected socket.
 pub fn connect(
     to: SocketAddr,
     count: u64,
     proto: Proto,
+    unconnected: bool,
     interval_ms: u64,
     max_seconds: u64,
 ) -> Result<()> {
+    let shared = match (proto, unconnected) {
+        (Proto::Udp, true) => Some(udp_socket(to)?),
+        (Proto::Tcp, true) => anyhow::bail!("--unconnected is for udp"),
+        _ => None,
+    };
     // In steady mode (count 0) the caller stops us by closing stdin.
     let stop = Arc::new(AtomicBool::new(false));
     if count == 0 {
@@ -234,16 +268,18 @@ pub fn connect(
     let deadline = Instant::now() + Duration::from_secs(max_seconds);
     let (mut attempts, mut ok) = (0u64, 0u64);
     let mut by_backend: BTreeMap<String, u64> = BTreeMap::new();
+    let mut peers: BTreeMap<String, u64> = BTreeMap::new();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     while (count == 0 || attempts < count)
         && !stop.load(Ordering::SeqCst)
         && Instant::now() < deadline
     {
         attempts += 1;
-        match exchange(to, proto) {
-            Ok(backend) => {
+        match exchange(to, proto, shared.as_ref()) {
+            Ok((backend, peer)) => {
                 ok += 1;
                 *by_backend.entry(backend).or_default() += 1;
+                *peers.entry(peer.to_string()).or_default() += 1;
             }
             Err(e) => *errors.entry(errno_name(&e)).or_default() += 1,
         }
@@ -253,7 +289,13 @@ pub fn connect(
     }
     println!(
         "{}",
-        json!({ "attempts": attempts, "ok": ok, "by_backend": by_backend, "errors": errors })
+        json!({
+            "attempts": attempts,
+            "ok": ok,
+            "by_backend": by_backend,
+            "peers": peers,
+            "errors": errors,
+        })
     );
     Ok(())
 }

@@ -1,0 +1,49 @@
+//! Reverse translation: a socket that was sent to a backend through a VIP sees the VIP as the
+//! source of replies (recvmsg) and as its peer (getpeername). Entries are keyed by socket
+//! cookie and backend; a connected socket removes its entry when it is released, unconnected
+//! UDP sockets leave theirs to the LRU.
+
+use crate::maps::{LB_REVERSE, LB_SERVICES};
+use lb_common::{RawAddr, ReverseKey, ReverseValue, ServiceKey};
+
+#[inline(always)]
+pub fn key(cookie: u64, addr: RawAddr, port: u16) -> ReverseKey {
+    ReverseKey {
+        cookie,
+        addr,
+        port,
+        _pad: [0; 6],
+    }
+}
+
+/// `only_if_absent` saves a write per datagram on the UDP path, where the entry is usually
+/// already there.
+#[inline(always)]
+pub fn record(key: &ReverseKey, vip: &ServiceKey, service_id: u32, only_if_absent: bool) {
+    if only_if_absent && LB_REVERSE.get_ptr(key).is_some() {
+        return;
+    }
+    let value = ReverseValue {
+        vip: *vip,
+        service_id,
+    };
+    // A failed insert only means replies show the backend's address.
+    let _ = LB_REVERSE.insert(key, &value, 0);
+}
+
+/// The VIP to show for this socket and peer, if it still names the same service: a VIP that
+/// was removed, or now belongs to another service, is stale and the real peer shows.
+#[inline(always)]
+pub fn lookup(key: &ReverseKey) -> Option<ServiceKey> {
+    let value = LB_REVERSE.get_ptr(key)?;
+    // SAFETY: an LRU element stays valid under RCU for this run; copied at once.
+    let value = unsafe { *value };
+    let svc = LB_SERVICES.get_ptr(&value.vip)?;
+    // SAFETY: as above.
+    (unsafe { (*svc).id } == value.service_id).then_some(value.vip)
+}
+
+#[inline(always)]
+pub fn forget(key: &ReverseKey) {
+    let _ = LB_REVERSE.remove(key);
+}

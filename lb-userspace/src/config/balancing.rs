@@ -1,0 +1,197 @@
+//! How a service picks a backend: `algorithm` (random or Maglev), client `affinity` with its
+//! timeout, and what identifies a client (`client_key`).
+
+use super::{check_between, check_choice, check_duration, check_integer, Checker};
+use crate::maglev::{is_prime, DEFAULT_TABLE_SIZE, MIN_TABLE_SIZE};
+use std::ops::RangeInclusive;
+use std::time::Duration;
+use toml::{Table, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// A random backend for each new connection, in proportion to weights.
+    Random,
+    /// Consistent hashing of the client key over a lookup table of `table_size` entries.
+    Maglev { table_size: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientKey {
+    /// The socket's network namespace: a pod or container.
+    Netns,
+    /// The cgroup of the connecting task: a systemd unit or a container on a host network.
+    Cgroup,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Balancing {
+    pub algorithm: Algorithm,
+    /// Client affinity: a client keeps its backend until it has been idle this long.
+    pub affinity: Option<Duration>,
+    pub client_key: ClientKey,
+}
+
+impl Default for Balancing {
+    fn default() -> Self {
+        Self {
+            algorithm: Algorithm::Random,
+            affinity: None,
+            client_key: ClientKey::Netns,
+        }
+    }
+}
+
+const ALGORITHMS: &[(&str, bool)] = &[("random", false), ("maglev", true)];
+const AFFINITIES: &[(&str, bool)] = &[("none", false), ("client", true)];
+const CLIENT_KEYS: &[(&str, ClientKey)] =
+    &[("netns", ClientKey::Netns), ("cgroup", ClientKey::Cgroup)];
+/// Kubernetes' default for `sessionAffinity: ClientIP`.
+pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
+/// Kubernetes' bounds for `timeoutSeconds`.
+pub const AFFINITY_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(86_400);
+
+impl Checker {
+    /// The balancing keys of one service table; `None` when one of them is invalid.
+    pub(super) fn balancing(&mut self, scope: Option<&str>, table: &Table) -> Option<Balancing> {
+        let maglev = table
+            .get("algorithm")
+            .map_or(Ok(false), |v| check_choice(v, ALGORITHMS));
+        let maglev = self.checked(scope, "algorithm", maglev);
+        let size = table.get("maglev_table_size").map(check_table_size);
+        let size = match (size, maglev) {
+            (Some(Ok(_)), Some(false)) => {
+                let message = "only used with algorithm = \"maglev\"";
+                self.report(scope, "maglev_table_size", message);
+                None
+            }
+            (Some(size), _) => self.checked(scope, "maglev_table_size", size),
+            (None, _) => Some(DEFAULT_TABLE_SIZE),
+        };
+        let client = table
+            .get("affinity")
+            .map_or(Ok(false), |v| check_choice(v, AFFINITIES));
+        let client = self.checked(scope, "affinity", client);
+        let timeout = table
+            .get("affinity_timeout")
+            .map(|v| check_duration(v).and_then(|d| check_between(d, AFFINITY_TIMEOUT_RANGE)));
+        let timeout = match (timeout, client) {
+            (Some(Ok(_)), Some(false)) => {
+                let message = "only used with affinity = \"client\"";
+                self.report(scope, "affinity_timeout", message);
+                None
+            }
+            (Some(t), _) => self.checked(scope, "affinity_timeout", t),
+            (None, _) => Some(DEFAULT_AFFINITY_TIMEOUT),
+        };
+        let client_key = table
+            .get("client_key")
+            .map_or(Ok(ClientKey::Netns), |v| check_choice(v, CLIENT_KEYS));
+        let client_key = self.checked(scope, "client_key", client_key);
+        let algorithm = match maglev? {
+            true => Algorithm::Maglev { table_size: size? },
+            false => Algorithm::Random,
+        };
+        let (client, timeout) = (client?, timeout?);
+        Some(Balancing {
+            algorithm,
+            affinity: client.then_some(timeout),
+            client_key: client_key?,
+        })
+    }
+}
+
+fn check_table_size(raw: &Value) -> Result<u32, String> {
+    let size: u32 = check_integer(raw, MIN_TABLE_SIZE..=DEFAULT_TABLE_SIZE)?;
+    if !is_prime(size) {
+        return Err(format!(
+            "must be a prime (Maglev spreads each backend over the table only then), got {size}; \
+             e.g. 1031, 4099, 16381 or 65537"
+        ));
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+
+    fn service(extra: &str) -> String {
+        format!("[[service]]\nname = \"web\"\nvip = \"10.96.0.1:80\"\nbackends = []\n{extra}\n")
+    }
+
+    fn balancing(extra: &str) -> Balancing {
+        parse(&service(extra), "lb.toml").unwrap().services[0].balancing
+    }
+
+    fn error(extra: &str) -> String {
+        parse(&service(extra), "lb.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_to_random_without_affinity() {
+        assert_eq!(balancing(""), Balancing::default());
+    }
+
+    #[test]
+    fn reads_maglev_affinity_and_client_key() {
+        let b = balancing(
+            "algorithm = \"maglev\"\nmaglev_table_size = 4099\naffinity = \"client\"\n\
+             affinity_timeout = \"30s\"\nclient_key = \"cgroup\"",
+        );
+        assert_eq!(b.algorithm, Algorithm::Maglev { table_size: 4099 });
+        assert_eq!(b.affinity, Some(Duration::from_secs(30)));
+        assert_eq!(b.client_key, ClientKey::Cgroup);
+        let b = balancing("algorithm = \"maglev\"\naffinity = \"client\"");
+        assert_eq!(b.algorithm, Algorithm::Maglev { table_size: 65_537 });
+        assert_eq!(b.affinity, Some(DEFAULT_AFFINITY_TIMEOUT));
+    }
+
+    #[test]
+    fn names_the_field_and_the_problem() {
+        let cases = [
+            (
+                "algorithm = \"roundrobin\"",
+                "algorithm: must be \"random\" or \"maglev\"",
+            ),
+            (
+                "algorithm = \"maglev\"\nmaglev_table_size = 65536",
+                "must be a prime",
+            ),
+            (
+                "algorithm = \"maglev\"\nmaglev_table_size = 7",
+                "must be between 1031 and 65537",
+            ),
+            (
+                "maglev_table_size = 65537",
+                "maglev_table_size: only used with algorithm = \"maglev\"",
+            ),
+            (
+                "affinity = \"ip\"",
+                "affinity: must be \"none\" or \"client\"",
+            ),
+            (
+                "affinity_timeout = \"10s\"",
+                "affinity_timeout: only used with affinity = \"client\"",
+            ),
+            (
+                "affinity = \"client\"\naffinity_timeout = \"2d\"",
+                "affinity_timeout: expected a duration",
+            ),
+            (
+                "affinity = \"client\"\naffinity_timeout = \"48h\"",
+                "must be between 1s and 24h",
+            ),
+            (
+                "client_key = \"ip\"",
+                "client_key: must be \"netns\" or \"cgroup\"",
+            ),
+        ];
+        for (extra, expected) in cases {
+            let e = error(extra);
+            assert!(e.contains(expected), "{extra}: {e}");
+            assert!(e.contains("service \"web\""), "{e}");
+        }
+    }
+}
