@@ -163,7 +163,11 @@ fn check_slot_capacity(installed: &Installed, desired: &Desired) -> Result<(), C
     let mut held: usize = installed.services.values().map(|s| s.slots.len()).sum();
     let mut peak = held;
     for (key, want) in desired {
-        let old = installed.services.get(key).map_or(0, |s| s.slots.len());
+        let have = installed.services.get(key);
+        if have.is_some_and(|have| same_table(installed, have, want)) {
+            continue;
+        }
+        let old = have.map_or(0, |s| s.slots.len());
         peak = peak.max(held + want.slots.len());
         held = held + want.slots.len() - old;
     }
@@ -175,6 +179,18 @@ fn check_slot_capacity(installed: &Installed, desired: &Desired) -> Result<(), C
         )));
     }
     Ok(())
+}
+
+/// Whether `want` is exactly what is installed (then it is not rewritten).
+fn same_table(installed: &Installed, have: &InstalledService, want: &DesiredService) -> bool {
+    have.complete
+        && have.mode == want.mode
+        && have.slots.len() == want.slots.len()
+        && have
+            .slots
+            .iter()
+            .zip(&want.slots)
+            .all(|(id, addr)| installed.backends.get(id) == Some(addr))
 }
 
 fn add_service(
@@ -620,5 +636,42 @@ mod tests {
             .collect();
         let err = reconcile(&installed, &desired(&config(services), &|_, _| true).0).unwrap_err();
         assert!(err.0.contains("out of backend ids"), "{err}");
+    }
+
+    /// Fifteen full-size Maglev tables fit the slot map; a sixteenth table only during one
+    /// service's swap would not. Unchanged tables are not rewritten, so they count once.
+    #[test]
+    fn slot_capacity_counts_only_the_tables_being_swapped_twice() {
+        let size = lb_common::MAX_SLOTS_PER_SERVICE as usize;
+        let mut installed = Installed::default();
+        let mut want = Desired::new();
+        for i in 0..15u32 {
+            let addr: SocketAddr = format!("10.0.0.{i}:80").parse().unwrap();
+            let key =
+                crate::plan::service_key(format!("10.96.0.{i}:80").parse().unwrap(), Protocol::Tcp);
+            installed.backends.insert(i, addr);
+            installed.services.insert(
+                key,
+                InstalledService {
+                    id: i,
+                    slots: vec![i; size],
+                    slot_count: size as u32,
+                    complete: true,
+                    ..Default::default()
+                },
+            );
+            let slots = vec![addr; size];
+            let svc = DesiredService {
+                name: format!("s{i}"),
+                slots,
+                mode: Mode::default(),
+            };
+            want.insert(key, svc);
+        }
+        assert!(check_slot_capacity(&installed, &want).is_ok());
+        let first = want.values_mut().next().unwrap();
+        first.slots[0] = "10.0.0.99:80".parse().unwrap();
+        let err = check_slot_capacity(&installed, &want).unwrap_err();
+        assert!(err.0.contains("1048592 slot entries at its peak"), "{err}");
     }
 }

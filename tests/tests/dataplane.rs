@@ -45,7 +45,11 @@ fn ipv6_vip_reaches_ipv6_backends_and_peers_read_as_the_vip() {
 
     // Closed sockets took their reverse entries with them (sock_release).
     let stats = lb_testkit::agent_stats(&s.pins).expect("stats");
-    assert_eq!(stats["map_entries"]["reverse"], 0, "{}", stats["map_entries"]);
+    assert_eq!(
+        stats["map_entries"]["reverse"], 0,
+        "{}",
+        stats["map_entries"]
+    );
 }
 
 #[test]
