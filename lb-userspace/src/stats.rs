@@ -207,10 +207,19 @@ pub fn render_table(report: &Report) -> String {
             Some(t) => format!(", client affinity {t}s"),
             None => String::new(),
         };
+        // Remembered choices exist only with client affinity or for unconnected UDP sockets.
+        let remembered = if s.affinity_hits + s.affinity_new > 0 || s.affinity_timeout_s.is_some() {
+            format!(
+                "; remembered choices used {}, stored {}",
+                s.affinity_hits, s.affinity_new
+            )
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "    {} over {} slots{affinity}; remembered choices used {}, stored {}",
-            s.algorithm, s.slots, s.affinity_hits, s.affinity_new
+            "    {} over {} slots{affinity}{remembered}",
+            s.algorithm, s.slots
         );
         if s.fail_open_active {
             let _ = writeln!(
