@@ -72,12 +72,24 @@ pub struct BackendValue {
     pub service_id: u32,
 }
 
-/// `LB_BACKEND_CTRS` per-CPU value, indexed by backend id.
+/// `LB_BACKEND_CTRS` per-CPU value, indexed by backend id. Connections currently open are
+/// `established - closed` (a gauge kept as two counters, so CPUs never contend).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BackendCounters {
-    /// connect() calls rewritten to this backend.
+    /// connect() calls rewritten to this backend, and new UDP sockets sending to it: attempts.
     pub connects: u64,
+    /// TCP connections that completed the handshake (sock_ops).
+    pub established: u64,
+    /// TCP connections that ended before the handshake completed: refused, reset, timed out.
+    pub failed: u64,
+    /// Established TCP connections that have closed since.
+    pub closed: u64,
+    /// Packets and bytes (IP length) sent to the backend and received from it (cgroup_skb).
+    pub packets_to: u64,
+    pub bytes_to: u64,
+    pub packets_from: u64,
+    pub bytes_from: u64,
 }
 
 /// `LB_SERVICE_CTRS` per-CPU value, indexed by service id.
@@ -138,6 +150,9 @@ pub struct ReverseKey {
 pub struct ReverseValue {
     pub vip: ServiceKey,
     pub service_id: u32,
+    /// Where the socket's connection and traffic are counted (sock_ops, cgroup_skb).
+    pub backend_id: u32,
+    pub _pad: u32,
 }
 
 /// `LB_SVC_NAMES` value (key: service id): the configured name, NUL-padded. Only read by
@@ -161,12 +176,12 @@ const _: () = assert!(size_of::<ServiceKey>() == 20);
 const _: () = assert!(size_of::<ServiceValue>() == 20);
 const _: () = assert!(size_of::<SlotKey>() == 12);
 const _: () = assert!(size_of::<BackendValue>() == 24);
-const _: () = assert!(size_of::<BackendCounters>() == 8);
+const _: () = assert!(size_of::<BackendCounters>() == 64);
 const _: () = assert!(size_of::<ServiceCounters>() == 40);
 const _: () = assert!(size_of::<AffinityKey>() == 16);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<ReverseKey>() == 32);
-const _: () = assert!(size_of::<ReverseValue>() == 24);
+const _: () = assert!(size_of::<ReverseValue>() == 32);
 const _: () = assert!(size_of::<ServiceName>() == 64);
 const _: () = assert!(size_of::<Meta>() == 8);
 

@@ -10,10 +10,12 @@ pub const MAP_SERVICE_NAMES: &str = "LB_SVC_NAMES";
 pub const MAP_META: &str = "LB_META";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY";
 pub const MAP_REVERSE: &str = "LB_REVERSE";
+pub const MAP_FAIL_STREAK: &str = "LB_FAIL_STREAK";
 
 /// All pinned maps, in the order `lb-agent detach` removes them.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_SERVICES,
+    MAP_FAIL_STREAK,
     MAP_AFFINITY,
     MAP_REVERSE,
     MAP_SLOTS,
@@ -29,7 +31,8 @@ pub const ALL_MAPS: [&str; 9] = [
 /// Each has a link pinned as `<name>_link` (while it exists the program stays attached without
 /// any agent); a starting agent pins its new link as `<name>_link_new` and renames it over
 /// the old one (bpffs rejects names with dots).
-pub const PROGRAMS: [&str; 9] = [
+pub const PROGRAMS: [&str; 10] = [
+    "lb_sock_ops",
     "lb_sock_release",
     "lb_recvmsg4",
     "lb_recvmsg6",
@@ -40,5 +43,9 @@ pub const PROGRAMS: [&str; 9] = [
     "lb_connect4",
     "lb_connect6",
 ];
-/// The one program of another kind (`cgroup_sock`); all others are `cgroup_sock_addr`.
+/// Programs of other kinds than `cgroup_sock_addr`.
 pub const PROG_SOCK_RELEASE: &str = "lb_sock_release";
+pub const PROG_SOCK_OPS: &str = "lb_sock_ops";
+/// Byte and packet counting (`cgroup_skb`), attached only while the config asks for it.
+pub const PROG_SKB_EGRESS: &str = "lb_skb_egress";
+pub const PROG_SKB_INGRESS: &str = "lb_skb_ingress";

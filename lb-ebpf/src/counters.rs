@@ -1,14 +1,19 @@
 //! Per-CPU counters: no atomics needed, the agent sums the CPUs when it reads them.
 
 use crate::maps::{LB_BACKEND_CTRS, LB_SERVICE_CTRS};
-use lb_common::ServiceCounters;
+use lb_common::{BackendCounters, ServiceCounters};
 
 #[inline(always)]
 pub fn connected(service_id: u32, backend_id: u32) {
     bump_service(service_id, |c| c.connects += 1);
+    backend(backend_id, |c| c.connects += 1);
+}
+
+#[inline(always)]
+pub fn backend(backend_id: u32, bump: impl FnOnce(&mut BackendCounters)) {
     if let Some(c) = LB_BACKEND_CTRS.get_ptr_mut(backend_id) {
         // SAFETY: a per-CPU element, written only by this CPU while the program runs.
-        unsafe { (*c).connects += 1 };
+        bump(unsafe { &mut *c });
     }
 }
 

@@ -2,7 +2,8 @@
 //! IP:port, once, in the syscall; after that the socket talks to the backend directly, with no
 //! per-packet NAT. `sendmsg4/6` do the same for each unconnected UDP datagram (one backend per
 //! socket and service). `recvmsg4/6` and `getpeername4/6` show the VIP instead of the backend,
-//! and `sock_release` forgets a closing socket's reverse entry.
+//! and `sock_release` forgets a released UDP socket's reverse entry. `sock_ops` counts each
+//! translated TCP connection's outcome and `cgroup_skb` its bytes, per backend.
 #![no_std]
 #![no_main]
 
@@ -13,12 +14,14 @@ mod maps;
 mod reverse;
 mod select;
 mod sockaddr;
+mod sockops;
+mod traffic;
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
     helpers::generated::bpf_get_socket_cookie,
-    macros::{cgroup_sock, cgroup_sock_addr},
-    programs::{SockAddrContext, SockContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
@@ -36,6 +39,25 @@ const REJECT: i32 = 0;
 /// the confusing EPERM a bare rejection would give.
 const ECONNREFUSED: i32 = 111;
 const AF_INET6: u32 = 10;
+const TCP_CLOSE: u32 = 7;
+
+#[sock_ops]
+pub fn lb_sock_ops(ctx: SockOpsContext) -> u32 {
+    sockops::handle(&ctx);
+    0
+}
+
+#[cgroup_skb]
+pub fn lb_skb_egress(ctx: SkBuffContext) -> i32 {
+    traffic::count(&ctx, true);
+    ALLOW
+}
+
+#[cgroup_skb]
+pub fn lb_skb_ingress(ctx: SkBuffContext) -> i32 {
+    traffic::count(&ctx, false);
+    ALLOW
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
@@ -78,15 +100,18 @@ pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
 }
 
 /// Only a connected socket knows its peer here; unconnected UDP sockets leave their entries
-/// to the LRU.
+/// to the LRU. A TCP socket still closing (FIN_WAIT, TIME_WAIT…) keeps its entry until
+/// sock_ops sees it reach CLOSE and counts the close.
 #[cgroup_sock(sock_release)]
 pub fn lb_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock for the duration of the program; fields are
     // read one word at a time as the verifier requires.
-    let (v6, ip4, ip6, port) = unsafe {
+    let (tcp_closing, v6, ip4, ip6, port) = unsafe {
         let sk: *const bpf_sock = ctx.sock;
         let p6 = addr_of!((*sk).dst_ip6) as *const u32;
         (
+            read_volatile(addr_of!((*sk).protocol)) == u32::from(IPPROTO_TCP)
+                && read_volatile(addr_of!((*sk).state)) != TCP_CLOSE,
             read_volatile(addr_of!((*sk).family)) == AF_INET6,
             read_volatile(addr_of!((*sk).dst_ip4)),
             [
@@ -98,7 +123,7 @@ pub fn lb_sock_release(ctx: SockContext) -> i32 {
             read_volatile(addr_of!((*sk).dst_port)),
         )
     };
-    if port != 0 {
+    if port != 0 && !tcp_closing {
         let addr = if v6 { ip6 } else { v4_mapped(ip4) };
         reverse::forget(&reverse::key(cookie(&ctx), addr, port));
     }
@@ -136,7 +161,7 @@ fn forward<const V6: bool, const SEND: bool>(ctx: &SockAddrContext) -> i32 {
             if !SEND {
                 counters::connected(svc.id, backend_id);
             }
-            return rewrite::<V6>(sa, &key, svc.id, cookie, &backend, SEND);
+            return rewrite::<V6>(sa, &key, (svc.id, backend_id), cookie, &backend, SEND);
         }
     }
     match select::choose(&key, svc, &mut client) {
@@ -151,7 +176,7 @@ fn forward<const V6: bool, const SEND: bool>(ctx: &SockAddrContext) -> i32 {
             }
             counters::connected(service_id, backend_id);
             debug!(ctx, "service {} -> backend {}", service_id, backend_id);
-            rewrite::<V6>(sa, &key, service_id, cookie, &backend, false)
+            rewrite::<V6>(sa, &key, (service_id, backend_id), cookie, &backend, false)
         }
         Choice::NoBackend { service_id } => {
             counters::no_backend(service_id);
@@ -168,7 +193,7 @@ fn forward<const V6: bool, const SEND: bool>(ctx: &SockAddrContext) -> i32 {
 fn rewrite<const V6: bool>(
     sa: &mut bpf_sock_addr,
     vip: &ServiceKey,
-    service_id: u32,
+    (service_id, backend_id): (u32, u32),
     cookie: u64,
     backend: &BackendValue,
     only_if_absent: bool,
@@ -177,7 +202,7 @@ fn rewrite<const V6: bool>(
         return refuse();
     }
     let key = reverse::key(cookie, backend.addr, backend.port);
-    reverse::record(&key, vip, service_id, only_if_absent);
+    reverse::record(&key, vip, (service_id, backend_id), only_if_absent);
     ALLOW
 }
 
@@ -195,7 +220,7 @@ fn show_vip<const V6: bool>(ctx: &SockAddrContext) -> i32 {
 }
 
 #[inline(always)]
-fn cookie(ctx: &impl EbpfContext) -> u64 {
+pub(crate) fn cookie(ctx: &impl EbpfContext) -> u64 {
     // SAFETY: the context pointer is the program's own, valid for this run.
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }

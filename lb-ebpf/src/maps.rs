@@ -35,6 +35,11 @@ pub static LB_BACKEND_CTRS: PerCpuArray<BackendCounters> = PerCpuArray::pinned(M
 #[map]
 pub static LB_SERVICE_CTRS: PerCpuArray<ServiceCounters> = PerCpuArray::pinned(MAX_SERVICES, 0);
 
+/// Consecutive failed connects per backend id (reset by an established one), read by the
+/// agent's outlier detection. Shared rather than per CPU: the order across CPUs matters.
+#[map]
+pub static LB_FAIL_STREAK: Array<u32> = Array::pinned(MAX_BACKENDS, 0);
+
 #[map]
 pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(MAX_AFFINITY, 0);

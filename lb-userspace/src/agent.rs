@@ -48,6 +48,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         pin_dir: &args.pin_dir,
         cgroup: &cgroup,
         bpf_log: args.bpf_log,
+        count_bytes: config.dataplane.count_bytes,
     })?;
     if let Some(logger) = attached.logger {
         tokio::spawn(drain_ebpf_logs(logger));
@@ -142,6 +143,10 @@ impl Agent {
         match config::load(path) {
             Err(e) => error!("config rejected, keeping the running state:\n{e}"),
             Ok(config) => {
+                if config.dataplane != self.config.dataplane {
+                    // Programs are attached at start-up; a restart adopts the maps seamlessly.
+                    warn!("[dataplane] changed: it takes effect when the agent is restarted");
+                }
                 self.config = config;
                 self.discovery.sync(&self.config);
                 self.kubernetes.sync(self.config.kubernetes.as_ref());

@@ -23,6 +23,7 @@ pub struct PinnedMaps {
     meta: Array<MapData, Meta>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     reverse: HashMap<MapData, ReverseKey, ReverseValue>,
+    fail_streak: Array<MapData, u32>,
 }
 
 /// Expected kind and layout of one pinned map.
@@ -42,7 +43,8 @@ const fn spec<K, V>(name: &'static str, kind: MapType) -> MapSpec {
     }
 }
 
-pub const SPECS: [MapSpec; 9] = [
+pub const SPECS: [MapSpec; 10] = [
+    spec::<u32, u32>(MAP_FAIL_STREAK, MapType::Array),
     spec::<AffinityKey, AffinityValue>(MAP_AFFINITY, MapType::LruHash),
     spec::<ReverseKey, ReverseValue>(MAP_REVERSE, MapType::LruHash),
     spec::<ServiceKey, ServiceValue>(MAP_SERVICES, MapType::Hash),
@@ -100,6 +102,7 @@ impl PinnedMaps {
             meta: open(dir, MAP_META, Map::Array)?.try_into()?,
             affinity: open(dir, MAP_AFFINITY, Map::LruHashMap)?.try_into()?,
             reverse: open(dir, MAP_REVERSE, Map::LruHashMap)?.try_into()?,
+            fail_streak: open(dir, MAP_FAIL_STREAK, Map::Array)?.try_into()?,
         };
         Ok(maps)
     }
@@ -119,12 +122,24 @@ impl PinnedMaps {
         (self.affinity.keys().count(), self.reverse.keys().count())
     }
 
+    /// Connects to this backend that failed in a row, as the kernel saw them.
+    pub fn fail_streak(&self, id: u32) -> Result<u32> {
+        Ok(self.fail_streak.get(&id, 0)?)
+    }
+
     pub fn backend_counters(&self, id: u32) -> Result<BackendCounters> {
         let per_cpu = self.backend_counters.get(&id, 0)?;
         Ok(per_cpu
             .iter()
             .fold(BackendCounters::default(), |acc, c| BackendCounters {
                 connects: acc.connects + c.connects,
+                established: acc.established + c.established,
+                failed: acc.failed + c.failed,
+                closed: acc.closed + c.closed,
+                packets_to: acc.packets_to + c.packets_to,
+                bytes_to: acc.bytes_to + c.bytes_to,
+                packets_from: acc.packets_from + c.packets_from,
+                bytes_from: acc.bytes_from + c.bytes_from,
             }))
     }
 
@@ -221,6 +236,7 @@ impl Dataplane for PinnedMaps {
     }
 
     fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
+        self.fail_streak.set(id, 0, 0)?;
         Ok(self.backend_counters.set(id, zeroed()?, 0)?)
     }
 }

@@ -152,6 +152,21 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// Services from a Kubernetes API server, next to the listed ones.
     pub kubernetes: Option<KubernetesConfig>,
+    pub dataplane: DataplaneConfig,
+}
+
+/// `[dataplane]`: switches for the kernel programs themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataplaneConfig {
+    /// Count bytes and packets per backend: a program runs for every packet of the cgroup, so
+    /// hosts that need no traffic counters can turn it off (its cost is in bench/README.md).
+    pub count_bytes: bool,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        Self { count_bytes: true }
+    }
 }
 
 /// Every problem found in one config source; never empty.
@@ -333,8 +348,9 @@ impl Checker {
     }
 
     fn config(&mut self, root: &Table) -> Config {
-        self.unknown_keys(None, "", root, &["service", "kubernetes"]);
+        self.unknown_keys(None, "", root, &["service", "kubernetes", "dataplane"]);
         let kubernetes = self.kubernetes(root.get("kubernetes"));
+        let dataplane = self.dataplane(root.get("dataplane"));
         let raw: &[Value] = match root.get("service") {
             None => &[],
             Some(Value::Array(services)) => services,
@@ -369,7 +385,27 @@ impl Checker {
         Config {
             services: services.into_iter().map(|(_, s)| s).collect(),
             kubernetes: kubernetes.flatten(),
+            dataplane,
         }
+    }
+
+    fn dataplane(&mut self, raw: Option<&Value>) -> DataplaneConfig {
+        let mut d = DataplaneConfig::default();
+        let table = match raw {
+            None => return d,
+            Some(Value::Table(t)) => t,
+            Some(other) => {
+                self.report(None, "dataplane", type_error("a table", other));
+                return d;
+            }
+        };
+        self.unknown_keys(None, "dataplane.", table, &["count_bytes"]);
+        if let Some(v) = table.get("count_bytes") {
+            if let Some(b) = self.checked(None, "dataplane.count_bytes", check_bool(v)) {
+                d.count_bytes = b;
+            }
+        }
+        d
     }
 
     /// The `VipClash` rule for every listed backend, each problem reported at its field.
@@ -1145,6 +1181,7 @@ mod tests {
                 },
             ],
             kubernetes: None,
+            dataplane: Default::default(),
         };
         assert_eq!(config, expected);
     }
@@ -1315,7 +1352,7 @@ mod tests {
     fn unknown_top_level_key() {
         assert_eq!(
             single("services = 1\n"),
-            "lb.toml: services: unknown key (allowed: service, kubernetes)"
+            "lb.toml: services: unknown key (allowed: service, kubernetes, dataplane)"
         );
     }
 
@@ -1356,7 +1393,7 @@ mod tests {
         let e = single("\"bad\\nkey\" = 1\n");
         assert_eq!(
             e,
-            "lb.toml: \"bad\\nkey\": unknown key (allowed: service, kubernetes)"
+            "lb.toml: \"bad\\nkey\": unknown key (allowed: service, kubernetes, dataplane)"
         );
         assert_eq!(e.lines().count(), 1);
     }
@@ -2437,7 +2474,7 @@ mod tests {
         let e = errors(text);
         let expected = [
             "lb.toml: 8 errors",
-            "lb.toml: typo: unknown key (allowed: service, kubernetes)",
+            "lb.toml: typo: unknown key (allowed: service, kubernetes, dataplane)",
             "lb.toml: service \"web\" (service[0]): backends[1].weight: must be between 1 and 10000, got 0",
             "lb.toml: service[1]: name: \"bad name\" contains ' '; only ASCII letters, digits, '.', '_' and '-' are allowed",
             "lb.toml: service[1]: vip: missing port in \"::1\"; an IPv6 address goes in brackets: \"[::1]:8080\"",

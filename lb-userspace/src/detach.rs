@@ -1,6 +1,7 @@
 //! `lb-agent detach`: remove the link pins (the programs stop translating) and the map pins.
 
 use crate::loader::link_pins;
+use crate::loader::BYTE_COUNTERS;
 use crate::lock;
 use anyhow::{Context, Result};
 use lb_common::names::{ALL_MAPS, PROGRAMS};
@@ -14,7 +15,10 @@ pub fn detach(pin_dir: &Path) -> Result<()> {
         lock.remove();
         return Ok(());
     }
-    let links = PROGRAMS.iter().flat_map(|p| link_pins(p));
+    let links = PROGRAMS
+        .iter()
+        .chain(&BYTE_COUNTERS)
+        .flat_map(|p| link_pins(p));
     for name in links.chain(ALL_MAPS.iter().map(|m| m.to_string())) {
         let path = pin_dir.join(name);
         match std::fs::remove_file(&path) {

@@ -8,9 +8,14 @@
 
 use crate::bpf_maps::{check_pinned, PinnedMaps, SPECS};
 use anyhow::{bail, Context, Result};
-use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramInfo};
+use aya::programs::{
+    links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+    ProgramInfo, SockOps,
+};
 use aya::{Ebpf, EbpfLoader};
-use lb_common::names::{MAP_META, PROGRAMS, PROG_SOCK_RELEASE};
+use lb_common::names::{
+    MAP_META, PROGRAMS, PROG_SKB_EGRESS, PROG_SKB_INGRESS, PROG_SOCK_OPS, PROG_SOCK_RELEASE,
+};
 use lb_common::{Meta, LAYOUT_VERSION, META_MAGIC};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -108,7 +113,12 @@ pub struct LoadOptions<'a> {
     pub pin_dir: &'a Path,
     pub cgroup: &'a Path,
     pub bpf_log: bool,
+    /// Attach the per-packet byte counters (`count_bytes` in the config).
+    pub count_bytes: bool,
 }
+
+/// The byte counters, attached only when asked for: they run for every packet of the cgroup.
+pub const BYTE_COUNTERS: [&str; 2] = [PROG_SKB_EGRESS, PROG_SKB_INGRESS];
 
 pub struct Attached {
     pub maps: PinnedMaps,
@@ -169,12 +179,25 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached> {
     let cgroup = std::fs::File::open(opts.cgroup)
         .with_context(|| format!("cannot open cgroup {}", opts.cgroup.display()))?;
     let mut programs = Vec::with_capacity(PROGRAMS.len());
-    for name in PROGRAMS {
+    let skb: &[&str] = if opts.count_bytes {
+        &BYTE_COUNTERS
+    } else {
+        &[]
+    };
+    for name in PROGRAMS.iter().chain(skb) {
         let (link, size) = attach(&mut ebpf, name, &cgroup)
             .with_context(|| format!("program {name}, cgroup {}", opts.cgroup.display()))?;
         swap_link_pin(opts.pin_dir, name, link)?;
         tracing::debug!(?size, "attached");
         programs.push(size);
+    }
+    if !opts.count_bytes {
+        // An earlier agent may have counted bytes: its links are this agent's to remove.
+        for name in BYTE_COUNTERS {
+            for pin in link_pins(name) {
+                remove_if_present(&opts.pin_dir.join(pin))?;
+            }
+        }
     }
     tracing::info!(
         pin_dir = %opts.pin_dir.display(),
@@ -190,6 +213,19 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached> {
     })
 }
 
+/// Loads a program of type `$ty` through the verifier, attaches it with `$attach` (a closure
+/// body over the program) and takes its link: the same four steps for every program type,
+/// which share no trait in aya.
+macro_rules! load_and_link {
+    ($program:expr, $ty:ty, $name:expr, |$p:ident| $attach:expr) => {{
+        let $p: &mut $ty = $program.try_into()?;
+        $p.load().context("the kernel verifier rejected it")?;
+        let size = ProgramSize::of($name, &$p.info()?);
+        let id = $attach.context("cannot attach")?;
+        Ok(($p.take_link(id)?.try_into()?, size))
+    }};
+}
+
 /// Loads one program through the verifier and attaches it. With bpf_link the kernel always
 /// lets several programs share the cgroup and rejects any attach flag, so the mode must be
 /// the flag-less one.
@@ -197,22 +233,34 @@ fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &std::fs::File) -> Result<(FdLink
     let program = ebpf
         .program_mut(name)
         .context("missing from the eBPF object")?;
-    if name == PROG_SOCK_RELEASE {
-        let prog: &mut CgroupSock = program.try_into()?;
-        prog.load().context("the kernel verifier rejected it")?;
-        let size = ProgramSize::of(name, &prog.info()?);
-        let id = prog
-            .attach(cgroup, CgroupAttachMode::Single)
-            .context("cannot attach")?;
-        Ok((prog.take_link(id)?.try_into()?, size))
-    } else {
-        let prog: &mut CgroupSockAddr = program.try_into()?;
-        prog.load().context("the kernel verifier rejected it")?;
-        let size = ProgramSize::of(name, &prog.info()?);
-        let id = prog
-            .attach(cgroup, CgroupAttachMode::Single)
-            .context("cannot attach")?;
-        Ok((prog.take_link(id)?.try_into()?, size))
+    let single = CgroupAttachMode::Single;
+    match name {
+        PROG_SOCK_RELEASE => {
+            load_and_link!(program, CgroupSock, name, |p| p.attach(cgroup, single))
+        }
+        PROG_SOCK_OPS => load_and_link!(program, SockOps, name, |p| p.attach(cgroup, single)),
+        PROG_SKB_EGRESS => load_and_link!(program, CgroupSkb, name, |p| p.attach(
+            cgroup,
+            CgroupSkbAttachType::Egress,
+            single
+        )),
+        PROG_SKB_INGRESS => load_and_link!(program, CgroupSkb, name, |p| p.attach(
+            cgroup,
+            CgroupSkbAttachType::Ingress,
+            single
+        )),
+        _ => load_and_link!(program, CgroupSockAddr, name, |p| p.attach(cgroup, single)),
+    }
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            tracing::info!(pin = %path.display(), "byte counting is off: detached");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot remove {}", path.display())),
     }
 }
 

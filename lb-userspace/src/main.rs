@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use lb_userspace::{agent, bpf_maps, config, detach, stats, status_file};
+use lb_userspace::{agent, config, detach, stats};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -47,6 +47,12 @@ enum Command {
     Stats {
         #[arg(long)]
         json: bool,
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Sample twice this many seconds apart to show rates; 0 = one sample, no rates.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
@@ -103,16 +109,23 @@ fn dispatch(command: Command) -> Result<()> {
             println!("{}: ok, {} services", file.display(), config.services.len());
             Ok(())
         }
-        Command::Stats { json, pin_dir } => {
-            if !pin_dir.join(lb_common::names::MAP_META).exists() {
-                anyhow::bail!(
-                    "no pinned state at {} (is `lb-agent run` using another --pin-dir?)",
-                    pin_dir.display()
-                );
+        Command::Stats {
+            json,
+            service,
+            interval,
+            pin_dir,
+        } => {
+            if !(0.0..=3600.0).contains(&interval) {
+                anyhow::bail!("--interval must be between 0 and 3600 seconds, got {interval}");
             }
-            let maps = bpf_maps::PinnedMaps::open(&pin_dir)?;
-            let status = status_file::read(&pin_dir);
-            let report = stats::collect(&maps, status.as_ref())?;
+            let maps = stats::open(&pin_dir)?;
+            let mut report = stats::sample(&maps, &pin_dir, interval)?;
+            if let Some(name) = &service {
+                stats::only_service(&mut report, name);
+                if report.services.is_empty() {
+                    anyhow::bail!("no service named {name:?} is installed");
+                }
+            }
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

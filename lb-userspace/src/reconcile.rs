@@ -344,6 +344,7 @@ mod tests {
         Config {
             services,
             kubernetes: None,
+            dataplane: Default::default(),
         }
     }
 

@@ -8,12 +8,14 @@ use crate::health::runner::{now_ms, BackendHealth};
 use crate::status_file::StatusFile;
 use anyhow::Result;
 use lb_common::{
-    ServiceKey, ALG_MAGLEV, ALG_RANDOM, FLAG_AFFINITY_CLIENT, IPPROTO_TCP, IPPROTO_UDP,
+    BackendCounters, ServiceKey, ALG_MAGLEV, ALG_RANDOM, FLAG_AFFINITY_CLIENT, IPPROTO_TCP,
+    IPPROTO_UDP,
 };
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::net::SocketAddr;
+use std::path::Path;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -76,7 +78,21 @@ pub struct ServiceReport {
     /// The service's discovery source as the agent last published it; `None` for listed
     /// backends.
     pub discovery: Option<SourceStatus>,
+    /// Open connections over all backends.
+    pub active: u64,
+    /// Per second over the sampling interval; `None` when sampled once.
+    pub rates: Option<Rates>,
     pub backends: Vec<BackendReport>,
+}
+
+/// Per-second rates between two samples.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Rates {
+    pub connects: f64,
+    pub failed: f64,
+    pub no_backend: f64,
+    pub bytes_to: f64,
+    pub bytes_from: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -86,24 +102,90 @@ pub struct BackendReport {
     pub address: String,
     /// Slots pointing at this backend: its effective weight.
     pub weight: u32,
+    /// Attempts: translated connects and new UDP sockets.
     pub connects: u64,
+    pub established: u64,
+    pub failed: u64,
+    pub closed: u64,
+    /// Open TCP connections: established and not closed yet.
+    pub active: u64,
+    pub packets_to: u64,
+    pub bytes_to: u64,
+    pub packets_from: u64,
+    pub bytes_from: u64,
     /// Present when the service has a health block and the agent has published state.
     pub health: Option<BackendHealth>,
+    /// Why the agent took this backend out although health checks pass (outlier ejection).
+    pub ejected: Option<String>,
+    pub rates: Option<Rates>,
 }
 
 /// `status` is the agent's published health state, if any. Backends a health check removed
 /// are not in the maps, so they are listed from it with zero weight.
 impl BackendReport {
     fn out_of_service(address: &str, health: &BackendHealth) -> Self {
-        let health = Some(health.clone());
+        Self::new(
+            None,
+            address.to_string(),
+            0,
+            BackendCounters::default(),
+            Some(health.clone()),
+        )
+    }
+
+    fn new(
+        id: Option<u32>,
+        address: String,
+        weight: u32,
+        c: BackendCounters,
+        health: Option<BackendHealth>,
+    ) -> Self {
         Self {
-            id: None,
-            address: address.to_string(),
-            weight: 0,
-            connects: 0,
+            id,
+            address,
+            weight,
+            connects: c.connects,
+            established: c.established,
+            failed: c.failed,
+            closed: c.closed,
+            // A connection established under an id that was later reused may close under its
+            // successor; never show that as a negative gauge.
+            active: c.established.saturating_sub(c.closed),
+            packets_to: c.packets_to,
+            bytes_to: c.bytes_to,
+            packets_from: c.packets_from,
+            bytes_from: c.bytes_from,
             health,
+            ejected: None,
+            rates: None,
         }
     }
+}
+
+/// The pinned maps for reading, with a clear message when nothing is pinned there.
+pub fn open(pin_dir: &Path) -> Result<PinnedMaps> {
+    if !pin_dir.join(lb_common::names::MAP_META).exists() {
+        anyhow::bail!(
+            "no pinned state at {} (is `lb-agent run` using another --pin-dir?)",
+            pin_dir.display()
+        );
+    }
+    PinnedMaps::open(pin_dir)
+}
+
+/// One report; with a non-zero `interval` (seconds), two samples that far apart and the rates
+/// between them.
+pub fn sample(maps: &PinnedMaps, pin_dir: &Path, interval: f64) -> Result<Report> {
+    let read = || collect(maps, crate::status_file::read(pin_dir).as_ref());
+    if interval <= 0.0 {
+        return read();
+    }
+    let start = std::time::Instant::now();
+    let earlier = read()?;
+    std::thread::sleep(std::time::Duration::from_secs_f64(interval));
+    let mut later = read()?;
+    add_rates(&earlier, &mut later, start.elapsed().as_secs_f64());
+    Ok(later)
 }
 
 pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report> {
@@ -123,16 +205,15 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
                 .backends
                 .get(&id)
                 .map_or("?".into(), |a| a.to_string());
-            let connects = maps.backend_counters(id)?.connects;
+            let counters = maps.backend_counters(id)?;
             let health = health_of(&address);
-            let id = Some(id);
-            backends.push(BackendReport {
-                id,
+            backends.push(BackendReport::new(
+                Some(id),
                 address,
                 weight,
-                connects,
+                counters,
                 health,
-            });
+            ));
         }
         for (addr, health) in svc_status.map(|s| &s.backends).into_iter().flatten() {
             if !backends.iter().any(|b| &b.address == addr) {
@@ -157,6 +238,8 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
             affinity_new: counters.affinity_new,
             fail_open_active: svc_status.is_some_and(|s| s.fail_open_active),
             discovery: svc_status.and_then(|s| s.discovery.clone()),
+            active: backends.iter().map(|b| b.active).sum(),
+            rates: None,
             backends,
         });
     }
@@ -189,6 +272,45 @@ fn protocol(proto: u8) -> String {
     }
 }
 
+/// Fills in per-second rates of `later` from an `earlier` sample `secs` before it. Services
+/// and backends are matched by name and address; counters that went down (a reused id) give
+/// no negative rate.
+pub fn add_rates(earlier: &Report, later: &mut Report, secs: f64) {
+    let per_s = |now: u64, then: u64| now.saturating_sub(then) as f64 / secs.max(1e-3);
+    for s in &mut later.services {
+        let Some(e) = earlier.services.iter().find(|e| e.name == s.name) else {
+            continue;
+        };
+        let mut svc = Rates {
+            connects: per_s(s.connects, e.connects),
+            no_backend: per_s(s.no_backend, e.no_backend),
+            ..Rates::default()
+        };
+        for b in &mut s.backends {
+            let Some(eb) = e.backends.iter().find(|eb| eb.address == b.address) else {
+                continue;
+            };
+            let r = Rates {
+                connects: per_s(b.connects, eb.connects),
+                failed: per_s(b.failed, eb.failed),
+                no_backend: 0.0,
+                bytes_to: per_s(b.bytes_to, eb.bytes_to),
+                bytes_from: per_s(b.bytes_from, eb.bytes_from),
+            };
+            svc.failed += r.failed;
+            svc.bytes_to += r.bytes_to;
+            svc.bytes_from += r.bytes_from;
+            b.rates = Some(r);
+        }
+        s.rates = Some(svc);
+    }
+}
+
+/// Keeps only the service called `name`.
+pub fn only_service(report: &mut Report, name: &str) {
+    report.services.retain(|s| s.name == name);
+}
+
 pub fn render_table(report: &Report) -> String {
     let mut out = String::new();
     if let Some(k) = &report.kubernetes {
@@ -200,9 +322,16 @@ pub fn render_table(report: &Report) -> String {
     for s in &report.services {
         let _ = writeln!(
             out,
-            "{:<20} {:>21}/{:<3}  connects {:>10}  no-backend {:>8}  races {:>4}  rev {}",
-            s.name, s.vip, s.protocol, s.connects, s.no_backend, s.update_races, s.revision
+            "{:<20} {:>21}/{:<3}  connects {:>10}  active {:>6}  no-backend {:>8}  races {:>4}  rev {}",
+            s.name, s.vip, s.protocol, s.connects, s.active, s.no_backend, s.update_races, s.revision
         );
+        if let Some(r) = &s.rates {
+            let _ = writeln!(
+                out,
+                "    per second: connects {:.1}  failed {:.1}  no-backend {:.1}  to backends {}  from backends {}",
+                r.connects, r.failed, r.no_backend, bytes(r.bytes_to), bytes(r.bytes_from)
+            );
+        }
         let affinity = match s.affinity_timeout_s {
             Some(t) => format!(", client affinity {t}s"),
             None => String::new(),
@@ -242,15 +371,37 @@ pub fn render_table(report: &Report) -> String {
             } else {
                 0.0
             };
+            let state = match &b.ejected {
+                Some(why) => format!("EJECTED ({why})"),
+                None => health_cell(b.health.as_ref()),
+            };
             let line = format!(
                 "    {:<21}  weight {:>5}  connects {:>10}  {:>5.1}%  {}",
-                b.address,
-                b.weight,
-                b.connects,
-                share,
-                health_cell(b.health.as_ref())
+                b.address, b.weight, b.connects, share, state
             );
             let _ = writeln!(out, "{}", line.trim_end());
+            let _ = writeln!(
+                out,
+                "        established {}  failed {}  closed {}  active {}  to {} ({} pkts)  from {} ({} pkts)",
+                b.established,
+                b.failed,
+                b.closed,
+                b.active,
+                bytes(b.bytes_to as f64),
+                b.packets_to,
+                bytes(b.bytes_from as f64),
+                b.packets_from
+            );
+            if let Some(r) = &b.rates {
+                let _ = writeln!(
+                    out,
+                    "        per second: connects {:.1}  failed {:.1}  to {}/s  from {}/s",
+                    r.connects,
+                    r.failed,
+                    bytes(r.bytes_to),
+                    bytes(r.bytes_from)
+                );
+            }
         }
     }
     let m = &report.map_entries;
@@ -267,6 +418,22 @@ pub fn render_table(report: &Report) -> String {
         );
     }
     out
+}
+
+/// 1536 -> "1.5 KiB": byte counts people read at a glance.
+pub fn bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{v:.0} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 fn ago(unix_ms: Option<u64>) -> String {

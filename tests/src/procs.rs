@@ -389,3 +389,51 @@ impl Drop for Agent {
         let _ = std::fs::remove_file(&self.log);
     }
 }
+
+/// Long-lived connections from the balanced cgroup, open until `close` (or drop).
+pub struct HeldConnections {
+    child: Option<Child>,
+    /// How many connections are open.
+    pub held: u64,
+}
+
+impl HeldConnections {
+    pub fn open(net: &TestNet, cgroup: &TestCgroup, to: &str, count: u64) -> Self {
+        let mut cmd = net.testkit(Some(cgroup));
+        cmd.args([
+            "hold-connections",
+            "--to",
+            to,
+            "--count",
+            &count.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn hold-connections");
+        let mut line = String::new();
+        let stdout = child.stdout.as_mut().expect("stdout");
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).ok();
+        let report: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        Self {
+            held: report["held"].as_u64().unwrap_or(0),
+            child: Some(child),
+        }
+    }
+
+    /// Closes every connection and waits for the process to finish.
+    pub fn close(mut self) {
+        if let Some(mut c) = self.child.take() {
+            drop(c.stdin.take());
+            wait_or_kill(&mut c);
+        }
+    }
+}
+
+impl Drop for HeldConnections {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            drop(c.stdin.take());
+            wait_or_kill(&mut c);
+        }
+    }
+}

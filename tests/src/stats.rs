@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 pub fn agent_stats(pins: &PinDir) -> Option<Value> {
     let out = Command::new(agent_bin())
-        .args(["stats", "--json", "--pin-dir"])
+        .args(["stats", "--json", "--interval", "0", "--pin-dir"])
         .arg(&pins.path)
         .output()
         .ok()?;

@@ -77,7 +77,7 @@ fn v4_mapped_socket_reaches_the_ipv4_vip_and_programs_are_sized() {
     let stats = lb_testkit::agent_stats(&s.pins).expect("stats");
     let programs = stats["programs"].as_array().expect("programs").clone();
     let names: BTreeSet<&str> = programs.iter().filter_map(|p| p["name"].as_str()).collect();
-    assert_eq!(names.len(), 9, "{programs:?}");
+    assert_eq!(names.len(), 12, "{programs:?}");
     for p in &programs {
         assert!(p["verified_insns"].as_u64() > Some(0), "{p}");
     }

@@ -68,6 +68,13 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         max_seconds: u64,
     },
+    /// Open connections and keep them open until stdin closes (long-lived connections).
+    HoldConnections {
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long)]
+        count: u64,
+    },
     /// Replace this process with a program (same pid, so the caller can signal it).
     Exec {
         #[arg(trailing_var_arg = true, required = true)]
@@ -153,6 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         cli.command,
         Cmd::Serve { .. }
             | Cmd::Connect { .. }
+            | Cmd::HoldConnections { .. }
             | Cmd::Exec { .. }
             | Cmd::ConsulMock { .. }
             | Cmd::KubeMock { .. }
@@ -194,6 +202,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             interval_ms,
             max_seconds,
         } => net::connect(to, count, proto, unconnected, interval_ms, max_seconds),
+        Cmd::HoldConnections { to, count } => net::hold_connections(to, count),
         Cmd::Exec { argv } => join::exec(&argv),
         Cmd::ConsulMock { listen, state } => consul::run(listen, state),
         Cmd::KubeMock { listen, state } => kube::run(listen, state),

@@ -240,6 +240,26 @@ fn exchange(
     Ok((reply.to_string(), peer))
 }
 
+/// Opens `count` TCP connections to `to` and keeps them open until stdin closes, then closes
+/// them all: long-lived connections for the `active` gauge. Prints how many were opened, then
+/// (after closing) a final line.
+pub fn hold_connections(to: SocketAddr, count: u64) -> Result<()> {
+    let mut open = Vec::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for _ in 0..count {
+        match TcpStream::connect_timeout(&to, CONNECT_TIMEOUT) {
+            Ok(s) => open.push(s),
+            Err(e) => *errors.entry(errno_name(&e)).or_default() += 1,
+        }
+    }
+    println!("{}", json!({ "held": open.len(), "errors": errors }));
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    drop(open);
+    println!("{}", json!({ "closed": true }));
+    Ok(())
+}
+
 /// `unconnected`: UDP only, one socket sends every datagram with `sendto()` (as DNS clients
 /// do); otherwise each exchange uses a fresh connected socket.
 pub fn connect(

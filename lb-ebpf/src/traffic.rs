@@ -1,0 +1,67 @@
+//! `cgroup_skb` egress and ingress: bytes and packets each backend exchanges with balanced
+//! sockets. The socket's cookie and the packet's remote address and port name the reverse
+//! entry, and so the backend, even for an unconnected UDP socket talking to several.
+
+use crate::{counters, reverse};
+use aya_ebpf::programs::SkBuffContext;
+use lb_common::{v4_mapped, RawAddr};
+use network_types::ip::{IpProto, Ipv4Hdr, Ipv6Hdr};
+
+#[inline(always)]
+pub fn count(ctx: &SkBuffContext, to_backend: bool) {
+    let cookie = crate::cookie(ctx);
+    if cookie == 0 {
+        return;
+    }
+    let Some((addr, port)) = remote(ctx, to_backend) else {
+        return;
+    };
+    let Some(backend_id) = reverse::backend_of(&reverse::key(cookie, addr, port)) else {
+        return;
+    };
+    let len = u64::from(ctx.len());
+    counters::backend(backend_id, |c| {
+        if to_backend {
+            c.packets_to += 1;
+            c.bytes_to += len;
+        } else {
+            c.packets_from += 1;
+            c.bytes_from += len;
+        }
+    });
+}
+
+/// The peer's address and network-order port of a TCP or UDP packet: the destination of an
+/// outgoing one, the source of an incoming one. cgroup_skb data starts at the IP header.
+#[inline(always)]
+fn remote(ctx: &SkBuffContext, outgoing: bool) -> Option<(RawAddr, u16)> {
+    let version = ctx.load::<u8>(0).ok()? >> 4;
+    let (addr, proto, l4) = if version == 4 {
+        let ip: Ipv4Hdr = ctx.load(0).ok()?;
+        let raw = u32::from_ne_bytes(if outgoing { ip.dst_addr } else { ip.src_addr });
+        (v4_mapped(raw), ip.proto, usize::from(ip.ihl()))
+    } else if version == 6 {
+        let ip: Ipv6Hdr = ctx.load(0).ok()?;
+        let o = if outgoing { ip.dst_addr } else { ip.src_addr };
+        let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+        // Extension headers are not walked: balanced traffic does not carry them.
+        (
+            [word(0), word(4), word(8), word(12)],
+            ip.next_hdr,
+            Ipv6Hdr::LEN,
+        )
+    } else {
+        return None;
+    };
+    if proto != IpProto::Tcp as u8 && proto != IpProto::Udp as u8 {
+        return None;
+    }
+    // TCP and UDP both start with the source port, then the destination port.
+    let ports: [u8; 4] = ctx.load(l4).ok()?;
+    let port = if outgoing {
+        [ports[2], ports[3]]
+    } else {
+        [ports[0], ports[1]]
+    };
+    Some((addr, u16::from_ne_bytes(port)))
+}

@@ -1,0 +1,149 @@
+//! Privileged end-to-end tests of the kernel-side counters: what `lb-agent stats` reports per
+//! backend must equal what the backends accepted and what the clients saw.
+
+use lb_testkit::procs::{HeldConnections, Proto, ServeMode};
+use lb_testkit::{quoted, require_privileged, wait_for, Scenario};
+use serde_json::Value;
+use std::time::Duration;
+
+const VIP: &str = "10.96.0.10:80";
+const B1: &str = "127.0.0.11:8080";
+const B2: &str = "127.0.0.12:8080";
+/// Configured but nothing listens: every connect to it is refused (RST to the SYN).
+const DEAD: &str = "127.0.0.13:8080";
+const WAIT: Duration = Duration::from_secs(10);
+
+fn web(backends: &[&str], extra: &str) -> String {
+    format!(
+        "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nbackends = [ {} ]\n{extra}\n",
+        quoted(backends)
+    )
+}
+
+fn backend<'a>(svc: &'a Value, addr: &str) -> &'a Value {
+    svc["backends"]
+        .as_array()
+        .and_then(|bs| bs.iter().find(|b| b["address"] == addr))
+        .unwrap_or_else(|| panic!("no backend {addr} in {svc}"))
+}
+
+fn count(b: &Value, field: &str) -> u64 {
+    b[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} missing in {b}"))
+}
+
+#[test]
+fn connection_counters_equal_what_backends_and_clients_saw() {
+    if !require_privileged("connection_counters_equal_what_backends_and_clients_saw") {
+        return;
+    }
+    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&[B1, B2, DEAD], ""));
+    // The dead backend's address must exist, so that the refusal is a RST from the kernel.
+    let report = s.client(VIP, 300, Proto::Tcp);
+    assert_eq!(report.attempts, 300, "{report:?}");
+    let refused = report.failed("ECONNREFUSED");
+    assert_eq!(report.ok + refused, 300, "{report:?}");
+    assert!(refused > 30 && report.ok > 60, "{report:?}");
+
+    // Every connection has closed once established == closed for each live backend.
+    let settled = wait_for(WAIT, || {
+        let svc = s.service_stats("web");
+        [B1, B2].iter().all(|a| {
+            let b = backend(&svc, a);
+            count(b, "established") == count(b, "closed") && count(b, "established") > 0
+        })
+    });
+    let svc = s.service_stats("web");
+    assert!(settled, "connections never all closed: {svc}");
+    let accepted = s.stop_backends();
+    for addr in [B1, B2] {
+        let b = backend(&svc, addr);
+        assert_eq!(count(b, "established"), accepted[addr], "{addr}: {b}");
+        assert_eq!(count(b, "established"), report.from(addr), "{addr}: {b}");
+        assert_eq!(count(b, "failed"), 0, "{addr}: {b}");
+        assert_eq!(count(b, "connects"), count(b, "established"), "{addr}: {b}");
+        assert_eq!(count(b, "active"), 0, "{addr}: {b}");
+        // Each connection carried the backend's reply: at least that many bytes came back,
+        // and at least SYN, ACK and FIN went out.
+        let reply = addr.len() as u64 + 1;
+        assert!(
+            count(b, "bytes_from") >= reply * accepted[addr],
+            "{addr}: {b}"
+        );
+        assert!(count(b, "packets_to") >= 3 * accepted[addr], "{addr}: {b}");
+    }
+    let dead = backend(&svc, DEAD);
+    assert_eq!(count(dead, "failed"), refused, "{dead}");
+    assert_eq!(count(dead, "connects"), refused, "{dead}");
+    assert_eq!(count(dead, "established"), 0, "{dead}");
+    assert_eq!(count(&svc, "connects"), 300, "{svc}");
+}
+
+#[test]
+fn long_lived_connections_show_as_active_until_closed() {
+    if !require_privileged("long_lived_connections_show_as_active_until_closed") {
+        return;
+    }
+    let mut s = Scenario::without_agent(&[], Proto::Tcp);
+    for b in [B1, B2] {
+        s.start_backend(b, Proto::Tcp, ServeMode::Hang);
+    }
+    s.write_config(&web(&[B1, B2], ""));
+    s.start_agent();
+    let held = HeldConnections::open(&s.net, &s.cgroup, VIP, 40);
+    assert_eq!(held.held, 40);
+    let active = |s: &Scenario| {
+        let svc = s.service_stats("web");
+        (count(&svc, "active"), svc)
+    };
+    assert!(wait_for(WAIT, || active(&s).0 == 40), "{}", active(&s).1);
+    let svc = active(&s).1;
+    let per_backend: u64 = [B1, B2]
+        .iter()
+        .map(|a| count(backend(&svc, a), "active"))
+        .sum();
+    assert_eq!(per_backend, 40, "{svc}");
+    held.close();
+    assert!(wait_for(WAIT, || active(&s).0 == 0), "{}", active(&s).1);
+    let svc = active(&s).1;
+    for a in [B1, B2] {
+        let b = backend(&svc, a);
+        assert_eq!(count(b, "closed"), count(b, "established"), "{b}");
+    }
+}
+
+#[test]
+fn byte_counting_can_be_turned_off() {
+    if !require_privileged("byte_counting_can_be_turned_off") {
+        return;
+    }
+    let s = Scenario::start(
+        &[B1],
+        Proto::Tcp,
+        &format!("[dataplane]\ncount_bytes = false\n\n{}", web(&[B1], "")),
+    );
+    let report = s.client(VIP, 20, Proto::Tcp);
+    assert_eq!(report.ok, 20, "{report:?}");
+    assert!(wait_for(WAIT, || count(
+        backend(&s.service_stats("web"), B1),
+        "closed"
+    ) == 20));
+    let b = backend(&s.service_stats("web"), B1).clone();
+    assert_eq!(
+        (count(&b, "bytes_to"), count(&b, "bytes_from")),
+        (0, 0),
+        "{b}"
+    );
+    assert_eq!(
+        count(&b, "established"),
+        20,
+        "connection counters stay on: {b}"
+    );
+    let stats = lb_testkit::agent_stats(&s.pins).expect("stats");
+    let names: Vec<&str> = stats["programs"]
+        .as_array()
+        .map(|ps| ps.iter().filter_map(|p| p["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(!names.iter().any(|n| n.starts_with("lb_skb")), "{names:?}");
+}
