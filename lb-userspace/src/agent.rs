@@ -10,6 +10,7 @@ use crate::health::runner::HealthRunner;
 use crate::http_api::{self, Readiness};
 use crate::kubernetes::Kubernetes;
 use crate::loader::{self, LoadOptions};
+use crate::outlier::{self, Outliers};
 use crate::reconcile::reconcile;
 use crate::status_file::{self, ServiceStatus, StatusFile};
 use crate::{cgroup, config, lock, plan};
@@ -72,6 +73,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         pin_dir: args.pin_dir.clone(),
         published_empty: false,
         programs: attached.programs,
+        outliers: Outliers::default(),
     };
     agent.discovery.sync(&agent.config);
     agent.kubernetes.sync(agent.config.kubernetes.as_ref());
@@ -86,6 +88,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let watching = args.watch_interval.is_some();
     let mut watch = tokio::time::interval(args.watch_interval.unwrap_or(Duration::from_secs(3600)));
     let mut status = tokio::time::interval(STATUS_INTERVAL);
+    let mut outlier_check = tokio::time::interval(outlier::CHECK_EVERY);
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -108,6 +111,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 agent.absorb((), &mut transitions, "health", |_, ()| true);
             }
             _ = status.tick() => agent.publish_status(),
+            _ = outlier_check.tick(), if agent.watches_outliers() => agent.check_outliers(),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -133,6 +137,7 @@ struct Agent {
     pin_dir: PathBuf,
     published_empty: bool,
     programs: Vec<crate::loader::ProgramSize>,
+    outliers: Outliers,
 }
 
 impl Agent {
@@ -194,9 +199,11 @@ impl Agent {
             self.dropped = dropped;
         }
         self.health.sync(&effective);
-        let health = &self.health;
-        let (desired, failing_open) =
-            plan::desired(&effective, &|svc, addr| health.is_healthy(svc, addr));
+        let (health, outliers) = (&self.health, &self.outliers);
+        // Either a health check or an ejection takes a backend out; both must agree to restore.
+        let (desired, failing_open) = plan::desired(&effective, &|svc, addr| {
+            health.is_healthy(svc, addr) && !outliers.is_ejected(svc, addr)
+        });
         self.log_fail_open(failing_open.into_iter().collect());
         let plan = reconcile(&installed, &desired)?;
         apply(&mut self.maps, &plan.ops)?;
@@ -210,6 +217,67 @@ impl Agent {
             "reconciled"
         );
         Ok(())
+    }
+
+    fn watches_outliers(&self) -> bool {
+        self.config.services.iter().any(|s| s.outlier.is_some())
+    }
+
+    /// Feeds the kernel's connect outcomes of every service with `[service.outlier]` to the
+    /// detector and reconciles when a backend is ejected or comes back.
+    fn check_outliers(&mut self) {
+        let installed = match read_installed(&self.maps, false) {
+            Ok(i) => i,
+            Err(e) => return warn!("outlier check skipped: {e:#}"),
+        };
+        let now = std::time::Instant::now();
+        let mut changed = false;
+        for svc in self.config.services.iter() {
+            let Some(config) = &svc.outlier else { continue };
+            let key = plan::service_key(svc.vip, svc.protocol);
+            let mut seen = Vec::new();
+            if let Some(have) = installed.services.get(&key) {
+                for id in have.backend_ids() {
+                    let (Some(addr), Ok(c), Ok(streak)) = (
+                        installed.backends.get(&id),
+                        self.maps.backend_counters(id),
+                        self.maps.fail_streak(id),
+                    ) else {
+                        continue;
+                    };
+                    let (established, failed) = (c.established, c.failed);
+                    let obs = outlier::Observation {
+                        streak,
+                        established,
+                        failed,
+                    };
+                    seen.push((*addr, obs));
+                }
+            }
+            let backends = seen.len() + self.outliers.ejected(now, &svc.name).len();
+            let before = self.outliers.ejected(now, &svc.name);
+            if self
+                .outliers
+                .observe(now, &svc.name, config, backends, &seen)
+            {
+                changed = true;
+                log_ejections(&svc.name, &before, &self.outliers.ejected(now, &svc.name));
+            }
+        }
+        let names: BTreeSet<String> = self
+            .config
+            .services
+            .iter()
+            .filter(|s| s.outlier.is_some())
+            .map(|s| s.name.clone())
+            .collect();
+        self.outliers.retain(|name| names.contains(name));
+        if changed {
+            if let Err(e) = self.reconcile() {
+                error!("reconcile after an outlier change failed: {e:#}");
+            }
+            self.publish_status();
+        }
     }
 
     /// Failing open sends traffic to backends known to be failing: say so loudly, once per
@@ -238,7 +306,10 @@ impl Agent {
             .kubernetes
             .as_ref()
             .map(|_| self.kubernetes.status.clone());
-        let empty = snapshot.is_empty() && sources.is_empty() && kubernetes.is_none();
+        let empty = snapshot.is_empty()
+            && sources.is_empty()
+            && kubernetes.is_none()
+            && self.outliers.next_expiry().is_none();
         if empty && self.published_empty {
             return;
         }
@@ -259,6 +330,13 @@ impl Agent {
                     ..ServiceStatus::default()
                 });
             svc.backends.insert(target.backend.to_string(), health);
+        }
+        let now = std::time::Instant::now();
+        for svc in self.config.services.iter().filter(|s| s.outlier.is_some()) {
+            let ejected = self.outliers.ejected(now, &svc.name);
+            if !ejected.is_empty() {
+                file.services.entry(svc.name.clone()).or_default().ejected = ejected;
+            }
         }
         for (service, source) in sources {
             let svc = file.services.entry(service.clone()).or_default();
@@ -309,5 +387,25 @@ async fn drain_ebpf_logs(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>)
     loop {
         tick.tick().await;
         logger.flush();
+    }
+}
+
+fn log_ejections(
+    service: &str,
+    before: &std::collections::BTreeMap<String, outlier::Ejection>,
+    after: &std::collections::BTreeMap<String, outlier::Ejection>,
+) {
+    for (backend, e) in after.iter().filter(|(b, _)| !before.contains_key(*b)) {
+        warn!(
+            service,
+            backend = %backend,
+            reason = %e.reason,
+            seconds = e.remaining_ms / 1000,
+            ejections = e.count,
+            "backend ejected as an outlier"
+        );
+    }
+    for backend in before.keys().filter(|b| !after.contains_key(*b)) {
+        info!(service, backend = %backend, "ejection over: backend back in service");
     }
 }

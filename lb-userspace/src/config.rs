@@ -16,6 +16,7 @@ use toml::{Table, Value};
 mod balancing;
 mod discovery;
 mod kubernetes;
+mod outlier;
 pub use balancing::{
     Algorithm, Balancing, ClientKey, AFFINITY_TIMEOUT_RANGE, DEFAULT_AFFINITY_TIMEOUT,
 };
@@ -23,6 +24,7 @@ pub use discovery::{
     ConsulConfig, DiscoveryConfig, DnsConfig, DnsRecord, Env, EtcdConfig, SourceConfig,
 };
 pub use kubernetes::KubernetesConfig;
+pub use outlier::OutlierConfig;
 
 pub const MAX_SERVICES: usize = lb_common::MAX_SERVICES as usize;
 pub const MAX_BACKENDS_PER_SERVICE: usize = 1_024;
@@ -48,6 +50,7 @@ const SERVICE_KEYS: &[&str] = &[
     "affinity",
     "affinity_timeout",
     "client_key",
+    "outlier",
 ];
 const BACKEND_KEYS: &[&str] = &["address", "weight"];
 const HEALTH_KEYS: &[&str] = &[
@@ -116,6 +119,8 @@ pub struct ServiceConfig {
     /// Where `backends` come from at run time; `None` = the static list above.
     pub discovery: Option<DiscoveryConfig>,
     pub balancing: Balancing,
+    /// Passive outlier detection from kernel-observed connect outcomes.
+    pub outlier: Option<OutlierConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -510,6 +515,7 @@ impl Checker {
         let panic_threshold = self.checked(scope, "panic_threshold", panic_threshold);
         let health = self.health(scope, table.get("health"));
         let balancing = self.balancing(scope, table);
+        let outlier = self.outlier(scope, table.get("outlier"), protocol);
         if let (Some(vip), Some(backends)) = (vip, &backends) {
             self.same_family(scope, vip, backends);
         }
@@ -524,6 +530,7 @@ impl Checker {
             panic_threshold: panic_threshold?,
             discovery: discovery?,
             balancing: balancing?,
+            outlier: outlier?,
         })
     }
 
@@ -1164,6 +1171,7 @@ mod tests {
                     panic_threshold: 0,
                     discovery: None,
                     balancing: Default::default(),
+                    outlier: None,
                 },
                 ServiceConfig {
                     name: "dns.kube-system_1".into(),
@@ -1178,6 +1186,7 @@ mod tests {
                     panic_threshold: 0,
                     discovery: None,
                     balancing: Default::default(),
+                    outlier: None,
                 },
             ],
             kubernetes: None,
@@ -1363,7 +1372,7 @@ mod tests {
             single(&text),
             "lb.toml: service \"web\" (service[0]): protocl: unknown key \
              (allowed: name, vip, protocol, backends, fail_open, panic_threshold, health, discovery, \
-             algorithm, maglev_table_size, affinity, affinity_timeout, client_key)"
+             algorithm, maglev_table_size, affinity, affinity_timeout, client_key, outlier)"
         );
     }
 
@@ -1978,6 +1987,7 @@ mod tests {
             panic_threshold: 50,
             discovery: None,
             balancing: Default::default(),
+            outlier: None,
         };
         assert_eq!(config.services[1], expected);
     }

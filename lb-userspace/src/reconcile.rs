@@ -337,6 +337,7 @@ mod tests {
             panic_threshold: 0,
             discovery: None,
             balancing: Default::default(),
+            outlier: None,
         }
     }
 

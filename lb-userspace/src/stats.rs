@@ -220,6 +220,18 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
                 backends.push(BackendReport::out_of_service(addr, health));
             }
         }
+        for (addr, e) in svc_status.map(|s| &s.ejected).into_iter().flatten() {
+            let why = format!("{}; back in {}s", e.reason, e.remaining_ms.div_ceil(1000));
+            match backends.iter_mut().find(|b| &b.address == addr) {
+                Some(b) => b.ejected = Some(why),
+                None => {
+                    let mut b =
+                        BackendReport::new(None, addr.clone(), 0, BackendCounters::default(), None);
+                    b.ejected = Some(why);
+                    backends.push(b);
+                }
+            }
+        }
         backends.sort_by(|a, b| a.address.cmp(&b.address));
         services.push(ServiceReport {
             name: svc.name.clone(),

@@ -31,6 +31,9 @@ pub struct ServiceStatus {
     /// The service's discovery source, if it has one.
     #[serde(default)]
     pub discovery: Option<SourceStatus>,
+    /// Backends ejected as outliers, by address.
+    #[serde(default)]
+    pub ejected: BTreeMap<String, crate::outlier::Ejection>,
 }
 
 pub fn path(pin_dir: &Path) -> PathBuf {

@@ -2,7 +2,7 @@
 //! backend must equal what the backends accepted and what the clients saw.
 
 use lb_testkit::procs::{HeldConnections, Proto, ServeMode};
-use lb_testkit::{quoted, require_privileged, wait_for, Scenario};
+use lb_testkit::{quoted, require_privileged, wait_for, Scenario, SteadyClient};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -146,4 +146,58 @@ fn byte_counting_can_be_turned_off() {
         .map(|ps| ps.iter().filter_map(|p| p["name"].as_str()).collect())
         .unwrap_or_default();
     assert!(!names.iter().any(|n| n.starts_with("lb_skb")), "{names:?}");
+}
+
+#[test]
+fn a_refusing_backend_is_ejected_and_restored_without_health_checks() {
+    if !require_privileged("a_refusing_backend_is_ejected_and_restored_without_health_checks") {
+        return;
+    }
+    let outlier = "[service.outlier]\nconsecutive_failures = 3\nbase_ejection_time = \"2s\"\n\
+                   max_ejection_percent = 50";
+    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&[B1, B2, DEAD], outlier));
+    let load = SteadyClient::start(
+        &s.net,
+        &s.cgroup,
+        VIP,
+        Duration::from_millis(10),
+        Duration::from_secs(20),
+    );
+    let ejected = wait_for(WAIT, || {
+        let svc = s.service_stats("web");
+        let dead = backend(&svc, DEAD);
+        dead["ejected"].is_string() && dead["id"].is_null()
+    });
+    let report = load.stop();
+    let svc = s.service_stats("web");
+    assert!(ejected, "never ejected: {svc}");
+    // The agent looks every 250 ms, so a few more than 3 may fail before it acts.
+    let refused = report.failed("ECONNREFUSED");
+    assert!((3..=30).contains(&refused), "{refused} refused: {report:?}");
+    assert!(
+        backend(&svc, DEAD)["ejected"]
+            .as_str()
+            .is_some_and(|r| r.contains("connect failures in a row")),
+        "{svc}"
+    );
+    let while_out = s.client(VIP, 60, Proto::Tcp);
+    assert_eq!(
+        while_out.ok, 60,
+        "an ejected backend still got connects: {while_out:?}"
+    );
+
+    // It comes back after the ejection time; now it answers.
+    s.start_backend(DEAD, Proto::Tcp, ServeMode::Answer);
+    let restored = wait_for(WAIT, || {
+        let svc = s.service_stats("web");
+        let dead = backend(&svc, DEAD);
+        dead["ejected"].is_null() && dead["id"].is_number()
+    });
+    assert!(restored, "never restored: {}", s.service_stats("web"));
+    let after = s.client(VIP, 90, Proto::Tcp);
+    assert_eq!(after.ok, 90, "{after:?}");
+    assert!(
+        after.from(DEAD) > 0,
+        "restored backend got nothing: {after:?}"
+    );
 }

@@ -81,6 +81,7 @@ pub fn effective(
                     panic_threshold: 0,
                     discovery: None,
                     balancing: service.mode.balancing(service.slot_count),
+                    outlier: None,
                 });
             }
         }

@@ -110,6 +110,7 @@ pub fn translate<'a>(
                 panic_threshold: 0,
                 discovery: None,
                 balancing,
+                outlier: None,
             });
         }
     }
