@@ -7,7 +7,7 @@ use crate::bpf_maps::PinnedMaps;
 use crate::dataplane::{apply, read_installed};
 use crate::discovery::{merge, Discovery};
 use crate::health::runner::HealthRunner;
-use crate::http_api::{self, Readiness};
+use crate::http_api::{self, Endpoints, Readiness};
 use crate::kubernetes::Kubernetes;
 use crate::loader::{self, LoadOptions};
 use crate::outlier::{self, Outliers};
@@ -31,6 +31,8 @@ pub struct RunArgs {
     pub bpf_log: bool,
     /// Where `/healthz` and `/readyz` are served; `None` = not at all.
     pub http_listen: Option<std::net::SocketAddr>,
+    /// Where `/metrics` is served; `None` = not at all.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// How often health state is published for `lb-agent stats`.
@@ -58,9 +60,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (discovery, mut answers) = Discovery::new();
     let (kubernetes, mut kube_events) = Kubernetes::new();
     let readiness = Readiness::default();
-    if let Some(addr) = args.http_listen {
-        http_api::serve(addr, readiness.clone()).await?;
-    }
+    serve_http(&args, &readiness).await?;
     let mut agent = Agent {
         kubernetes,
         readiness,
@@ -120,6 +120,31 @@ pub async fn run(args: RunArgs) -> Result<()> {
         pin_dir = %args.pin_dir.display(),
         "exiting; pinned state stays and keeps balancing (`lb-agent detach` removes it)"
     );
+    Ok(())
+}
+
+/// `--http-listen` and `--metrics-listen`, on one listener when they name the same address.
+async fn serve_http(args: &RunArgs, readiness: &Readiness) -> Result<()> {
+    let health = args.http_listen.map(|addr| {
+        let e = Endpoints {
+            readiness: Some(readiness.clone()),
+            metrics: (args.metrics_listen == Some(addr)).then(|| args.pin_dir.clone()),
+        };
+        (addr, e)
+    });
+    let metrics = args
+        .metrics_listen
+        .filter(|m| Some(*m) != args.http_listen)
+        .map(|addr| {
+            let e = Endpoints {
+                readiness: None,
+                metrics: Some(args.pin_dir.clone()),
+            };
+            (addr, e)
+        });
+    for (addr, endpoints) in health.into_iter().chain(metrics) {
+        http_api::serve(addr, endpoints).await?;
+    }
     Ok(())
 }
 
@@ -185,6 +210,14 @@ impl Agent {
 
     /// The one path into the maps, whatever changed: config, discovery answers or health.
     fn reconcile(&mut self) -> Result<()> {
+        let start = std::time::Instant::now();
+        let result = self.reconcile_once();
+        let seconds = start.elapsed().as_secs_f64();
+        crate::metrics::AGENT.reconciled(seconds, result.is_ok());
+        result
+    }
+
+    fn reconcile_once(&mut self) -> Result<()> {
         let installed = read_installed(&self.maps, true)?;
         let discovery = &self.discovery;
         let sources = merge::Sources {
@@ -308,6 +341,7 @@ impl Agent {
             .map(|_| self.kubernetes.status.clone());
         let empty = snapshot.is_empty()
             && sources.is_empty()
+            && self.config.kubernetes.is_none()
             && kubernetes.is_none()
             && self.outliers.next_expiry().is_none();
         if empty && self.published_empty {
@@ -330,6 +364,12 @@ impl Agent {
                     ..ServiceStatus::default()
                 });
             svc.backends.insert(target.backend.to_string(), health);
+        }
+        if let Some(Some(from_api)) = self.kubernetes.services() {
+            for svc in from_api {
+                let entry = file.services.entry(svc.name.clone()).or_default();
+                entry.source = Some("kubernetes".into());
+            }
         }
         let now = std::time::Instant::now();
         for svc in self.config.services.iter().filter(|s| s.outlier.is_some()) {
@@ -396,6 +436,7 @@ fn log_ejections(
     after: &std::collections::BTreeMap<String, outlier::Ejection>,
 ) {
     for (backend, e) in after.iter().filter(|(b, _)| !before.contains_key(*b)) {
+        crate::metrics::AGENT.ejected(service, backend);
         warn!(
             service,
             backend = %backend,

@@ -16,6 +16,7 @@ pub mod kubernetes;
 pub mod loader;
 pub mod lock;
 pub mod maglev;
+pub mod metrics;
 pub mod outlier;
 pub mod plan;
 pub mod reconcile;

@@ -40,6 +40,9 @@ enum Command {
         /// Serve GET /healthz and /readyz on this address (e.g. 127.0.0.1:9901).
         #[arg(long)]
         http_listen: Option<std::net::SocketAddr>,
+        /// Serve GET /metrics (Prometheus) on this address, or `off`.
+        #[arg(long, default_value = "127.0.0.1:9902", value_parser = address_or_off)]
+        metrics_listen: Listen,
     },
     /// Validate a config file without root and without touching the kernel.
     CheckConfig { file: PathBuf },
@@ -89,6 +92,7 @@ fn dispatch(command: Command) -> Result<()> {
             watch_interval_ms,
             bpf_log,
             http_listen,
+            metrics_listen,
         } => {
             let args = agent::RunArgs {
                 config,
@@ -98,6 +102,7 @@ fn dispatch(command: Command) -> Result<()> {
                     .then(|| Duration::from_millis(watch_interval_ms)),
                 bpf_log,
                 http_listen,
+                metrics_listen: metrics_listen.0,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -135,4 +140,17 @@ fn dispatch(command: Command) -> Result<()> {
         }
         Command::Detach { pin_dir } => detach::detach(&pin_dir),
     }
+}
+
+/// An address, or `off` for none.
+#[derive(Clone, Debug)]
+struct Listen(Option<std::net::SocketAddr>);
+
+fn address_or_off(text: &str) -> Result<Listen, String> {
+    if text == "off" {
+        return Ok(Listen(None));
+    }
+    text.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|_| format!("expected address:port (e.g. 127.0.0.1:9902) or off, got {text:?}"))
 }

@@ -78,6 +78,8 @@ pub struct ServiceReport {
     /// The service's discovery source as the agent last published it; `None` for listed
     /// backends.
     pub discovery: Option<SourceStatus>,
+    /// Where the backends come from: "static", "dns", "etcd", "consul" or "kubernetes".
+    pub source: String,
     /// Open connections over all backends.
     pub active: u64,
     /// Per second over the sampling interval; `None` when sampled once.
@@ -250,6 +252,14 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
             affinity_new: counters.affinity_new,
             fail_open_active: svc_status.is_some_and(|s| s.fail_open_active),
             discovery: svc_status.and_then(|s| s.discovery.clone()),
+            source: svc_status
+                .and_then(|s| {
+                    s.discovery
+                        .as_ref()
+                        .map(|d| d.kind.clone())
+                        .or(s.source.clone())
+                })
+                .unwrap_or_else(|| "static".into()),
             active: backends.iter().map(|b| b.active).sum(),
             rates: None,
             backends,

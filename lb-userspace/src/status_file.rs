@@ -31,6 +31,9 @@ pub struct ServiceStatus {
     /// The service's discovery source, if it has one.
     #[serde(default)]
     pub discovery: Option<SourceStatus>,
+    /// "kubernetes" for a service from the API; `None` for the file's own.
+    #[serde(default)]
+    pub source: Option<String>,
     /// Backends ejected as outliers, by address.
     #[serde(default)]
     pub ejected: BTreeMap<String, crate::outlier::Ejection>,

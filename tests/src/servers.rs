@@ -459,19 +459,28 @@ fn in_netns<T: Send>(
 }
 
 /// The status code of `GET path` on `addr` inside the test's namespace; `None` when nothing
-/// answers (a plain HTTP/1.0 request, so no client library is needed).
+/// answers.
 pub fn http_status(net: &TestNet, addr: &str, path: &str) -> Option<u16> {
+    http_get(net, addr, path).map(|(status, _)| status)
+}
+
+/// Status and body of `GET path` on `addr` inside the test's namespace (a plain HTTP/1.0
+/// request, so no client library is needed); `None` when nothing answers.
+pub fn http_get(net: &TestNet, addr: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     in_netns(&net.ns_path, || {
         let mut stream = std::net::TcpStream::connect(addr)?;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-        let mut head = String::new();
-        stream.take(64).read_to_string(&mut head)?;
-        head.split(' ')
+        let mut answer = String::new();
+        stream.take(16 << 20).read_to_string(&mut answer)?;
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        let status = head
+            .split(' ')
             .nth(1)
             .and_then(|code| code.parse().ok())
-            .ok_or_else(|| std::io::Error::other("not an HTTP answer"))
+            .ok_or_else(|| std::io::Error::other("not an HTTP answer"))?;
+        Ok((status, body.to_string()))
     })
     .ok()
 }

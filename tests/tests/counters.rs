@@ -201,3 +201,87 @@ fn a_refusing_backend_is_ejected_and_restored_without_health_checks() {
         "restored backend got nothing: {after:?}"
     );
 }
+
+/// The value of `metric` with these label values in a parsed scrape.
+fn sample(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_carry_the_same_numbers() {
+    if !require_privileged("metrics_parse_as_prometheus_text_and_carry_the_same_numbers") {
+        return;
+    }
+    let s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&[B1, B2, DEAD], ""));
+    let report = s.client(VIP, 100, Proto::Tcp);
+    assert_eq!(report.attempts, 100, "{report:?}");
+    assert!(wait_for(WAIT, || {
+        let svc = s.service_stats("web");
+        [B1, B2]
+            .iter()
+            .all(|a| count(backend(&svc, a), "closed") == report.from(a))
+    }));
+    let svc = s.service_stats("web");
+    let (status, body) = lb_testkit::http_get(&s.net, "127.0.0.1:9902", "/metrics")
+        .expect("the agent serves /metrics on 127.0.0.1:9902 by default");
+    assert_eq!(status, 200, "{body}");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .expect("valid Prometheus text");
+    let svc_labels = [
+        ("service", "web"),
+        ("vip", "10.96.0.10:80/tcp"),
+        ("source", "static"),
+    ];
+    assert_eq!(
+        sample(&scrape, "lb_service_connects_total", &svc_labels),
+        Some(100.0),
+        "{body}"
+    );
+    for addr in [B1, B2, DEAD] {
+        let b = backend(&svc, addr);
+        let labels = [("service", "web"), ("backend", addr)];
+        for (metric, field) in [
+            ("lb_backend_connects_total", "connects"),
+            ("lb_backend_established_total", "established"),
+            ("lb_backend_failed_total", "failed"),
+            ("lb_backend_closed_total", "closed"),
+            ("lb_backend_active_connections", "active"),
+        ] {
+            assert_eq!(
+                sample(&scrape, metric, &labels),
+                Some(count(b, field) as f64),
+                "{metric} {addr}: {b}"
+            );
+        }
+        let to = [("backend", addr), ("direction", "from_backend")];
+        assert_eq!(
+            sample(&scrape, "lb_backend_bytes_total", &to),
+            Some(count(b, "bytes_from") as f64)
+        );
+    }
+    assert_eq!(
+        sample(&scrape, "lb_backend_failed_total", &[("backend", DEAD)]),
+        Some(report.failed("ECONNREFUSED") as f64)
+    );
+    assert!(
+        sample(&scrape, "lb_map_entries", &[("map", "services")]) == Some(1.0),
+        "{body}"
+    );
+    assert!(
+        body.contains("lb_reconcile_duration_seconds_bucket"),
+        "{body}"
+    );
+    assert!(
+        sample(&scrape, "lb_reconciles_total", &[("result", "ok")]) >= Some(1.0),
+        "{body}"
+    );
+}

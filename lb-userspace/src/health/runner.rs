@@ -178,7 +178,13 @@ async fn probe_loop(
     tokio::time::sleep(jitter.below(hc.interval)).await;
     loop {
         let outcome = match limit.acquire().await {
-            Ok(_permit) => probe(addr, &hc.kind, hc.timeout).await,
+            Ok(_permit) => {
+                let start = std::time::Instant::now();
+                let outcome = probe(addr, &hc.kind, hc.timeout).await;
+                let seconds = start.elapsed().as_secs_f64();
+                crate::metrics::AGENT.probe_seconds.observe(seconds);
+                outcome
+            }
             Err(_) => return,
         };
         let change = state.record(outcome.is_ok(), hc.rise, hc.fall);
