@@ -22,3 +22,4 @@ pub mod plan;
 pub mod reconcile;
 pub mod stats;
 pub mod status_file;
+pub mod top;

@@ -59,6 +59,13 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Live view of services and backends, refreshed every second (q quits).
+    Top {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        refresh_ms: u64,
+    },
     /// Detach the program and remove every pin (balancing stops).
     Detach {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -138,6 +145,10 @@ fn dispatch(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Top {
+            pin_dir,
+            refresh_ms,
+        } => lb_userspace::top::run(&pin_dir, Duration::from_millis(refresh_ms.max(100))),
         Command::Detach { pin_dir } => detach::detach(&pin_dir),
     }
 }
