@@ -14,15 +14,19 @@ use std::time::{Duration, Instant};
 pub enum Contender {
     Direct,
     Lb,
+    /// lb with `[dataplane] count_bytes = false`: the per-packet cost of byte counting is the
+    /// difference to `Lb`.
+    LbNoBytes,
     Nftables,
     Iptables,
     Haproxy,
 }
 
 impl Contender {
-    pub const ALL: [Contender; 5] = [
+    pub const ALL: [Contender; 6] = [
         Contender::Direct,
         Contender::Lb,
+        Contender::LbNoBytes,
         Contender::Nftables,
         Contender::Iptables,
         Contender::Haproxy,
@@ -32,6 +36,7 @@ impl Contender {
         match self {
             Contender::Direct => "direct",
             Contender::Lb => "lb (this project)",
+            Contender::LbNoBytes => "lb, byte counting off",
             Contender::Nftables => "nftables DNAT",
             Contender::Iptables => "iptables DNAT",
             Contender::Haproxy => "HAProxy (tcp)",
@@ -199,7 +204,8 @@ pub fn install(
                 agent: None,
             }))
         }
-        Contender::Lb => install_lb(topo, cgroup, n, dir, budget),
+        Contender::Lb => install_lb(topo, cgroup, n, dir, budget, true),
+        Contender::LbNoBytes => install_lb(topo, cgroup, n, dir, budget, false),
     }
 }
 
@@ -270,8 +276,11 @@ fn wait_listening(topo: &Topology, addr: &str, budget: Duration) -> bool {
     false
 }
 
-pub fn lb_config(n: usize, backends: &[String], drop_last_of_first: bool) -> String {
+pub fn lb_config(n: usize, backends: &[String], drop_last_of_first: bool, bytes: bool) -> String {
     let mut text = String::with_capacity(n * 120);
+    if !bytes {
+        text += "[dataplane]\ncount_bytes = false\n\n";
+    }
     for i in 0..n {
         let list: Vec<String> = backends
             .iter()
@@ -297,8 +306,10 @@ fn install_lb(
     n: usize,
     dir: &Path,
     budget: Duration,
+    count_bytes: bool,
 ) -> Result<Outcome> {
-    let config = temp_file(dir, "lb.toml", &lb_config(n, &topo.backends, false))?;
+    let text = lb_config(n, &topo.backends, false, count_bytes);
+    let config = temp_file(dir, "lb.toml", &text)?;
     let pins = PinDir::new();
     let t0 = Instant::now();
     let mut agent = Agent::start(&topo.client, cgroup, &pins, &config, 0, &[]);
@@ -355,7 +366,7 @@ pub fn lb_change_time(
 ) -> Option<Duration> {
     let (agent, _, config) = installed.agent.as_mut()?;
     let before = agent.log().matches(" reconciled ").count();
-    std::fs::write(&*config, lb_config(n, backends, true)).ok()?;
+    std::fs::write(&*config, lb_config(n, backends, true, true)).ok()?;
     let t0 = Instant::now();
     agent.sighup();
     lb_testkit::wait_for(budget, || {
