@@ -43,7 +43,7 @@ fn ipv6_vip_reaches_ipv6_backends_and_peers_read_as_the_vip() {
     let direct = s.client(b1, 5, Proto::Tcp);
     assert_eq!(direct.peers.get(b1), Some(&5), "{direct:?}");
 
-    // Closed sockets took their reverse entries with them (sock_release).
+    // Closed connections took their reverse entries with them (sock_ops at CLOSE).
     let stats = lb_testkit::agent_stats(&s.pins).expect("stats");
     assert_eq!(
         stats["map_entries"]["reverse"], 0,
