@@ -128,7 +128,7 @@ pub struct Attached {
 }
 
 /// What the verifier made of one program; `stats` shows it so that growth is visible.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProgramSize {
     pub name: String,
     /// Instructions the verifier processed (kernel 5.16+; 0 when unknown).
@@ -136,6 +136,17 @@ pub struct ProgramSize {
     /// Bytes of translated eBPF and of JIT-compiled machine code.
     pub xlated_bytes: u32,
     pub jited_bytes: u32,
+    /// Runs and total run time so far; counted only while BPF run-time statistics are on
+    /// (`lb-agent stats --interval` turns them on for its sampling window).
+    #[serde(default)]
+    pub run_count: u64,
+    #[serde(default)]
+    pub run_time_ns: u64,
+    /// Over the sampling interval: runs per second and the average cost of one run.
+    #[serde(default)]
+    pub runs_per_s: Option<f64>,
+    #[serde(default)]
+    pub ns_per_run: Option<f64>,
 }
 
 impl ProgramSize {
@@ -145,8 +156,31 @@ impl ProgramSize {
             verified_insns: info.verified_instruction_count().unwrap_or(0),
             xlated_bytes: info.size_translated().unwrap_or(0),
             jited_bytes: info.size_jitted(),
+            run_count: info.run_count(),
+            run_time_ns: info.run_time().as_nanos() as u64,
+            runs_per_s: None,
+            ns_per_run: None,
         }
     }
+}
+
+/// The programs attached through `pin_dir`'s link pins, as the kernel reports them now (no
+/// agent needed).
+pub fn attached_programs(pin_dir: &Path) -> Vec<ProgramSize> {
+    let loaded: Vec<ProgramInfo> = aya::programs::loaded_programs().flatten().collect();
+    PROGRAMS
+        .iter()
+        .chain(&BYTE_COUNTERS)
+        .filter_map(|name| {
+            let [pin, _] = link_pins(name);
+            let link: FdLink = aya::programs::links::PinnedLink::from_pin(pin_dir.join(pin))
+                .ok()?
+                .into();
+            let id = link.info().ok()?.program_id();
+            let info = loaded.iter().find(|p| p.id() == id)?;
+            Some(ProgramSize::of(name, info))
+        })
+        .collect()
 }
 
 /// Pin of a program's cgroup link, and where a starting agent pins its replacement first.

@@ -176,12 +176,22 @@ pub fn open(pin_dir: &Path) -> Result<PinnedMaps> {
 }
 
 /// One report; with a non-zero `interval` (seconds), two samples that far apart and the rates
-/// between them.
+/// between them. BPF run-time statistics are on only during that window (the kernel keeps them
+/// on while the descriptor is open), so the programs' cost per run is measured then and costs
+/// nothing otherwise.
 pub fn sample(maps: &PinnedMaps, pin_dir: &Path, interval: f64) -> Result<Report> {
-    let read = || collect(maps, crate::status_file::read(pin_dir).as_ref());
+    let read = || {
+        let mut report = collect(maps, crate::status_file::read(pin_dir).as_ref())?;
+        let live = crate::loader::attached_programs(pin_dir);
+        if !live.is_empty() {
+            report.programs = live;
+        }
+        Ok::<_, anyhow::Error>(report)
+    };
     if interval <= 0.0 {
         return read();
     }
+    let _run_time_stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
     let start = std::time::Instant::now();
     let earlier = read()?;
     std::thread::sleep(std::time::Duration::from_secs_f64(interval));
@@ -326,6 +336,15 @@ pub fn add_rates(earlier: &Report, later: &mut Report, secs: f64) {
         }
         s.rates = Some(svc);
     }
+    for p in &mut later.programs {
+        let Some(e) = earlier.programs.iter().find(|e| e.name == p.name) else {
+            continue;
+        };
+        let runs = p.run_count.saturating_sub(e.run_count);
+        p.runs_per_s = Some(runs as f64 / secs.max(1e-3));
+        p.ns_per_run =
+            (runs > 0).then(|| p.run_time_ns.saturating_sub(e.run_time_ns) as f64 / runs as f64);
+    }
 }
 
 /// Keeps only the service called `name`.
@@ -433,9 +452,14 @@ pub fn render_table(report: &Report) -> String {
         m.services, m.slots, m.backends, m.names, m.affinity, m.reverse
     );
     for p in &report.programs {
+        let cost = match (p.runs_per_s, p.ns_per_run) {
+            (Some(r), Some(ns)) => format!("  {r:.0} runs/s, {ns:.0} ns/run"),
+            (Some(_), None) => "  not run".to_string(),
+            _ => String::new(),
+        };
         let _ = writeln!(
             out,
-            "program {:<16} {:>5} insns verified  {:>6} B translated  {:>6} B jited",
+            "program {:<16} {:>5} insns verified  {:>6} B translated  {:>6} B jited{cost}",
             p.name, p.verified_insns, p.xlated_bytes, p.jited_bytes
         );
     }

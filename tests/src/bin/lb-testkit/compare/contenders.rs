@@ -43,6 +43,18 @@ impl Contender {
         }
     }
 
+    /// Bar colour in the chart: one per contender, so adding one cannot run out of colours.
+    pub fn color(self) -> &'static str {
+        match self {
+            Contender::Direct => "#888888",
+            Contender::Lb => "#2b8cbe",
+            Contender::LbNoBytes => "#a6bddb",
+            Contender::Nftables => "#e6550d",
+            Contender::Iptables => "#756bb1",
+            Contender::Haproxy => "#31a354",
+        }
+    }
+
     /// Direct has no services and HAProxy needs a listener per VIP: both are measured at one.
     pub fn scales(self) -> bool {
         matches!(

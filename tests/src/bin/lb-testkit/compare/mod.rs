@@ -168,9 +168,22 @@ fn measure(plan: &Plan, topo: &Topology, cgroup: &TestCgroup, dir: &Path) -> Res
                 &[Workload::Short]
             };
             for &w in workloads {
+                let costs = (n == 1 && w == Workload::Persistent)
+                    .then(|| {
+                        installed
+                            .agent
+                            .as_ref()
+                            .map(|(_, pins, _)| program_costs(pins, plan))
+                    })
+                    .flatten();
                 let runs = (0..plan.repeats)
                     .map(|_| load(topo, cgroup, &targets, w, plan))
                     .collect::<Result<Vec<_>>>()?;
+                if let Some(costs) = costs {
+                    for (name, runs, ns) in costs.finish() {
+                        summary.program_costs.push((c, name, runs, ns));
+                    }
+                }
                 summary.rows.push(Row::new(c, n, w, runs));
             }
             summary
@@ -183,4 +196,37 @@ fn measure(plan: &Plan, topo: &Topology, cgroup: &TestCgroup, dir: &Path) -> Res
         }
     }
     Ok(summary)
+}
+
+/// `lb-agent stats --json --interval` running while a workload runs: it turns BPF run-time
+/// statistics on for its window and reports each program's runs per second and cost per run.
+struct ProgramCosts(std::process::Child);
+
+fn program_costs(pins: &lb_testkit::PinDir, plan: &Plan) -> ProgramCosts {
+    let interval = (plan.seconds * 0.8).to_string();
+    let child = Command::new(lb_testkit::paths::agent_bin())
+        .args(["stats", "--json", "--interval", &interval, "--pin-dir"])
+        .arg(&pins.path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    ProgramCosts(child.expect("spawn lb-agent stats"))
+}
+
+impl ProgramCosts {
+    /// Programs that ran in the window: (name, runs/s, ns per run).
+    fn finish(self) -> Vec<(String, f64, f64)> {
+        let Ok(out) = self.0.wait_with_output() else {
+            return Vec::new();
+        };
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let programs = report["programs"].as_array().cloned().unwrap_or_default();
+        programs
+            .iter()
+            .filter_map(|p| {
+                let name = p["name"].as_str()?.to_string();
+                Some((name, p["runs_per_s"].as_f64()?, p["ns_per_run"].as_f64()?))
+            })
+            .collect()
+    }
 }

@@ -64,6 +64,9 @@ pub struct Summary {
     pub loads: Vec<(Contender, usize, Duration, Option<u64>)>,
     /// lb: time to apply one backend change at a size.
     pub changes: Vec<(usize, Option<Duration>)>,
+    /// lb at one service under persistent requests: (contender, program, runs/s, ns per run)
+    /// from BPF run-time statistics.
+    pub program_costs: Vec<(Contender, String, f64, f64)>,
 }
 
 impl Summary {
@@ -212,6 +215,19 @@ pub fn markdown(s: &Summary, plan: &Plan, quick: bool) -> String {
         });
         let _ = writeln!(t, "| with {n} services | {d} |");
     }
+    if !s.program_costs.is_empty() {
+        let _ = writeln!(
+            t,
+            "\n## Cost per program run (one service, persistent requests)\n\n\
+             Measured by the kernel (BPF run-time statistics, on only while `lb-agent stats \
+             --interval` samples). `lb_skb_*` run once per packet: their cost is the price of \
+             byte counting, which `[dataplane] count_bytes = false` removes.\n\n\
+             | contender | program | runs/s | ns per run |\n|---|---|---|---|"
+        );
+        for (c, name, runs, ns) in &s.program_costs {
+            let _ = writeln!(t, "| {} | {name} | {runs:.0} | {ns:.0} |", c.name());
+        }
+    }
     let errors: Vec<String> = s
         .rows
         .iter()
@@ -249,7 +265,6 @@ pub fn svg(s: &Summary) -> String {
         v.dedup();
         v
     };
-    let colors = ["#888888", "#2b8cbe", "#e6550d", "#756bb1", "#31a354"];
     let max = s
         .rows
         .iter()
@@ -284,7 +299,7 @@ pub fn svg(s: &Summary) -> String {
                 "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"><title>{}: {:.0}/s</title></rect>",
                 h - bottom - bh,
                 bar * 0.9,
-                colors[k],
+                c.color(),
                 c.name(),
                 r.rate
             );
@@ -304,7 +319,7 @@ pub fn svg(s: &Summary) -> String {
     );
     for (k, c) in Contender::ALL.iter().enumerate() {
         let x = left + k as f64 * 160.0;
-        let _ = writeln!(out, "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\">{}</text>", h - 22.0, colors[k], x + 14.0, h - 13.0, c.name());
+        let _ = writeln!(out, "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\">{}</text>", h - 22.0, c.color(), x + 14.0, h - 13.0, c.name());
     }
     out += "</svg>\n";
     out
