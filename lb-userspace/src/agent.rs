@@ -306,10 +306,11 @@ impl Agent {
             .collect();
         self.outliers.retain(|name| names.contains(name));
         if changed {
+            // Published first, so `stats` never shows an ejected backend as simply gone.
+            self.publish_status();
             if let Err(e) = self.reconcile() {
                 error!("reconcile after an outlier change failed: {e:#}");
             }
-            self.publish_status();
         }
     }
 

@@ -193,7 +193,8 @@ fn client_affinity_keeps_the_backend_across_changes_until_idle() {
     }
     let vip = "10.96.0.30:80";
     let backends = ["127.0.0.11:8080", "127.0.0.12:8080", "127.0.0.13:8080"];
-    let extra = "affinity = \"client\"\naffinity_timeout = \"2s\"";
+    // Long enough that a slow reload below cannot expire the client by accident.
+    let extra = "affinity = \"client\"\naffinity_timeout = \"5s\"";
     let mut s = Scenario::start(
         &[
             "127.0.0.11:8080",
@@ -227,7 +228,7 @@ fn client_affinity_keeps_the_backend_across_changes_until_idle() {
     assert_eq!(r.from(&kept), 20, "moved after a backend was added: {r:?}");
 
     // Idle past the timeout: the next connect is a fresh choice.
-    std::thread::sleep(Duration::from_millis(2_500));
+    std::thread::sleep(Duration::from_millis(5_500));
     let r = s.client(vip, 1, Proto::Tcp);
     assert_eq!(r.ok, 1, "{r:?}");
     let svc = s.service_stats("sticky");
