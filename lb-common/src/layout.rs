@@ -109,6 +109,37 @@ pub struct ServiceCounters {
     pub affinity_new: u64,
 }
 
+/// Field-wise sums, written beside the types so that a new counter field cannot be left out
+/// when the agent adds up the per-CPU copies.
+impl core::ops::Add for BackendCounters {
+    type Output = Self;
+    fn add(self, o: Self) -> Self {
+        Self {
+            connects: self.connects + o.connects,
+            established: self.established + o.established,
+            failed: self.failed + o.failed,
+            closed: self.closed + o.closed,
+            packets_to: self.packets_to + o.packets_to,
+            bytes_to: self.bytes_to + o.bytes_to,
+            packets_from: self.packets_from + o.packets_from,
+            bytes_from: self.bytes_from + o.bytes_from,
+        }
+    }
+}
+
+impl core::ops::Add for ServiceCounters {
+    type Output = Self;
+    fn add(self, o: Self) -> Self {
+        Self {
+            connects: self.connects + o.connects,
+            no_backend: self.no_backend + o.no_backend,
+            update_races: self.update_races + o.update_races,
+            affinity_hits: self.affinity_hits + o.affinity_hits,
+            affinity_new: self.affinity_new + o.affinity_new,
+        }
+    }
+}
+
 /// `LB_AFFINITY` key kinds.
 pub const AFFINITY_CLIENT: u32 = 0;
 pub const AFFINITY_SOCKET: u32 = 1;
@@ -240,6 +271,43 @@ mod tests {
         assert_eq!(
             ServiceName::new(&long).as_str().map(str::len),
             Some(crate::MAX_NAME_LEN)
+        );
+    }
+
+    #[test]
+    fn counters_add_every_field() {
+        let one = BackendCounters {
+            connects: 1,
+            established: 2,
+            failed: 3,
+            closed: 4,
+            packets_to: 5,
+            bytes_to: 6,
+            packets_from: 7,
+            bytes_from: 8,
+        };
+        let two = one + one;
+        assert_eq!(two.connects + two.established + two.failed + two.closed, 20);
+        assert_eq!(
+            two.packets_to + two.bytes_to + two.packets_from + two.bytes_from,
+            52
+        );
+        let s = ServiceCounters {
+            connects: 1,
+            no_backend: 2,
+            update_races: 3,
+            affinity_hits: 4,
+            affinity_new: 5,
+        };
+        assert_eq!(
+            s + s,
+            ServiceCounters {
+                connects: 2,
+                no_backend: 4,
+                update_races: 6,
+                affinity_hits: 8,
+                affinity_new: 10
+            }
         );
     }
 

@@ -128,33 +128,17 @@ impl PinnedMaps {
     }
 
     pub fn backend_counters(&self, id: u32) -> Result<BackendCounters> {
-        let per_cpu = self.backend_counters.get(&id, 0)?;
-        Ok(per_cpu
-            .iter()
-            .fold(BackendCounters::default(), |acc, c| BackendCounters {
-                connects: acc.connects + c.connects,
-                established: acc.established + c.established,
-                failed: acc.failed + c.failed,
-                closed: acc.closed + c.closed,
-                packets_to: acc.packets_to + c.packets_to,
-                bytes_to: acc.bytes_to + c.bytes_to,
-                packets_from: acc.packets_from + c.packets_from,
-                bytes_from: acc.bytes_from + c.bytes_from,
-            }))
+        Ok(summed(self.backend_counters.get(&id, 0)?))
     }
 
     pub fn service_counters(&self, id: u32) -> Result<ServiceCounters> {
-        let per_cpu = self.service_counters.get(&id, 0)?;
-        Ok(per_cpu
-            .iter()
-            .fold(ServiceCounters::default(), |acc, c| ServiceCounters {
-                connects: acc.connects + c.connects,
-                no_backend: acc.no_backend + c.no_backend,
-                update_races: acc.update_races + c.update_races,
-                affinity_hits: acc.affinity_hits + c.affinity_hits,
-                affinity_new: acc.affinity_new + c.affinity_new,
-            }))
+        Ok(summed(self.service_counters.get(&id, 0)?))
     }
+}
+
+/// The per-CPU copies of one counter element added up.
+fn summed<T: Pod + Default + std::ops::Add<Output = T>>(per_cpu: PerCpuValues<T>) -> T {
+    per_cpu.iter().fold(T::default(), |acc, c| acc + *c)
 }
 
 fn zeroed<T: Pod + Default>() -> Result<PerCpuValues<T>> {

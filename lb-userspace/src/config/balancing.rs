@@ -59,15 +59,11 @@ impl Checker {
             .map_or(Ok(false), |v| check_choice(v, ALGORITHMS));
         let maglev = self.checked(scope, "algorithm", maglev);
         let size = table.get("maglev_table_size").map(check_table_size);
-        let size = match (size, maglev) {
-            (Some(Ok(_)), Some(false)) => {
-                let message = "only used with algorithm = \"maglev\"";
-                self.report(scope, "maglev_table_size", message);
-                None
-            }
-            (Some(size), _) => self.checked(scope, "maglev_table_size", size),
-            (None, _) => Some(DEFAULT_TABLE_SIZE),
-        };
+        let size = self.dependent(
+            scope,
+            ("maglev_table_size", size, DEFAULT_TABLE_SIZE),
+            (maglev, "algorithm = \"maglev\""),
+        );
         let client = table
             .get("affinity")
             .map_or(Ok(false), |v| check_choice(v, AFFINITIES));
@@ -75,15 +71,11 @@ impl Checker {
         let timeout = table
             .get("affinity_timeout")
             .map(|v| check_duration(v).and_then(|d| check_between(d, AFFINITY_TIMEOUT_RANGE)));
-        let timeout = match (timeout, client) {
-            (Some(Ok(_)), Some(false)) => {
-                let message = "only used with affinity = \"client\"";
-                self.report(scope, "affinity_timeout", message);
-                None
-            }
-            (Some(t), _) => self.checked(scope, "affinity_timeout", t),
-            (None, _) => Some(DEFAULT_AFFINITY_TIMEOUT),
-        };
+        let timeout = self.dependent(
+            scope,
+            ("affinity_timeout", timeout, DEFAULT_AFFINITY_TIMEOUT),
+            (client, "affinity = \"client\""),
+        );
         let client_key = table
             .get("client_key")
             .map_or(Ok(ClientKey::Netns), |v| check_choice(v, CLIENT_KEYS));
@@ -98,6 +90,27 @@ impl Checker {
             affinity: client.then_some(timeout),
             client_key: client_key?,
         })
+    }
+}
+
+impl Checker {
+    /// A key that only means something when another key enables it: its checked value, its
+    /// default when absent, and an error when set while the enabling key says no (a setting
+    /// that would be silently ignored is a typo).
+    fn dependent<T>(
+        &mut self,
+        scope: Option<&str>,
+        (field, value, default): (&str, Option<Result<T, String>>, T),
+        (enabled, enabler): (Option<bool>, &str),
+    ) -> Option<T> {
+        match (value, enabled) {
+            (Some(Ok(_)), Some(false)) => {
+                self.report(scope, field, format!("only used with {enabler}"));
+                None
+            }
+            (Some(v), _) => self.checked(scope, field, v),
+            (None, _) => Some(default),
+        }
     }
 }
 
