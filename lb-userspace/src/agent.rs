@@ -4,7 +4,7 @@
 //! state while no agent runs.
 
 use crate::bpf_maps::PinnedMaps;
-use crate::dataplane::{apply, read_installed};
+use crate::dataplane::{apply, read_installed, socket_addr, Dataplane};
 use crate::discovery::{merge, Discovery};
 use crate::health::runner::HealthRunner;
 use crate::http_api::{self, Endpoints, Readiness};
@@ -72,7 +72,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         dropped: Vec::new(),
         pin_dir: args.pin_dir.clone(),
         published_empty: false,
-        programs: attached.programs,
         outliers: Outliers::default(),
     };
     agent.discovery.sync(&agent.config);
@@ -161,7 +160,6 @@ struct Agent {
     dropped: Vec<String>,
     pin_dir: PathBuf,
     published_empty: bool,
-    programs: Vec<crate::loader::ProgramSize>,
     outliers: Outliers,
 }
 
@@ -259,36 +257,38 @@ impl Agent {
     /// Feeds the kernel's connect outcomes of every service with `[service.outlier]` to the
     /// detector and reconciles when a backend is ejected or comes back.
     fn check_outliers(&mut self) {
-        let installed = match read_installed(&self.maps, false) {
-            Ok(i) => i,
-            Err(e) => return warn!("outlier check skipped: {e:#}"),
+        // Backend entries name their service, so this reads the service and backend entries
+        // only, never the slot tables (a Maglev table is 65,537 of them, four times a second).
+        let (services, backends) = match (self.maps.services(), self.maps.backends()) {
+            (Ok(s), Ok(b)) => (s, b),
+            (Err(e), _) | (_, Err(e)) => return warn!("outlier check skipped: {e:#}"),
         };
         let now = std::time::Instant::now();
         let mut changed = false;
         for svc in self.config.services.iter() {
             let Some(config) = &svc.outlier else { continue };
             let key = plan::service_key(svc.vip, svc.protocol);
+            let service_id = services.iter().find(|(k, _)| *k == key).map(|(_, v)| v.id);
             let mut seen = Vec::new();
-            if let Some(have) = installed.services.get(&key) {
-                for id in have.backend_ids() {
-                    let (Some(addr), Ok(c), Ok(streak)) = (
-                        installed.backends.get(&id),
-                        self.maps.backend_counters(id),
-                        self.maps.fail_streak(id),
-                    ) else {
-                        continue;
-                    };
-                    let (established, failed) = (c.established, c.failed);
-                    let obs = outlier::Observation {
-                        streak,
-                        established,
-                        failed,
-                    };
-                    seen.push((*addr, obs));
-                }
+            for (id, b) in backends
+                .iter()
+                .filter(|(_, b)| Some(b.service_id) == service_id)
+            {
+                let (Ok(c), Ok(streak)) =
+                    (self.maps.backend_counters(*id), self.maps.fail_streak(*id))
+                else {
+                    continue;
+                };
+                let (established, failed) = (c.established, c.failed);
+                let obs = outlier::Observation {
+                    streak,
+                    established,
+                    failed,
+                };
+                seen.push((socket_addr(b), obs));
             }
-            let backends = seen.len() + self.outliers.ejected(now, &svc.name).len();
             let before = self.outliers.ejected(now, &svc.name);
+            let backends = seen.len() + before.len();
             if self
                 .outliers
                 .observe(now, &svc.name, config, backends, &seen)
@@ -353,7 +353,6 @@ impl Agent {
             agent_pid: std::process::id(),
             written_unix_ms: crate::health::runner::now_ms(),
             kubernetes,
-            programs: self.programs.clone(),
             ..StatusFile::default()
         };
         for (target, health) in snapshot {

@@ -124,7 +124,6 @@ pub struct Attached {
     pub maps: PinnedMaps,
     /// Present when eBPF logging was asked for.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    pub programs: Vec<ProgramSize>,
 }
 
 /// What the verifier made of one program; `stats` shows it so that growth is visible.
@@ -212,7 +211,6 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached> {
 
     let cgroup = std::fs::File::open(opts.cgroup)
         .with_context(|| format!("cannot open cgroup {}", opts.cgroup.display()))?;
-    let mut programs = Vec::with_capacity(PROGRAMS.len());
     let skb: &[&str] = if opts.count_bytes {
         &BYTE_COUNTERS
     } else {
@@ -223,7 +221,6 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached> {
             .with_context(|| format!("program {name}, cgroup {}", opts.cgroup.display()))?;
         swap_link_pin(opts.pin_dir, name, link)?;
         tracing::debug!(?size, "attached");
-        programs.push(size);
     }
     if !opts.count_bytes {
         // An earlier agent may have counted bytes: its links are this agent's to remove.
@@ -237,14 +234,10 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached> {
         pin_dir = %opts.pin_dir.display(),
         cgroup = %opts.cgroup.display(),
         adopted,
-        programs = PROGRAMS.len(),
+        programs = PROGRAMS.len() + skb.len(),
         "programs attached"
     );
-    Ok(Attached {
-        maps,
-        logger,
-        programs,
-    })
+    Ok(Attached { maps, logger })
 }
 
 /// Loads a program of type `$ty` through the verifier, attaches it with `$attach` (a closure

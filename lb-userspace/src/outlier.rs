@@ -42,8 +42,6 @@ struct Backend {
 #[derive(Debug, Default)]
 pub struct Outliers {
     services: BTreeMap<String, BTreeMap<SocketAddr, Backend>>,
-    /// Ejections made since the agent started, per service and backend.
-    pub total: BTreeMap<(String, SocketAddr), u64>,
 }
 
 impl Outliers {
@@ -112,7 +110,6 @@ impl Outliers {
                 .min(config.max_ejection_time);
             b.until = Some(now + time);
             b.reason = reason;
-            *self.total.entry((service.to_owned(), *addr)).or_default() += 1;
             changed = true;
         }
         changed
@@ -211,7 +208,7 @@ mod tests {
         o.observe(t2, "web", &c, 4, &[]);
         o.observe(t2, "web", &c, 4, &[(addr(1), obs(3, 0, 3))]);
         assert_eq!(o.ejected(t2, "web")["10.0.0.1:80"].remaining_ms, 90_000);
-        assert_eq!(o.total[&("web".to_owned(), addr(1))], 3);
+        assert_eq!(o.ejected(t2, "web")["10.0.0.1:80"].count, 3);
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub struct Report {
     pub services: Vec<ServiceReport>,
     /// Entries in the pinned hash maps, counted directly (strays included), so leaks show.
     pub map_entries: MapEntries,
-    /// The attached programs as the verifier sized them (from the agent's status file).
+    /// The programs attached through the pin folder, read from their link pins (`sample`).
     pub programs: Vec<crate::loader::ProgramSize>,
 }
 
@@ -182,10 +182,7 @@ pub fn open(pin_dir: &Path) -> Result<PinnedMaps> {
 pub fn sample(maps: &PinnedMaps, pin_dir: &Path, interval: f64) -> Result<Report> {
     let read = || {
         let mut report = collect(maps, crate::status_file::read(pin_dir).as_ref())?;
-        let live = crate::loader::attached_programs(pin_dir);
-        if !live.is_empty() {
-            report.programs = live;
-        }
+        report.programs = crate::loader::attached_programs(pin_dir);
         Ok::<_, anyhow::Error>(report)
     };
     if interval <= 0.0 {
@@ -280,7 +277,7 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
         kubernetes: status.and_then(|s| s.kubernetes.clone()),
         services,
         map_entries: MapEntries::count(maps)?,
-        programs: status.map(|s| s.programs.clone()).unwrap_or_default(),
+        programs: Vec::new(),
     })
 }
 

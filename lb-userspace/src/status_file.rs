@@ -17,9 +17,6 @@ pub struct StatusFile {
     /// The Kubernetes source, when configured.
     #[serde(default)]
     pub kubernetes: Option<SourceStatus>,
-    /// The programs this agent attached, as the verifier sized them.
-    #[serde(default)]
-    pub programs: Vec<crate::loader::ProgramSize>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
