@@ -1,4 +1,6 @@
-//! Embeds the eBPF object built by `cargo xtask build-ebpf`, so the agent is one file to deploy.
+//! Embeds the eBPF object, so the agent is one file to deploy. By default that is the committed
+//! `lb-ebpf/prebuilt/lb-ebpf.o` (rebuilt by `cargo xtask build-ebpf`); `LB_EBPF_OBJECT` names
+//! another one, e.g. while trying out a kernel-side change before committing its object.
 
 use std::path::PathBuf;
 
@@ -7,13 +9,13 @@ fn main() {
     let obj = std::env::var_os("LB_EBPF_OBJECT")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/bpfel-unknown-none/release/lb-ebpf")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../lb-ebpf/prebuilt/lb-ebpf.o")
         });
-    if !obj.exists() {
+    if !obj.is_file() {
         eprintln!(
-            "error: the eBPF object {} does not exist. Build it first with \
-             `cargo xtask build-ebpf` (or use `cargo xtask build`), or point LB_EBPF_OBJECT at it.",
+            "error: the eBPF object {} does not exist. The committed one is \
+             lb-ebpf/prebuilt/lb-ebpf.o (`cargo xtask build-ebpf` rebuilds it); LB_EBPF_OBJECT \
+             may point at another.",
             obj.display()
         );
         std::process::exit(1);

@@ -375,6 +375,16 @@ impl Agent {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The lines logged at WARN or ERROR (the level is the second word of a log line). A kernel
+    /// that rejects the object's BTF, for one, makes the loader warn.
+    pub fn complaints(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| matches!(l.split_whitespace().nth(1), Some("WARN" | "ERROR")))
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 impl Drop for Agent {

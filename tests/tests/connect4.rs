@@ -55,6 +55,18 @@ fn vip_connects_reach_only_configured_backends() {
     assert_eq!(accepted[B1] + accepted[B2] + accepted[B3], 300);
 }
 
+/// The committed object loads as it is: no BTF the kernel rejects, no fallback, no warning.
+#[test]
+fn agent_starts_without_warnings() {
+    if !require_privileged("agent_starts_without_warnings") {
+        return;
+    }
+    let mut s = Scenario::start(&[B1], Proto::Tcp, &web(&quoted(&[B1])));
+    assert_eq!(s.client(VIP, 10, Proto::Tcp).ok, 10);
+    let complaints = s.agent().complaints();
+    assert!(complaints.is_empty(), "the agent warned: {complaints:#?}");
+}
+
 #[test]
 fn spread_is_even_and_follows_weights() {
     if !require_privileged("spread_is_even_and_follows_weights") {

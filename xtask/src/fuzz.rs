@@ -6,7 +6,7 @@
 //! (lb-userspace/tests/fuzz_corpus.rs). A crash in any target fails the task after all targets
 //! ran, naming the artifact that reproduces it.
 
-use crate::{cmd, ebpf};
+use crate::cmd;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -39,11 +39,6 @@ pub fn run(seconds: u64) -> Result<()> {
     };
     eprintln!("xtask: fuzzing with {}", version.trim());
     ensure_cargo_fuzz(&toolchain)?;
-    // lb-userspace's build script embeds the eBPF object, also in fuzz builds.
-    if std::env::var_os("LB_EBPF_OBJECT").is_none() && !ebpf::object_path().exists() {
-        ebpf::build()
-            .context("the fuzz targets link lb-userspace, which embeds the eBPF object")?;
-    }
     let fuzz_dir = cmd::root().join("fuzz");
     let mut failures = Vec::new();
     for target in TARGETS {

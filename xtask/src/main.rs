@@ -3,9 +3,11 @@
 
 mod cmd;
 mod ebpf;
+mod fresh;
 mod fuzz;
 mod setup;
 mod tasks;
+mod toolchain;
 
 use clap::{Parser, Subcommand};
 
@@ -18,11 +20,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building the eBPF side needs (idempotent; needs root for apt).
+    /// Install what the tests and the demo need (idempotent; needs root for apt).
     Setup,
-    /// Build the eBPF object (release, with BTF).
+    /// Rebuild the eBPF object into lb-ebpf/prebuilt/ (installs an eBPF toolchain if needed).
     BuildEbpf,
-    /// Build the eBPF object and the workspace (agent embeds the object).
+    /// Build the workspace (the agent embeds lb-ebpf/prebuilt/lb-ebpf.o).
     Build {
         #[arg(long)]
         release: bool,
@@ -47,6 +49,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// README's commands in a throwaway Debian root holding only what a new machine has
+    /// (needs root; 10-20 minutes).
+    FreshCheck {
+        /// Keep the root afterwards (target/fresh-check, or LB_FRESH_DIR).
+        #[arg(long)]
+        keep: bool,
+    },
     /// Run each cargo-fuzz target of fuzz/ (needs a nightly toolchain; skipped without one).
     Fuzz {
         /// How long each target runs.
@@ -66,6 +75,7 @@ fn main() {
         Task::Demo { args } => tasks::demo(&args),
         Task::Bench { quick } => tasks::bench(quick),
         Task::Fuzz { seconds } => fuzz::run(seconds),
+        Task::FreshCheck { keep } => fresh::run(&fresh::Options { keep }),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

@@ -2,7 +2,6 @@
 
 use crate::{cmd, ebpf, setup};
 use anyhow::{bail, Result};
-use std::path::Path;
 use std::process::Command;
 
 fn profile_dir(release: bool) -> &'static str {
@@ -13,33 +12,40 @@ fn profile_dir(release: bool) -> &'static str {
     }
 }
 
+/// The workspace's binaries; lb-userspace's build script embeds the committed eBPF object.
 pub fn build(release: bool) -> Result<()> {
-    build_host(&ebpf::build()?, release)
-}
-
-/// The workspace, embedding an already built eBPF object.
-fn build_host(obj: &Path, release: bool) -> Result<()> {
+    warn_if_object_is_stale();
     let mut c = cmd::cargo();
-    c.env("LB_EBPF_OBJECT", obj)
-        .args(["build", "--workspace", "--bins"]);
+    c.args(["build", "--workspace", "--bins"]);
     if release {
         c.arg("--release");
     }
     cmd::run(&mut c)
 }
 
+/// A developer who changed the kernel side and forgot `build-ebpf` hears it here, before a test
+/// run behaves as if the change did nothing (the digest test then fails too).
+fn warn_if_object_is_stale() {
+    match (ebpf::recorded_digest(), ebpf::source_digest()) {
+        (Ok(recorded), Ok(now)) if recorded == now => {}
+        (Ok(_), Ok(_)) => eprintln!(
+            "xtask: WARNING: lb-ebpf/ or lb-common/ changed since lb-ebpf/prebuilt/lb-ebpf.o was \
+             built; the build embeds the old object. Run `cargo xtask build-ebpf`."
+        ),
+        (Err(e), _) | (_, Err(e)) => eprintln!("xtask: WARNING: {e:#}"),
+    }
+}
+
 pub fn test() -> Result<()> {
     setup::run()?;
-    let obj = ebpf::build()?;
-    lint(&obj)?;
-    build_host(&obj, false)?;
+    lint()?;
+    build(false)?;
     let agent = cmd::root().join("target/debug/lb-agent");
     if !cmd::is_root() {
         eprintln!("xtask: not root: privileged end-to-end tests will report SKIPPED");
     }
     let mut c = cmd::cargo();
-    c.env("LB_EBPF_OBJECT", &obj)
-        .env("LB_AGENT_BIN", agent)
+    c.env("LB_AGENT_BIN", agent)
         .env("LB_ETCD_BIN", setup::etcd_bin())
         .args(["test", "--workspace"]);
     run_counting_tests(&mut c)?;
@@ -95,7 +101,7 @@ fn count(summary: &str, what: &str) -> u64 {
 
 /// Formatting and clippy are part of the test run so that CI enforces them. A toolchain
 /// without them (Debian's cargo alone) skips them with a notice, except under CI.
-fn lint(obj: &Path) -> Result<()> {
+fn lint() -> Result<()> {
     for (tool, args) in [
         ("fmt", &["fmt", "--all", "--check"][..]),
         (
@@ -123,7 +129,7 @@ fn lint(obj: &Path) -> Result<()> {
             );
             continue;
         }
-        cmd::run(cmd::cargo().env("LB_EBPF_OBJECT", obj).args(args))?;
+        cmd::run(cmd::cargo().args(args))?;
     }
     Ok(())
 }

@@ -7,6 +7,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BACKENDS: [&str; 3] = ["127.0.0.11:8080", "127.0.0.12:8080", "127.0.0.13:8080"];
+/// The configured weights, in the order of `BACKENDS`.
+const WEIGHTS: [u64; 3] = [1, 1, 2];
+/// How far a backend's share of the connects may be from its weight's share before the demo
+/// says the spread is wrong (a few thousand random picks land well within it).
+const SHARE_TOLERANCE: f64 = 0.08;
 const CONFIG: &str = r#"# demo: weights 1:1:2
 [[service]]
 name = "web"
@@ -39,21 +44,42 @@ pub fn run(seconds: u64) -> Result<()> {
             .status();
     }
     let report = client.stop();
+    let complaints = s.agent().complaints();
     let accepted = s.stop_backends();
     println!(
         "\nclient: {} connects, {} answered, errors {:?}",
         report.attempts, report.ok, report.errors
     );
-    for b in BACKENDS {
+    let total: u64 = WEIGHTS.iter().sum();
+    let mut problems = Vec::new();
+    for (b, weight) in BACKENDS.iter().zip(WEIGHTS) {
+        let got = accepted.get(*b).copied().unwrap_or(0);
+        let share = got as f64 / report.ok.max(1) as f64;
+        let wanted = weight as f64 / total as f64;
         println!(
-            "  {b}: backend accepted {:>6}, client saw {:>6}",
-            accepted.get(b).copied().unwrap_or(0),
+            "  {b} (weight {weight}): backend accepted {got:>6} ({:>4.1}%, weight says {:.0}%), \
+             client saw {:>6}",
+            share * 100.0,
+            wanted * 100.0,
             report.from(b)
         );
+        if (share - wanted).abs() > SHARE_TOLERANCE {
+            problems.push(format!("{b} got {:.1}% of the connects", share * 100.0));
+        }
+    }
+    if report.ok == 0 || !report.errors.is_empty() {
+        problems.push(format!("client errors {:?}", report.errors));
+    }
+    if !complaints.is_empty() {
+        problems.push(format!("the agent warned:\n{}", complaints.join("\n")));
     }
     println!("\noutside the cgroup the VIP is not translated (no route in the namespace):");
     let outside = s.outside_client("10.96.0.10:80", 3, Proto::Tcp);
     println!("  errors {:?}", outside.errors);
     println!("cleaning up: agent stopped, pins detached, cgroup and namespace removed");
+    if !problems.is_empty() {
+        bail!("the demo did not go as it should: {}", problems.join("; "));
+    }
+    println!("demo: the spread follows the weights, and the agent logged no warning");
     Ok(())
 }
