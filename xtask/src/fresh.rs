@@ -240,8 +240,37 @@ fn bootstrap(root: &Path, release: &str, sources: &[AptSource]) -> Result<()> {
         .map(|s| format!("deb {} {} {}\n", s.uri, s.suite, s.components))
         .collect();
     std::fs::write(root.join("etc/apt/sources.list"), list)?;
+    carry_network_settings(root)
+}
+
+/// What every machine of this kind has for reaching the registries, which the root would
+/// otherwise lack: name servers, local certificate authorities (the registries are reached
+/// through a TLS-inspecting gateway here) and apt's `Acquire::` settings.
+fn carry_network_settings(root: &Path) -> Result<()> {
     std::fs::copy("/etc/resolv.conf", root.join("etc/resolv.conf"))
-        .context("copying /etc/resolv.conf into the root (the registries need names)")?;
+        .context("copying /etc/resolv.conf into the root")?;
+    let local_cas = Path::new("/usr/local/share/ca-certificates");
+    for entry in std::fs::read_dir(local_cas).into_iter().flatten().flatten() {
+        let to = root.join(entry.path().strip_prefix("/").expect("absolute"));
+        std::fs::create_dir_all(to.parent().expect("has a folder"))?;
+        std::fs::copy(entry.path(), &to)?;
+    }
+    cmd::run(
+        Command::new("chroot")
+            .arg(root)
+            .args(["update-ca-certificates", "--fresh"])
+            .stdout(std::process::Stdio::null()),
+    )?;
+    for entry in std::fs::read_dir("/etc/apt/apt.conf.d").into_iter().flatten().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let settings = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("//") && !l.starts_with('#'));
+        if settings.clone().count() > 0 && settings.clone().all(|l| l.starts_with("Acquire::")) {
+            std::fs::write(root.join("etc/apt/apt.conf.d").join(entry.file_name()), text)?;
+        }
+    }
     Ok(())
 }
 
