@@ -11,9 +11,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lb_userspace::config::{
     self, BackendConfig, Env, ServiceConfig, MAX_BACKENDS_PER_SERVICE, MAX_NAME_LEN, MAX_WEIGHT,
 };
-use lb_userspace::discovery::answer::{Answer, MAX_REASONS};
-use lb_userspace::discovery::{consul, etcd};
-use lb_userspace::kubernetes::translate;
+use lb_userspace::sources::answer::{Answer, MAX_REASONS};
+use lb_userspace::sources::kubernetes::translate;
+use lb_userspace::sources::{consul, etcd};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
 

@@ -1,25 +1,39 @@
 //! `lb-userspace`: the agent's modules as a library, so that `lb-agent` (src/main.rs), the
 //! integration tests and the fuzz targets (`fuzz/`) share one definition of every parser.
+//!
+//! Modules are listed in pipeline order, and each imports only from those above it
+//! (`cargo test -p xtask` checks this). First the leaves that any stage may use, then the
+//! stages a change travels through: config and sources → catalog → admission → plan →
+//! datapath, then what loads the programs, what observes them, and the agent that drives it all.
 
-pub mod agent;
-pub mod bpf_maps;
-pub mod cgroup;
-pub mod config;
-pub mod dataplane;
-pub mod detach;
-pub mod discovery;
-pub mod health;
-pub mod http_api;
-pub mod installed;
+// Leaves.
+/// Wall-clock milliseconds, as the status file and the sources report them.
+pub mod clock;
+/// Spreading periodic work (probes, retries) so it does not arrive in bursts.
 pub mod jitter;
-pub mod kubernetes;
-pub mod loader;
-pub mod lock;
-pub mod maglev;
-pub mod metrics;
-pub mod outlier;
+/// What the agent publishes for `stats` and `top` under /run/lb-agent, and its types.
+pub mod status;
+/// The agent's own process-wide metrics (reconcile and probe timings, ejections).
+pub mod agent_metrics;
+
+// The pipeline.
+/// The TOML config: the model, parsing and every validation rule.
+pub mod config;
+/// The one translation between config terms and the map keys and values of lb-common.
+pub mod codec;
+/// Where backends come from besides the file: DNS, etcd, Consul and Kubernetes.
+pub mod sources;
+/// File + source answers + Kubernetes + the maps' leftovers → the services wanted.
+pub mod catalog;
+/// Which backends may receive traffic: active health, outlier ejection, fail-open.
+pub mod admission;
+/// The services wanted, admitted backends only → the slot tables the maps should hold.
 pub mod plan;
-pub mod reconcile;
-pub mod stats;
-pub mod status_file;
-pub mod top;
+/// The maps: their primitives, reading what is installed, the diff, applying it.
+pub mod datapath;
+/// Loading and attaching the programs, the pin folder's lock, cgroups, detaching.
+pub mod lifecycle;
+/// Reading the maps back for people: reports, `stats` tables, `/metrics`, `top`, HTTP.
+pub mod observe;
+/// `lb-agent run`: the loop that drives the pipeline on every change.
+pub mod agent;

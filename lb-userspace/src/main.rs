@@ -2,7 +2,9 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use lb_userspace::{agent, config, detach, stats};
+use lb_userspace::lifecycle::detach;
+use lb_userspace::observe::{report, table};
+use lb_userspace::{agent, config};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -130,10 +132,10 @@ fn dispatch(command: Command) -> Result<()> {
             if !(0.0..=3600.0).contains(&interval) {
                 anyhow::bail!("--interval must be between 0 and 3600 seconds, got {interval}");
             }
-            let maps = stats::open(&pin_dir)?;
-            let mut report = stats::sample(&maps, &pin_dir, interval)?;
+            let maps = report::open(&pin_dir)?;
+            let mut report = report::sample(&maps, &pin_dir, interval)?;
             if let Some(name) = &service {
-                stats::only_service(&mut report, name);
+                report::only_service(&mut report, name);
                 if report.services.is_empty() {
                     anyhow::bail!("no service named {name:?} is installed");
                 }
@@ -141,14 +143,14 @@ fn dispatch(command: Command) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
-                print!("{}", stats::render_table(&report));
+                print!("{}", table::render_table(&report));
             }
             Ok(())
         }
         Command::Top {
             pin_dir,
             refresh_ms,
-        } => lb_userspace::top::run(&pin_dir, Duration::from_millis(refresh_ms.max(100))),
+        } => lb_userspace::observe::top::run(&pin_dir, Duration::from_millis(refresh_ms.max(100))),
         Command::Detach { pin_dir } => detach::detach(&pin_dir),
     }
 }

@@ -119,16 +119,16 @@ fn realistic_seeds_produce_backends() {
         }
     }
     let consul = std::fs::read(fuzz_dir().join("corpus/consul/answer.json")).unwrap();
-    let answer = lb_userspace::discovery::consul::parse(&consul).unwrap();
+    let answer = lb_userspace::sources::consul::parse(&consul).unwrap();
     assert_eq!(answer.backends.len(), 3, "{answer:?}");
     let etcd = std::fs::read(fuzz_dir().join("corpus/etcd/registrations.bin")).unwrap();
     let (prefix, keys) = harness::decode_etcd(&etcd);
-    let answer = lb_userspace::discovery::etcd::to_answer(&prefix, &keys).unwrap();
+    let answer = lb_userspace::sources::etcd::to_answer(&prefix, &keys).unwrap();
     assert_eq!(answer.backends.len(), 4, "{answer:?}");
     let kube = std::fs::read(fuzz_dir().join("corpus/kubernetes/small.json")).unwrap();
     let objects: harness::Objects = serde_json::from_slice(&kube).unwrap();
     let translation =
-        lb_userspace::kubernetes::translate::translate(&objects.services, &objects.slices);
+        lb_userspace::sources::kubernetes::translate::translate(&objects.services, &objects.slices);
     assert_eq!(translation.services.len(), 3, "{translation:?}");
     assert!(translation.services.iter().all(|s| !s.backends.is_empty()));
 }

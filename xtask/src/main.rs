@@ -5,6 +5,8 @@ mod cmd;
 mod ebpf;
 mod fresh;
 mod fuzz;
+#[cfg(test)]
+mod module_order;
 mod setup;
 mod tasks;
 mod toolchain;

@@ -2,7 +2,6 @@
 //! timeout, and what identifies a client (`client_key`).
 
 use super::{check_between, check_choice, check_duration, check_integer, Checker};
-use crate::maglev::{is_prime, DEFAULT_TABLE_SIZE, MIN_TABLE_SIZE};
 use std::ops::RangeInclusive;
 use std::time::Duration;
 use toml::{Table, Value};
@@ -125,6 +124,24 @@ fn check_table_size(raw: &Value) -> Result<u32, String> {
     Ok(size)
 }
 
+/// Default and largest table size (a prime).
+pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
+/// Smallest table size accepted (a prime above the 1024 backends a service may have).
+pub const MIN_TABLE_SIZE: u32 = 1_031;
+
+/// Whether n is prime: Maglev tables must be (`maglev_table_size`).
+pub fn is_prime(n: u32) -> bool {
+    if n < 4 {
+        return n >= 2;
+    }
+    let n = u64::from(n);
+    !n.is_multiple_of(2)
+        && (3..)
+            .step_by(2)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +223,15 @@ mod tests {
             assert!(e.contains(expected), "{extra}: {e}");
             assert!(e.contains("service \"web\""), "{e}");
         }
+    }
+
+    #[test]
+    fn primes() {
+        let naive = |n: u32| n > 1 && (2..n).all(|d| !n.is_multiple_of(d));
+        assert!((0..3_000).all(|n| is_prime(n) == naive(n)));
+        assert!(
+            is_prime(MIN_TABLE_SIZE) && is_prime(DEFAULT_TABLE_SIZE) && is_prime(4_294_967_291)
+        );
+        assert!(!is_prime(65_535) && !is_prime(4_293_001_441) && !is_prime(u32::MAX));
     }
 }

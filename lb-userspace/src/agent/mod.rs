@@ -1,0 +1,382 @@
+//! `lb-agent run`: attach, reconcile the maps to the config, the answers of discovery sources
+//! and the health of backends, then follow config changes (SIGHUP or the file changing),
+//! discovery answers and health transitions until SIGTERM/SIGINT. Exiting leaves the pins, so traffic keeps being balanced by the last applied
+//! state while no agent runs.
+
+use crate::admission::health::runner::HealthRunner;
+use crate::admission::outlier::{self, Outliers};
+use crate::catalog;
+use crate::codec::service_key;
+use crate::datapath::apply::apply;
+use crate::datapath::installed::read_installed;
+use crate::datapath::maps::Maps;
+use crate::datapath::pinned::PinnedMaps;
+use crate::datapath::reconcile::reconcile;
+use crate::lifecycle::loader::{self, LoadOptions};
+use crate::lifecycle::{cgroup, lock};
+use crate::observe::http::{self, Endpoints, Readiness};
+use crate::sources::kubernetes::Kubernetes;
+use crate::sources::Discovery;
+use crate::status;
+use crate::{config, plan};
+use anyhow::{Context, Result};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+mod status_file;
+
+pub struct RunArgs {
+    pub config: PathBuf,
+    pub cgroup: Option<PathBuf>,
+    pub pin_dir: PathBuf,
+    /// How often the config file is compared with what was last read; `None` disables it.
+    pub watch_interval: Option<Duration>,
+    pub bpf_log: bool,
+    /// Where `/healthz` and `/readyz` are served; `None` = not at all.
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// Where `/metrics` is served; `None` = not at all.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// How often health state is published for `lb-agent stats`.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    // Validate before touching any kernel state: a bad config must not half-start the agent.
+    let config = config::load(&args.config)?;
+    let cgroup = match &args.cgroup {
+        Some(c) => c.clone(),
+        None => cgroup::cgroup2_root()?,
+    };
+    let _lock = lock::acquire(&args.pin_dir)?;
+    loader::prepare_pin_dir(&args.pin_dir)?;
+    let attached = loader::load_and_attach(&LoadOptions {
+        pin_dir: &args.pin_dir,
+        cgroup: &cgroup,
+        bpf_log: args.bpf_log,
+        count_bytes: config.dataplane.count_bytes,
+    })?;
+    if let Some(logger) = attached.logger {
+        tokio::spawn(drain_ebpf_logs(logger));
+    }
+    let (transitions_tx, mut transitions) = mpsc::unbounded_channel();
+    let (discovery, mut answers) = Discovery::new();
+    let (kubernetes, mut kube_events) = Kubernetes::new();
+    let readiness = Readiness::default();
+    serve_http(&args, &readiness).await?;
+    let mut agent = Agent {
+        kubernetes,
+        readiness,
+        maps: attached.maps,
+        health: HealthRunner::new(transitions_tx),
+        discovery,
+        config,
+        failing_open: BTreeSet::new(),
+        dropped: Vec::new(),
+        pin_dir: args.pin_dir.clone(),
+        published_empty: false,
+        outliers: Outliers::default(),
+    };
+    agent.discovery.sync(&agent.config);
+    agent.kubernetes.sync(agent.config.kubernetes.as_ref());
+    agent.reconcile().context("initial reconcile failed")?;
+    agent.publish_status();
+    info!(services = agent.config.services.len(), "ready");
+
+    let mut watcher = ConfigWatcher::new(&args.config);
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let watching = args.watch_interval.is_some();
+    let mut watch = tokio::time::interval(args.watch_interval.unwrap_or(Duration::from_secs(3600)));
+    let mut status = tokio::time::interval(STATUS_INTERVAL);
+    let mut outlier_check = tokio::time::interval(outlier::CHECK_EVERY);
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                watcher.changed();
+                agent.reload(&args.config, "SIGHUP");
+            }
+            _ = watch.tick(), if watching => {
+                if watcher.changed() {
+                    agent.reload(&args.config, "file changed");
+                }
+            }
+            Some(update) = answers.recv() => {
+                agent.absorb(update, &mut answers, "discovery", |a, u| a.discovery.apply(u));
+            }
+            Some(event) = kube_events.recv() => {
+                agent.absorb(event, &mut kube_events, "kubernetes", |a, e| a.kubernetes.apply(e));
+            }
+            Some(()) = transitions.recv() => {
+                // A transition always changes what the maps should hold.
+                agent.absorb((), &mut transitions, "health", |_, ()| true);
+            }
+            _ = status.tick() => agent.publish_status(),
+            _ = outlier_check.tick(), if agent.watches_outliers() => agent.check_outliers(),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    info!(
+        pin_dir = %args.pin_dir.display(),
+        "exiting; pinned state stays and keeps balancing (`lb-agent detach` removes it)"
+    );
+    Ok(())
+}
+
+/// `--http-listen` and `--metrics-listen`, on one listener when they name the same address.
+async fn serve_http(args: &RunArgs, readiness: &Readiness) -> Result<()> {
+    let health = args.http_listen.map(|addr| {
+        let e = Endpoints {
+            readiness: Some(readiness.clone()),
+            metrics: (args.metrics_listen == Some(addr)).then(|| args.pin_dir.clone()),
+        };
+        (addr, e)
+    });
+    let metrics = args
+        .metrics_listen
+        .filter(|m| Some(*m) != args.http_listen)
+        .map(|addr| {
+            let e = Endpoints {
+                readiness: None,
+                metrics: Some(args.pin_dir.clone()),
+            };
+            (addr, e)
+        });
+    for (addr, endpoints) in health.into_iter().chain(metrics) {
+        http::serve(addr, endpoints).await?;
+    }
+    Ok(())
+}
+
+struct Agent {
+    maps: PinnedMaps,
+    health: HealthRunner,
+    discovery: Discovery,
+    kubernetes: Kubernetes,
+    readiness: Readiness,
+    /// The config in force: the last valid one read.
+    config: config::Config,
+    failing_open: BTreeSet<String>,
+    /// Discovered backends last left out for being VIPs, logged when this changes.
+    dropped: Vec<String>,
+    pin_dir: PathBuf,
+    published_empty: bool,
+    outliers: Outliers,
+}
+
+impl Agent {
+    /// A rejected config keeps the running state: nothing is applied unless the whole file is
+    /// valid.
+    fn reload(&mut self, path: &Path, why: &str) {
+        info!(reason = why, "reloading config");
+        match config::load(path) {
+            Err(e) => error!("config rejected, keeping the running state:\n{e}"),
+            Ok(config) => {
+                if config.dataplane != self.config.dataplane {
+                    // Programs are attached at start-up; a restart adopts the maps seamlessly.
+                    warn!("[dataplane] changed: it takes effect when the agent is restarted");
+                }
+                self.config = config;
+                self.discovery.sync(&self.config);
+                self.kubernetes.sync(self.config.kubernetes.as_ref());
+                if let Err(e) = self.reconcile() {
+                    error!("reconcile failed, data plane left consistent at the last step: {e:#}");
+                }
+            }
+        }
+    }
+
+    /// Records `first` and every message already queued behind it, then reconciles once if any
+    /// of them changed what the maps should hold.
+    fn absorb<T>(
+        &mut self,
+        first: T,
+        queue: &mut mpsc::UnboundedReceiver<T>,
+        source: &str,
+        apply: impl Fn(&mut Self, T) -> bool,
+    ) {
+        let mut changed = apply(self, first);
+        while let Ok(next) = queue.try_recv() {
+            changed |= apply(self, next);
+        }
+        if changed {
+            if let Err(e) = self.reconcile() {
+                error!("reconcile after a {source} change failed: {e:#}");
+            }
+        }
+        self.publish_status();
+    }
+
+    /// The one path into the maps, whatever changed: config, discovery answers or health.
+    fn reconcile(&mut self) -> Result<()> {
+        let start = std::time::Instant::now();
+        let result = self.reconcile_once();
+        let seconds = start.elapsed().as_secs_f64();
+        crate::agent_metrics::AGENT.reconciled(seconds, result.is_ok());
+        result
+    }
+
+    fn reconcile_once(&mut self) -> Result<()> {
+        let installed = read_installed(&self.maps, true)?;
+        let discovery = &self.discovery;
+        let sources = catalog::Sources {
+            discovered: &|svc| discovery.backends(svc),
+            kubernetes: self.kubernetes.services(),
+        };
+        let leftovers = installed.leftovers();
+        let (effective, dropped) = catalog::effective(&self.config, &sources, &leftovers);
+        if dropped != self.dropped {
+            for message in &dropped {
+                warn!("{message}");
+            }
+            self.dropped = dropped;
+        }
+        self.health.sync(&effective);
+        let (health, outliers) = (&self.health, &self.outliers);
+        // Either a health check or an ejection takes a backend out; both must agree to restore.
+        let (desired, failing_open) = plan::desired(&effective, &|svc, addr| {
+            health.is_healthy(svc, addr) && !outliers.is_ejected(svc, addr)
+        });
+        self.log_fail_open(failing_open.into_iter().collect());
+        let plan = reconcile(&installed, &desired)?;
+        apply(&mut self.maps, &plan.ops)?;
+        let s = &plan.summary;
+        info!(
+            added = s.added,
+            updated = s.updated,
+            removed = s.removed,
+            unchanged = s.unchanged,
+            map_ops = plan.ops.len(),
+            "reconciled"
+        );
+        Ok(())
+    }
+
+    fn watches_outliers(&self) -> bool {
+        self.config.services.iter().any(|s| s.outlier.is_some())
+    }
+
+    /// Feeds the kernel's connect outcomes of every service with `[service.outlier]` to the
+    /// detector and reconciles when a backend is ejected or comes back.
+    fn check_outliers(&mut self) {
+        // Backend entries name their service, so this reads the service and backend entries
+        // only, never the slot tables (a Maglev table is 65,537 of them, four times a second).
+        let (services, backends) = match (self.maps.services(), self.maps.backends()) {
+            (Ok(s), Ok(b)) => (s, b),
+            (Err(e), _) | (_, Err(e)) => return warn!("outlier check skipped: {e:#}"),
+        };
+        let maps = &self.maps;
+        let observed = |svc: &config::ServiceConfig| {
+            let key = service_key(svc.vip, svc.protocol);
+            let id = services.iter().find(|(k, _)| *k == key).map(|(_, v)| v.id);
+            id.map(|id| maps.observations(id, &backends))
+                .unwrap_or_default()
+        };
+        let changed = self
+            .outliers
+            .check(std::time::Instant::now(), &self.config, observed);
+        if changed {
+            // Published first, so `stats` never shows an ejected backend as simply gone.
+            self.publish_status();
+            if let Err(e) = self.reconcile() {
+                error!("reconcile after an outlier change failed: {e:#}");
+            }
+        }
+    }
+
+    /// Failing open sends traffic to backends known to be failing: say so loudly, once per
+    /// change.
+    fn log_fail_open(&mut self, now: BTreeSet<String>) {
+        for name in now.difference(&self.failing_open) {
+            warn!(service = %name, "too few healthy backends: FAILING OPEN to all configured backends");
+        }
+        for name in self.failing_open.difference(&now) {
+            info!(service = %name, "enough healthy backends again: no longer failing open");
+        }
+        self.failing_open = now;
+    }
+
+    /// Without health blocks or discovery there is nothing to publish after the first (empty)
+    /// file.
+    fn publish_status(&mut self) {
+        // Ready once every source has reported and what it reported is in the maps (reconcile
+        // runs before this on every change).
+        let ready = self.kubernetes.is_synced() && self.discovery.all_answered();
+        self.readiness.set(ready);
+        let snapshot = self.health.snapshot();
+        let sources = self.discovery.status();
+        let kubernetes = self
+            .config
+            .kubernetes
+            .as_ref()
+            .map(|_| self.kubernetes.status.clone());
+        let empty = snapshot.is_empty()
+            && sources.is_empty()
+            && self.config.kubernetes.is_none()
+            && kubernetes.is_none()
+            && self.outliers.next_expiry().is_none();
+        if empty && self.published_empty {
+            return;
+        }
+        self.published_empty = empty;
+        let file = status_file::assemble(status_file::Parts {
+            config: &self.config,
+            health: snapshot,
+            sources,
+            kubernetes,
+            from_kubernetes: self.kubernetes.services(),
+            outliers: &self.outliers,
+            failing_open: &self.failing_open,
+        });
+        if let Err(e) = status::write(&self.pin_dir, &file) {
+            warn!("cannot publish health state: {e:#}");
+        }
+    }
+}
+
+/// Compares file contents rather than mtimes: editors replace files and Kubernetes swaps
+/// ConfigMap symlinks, and both keep or reset mtimes unpredictably.
+struct ConfigWatcher {
+    path: PathBuf,
+    last: Option<Vec<u8>>,
+}
+
+impl ConfigWatcher {
+    fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            last: std::fs::read(path).ok(),
+        }
+    }
+
+    fn changed(&mut self) -> bool {
+        match std::fs::read(&self.path) {
+            Ok(now) if self.last.as_ref() != Some(&now) => {
+                self.last = Some(now);
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                if self.last.take().is_some() {
+                    warn!(path = %self.path.display(), "config unreadable, keeping state: {e}");
+                }
+                false
+            }
+        }
+    }
+}
+
+/// Polls the log ring buffer: debug logging is opt-in and a 100 ms delay on it costs nothing.
+async fn drain_ebpf_logs(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        logger.flush();
+    }
+}

@@ -1,0 +1,60 @@
+//! What the agent publishes each second for `stats` and `top`: health, ejections, sources and
+//! fail-open state per service, gathered from the stages that own them.
+
+use crate::admission::health::runner::Target;
+use crate::admission::outlier::Outliers;
+use crate::config::{Config, ServiceConfig};
+use crate::status::{BackendHealth, ServiceStatus, SourceStatus, StatusFile};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Everything the status file is assembled from.
+pub struct Parts<'a> {
+    pub config: &'a Config,
+    pub health: BTreeMap<Target, BackendHealth>,
+    /// Discovery sources by service.
+    pub sources: BTreeMap<String, SourceStatus>,
+    /// The Kubernetes source, when configured.
+    pub kubernetes: Option<SourceStatus>,
+    /// The services Kubernetes reports, once synced.
+    pub from_kubernetes: Option<Option<&'a [ServiceConfig]>>,
+    pub outliers: &'a Outliers,
+    pub failing_open: &'a BTreeSet<String>,
+}
+
+pub fn assemble(parts: Parts) -> StatusFile {
+    let mut file = StatusFile {
+        agent_pid: std::process::id(),
+        written_unix_ms: crate::clock::now_ms(),
+        kubernetes: parts.kubernetes,
+        ..StatusFile::default()
+    };
+    for (target, health) in parts.health {
+        let svc = file
+            .services
+            .entry(target.service.clone())
+            .or_insert_with(|| ServiceStatus {
+                fail_open_active: parts.failing_open.contains(&target.service),
+                ..ServiceStatus::default()
+            });
+        svc.backends.insert(target.backend.to_string(), health);
+    }
+    if let Some(Some(from_api)) = parts.from_kubernetes {
+        for svc in from_api {
+            let entry = file.services.entry(svc.name.clone()).or_default();
+            entry.source = Some("kubernetes".into());
+        }
+    }
+    let now = std::time::Instant::now();
+    for svc in parts.config.services.iter().filter(|s| s.outlier.is_some()) {
+        let ejected = parts.outliers.ejected(now, &svc.name);
+        if !ejected.is_empty() {
+            file.services.entry(svc.name.clone()).or_default().ejected = ejected;
+        }
+    }
+    for (service, source) in parts.sources {
+        let svc = file.services.entry(service.clone()).or_default();
+        svc.fail_open_active = parts.failing_open.contains(&service);
+        svc.discovery = Some(source);
+    }
+    file
+}

@@ -1,0 +1,296 @@
+//! Pure: the config the data plane should follow: the file's services, each discovered service's
+//! backends filled in from its source's last good answer, and the services Kubernetes reports.
+//! Everything downstream (health, plan, reconcile) then treats them all alike.
+
+use crate::config::{BackendConfig, Balancing, Config, Protocol, ServiceConfig, VipClash};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+
+/// What the maps hold for one service, in config terms (the data path reads it back,
+/// `Installed::leftovers`): a restarted agent keeps it until the service's source answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Leftover {
+    pub name: String,
+    /// The backends its current slot table points at, weighted by their slot count.
+    pub backends: Vec<BackendConfig>,
+    pub balancing: Balancing,
+}
+
+/// Leftovers by VIP and protocol.
+pub type Leftovers = BTreeMap<(SocketAddr, Protocol), Leftover>;
+
+/// Where the services and backends that the file does not list come from.
+pub struct Sources<'a> {
+    /// A discovered service's last good answer, `None` before its first one.
+    pub discovered: &'a dyn Fn(&str) -> Option<&'a [BackendConfig]>,
+    /// `None` when Kubernetes is not configured, `Some(None)` before its first full sync.
+    pub kubernetes: Option<Option<&'a [ServiceConfig]>>,
+}
+
+/// A discovered service without an answer yet keeps what the maps hold for it (left by an
+/// earlier agent), and so does every installed service while Kubernetes has not synced: starting
+/// or restarting the agent never empties or removes a working service while a source is still
+/// syncing.
+///
+/// The file wins over Kubernetes when both claim a VIP or a name. Backends from a source that
+/// are VIPs (or whose health port is a VIP) are dropped, as config validation does for listed
+/// ones. The returned messages say what was left out.
+pub fn effective(
+    config: &Config,
+    sources: &Sources,
+    leftovers: &Leftovers,
+) -> (Config, Vec<String>) {
+    let mut notes = Vec::new();
+    let mut merged = config.clone();
+    for service in merged.services.iter_mut().filter(|s| s.discovery.is_some()) {
+        service.backends = match (sources.discovered)(&service.name) {
+            Some(answer) => answer.to_vec(),
+            None => leftovers
+                .get(&(service.vip, service.protocol))
+                .map(|l| l.backends.clone())
+                .unwrap_or_default(),
+        };
+    }
+    let listed = merged.services.len();
+    match sources.kubernetes {
+        None => {}
+        Some(Some(from_api)) => {
+            for service in from_api {
+                let clash = merged.services[..listed].iter().find(|s| {
+                    (s.vip, s.protocol) == (service.vip, service.protocol) || s.name == service.name
+                });
+                match clash {
+                    Some(owner) => notes.push(format!(
+                        "kubernetes service {:?} ({}/{}) ignored: the config file's service {:?} has that VIP or name",
+                        service.name,
+                        service.vip,
+                        service.protocol.as_str(),
+                        owner.name
+                    )),
+                    None => merged.services.push(service.clone()),
+                }
+            }
+        }
+        Some(None) => {
+            let known: HashSet<(SocketAddr, Protocol)> = merged
+                .services
+                .iter()
+                .map(|s| (s.vip, s.protocol))
+                .collect();
+            for (&(vip, protocol), service) in leftovers {
+                if known.contains(&(vip, protocol)) {
+                    continue;
+                }
+                merged.services.push(ServiceConfig {
+                    name: service.name.clone(),
+                    vip,
+                    protocol,
+                    backends: service.backends.clone(),
+                    health: None,
+                    fail_open: true,
+                    panic_threshold: 0,
+                    discovery: None,
+                    balancing: service.balancing,
+                    outlier: None,
+                });
+            }
+        }
+    }
+    drop_vip_backends(&mut merged, listed, &mut notes);
+    (merged, notes)
+}
+
+/// Applies the backend-is-not-a-VIP rule to every service whose backends came from a source.
+fn drop_vip_backends(merged: &mut Config, listed: usize, notes: &mut Vec<String>) {
+    let vips: HashMap<(SocketAddr, Protocol), String> = merged
+        .services
+        .iter()
+        .map(|s| ((s.vip, s.protocol), s.name.clone()))
+        .collect();
+    for (i, service) in merged.services.iter_mut().enumerate() {
+        if i < listed && service.discovery.is_none() {
+            continue;
+        }
+        let health_port = service.health.as_ref().and_then(|h| h.port);
+        let (name, protocol) = (service.name.clone(), service.protocol);
+        let vip = service.vip;
+        service.backends.retain(|b| {
+            if b.address.is_ipv4() != vip.is_ipv4() {
+                notes.push(format!(
+                    "service {name:?}: discovered backend {} ignored: the VIP {vip} is of the other address family",
+                    b.address
+                ));
+                return false;
+            }
+            let hit = VipClash::of(&vips, b.address, protocol, health_port).owner();
+            if let Some(owner) = hit {
+                notes.push(format!(
+                    "service {name:?}: discovered backend {} ignored: it or its health port is the VIP of service {owner:?}",
+                    b.address
+                ));
+            }
+            hit.is_none()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+
+    const CONFIG: &str = r#"
+[[service]]
+name = "api"
+vip = "10.96.0.1:80"
+backends = ["10.0.0.1:80"]
+
+[[service]]
+name = "web"
+vip = "10.96.0.2:80"
+[service.discovery]
+kind = "consul"
+service = "web"
+"#;
+
+    fn be(addr: &str, weight: u32) -> BackendConfig {
+        BackendConfig {
+            address: addr.parse().unwrap(),
+            weight,
+        }
+    }
+
+    /// Sources with discovery answers only (no Kubernetes).
+    fn only<'a>(discovered: &'a dyn Fn(&str) -> Option<&'a [BackendConfig]>) -> Sources<'a> {
+        Sources {
+            discovered,
+            kubernetes: None,
+        }
+    }
+
+    fn web(config: &Config) -> Vec<BackendConfig> {
+        config.services[1].backends.clone()
+    }
+
+    #[test]
+    fn answers_fill_discovered_services_only() {
+        let config = parse(CONFIG, "t").unwrap();
+        let answer = vec![be("10.0.1.1:80", 1), be("10.0.1.2:80", 2)];
+        let (merged, dropped) = effective(
+            &config,
+            &only(&|s| (s == "web").then_some(&answer[..])),
+            &Leftovers::new(),
+        );
+        assert_eq!(web(&merged), answer);
+        assert_eq!(merged.services[0], config.services[0]);
+        assert!(dropped.is_empty());
+    }
+
+    #[test]
+    fn before_the_first_answer_the_installed_set_is_kept() {
+        let config = parse(CONFIG, "t").unwrap();
+        let mut leftovers = Leftovers::new();
+        let kept = [be("10.0.2.1:80", 1), be("10.0.2.2:80", 2)];
+        leftover(&mut leftovers, "web", "10.96.0.2:80", &kept);
+        let (merged, _) = effective(&config, &only(&|_| None), &leftovers);
+        assert_eq!(web(&merged), kept);
+        let (fresh, _) = effective(&config, &only(&|_| None), &Leftovers::new());
+        assert!(web(&fresh).is_empty());
+    }
+
+    #[test]
+    fn an_empty_answer_empties_the_service() {
+        let config = parse(CONFIG, "t").unwrap();
+        let mut leftovers = Leftovers::new();
+        leftover(
+            &mut leftovers,
+            "web",
+            "10.96.0.2:80",
+            &[be("10.0.2.1:80", 1)],
+        );
+        let (merged, _) = effective(&config, &only(&|_| Some(&[])), &leftovers);
+        assert!(web(&merged).is_empty());
+    }
+
+    #[test]
+    fn discovered_vips_are_dropped_and_named() {
+        let config = parse(CONFIG, "t").unwrap();
+        let answer = [be("10.96.0.1:80", 1), be("10.0.1.1:80", 1)];
+        let (merged, dropped) =
+            effective(&config, &only(&|_| Some(&answer[..])), &Leftovers::new());
+        assert_eq!(web(&merged), [be("10.0.1.1:80", 1)]);
+        assert_eq!(dropped.len(), 1);
+        assert!(
+            dropped[0].contains("10.96.0.1:80") && dropped[0].contains("\"api\""),
+            "{dropped:?}"
+        );
+    }
+
+    fn leftover(leftovers: &mut Leftovers, name: &str, vip: &str, backends: &[BackendConfig]) {
+        let balancing = parse(CONFIG, "t").unwrap().services[0].balancing;
+        let service = Leftover {
+            name: name.into(),
+            backends: backends.to_vec(),
+            balancing,
+        };
+        leftovers.insert((vip.parse().unwrap(), Protocol::Tcp), service);
+    }
+
+    fn kube_service(name: &str, vip: &str, backends: &[&str]) -> ServiceConfig {
+        let mut s = parse(
+            &format!("[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nbackends = []\n"),
+            "t",
+        )
+        .unwrap()
+        .services
+        .remove(0);
+        s.backends = backends.iter().map(|b| be(b, 1)).collect();
+        s
+    }
+
+    #[test]
+    fn before_kubernetes_syncs_every_installed_service_is_kept() {
+        let config = parse("[kubernetes]\n", "t").unwrap();
+        let mut leftovers = Leftovers::new();
+        let kept = [be("10.1.0.1:8080", 1)];
+        leftover(&mut leftovers, "shop.web.http", "10.96.5.5:80", &kept);
+        let sources = Sources {
+            discovered: &|_| None,
+            kubernetes: Some(None),
+        };
+        let (merged, _) = effective(&config, &sources, &leftovers);
+        assert_eq!(merged.services.len(), 1);
+        assert_eq!(merged.services[0].name, "shop.web.http");
+        assert_eq!(merged.services[0].vip.to_string(), "10.96.5.5:80");
+        assert_eq!(merged.services[0].backends, [be("10.1.0.1:8080", 1)]);
+        // Once synced, the API's view replaces it, including removals.
+        let sources = Sources {
+            discovered: &|_| None,
+            kubernetes: Some(Some(&[])),
+        };
+        let (merged, _) = effective(&config, &sources, &leftovers);
+        assert!(merged.services.is_empty());
+    }
+
+    #[test]
+    fn the_file_wins_over_kubernetes_and_api_backends_may_not_be_vips() {
+        let config = parse(CONFIG, "t").unwrap();
+        let from_api = [
+            kube_service("a.clash.80", "10.96.0.1:80", &["10.2.0.1:80"]),
+            kube_service("a.ok.80", "10.96.9.9:80", &["10.2.0.2:80", "10.96.0.2:80"]),
+        ];
+        let sources = Sources {
+            discovered: &|_| Some(&[]),
+            kubernetes: Some(Some(&from_api)),
+        };
+        let (merged, notes) = effective(&config, &sources, &Leftovers::new());
+        let names: Vec<&str> = merged.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["api", "web", "a.ok.80"]);
+        assert_eq!(merged.services[2].backends, [be("10.2.0.2:80", 1)]);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(
+            notes[0].contains("\"a.clash.80\"") && notes[0].contains("\"api\""),
+            "{notes:?}"
+        );
+    }
+}

@@ -1,0 +1,131 @@
+//! The data plane's maps as a set of primitives. The pinned BPF maps implement the trait
+//! (`pinned`); the unit tests implement it in memory (`fake`), so the read and apply logic that
+//! runs against the kernel is the logic under test.
+
+use anyhow::Result;
+use lb_common::{BackendValue, ServiceKey, ServiceName, ServiceValue, SlotKey};
+
+pub trait Maps {
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>>;
+    fn slot(&self, key: &SlotKey) -> Result<Option<u32>>;
+    fn slot_keys(&self) -> Result<Vec<SlotKey>>;
+    fn backends(&self) -> Result<Vec<(u32, BackendValue)>>;
+    fn names(&self) -> Result<Vec<(u32, ServiceName)>>;
+
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()>;
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<()>;
+    fn put_slot(&mut self, key: &SlotKey, backend_id: u32) -> Result<()>;
+    /// Deleting an absent entry is not an error: cleanups are retried after interruptions.
+    fn delete_slot(&mut self, key: &SlotKey) -> Result<()>;
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<()>;
+    fn delete_backend(&mut self, id: u32) -> Result<()>;
+    fn put_name(&mut self, id: u32, name: &ServiceName) -> Result<()>;
+    fn delete_name(&mut self, id: u32) -> Result<()>;
+    fn reset_service_counters(&mut self, id: u32) -> Result<()>;
+    fn reset_backend_counters(&mut self, id: u32) -> Result<()>;
+}
+
+/// An in-memory data plane for unit tests, with the invariant the connect program relies on.
+#[cfg(test)]
+pub mod fake {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[derive(Debug, Default, Clone)]
+    pub struct FakeMaps {
+        pub services: BTreeMap<ServiceKey, ServiceValue>,
+        pub slots: BTreeMap<SlotKey, u32>,
+        pub backends: BTreeMap<u32, BackendValue>,
+        pub names: BTreeMap<u32, ServiceName>,
+        pub backend_connects: BTreeMap<u32, u64>,
+        pub service_resets: Vec<u32>,
+    }
+
+    impl FakeMaps {
+        /// What a connect could observe: every service entry names a complete slot table of
+        /// existing backends. Returns the first violation.
+        pub fn check_consistent(&self) -> Result<(), String> {
+            for (key, v) in &self.services {
+                for slot in 0..v.slot_count {
+                    let k = SlotKey {
+                        service_id: v.id,
+                        revision: v.revision,
+                        slot,
+                    };
+                    let Some(b) = self.slots.get(&k) else {
+                        return Err(format!(
+                            "{key:?}: slot {slot} of revision {} missing",
+                            v.revision
+                        ));
+                    };
+                    if !self.backends.contains_key(b) {
+                        return Err(format!("{key:?}: slot {slot} names missing backend {b}"));
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn vec_of<K: Copy, V: Copy>(m: &BTreeMap<K, V>) -> Vec<(K, V)> {
+        m.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    impl Maps for FakeMaps {
+        fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
+            Ok(vec_of(&self.services))
+        }
+        fn slot(&self, key: &SlotKey) -> Result<Option<u32>> {
+            Ok(self.slots.get(key).copied())
+        }
+        fn slot_keys(&self) -> Result<Vec<SlotKey>> {
+            Ok(self.slots.keys().copied().collect())
+        }
+        fn backends(&self) -> Result<Vec<(u32, BackendValue)>> {
+            Ok(vec_of(&self.backends))
+        }
+        fn names(&self) -> Result<Vec<(u32, ServiceName)>> {
+            Ok(vec_of(&self.names))
+        }
+        fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+            self.services.insert(*key, *value);
+            Ok(())
+        }
+        fn delete_service(&mut self, key: &ServiceKey) -> Result<()> {
+            self.services.remove(key);
+            Ok(())
+        }
+        fn put_slot(&mut self, key: &SlotKey, backend_id: u32) -> Result<()> {
+            self.slots.insert(*key, backend_id);
+            Ok(())
+        }
+        fn delete_slot(&mut self, key: &SlotKey) -> Result<()> {
+            self.slots.remove(key);
+            Ok(())
+        }
+        fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<()> {
+            self.backends.insert(id, *value);
+            Ok(())
+        }
+        fn delete_backend(&mut self, id: u32) -> Result<()> {
+            self.backends.remove(&id);
+            Ok(())
+        }
+        fn put_name(&mut self, id: u32, name: &ServiceName) -> Result<()> {
+            self.names.insert(id, *name);
+            Ok(())
+        }
+        fn delete_name(&mut self, id: u32) -> Result<()> {
+            self.names.remove(&id);
+            Ok(())
+        }
+        fn reset_service_counters(&mut self, id: u32) -> Result<()> {
+            self.service_resets.push(id);
+            Ok(())
+        }
+        fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
+            self.backend_connects.insert(id, 0);
+            Ok(())
+        }
+    }
+}

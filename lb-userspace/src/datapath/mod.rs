@@ -1,0 +1,11 @@
+//! The maps, as the last stage of a change: their primitives (`maps`, implemented by the
+//! pinned BPF maps in `pinned`), what they hold now (`installed`), the operations that change
+//! them (`ops`) and applying those (`apply`), and the diff from what is installed to the plan
+//! (`reconcile`).
+
+pub mod maps;
+pub mod installed;
+pub mod ops;
+pub mod apply;
+pub mod reconcile;
+pub mod pinned;

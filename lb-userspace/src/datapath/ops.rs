@@ -1,0 +1,39 @@
+//! The operations a reconcile plans and `apply` performs, one map update each (a slot table is
+//! written or deleted as one operation of many updates).
+
+use lb_common::{ServiceKey, ServiceValue, SlotKey};
+use std::net::SocketAddr;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Zero a reused id's counters before anything references it.
+    ResetServiceCounters(u32),
+    ResetBackendCounters(u32),
+    PutBackend {
+        id: u32,
+        addr: SocketAddr,
+        service_id: u32,
+    },
+    PutSlots {
+        service_id: u32,
+        revision: u32,
+        backends: Vec<u32>,
+    },
+    PutName {
+        service_id: u32,
+        name: String,
+    },
+    PutService {
+        key: ServiceKey,
+        value: ServiceValue,
+    },
+    DeleteService(ServiceKey),
+    DeleteSlots {
+        service_id: u32,
+        revision: u32,
+        count: u32,
+    },
+    DeleteSlot(SlotKey),
+    DeleteName(u32),
+    DeleteBackend(u32),
+}

@@ -1,0 +1,251 @@
+//! The pinned maps, opened by path: the same code serves the running agent, `stats` (no agent
+//! needed) and `detach`. Each map's kind and key/value sizes are checked on open, so maps left
+//! by an incompatible build are reported instead of misread.
+
+use crate::admission::outlier::Observation;
+use crate::codec::socket_addr;
+use crate::datapath::maps::Maps;
+use anyhow::{bail, Context, Result};
+use aya::maps::{
+    Array, HashMap, Map, MapData, MapError, MapInfo, MapType, PerCpuArray, PerCpuValues,
+};
+use aya::Pod;
+use lb_common::names::*;
+use lb_common::*;
+use std::mem::size_of;
+use std::net::SocketAddr;
+use std::path::Path;
+
+pub struct PinnedMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    slots: HashMap<MapData, SlotKey, u32>,
+    backends: HashMap<MapData, u32, BackendValue>,
+    backend_counters: PerCpuArray<MapData, BackendCounters>,
+    service_counters: PerCpuArray<MapData, ServiceCounters>,
+    names: HashMap<MapData, u32, ServiceName>,
+    meta: Array<MapData, Meta>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    reverse: HashMap<MapData, ReverseKey, ReverseValue>,
+    fail_streak: Array<MapData, u32>,
+}
+
+/// Expected kind and layout of one pinned map.
+pub struct MapSpec {
+    pub name: &'static str,
+    pub kind: MapType,
+    pub key_size: usize,
+    pub value_size: usize,
+}
+
+const fn spec<K, V>(name: &'static str, kind: MapType) -> MapSpec {
+    MapSpec {
+        name,
+        kind,
+        key_size: size_of::<K>(),
+        value_size: size_of::<V>(),
+    }
+}
+
+pub const SPECS: [MapSpec; 10] = [
+    spec::<u32, u32>(MAP_FAIL_STREAK, MapType::Array),
+    spec::<AffinityKey, AffinityValue>(MAP_AFFINITY, MapType::LruHash),
+    spec::<ReverseKey, ReverseValue>(MAP_REVERSE, MapType::LruHash),
+    spec::<ServiceKey, ServiceValue>(MAP_SERVICES, MapType::Hash),
+    spec::<SlotKey, u32>(MAP_SLOTS, MapType::Hash),
+    spec::<u32, BackendValue>(MAP_BACKENDS, MapType::Hash),
+    spec::<u32, BackendCounters>(MAP_BACKEND_COUNTERS, MapType::PerCpuArray),
+    spec::<u32, ServiceCounters>(MAP_SERVICE_COUNTERS, MapType::PerCpuArray),
+    spec::<u32, ServiceName>(MAP_SERVICE_NAMES, MapType::Hash),
+    spec::<u32, Meta>(MAP_META, MapType::Array),
+];
+
+/// Checks a pinned map against its spec without opening it for use.
+pub fn check_pinned(dir: &Path, spec: &MapSpec) -> Result<()> {
+    let path = dir.join(spec.name);
+    let info = MapInfo::from_pin(&path)
+        .with_context(|| format!("cannot open pinned map {}", path.display()))?;
+    let kind = info
+        .map_type()
+        .with_context(|| format!("{}: unknown map type", path.display()))?;
+    let (k, v) = (info.key_size() as usize, info.value_size() as usize);
+    if kind != spec.kind || k != spec.key_size || v != spec.value_size {
+        bail!(
+            "pinned map {} has type {kind:?}, key {k} bytes, value {v} bytes; this agent expects \
+             {:?}, {} and {} bytes. It was created by an incompatible version: remove the old \
+             state with `lb-agent detach --pin-dir {}` (this interrupts balancing) and start again",
+            path.display(),
+            spec.kind,
+            spec.key_size,
+            spec.value_size,
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn open(dir: &Path, name: &str, wrap: fn(MapData) -> Map) -> Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("cannot open pinned map {}", path.display()))?;
+    Ok(wrap(data))
+}
+
+impl PinnedMaps {
+    pub fn open(dir: &Path) -> Result<Self> {
+        for s in &SPECS {
+            check_pinned(dir, s)?;
+        }
+        let maps = Self {
+            services: open(dir, MAP_SERVICES, Map::HashMap)?.try_into()?,
+            slots: open(dir, MAP_SLOTS, Map::HashMap)?.try_into()?,
+            backends: open(dir, MAP_BACKENDS, Map::HashMap)?.try_into()?,
+            backend_counters: open(dir, MAP_BACKEND_COUNTERS, Map::PerCpuArray)?.try_into()?,
+            service_counters: open(dir, MAP_SERVICE_COUNTERS, Map::PerCpuArray)?.try_into()?,
+            names: open(dir, MAP_SERVICE_NAMES, Map::HashMap)?.try_into()?,
+            meta: open(dir, MAP_META, Map::Array)?.try_into()?,
+            affinity: open(dir, MAP_AFFINITY, Map::LruHashMap)?.try_into()?,
+            reverse: open(dir, MAP_REVERSE, Map::LruHashMap)?.try_into()?,
+            fail_streak: open(dir, MAP_FAIL_STREAK, Map::Array)?.try_into()?,
+        };
+        Ok(maps)
+    }
+
+    /// Reads `LB_META` alone, before the other maps are known to be compatible.
+    pub fn read_meta(dir: &Path) -> Result<Meta> {
+        let meta: Array<MapData, Meta> = open(dir, MAP_META, Map::Array)?.try_into()?;
+        Ok(meta.get(&0, 0)?)
+    }
+
+    pub fn set_meta(&mut self, meta: Meta) -> Result<()> {
+        Ok(self.meta.set(0, meta, 0)?)
+    }
+
+    /// Entries the programs keep themselves: remembered choices and reverse translations.
+    pub fn program_entries(&self) -> (usize, usize) {
+        (self.affinity.keys().count(), self.reverse.keys().count())
+    }
+
+    /// Connects to this backend that failed in a row, as the kernel saw them.
+    pub fn fail_streak(&self, id: u32) -> Result<u32> {
+        Ok(self.fail_streak.get(&id, 0)?)
+    }
+
+    pub fn backend_counters(&self, id: u32) -> Result<BackendCounters> {
+        Ok(summed(self.backend_counters.get(&id, 0)?))
+    }
+
+    pub fn service_counters(&self, id: u32) -> Result<ServiceCounters> {
+        Ok(summed(self.service_counters.get(&id, 0)?))
+    }
+
+    /// What the kernel counted for each of `backends` that belongs to `service_id`, for
+    /// outlier detection; a backend whose counters cannot be read is left out.
+    pub fn observations(
+        &self,
+        service_id: u32,
+        backends: &[(u32, BackendValue)],
+    ) -> Vec<(SocketAddr, Observation)> {
+        backends
+            .iter()
+            .filter(|(_, b)| b.service_id == service_id)
+            .filter_map(|(id, b)| {
+                let counters = self.backend_counters(*id).ok()?;
+                let observation = Observation {
+                    streak: self.fail_streak(*id).ok()?,
+                    established: counters.established,
+                    failed: counters.failed,
+                };
+                Some((socket_addr(b), observation))
+            })
+            .collect()
+    }
+}
+
+/// The per-CPU copies of one counter element added up.
+fn summed<T: Pod + Default + std::ops::Add<Output = T>>(per_cpu: PerCpuValues<T>) -> T {
+    per_cpu.iter().fold(T::default(), |acc, c| acc + *c)
+}
+
+fn zeroed<T: Pod + Default>() -> Result<PerCpuValues<T>> {
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+    Ok(PerCpuValues::try_from(vec![T::default(); cpus])?)
+}
+
+fn collect<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> Result<Vec<(K, V)>> {
+    map.iter().map(|r| r.map_err(Into::into)).collect()
+}
+
+fn absent_ok(r: Result<(), MapError>) -> Result<()> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+impl Maps for PinnedMaps {
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
+        collect(&self.services)
+    }
+
+    fn slot(&self, key: &SlotKey) -> Result<Option<u32>> {
+        match self.slots.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn slot_keys(&self) -> Result<Vec<SlotKey>> {
+        self.slots.keys().map(|r| r.map_err(Into::into)).collect()
+    }
+
+    fn backends(&self) -> Result<Vec<(u32, BackendValue)>> {
+        collect(&self.backends)
+    }
+
+    fn names(&self) -> Result<Vec<(u32, ServiceName)>> {
+        collect(&self.names)
+    }
+
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        Ok(self.services.insert(key, value, 0)?)
+    }
+
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<()> {
+        absent_ok(self.services.remove(key))
+    }
+
+    fn put_slot(&mut self, key: &SlotKey, backend_id: u32) -> Result<()> {
+        Ok(self.slots.insert(key, backend_id, 0)?)
+    }
+
+    fn delete_slot(&mut self, key: &SlotKey) -> Result<()> {
+        absent_ok(self.slots.remove(key))
+    }
+
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<()> {
+        Ok(self.backends.insert(id, value, 0)?)
+    }
+
+    fn delete_backend(&mut self, id: u32) -> Result<()> {
+        absent_ok(self.backends.remove(&id))
+    }
+
+    fn put_name(&mut self, id: u32, name: &ServiceName) -> Result<()> {
+        Ok(self.names.insert(id, name, 0)?)
+    }
+
+    fn delete_name(&mut self, id: u32) -> Result<()> {
+        absent_ok(self.names.remove(&id))
+    }
+
+    fn reset_service_counters(&mut self, id: u32) -> Result<()> {
+        Ok(self.service_counters.set(id, zeroed()?, 0)?)
+    }
+
+    fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
+        self.fail_streak.set(id, 0, 0)?;
+        Ok(self.backend_counters.set(id, zeroed()?, 0)?)
+    }
+}

@@ -1,0 +1,320 @@
+//! The `kubernetes` source: watches Services and EndpointSlices (list, then watch from the
+//! list's resourceVersion, relisting on 410 Gone, reconnecting with backoff: kube-rs's
+//! `watcher`) and reports the translated services to the agent. Until every watch has finished
+//! its first list, nothing is reported, so the agent keeps the pinned state; after that, a
+//! broken watch leaves the last known objects in place.
+
+pub mod translate;
+
+use crate::config::KubernetesConfig;
+use crate::sources::answer::MAX_REASONS;
+use crate::sources::backoff::Backoff;
+use crate::status::{SourceState, SourceStatus};
+use futures::stream::{self, BoxStream, StreamExt};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, Resource};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use translate::Translation;
+
+/// Changes arriving together (a rollout touches many slices) are translated once.
+const SETTLE: Duration = Duration::from_millis(50);
+
+#[derive(Debug)]
+pub enum KubeEvent {
+    /// Every watch has listed: the complete set of services.
+    Synced(Translation),
+    Error(String),
+}
+
+pub fn spawn(
+    config: KubernetesConfig,
+    tx: mpsc::UnboundedSender<KubeEvent>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(config, tx))
+}
+
+async fn client(config: &KubernetesConfig) -> Result<Client, String> {
+    let kube_config = match &config.kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("kubernetes.kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .map_err(|e| format!("kubernetes.kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer().await.map_err(|e| {
+            format!("no Kubernetes configuration (in-cluster or ~/.kube/config): {e}")
+        })?,
+    };
+    Client::try_from(kube_config).map_err(|e| format!("kubernetes client: {e}"))
+}
+
+/// Objects of either watched kind, so that all watches can share one loop.
+enum Object {
+    Service(Box<Service>),
+    Slice(Box<EndpointSlice>),
+}
+
+type Key = (String, String);
+
+/// One watch's view: what is live, and what a relist in progress has collected so far.
+#[derive(Default)]
+struct View {
+    live: BTreeMap<Key, Object>,
+    relisting: Option<BTreeMap<Key, Object>>,
+    listed: bool,
+}
+
+impl View {
+    fn apply(&mut self, event: Event<Object>) {
+        match event {
+            Event::Init => self.relisting = Some(BTreeMap::new()),
+            Event::InitApply(obj) => {
+                if let Some(buffer) = &mut self.relisting {
+                    buffer.insert(key(&obj), obj);
+                }
+            }
+            // A relist replaces the whole view at once: objects deleted while the watch was
+            // down disappear here.
+            Event::InitDone => {
+                if let Some(buffer) = self.relisting.take() {
+                    self.live = buffer;
+                }
+                self.listed = true;
+            }
+            Event::Apply(obj) => {
+                self.live.insert(key(&obj), obj);
+            }
+            Event::Delete(obj) => {
+                self.live.remove(&key(&obj));
+            }
+        }
+    }
+}
+
+fn key(obj: &Object) -> Key {
+    let meta = match obj {
+        Object::Service(s) => s.meta(),
+        Object::Slice(s) => s.meta(),
+    };
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+fn wrap<K>(event: Event<K>, into: impl Fn(K) -> Object) -> Event<Object> {
+    match event {
+        Event::Apply(k) => Event::Apply(into(k)),
+        Event::Delete(k) => Event::Delete(into(k)),
+        Event::Init => Event::Init,
+        Event::InitApply(k) => Event::InitApply(into(k)),
+        Event::InitDone => Event::InitDone,
+    }
+}
+
+type Item = (usize, Result<Event<Object>, watcher::Error>);
+
+fn watches(client: &Client, config: &KubernetesConfig) -> Vec<BoxStream<'static, Item>> {
+    let namespaces: Vec<Option<&str>> = if config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.namespaces.iter().map(|n| Some(n.as_str())).collect()
+    };
+    let mut streams = Vec::new();
+    for ns in namespaces {
+        let services: Api<Service> = match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let slices: Api<EndpointSlice> = match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let mut service_config = watcher::Config::default();
+        if let Some(selector) = &config.label_selector {
+            service_config = service_config.labels(selector);
+        }
+        let index = streams.len();
+        streams.push(
+            watcher(services, service_config)
+                .default_backoff()
+                .map(move |r| (index, r.map(|e| wrap(e, |s| Object::Service(Box::new(s))))))
+                .boxed(),
+        );
+        streams.push(
+            watcher(slices, watcher::Config::default())
+                .default_backoff()
+                .map(move |r| {
+                    (
+                        index + 1,
+                        r.map(|e| wrap(e, |s| Object::Slice(Box::new(s)))),
+                    )
+                })
+                .boxed(),
+        );
+    }
+    streams
+}
+
+async fn run(config: KubernetesConfig, tx: mpsc::UnboundedSender<KubeEvent>) {
+    let mut backoff = Backoff::new(
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+        crate::clock::now_ms(),
+    );
+    let client = loop {
+        match client(&config).await {
+            Ok(client) => break client,
+            Err(e) => {
+                let _ = tx.send(KubeEvent::Error(e));
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    };
+    let streams = watches(&client, &config);
+    let mut views: Vec<View> = streams.iter().map(|_| View::default()).collect();
+    let mut merged = stream::select_all(streams);
+    while let Some(first) = merged.next().await {
+        let mut changed = false;
+        let mut item = Some(first);
+        // Take everything that arrives within SETTLE of the first event before translating.
+        while let Some((index, result)) = item.take() {
+            match result {
+                Ok(event) => {
+                    views[index].apply(event);
+                    changed = true;
+                }
+                Err(e) => {
+                    let _ = tx.send(KubeEvent::Error(format!("watch: {e}")));
+                }
+            }
+            item = tokio::time::timeout(SETTLE, merged.next())
+                .await
+                .ok()
+                .flatten();
+        }
+        if changed && views.iter().all(|v| v.listed) {
+            let services = views
+                .iter()
+                .flat_map(|v| v.live.values())
+                .filter_map(|o| match o {
+                    Object::Service(s) => Some(s.as_ref()),
+                    Object::Slice(_) => None,
+                });
+            let slices = views
+                .iter()
+                .flat_map(|v| v.live.values())
+                .filter_map(|o| match o {
+                    Object::Slice(s) => Some(s.as_ref()),
+                    Object::Service(_) => None,
+                });
+            let _ = tx.send(KubeEvent::Synced(translate::translate(services, slices)));
+        }
+    }
+}
+
+/// The agent's side of the source: the task, the last full set of services and its state.
+pub struct Kubernetes {
+    tx: mpsc::UnboundedSender<KubeEvent>,
+    running: Option<(KubernetesConfig, tokio::task::JoinHandle<()>)>,
+    /// `None` until the running watch has synced once.
+    services: Option<Vec<crate::config::ServiceConfig>>,
+    notes: Vec<String>,
+    pub status: SourceStatus,
+}
+
+impl Kubernetes {
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<KubeEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let k = Self {
+            tx,
+            running: None,
+            services: None,
+            notes: Vec::new(),
+            status: SourceStatus::default(),
+        };
+        (k, rx)
+    }
+
+    /// Starts, restarts (settings changed) or stops the watch to match the config. A restarted
+    /// watch reports nothing until it has listed again, and meanwhile the pinned state stays.
+    pub fn sync(&mut self, config: Option<&KubernetesConfig>) {
+        if self.running.as_ref().map(|(c, _)| c) == config {
+            return;
+        }
+        if let Some((_, task)) = self.running.take() {
+            task.abort();
+        }
+        self.services = None;
+        self.status = SourceStatus::default();
+        if let Some(config) = config {
+            tracing::info!(namespaces = ?config.namespaces, selector = ?config.label_selector, "kubernetes watch started");
+            self.status.kind = "kubernetes".into();
+            self.status.target = if config.namespaces.is_empty() {
+                "all namespaces".into()
+            } else {
+                config.namespaces.join(",")
+            };
+            self.status.state = SourceState::Syncing;
+            self.running = Some((config.clone(), spawn(config.clone(), self.tx.clone())));
+        }
+    }
+
+    /// `None`: not configured; `Some(None)`: not synced yet.
+    pub fn services(&self) -> Option<Option<&[crate::config::ServiceConfig]>> {
+        self.running.as_ref().map(|_| self.services.as_deref())
+    }
+
+    pub fn is_synced(&self) -> bool {
+        self.running.is_none() || self.services.is_some()
+    }
+
+    /// Records an event; true when the set of services changed.
+    pub fn apply(&mut self, event: KubeEvent) -> bool {
+        let status = &mut self.status;
+        match event {
+            KubeEvent::Error(error) => {
+                tracing::warn!(
+                    source = "kubernetes",
+                    "watch failed, keeping the last known services: {error}"
+                );
+                status.record_error(error, self.services.is_some());
+                false
+            }
+            KubeEvent::Synced(t) => {
+                if status.state != SourceState::Ok {
+                    tracing::info!(
+                        source = "kubernetes",
+                        services = t.services.len(),
+                        "kubernetes in sync"
+                    );
+                }
+                let reasons = t.notes.iter().take(MAX_REASONS).cloned().collect();
+                status.record_answer(t.services.len(), t.notes.len(), reasons);
+                if t.notes != self.notes {
+                    for note in &t.notes {
+                        tracing::info!(source = "kubernetes", "{note}");
+                    }
+                    self.notes = t.notes;
+                }
+                let changed = self.services.as_ref() != Some(&t.services);
+                self.services = Some(t.services);
+                changed
+            }
+        }
+    }
+}
+
+impl Drop for Kubernetes {
+    fn drop(&mut self) {
+        if let Some((_, task)) = &self.running {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The agent publishes health and discovery state to a small JSON file next to its lock, so
+//! that `lb-agent stats` can show it from another process without a socket or a query API.
+//! The records it holds are defined here, below both the stages that produce them (sources,
+//! admission) and the observers that read them back.
+
+use crate::clock::now_ms;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct StatusFile {
+    pub agent_pid: u32,
+    pub written_unix_ms: u64,
+    pub services: BTreeMap<String, ServiceStatus>,
+    /// The Kubernetes source, when configured.
+    #[serde(default)]
+    pub kubernetes: Option<SourceStatus>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// Too few healthy backends: balancing over all configured ones.
+    pub fail_open_active: bool,
+    /// Keyed by backend address; only backends with a health block appear.
+    pub backends: BTreeMap<String, BackendHealth>,
+    /// The service's discovery source, if it has one.
+    #[serde(default)]
+    pub discovery: Option<SourceStatus>,
+    /// "kubernetes" for a service from the API; `None` for the file's own.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Backends ejected as outliers, by address.
+    #[serde(default)]
+    pub ejected: BTreeMap<String, Ejection>,
+}
+
+/// Where a source stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceState {
+    /// No answer yet; `last_error` says why, if it failed.
+    #[default]
+    Syncing,
+    Ok,
+    /// The last attempt failed; the last known set keeps serving.
+    Error,
+}
+
+/// A source's state as `lb-agent stats` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    pub kind: String,
+    pub target: String,
+    pub state: SourceState,
+    /// Size of the set in use; `None` before the first answer.
+    pub instances: Option<usize>,
+    pub skipped: usize,
+    pub skipped_reasons: Vec<String>,
+    pub last_success_unix_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub last_error_unix_ms: Option<u64>,
+    pub consecutive_errors: u32,
+}
+
+impl SourceStatus {
+    /// A failed attempt. Before the first answer the state stays syncing (the error says why
+    /// it has not answered yet); after it, error while the last known set keeps serving.
+    pub fn record_error(&mut self, error: String, answered_before: bool) {
+        if answered_before {
+            self.state = SourceState::Error;
+        }
+        self.last_error = Some(error);
+        self.last_error_unix_ms = Some(now_ms());
+        self.consecutive_errors = self.consecutive_errors.saturating_add(1);
+    }
+
+    /// A successful answer of `instances` entries, `skipped` of them unusable.
+    pub fn record_answer(&mut self, instances: usize, skipped: usize, reasons: Vec<String>) {
+        self.state = SourceState::Ok;
+        self.last_success_unix_ms = Some(now_ms());
+        self.consecutive_errors = 0;
+        self.instances = Some(instances);
+        self.skipped = skipped;
+        self.skipped_reasons = reasons;
+    }
+}
+
+/// What `lb-agent stats` shows per probed backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendHealth {
+    pub healthy: bool,
+    /// "ok", or why the last probe failed; empty before the first probe.
+    pub last_result: String,
+    pub last_probe_unix_ms: u64,
+    pub last_change_unix_ms: u64,
+    pub consecutive_ok: u32,
+    pub consecutive_fail: u32,
+}
+
+/// One ejected backend, for `stats`, `/metrics` and the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ejection {
+    pub reason: String,
+    /// How many times this backend has been ejected (the ejection time's multiplier).
+    pub count: u32,
+    pub remaining_ms: u64,
+}
+
+/// The folder of the agent's lock and status files.
+pub const RUN_DIR: &str = "/run/lb-agent";
+
+/// A file in /run named after the pin folder: bpffs cannot hold regular files.
+pub fn run_file(pin_dir: &Path, suffix: &str) -> PathBuf {
+    let name: String = pin_dir
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '%'
+            }
+        })
+        .collect();
+    Path::new(RUN_DIR).join(format!("{name}.{suffix}"))
+}
+
+pub fn path(pin_dir: &Path) -> PathBuf {
+    run_file(pin_dir, "status.json")
+}
+
+/// Written to a temporary file and renamed, so a reader never sees half a file.
+pub fn write(pin_dir: &Path, status: &StatusFile) -> Result<()> {
+    let final_path = path(pin_dir);
+    let tmp = final_path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(status)?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &final_path)
+        .with_context(|| format!("cannot replace {}", final_path.display()))
+}
+
+/// Missing or unreadable state is no health information, not an error: stats still shows
+/// the maps.
+pub fn read(pin_dir: &Path) -> Option<StatusFile> {
+    serde_json::from_slice(&std::fs::read(path(pin_dir)).ok()?).ok()
+}
