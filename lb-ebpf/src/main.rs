@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod abi;
 mod affinity;
 mod client;
 mod counters;
@@ -18,7 +19,7 @@ mod sockops;
 mod traffic;
 
 use aya_ebpf::{
-    bindings::{bpf_sock, bpf_sock_addr},
+    bindings::bpf_sock_addr,
     helpers::generated::bpf_get_socket_cookie,
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
@@ -26,8 +27,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use client::Client;
-use core::ptr::{addr_of, read_volatile};
-use lb_common::{v4_mapped, BackendValue, ServiceKey, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{BackendValue, ServiceKey, IPPROTO_TCP, IPPROTO_UDP};
 use maps::LB_SERVICES;
 use select::Choice;
 
@@ -38,8 +38,6 @@ const REJECT: i32 = 0;
 /// already handle as "nobody is serving" (a closed port): they retry or fail over, instead of
 /// the confusing EPERM a bare rejection would give.
 const ECONNREFUSED: i32 = 111;
-const AF_INET6: u32 = 10;
-const TCP_CLOSE: u32 = 7;
 
 #[sock_ops]
 pub fn lb_sock_ops(ctx: SockOpsContext) -> u32 {
@@ -104,28 +102,9 @@ pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
 /// sock_ops sees it reach CLOSE and counts the close.
 #[cgroup_sock(sock_release)]
 pub fn lb_sock_release(ctx: SockContext) -> i32 {
-    // SAFETY: the kernel passes a valid bpf_sock for the duration of the program; fields are
-    // read one word at a time as the verifier requires.
-    let (tcp_closing, v6, ip4, ip6, port) = unsafe {
-        let sk: *const bpf_sock = ctx.sock;
-        let p6 = addr_of!((*sk).dst_ip6) as *const u32;
-        (
-            read_volatile(addr_of!((*sk).protocol)) == u32::from(IPPROTO_TCP)
-                && read_volatile(addr_of!((*sk).state)) != TCP_CLOSE,
-            read_volatile(addr_of!((*sk).family)) == AF_INET6,
-            read_volatile(addr_of!((*sk).dst_ip4)),
-            [
-                read_volatile(p6),
-                read_volatile(p6.add(1)),
-                read_volatile(p6.add(2)),
-                read_volatile(p6.add(3)),
-            ],
-            read_volatile(addr_of!((*sk).dst_port)),
-        )
-    };
-    if port != 0 && !tcp_closing {
-        let addr = if v6 { ip6 } else { v4_mapped(ip4) };
-        reverse::forget(&reverse::key(cookie(&ctx), addr, port));
+    let sock = sockaddr::released(ctx.sock);
+    if sock.port != 0 && !sock.tcp_open {
+        reverse::forget(&reverse::key(cookie(&ctx), sock.peer, sock.port));
     }
     ALLOW
 }

@@ -1,10 +1,26 @@
-//! Reading and writing the address a sock_addr program sees. The kernel accepts only 4-byte
-//! accesses to `user_ip6` and `user_port`, so each word is read and written on its own with
-//! volatile accesses the compiler cannot merge into 8-byte ones.
+//! Reading and writing the addresses the programs see in their contexts: the destination a
+//! sock_addr program may rewrite, and the peer of a socket being released. The kernel accepts
+//! only 4-byte accesses to the address and port fields, so each word is read and written on
+//! its own with volatile accesses the compiler cannot merge into 8-byte ones.
 
-use aya_ebpf::bindings::bpf_sock_addr;
+use crate::abi::{AF_INET6, TCP_CLOSE};
+use aya_ebpf::bindings::{bpf_sock, bpf_sock_addr};
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
-use lb_common::{as_v4, v4_mapped, RawAddr};
+use lb_common::{as_v4, v4_mapped, RawAddr, IPPROTO_TCP};
+
+/// An IPv6 address field of a context, one word at a time.
+///
+/// # Safety
+/// `p` points at the first of four readable words of a context the kernel passed.
+#[inline(always)]
+pub unsafe fn words(p: *const u32) -> RawAddr {
+    [
+        read_volatile(p),
+        read_volatile(p.add(1)),
+        read_volatile(p.add(2)),
+        read_volatile(p.add(3)),
+    ]
+}
 
 /// The address in the 16-byte map form. `V6` is the program's family, fixed at compile time:
 /// an IPv4 program may not touch `user_ip6`.
@@ -13,13 +29,7 @@ pub fn addr<const V6: bool>(sa: &bpf_sock_addr) -> RawAddr {
     // SAFETY: fields of the context the kernel passed, read one word at a time.
     unsafe {
         if V6 {
-            let p = addr_of!(sa.user_ip6) as *const u32;
-            [
-                read_volatile(p),
-                read_volatile(p.add(1)),
-                read_volatile(p.add(2)),
-                read_volatile(p.add(3)),
-            ]
+            words(addr_of!(sa.user_ip6) as *const u32)
         } else {
             v4_mapped(read_volatile(addr_of!(sa.user_ip4)))
         }
@@ -54,4 +64,32 @@ pub fn set<const V6: bool>(sa: &mut bpf_sock_addr, addr: &RawAddr, port: u16) ->
         write_volatile(addr_of_mut!(sa.user_port), u32::from(port));
     }
     true
+}
+
+/// What `sock_release` needs of a socket: its peer in the map form and port (network order),
+/// and whether it is a TCP connection not yet closed (whose reverse entry sock_ops removes
+/// when it reaches CLOSE, after counting the close).
+pub struct Released {
+    pub peer: RawAddr,
+    pub port: u16,
+    pub tcp_open: bool,
+}
+
+/// Reads the released socket's fields. Both address forms are read and one is picked
+/// afterwards, as the verifier wants context fields at fixed offsets.
+#[inline(always)]
+pub fn released(sk: *const bpf_sock) -> Released {
+    // SAFETY: the kernel passes a valid bpf_sock for the duration of the program; fields are
+    // read one word at a time as the verifier requires.
+    unsafe {
+        let v6 = read_volatile(addr_of!((*sk).family)) == AF_INET6;
+        let ip4 = read_volatile(addr_of!((*sk).dst_ip4));
+        let ip6 = words(addr_of!((*sk).dst_ip6) as *const u32);
+        Released {
+            peer: if v6 { ip6 } else { v4_mapped(ip4) },
+            port: read_volatile(addr_of!((*sk).dst_port)),
+            tcp_open: read_volatile(addr_of!((*sk).protocol)) == u32::from(IPPROTO_TCP)
+                && read_volatile(addr_of!((*sk).state)) != TCP_CLOSE,
+        }
+    }
 }

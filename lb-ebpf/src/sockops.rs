@@ -3,9 +3,11 @@
 //! out), closed. A socket is recognised by its reverse entry (cookie and peer), so sockets the
 //! programs did not translate cost one lookup and nothing else.
 
+use crate::abi::{AF_INET6, TCP_CLOSE, TCP_SYN_SENT};
 use crate::counters;
 use crate::maps::LB_FAIL_STREAK;
 use crate::reverse;
+use crate::sockaddr;
 use aya_ebpf::programs::SockOpsContext;
 use core::ptr::{addr_of, read_volatile};
 use lb_common::{v4_mapped, ReverseKey};
@@ -15,9 +17,6 @@ const OP_ACTIVE_ESTABLISHED: u32 = 4;
 const OP_STATE_CHANGE: u32 = 10;
 /// Asks for `OP_STATE_CHANGE` callbacks on this socket (BPF_SOCK_OPS_STATE_CB_FLAG).
 const STATE_CB_FLAG: u32 = 1 << 2;
-const TCP_SYN_SENT: u32 = 2;
-const TCP_CLOSE: u32 = 7;
-const AF_INET6: u32 = 10;
 
 #[inline(always)]
 pub fn handle(ctx: &SockOpsContext) {
@@ -63,15 +62,9 @@ fn peer(ctx: &SockOpsContext) -> ReverseKey {
     // SAFETY: fields of the context the kernel passed, read one word at a time.
     let (ip4, ip6) = unsafe {
         let ops = ctx.ops;
-        let p6 = addr_of!((*ops).remote_ip6) as *const u32;
         (
             read_volatile(addr_of!((*ops).remote_ip4)),
-            [
-                read_volatile(p6),
-                read_volatile(p6.add(1)),
-                read_volatile(p6.add(2)),
-                read_volatile(p6.add(3)),
-            ],
+            sockaddr::words(addr_of!((*ops).remote_ip6) as *const u32),
         )
     };
     let addr = if ctx.family() == AF_INET6 {

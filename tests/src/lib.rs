@@ -4,6 +4,7 @@
 //! which has only a loopback device: an untranslated VIP connect fails with ENETUNREACH there.
 
 pub mod cgroup;
+pub mod join;
 pub mod kube_mock;
 pub mod netns;
 pub mod paths;

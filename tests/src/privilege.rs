@@ -4,11 +4,14 @@ use std::io::Write;
 use std::path::Path;
 
 /// True when this process can create namespaces, cgroups and load eBPF. Otherwise prints
-/// `SKIPPED <test>: <why>` and returns false, or panics if `LB_REQUIRE_PRIVILEGED=1`.
-pub fn require_privileged(test: &str) -> bool {
+/// `SKIPPED <test>: <why>` and returns false, or panics if `LB_REQUIRE_PRIVILEGED=1`. The test
+/// is named by its thread, which the test harness names after the test.
+pub fn require_privileged() -> bool {
     let Some(why) = missing_privilege() else {
         return true;
     };
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a privileged test");
     let msg = format!("SKIPPED {test}: {why}");
     if std::env::var("LB_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
         panic!("{msg} (LB_REQUIRE_PRIVILEGED=1 makes this a failure)");

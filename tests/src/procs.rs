@@ -46,6 +46,28 @@ impl ClientReport {
     pub fn failed(&self, errno: &str) -> u64 {
         self.errors.get(errno).copied().unwrap_or(0)
     }
+
+    /// Every connect of a steady load answered: no failure of any kind (ENETUNREACH would be a VIP
+    /// connect left untranslated, ECONNREFUSED an empty or missing table, ETIMEDOUT a lost one).
+    pub fn assert_lost_nothing(&self, min_attempts: u64, when: &str) {
+        assert!(
+            self.attempts >= min_attempts,
+            "too little load to prove anything ({} < {min_attempts}): {self:?}",
+            self.attempts
+        );
+        assert_eq!(
+            self.failed("ENETUNREACH"),
+            0,
+            "untranslated VIP connects {when}: {self:?}"
+        );
+        assert_eq!(
+            self.failed("ECONNREFUSED"),
+            0,
+            "refused connects {when}: {self:?}"
+        );
+        assert!(self.errors.is_empty(), "connects failed {when}: {self:?}");
+        assert_eq!(self.ok, self.attempts, "connects failed {when}: {self:?}");
+    }
 }
 
 /// Waits up to 3 s for a child to exit on its own, then kills it: only our own children.

@@ -16,18 +16,6 @@ fn web(backends: &str) -> String {
     format!("[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nprotocol = \"tcp\"\nbackends = [ {backends} ]\n")
 }
 
-/// A steady load big enough to mean something, with every connect answered.
-fn assert_lost_nothing(report: &lb_testkit::ClientReport, min_attempts: u64, when: &str) {
-    assert!(
-        report.attempts > min_attempts,
-        "too little load to prove anything: {report:?}"
-    );
-    assert_eq!(
-        report.ok, report.attempts,
-        "connects failed {when}: {report:?}"
-    );
-}
-
 fn assert_near(label: &str, got: u64, expected: f64) {
     let tolerance = expected * 0.15;
     assert!(
@@ -38,7 +26,7 @@ fn assert_near(label: &str, got: u64, expected: f64) {
 
 #[test]
 fn vip_connects_reach_only_configured_backends() {
-    if !require_privileged("vip_connects_reach_only_configured_backends") {
+    if !require_privileged() {
         return;
     }
     let extra = "127.0.0.14:8080";
@@ -58,7 +46,7 @@ fn vip_connects_reach_only_configured_backends() {
 /// The committed object loads as it is: no BTF the kernel rejects, no fallback, no warning.
 #[test]
 fn agent_starts_without_warnings() {
-    if !require_privileged("agent_starts_without_warnings") {
+    if !require_privileged() {
         return;
     }
     let mut s = Scenario::start(&[B1], Proto::Tcp, &web(&quoted(&[B1])));
@@ -69,7 +57,7 @@ fn agent_starts_without_warnings() {
 
 #[test]
 fn spread_is_even_and_follows_weights() {
-    if !require_privileged("spread_is_even_and_follows_weights") {
+    if !require_privileged() {
         return;
     }
     let s = Scenario::start(&[B1, B2, B3], Proto::Tcp, &web(&quoted(&[B1, B2, B3])));
@@ -94,7 +82,7 @@ fn spread_is_even_and_follows_weights() {
 
 #[test]
 fn counters_equal_what_backends_and_clients_counted() {
-    if !require_privileged("counters_equal_what_backends_and_clients_counted") {
+    if !require_privileged() {
         return;
     }
     let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, &web(&quoted(&[B1, B2, B3])));
@@ -108,7 +96,7 @@ fn counters_equal_what_backends_and_clients_counted() {
 
 #[test]
 fn client_outside_the_cgroup_is_not_rewritten() {
-    if !require_privileged("client_outside_the_cgroup_is_not_rewritten") {
+    if !require_privileged() {
         return;
     }
     let mut s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&quoted(&[B1, B2])));
@@ -121,7 +109,7 @@ fn client_outside_the_cgroup_is_not_rewritten() {
 
 #[test]
 fn non_service_destinations_are_untouched() {
-    if !require_privileged("non_service_destinations_are_untouched") {
+    if !require_privileged() {
         return;
     }
     let mut s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&quoted(&[B1, B2])));
@@ -141,7 +129,7 @@ fn non_service_destinations_are_untouched() {
 
 #[test]
 fn empty_service_refuses_connects_with_econnrefused() {
-    if !require_privileged("empty_service_refuses_connects_with_econnrefused") {
+    if !require_privileged() {
         return;
     }
     let s = Scenario::start(&[B1], Proto::Tcp, &web(""));
@@ -154,7 +142,7 @@ fn empty_service_refuses_connects_with_econnrefused() {
 
 #[test]
 fn reload_removing_a_backend_stops_traffic_to_it_and_bad_config_is_rejected() {
-    if !require_privileged("reload_removing_a_backend_stops_traffic_to_it") {
+    if !require_privileged() {
         return;
     }
     let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, &web(&quoted(&[B1, B2, B3])));
@@ -193,7 +181,7 @@ fn reload_removing_a_backend_stops_traffic_to_it_and_bad_config_is_rejected() {
 
 #[test]
 fn agent_sigkill_under_load_loses_nothing_and_restart_adopts_pins() {
-    if !require_privileged("agent_sigkill_under_load_loses_nothing_and_restart_adopts_pins") {
+    if !require_privileged() {
         return;
     }
     let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, &web(&quoted(&[B1, B2, B3])));
@@ -209,7 +197,7 @@ fn agent_sigkill_under_load_loses_nothing_and_restart_adopts_pins() {
     s.agent = None;
     std::thread::sleep(Duration::from_secs(1));
     let report = load.stop();
-    assert_lost_nothing(&report, 100, "while the agent was dead");
+    report.assert_lost_nothing(101, "while the agent was dead");
     let before = s.service_stats("web")["connects"].as_u64().unwrap();
     assert_eq!(before, report.ok);
 
@@ -246,7 +234,7 @@ fn agent_sigkill_under_load_loses_nothing_and_restart_adopts_pins() {
 
 #[test]
 fn second_agent_on_the_same_pins_refuses_and_traffic_continues() {
-    if !require_privileged("second_agent_on_the_same_pins_refuses") {
+    if !require_privileged() {
         return;
     }
     let s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&quoted(&[B1, B2])));
@@ -263,7 +251,7 @@ fn second_agent_on_the_same_pins_refuses_and_traffic_continues() {
 
 #[test]
 fn connected_udp_is_balanced() {
-    if !require_privileged("connected_udp_is_balanced") {
+    if !require_privileged() {
         return;
     }
     let (u1, u2) = ("127.0.0.11:5353", "127.0.0.12:5353");
@@ -282,7 +270,7 @@ fn connected_udp_is_balanced() {
 
 #[test]
 fn editing_the_config_file_reloads_without_a_signal() {
-    if !require_privileged("editing_the_config_file_reloads_without_a_signal") {
+    if !require_privileged() {
         return;
     }
     let mut s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&quoted(&[B1])));
@@ -302,7 +290,7 @@ fn editing_the_config_file_reloads_without_a_signal() {
 
 #[test]
 fn backend_set_swaps_under_load_fail_no_connect() {
-    if !require_privileged("backend_set_swaps_under_load_fail_no_connect") {
+    if !require_privileged() {
         return;
     }
     let sets: [&[&str]; 2] = [&[B1, B2], &[B2, B3]];
@@ -323,7 +311,7 @@ fn backend_set_swaps_under_load_fail_no_connect() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let report = load.stop();
-    assert_lost_nothing(&report, 200, "during swaps");
+    report.assert_lost_nothing(201, "during swaps");
     let svc = s.service_stats("web");
     assert_eq!(svc["update_races"].as_u64(), Some(0), "{svc}");
     assert_eq!(svc["revision"].as_u64(), Some(21), "{svc}");

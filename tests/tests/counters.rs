@@ -39,7 +39,7 @@ fn count(b: &Value, field: &str) -> u64 {
 
 #[test]
 fn connection_counters_equal_what_backends_and_clients_saw() {
-    if !require_privileged("connection_counters_equal_what_backends_and_clients_saw") {
+    if !require_privileged() {
         return;
     }
     let mut s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&[B1, B2, DEAD], ""));
@@ -86,7 +86,7 @@ fn connection_counters_equal_what_backends_and_clients_saw() {
 
 #[test]
 fn long_lived_connections_show_as_active_until_closed() {
-    if !require_privileged("long_lived_connections_show_as_active_until_closed") {
+    if !require_privileged() {
         return;
     }
     let mut s = Scenario::without_agent(&[], Proto::Tcp);
@@ -119,7 +119,7 @@ fn long_lived_connections_show_as_active_until_closed() {
 
 #[test]
 fn byte_counting_can_be_turned_off() {
-    if !require_privileged("byte_counting_can_be_turned_off") {
+    if !require_privileged() {
         return;
     }
     let s = Scenario::start(
@@ -154,7 +154,7 @@ fn byte_counting_can_be_turned_off() {
 
 #[test]
 fn a_refusing_backend_is_ejected_and_restored_without_health_checks() {
-    if !require_privileged("a_refusing_backend_is_ejected_and_restored_without_health_checks") {
+    if !require_privileged() {
         return;
     }
     let outlier = "[service.outlier]\nconsecutive_failures = 3\nbase_ejection_time = \"2s\"\n\
@@ -222,7 +222,7 @@ fn sample(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str
 
 #[test]
 fn metrics_parse_as_prometheus_text_and_carry_the_same_numbers() {
-    if !require_privileged("metrics_parse_as_prometheus_text_and_carry_the_same_numbers") {
+    if !require_privileged() {
         return;
     }
     let s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&[B1, B2, DEAD], ""));
@@ -302,9 +302,9 @@ fn dashboard_uses_only_exported_metrics(scrape: &str) {
     let dashboard: Value = serde_json::from_str(&text).expect("dashboard is JSON");
     let registered = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../lb-userspace/src/metrics.rs"
+        "/../lb-userspace/src/observe/prometheus.rs"
     ))
-    .expect("metrics.rs");
+    .expect("observe/prometheus.rs");
     let mut exprs = Vec::new();
     collect_exprs(&dashboard, &mut exprs);
     assert!(exprs.len() > 10, "too few queries found: {exprs:?}");

@@ -54,7 +54,7 @@ fn apply(s: &mut Scenario, config: &str) {
 
 #[test]
 fn etcd_registrations_leases_and_outages_reach_the_data_plane() {
-    if !require_privileged("etcd_registrations_leases_and_outages_reach_the_data_plane") {
+    if !require_privileged() {
         return;
     }
     let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, "");
@@ -117,7 +117,7 @@ fn etcd_registrations_leases_and_outages_reach_the_data_plane() {
 
 #[test]
 fn agent_restart_keeps_discovered_backends_until_the_source_answers() {
-    if !require_privileged("agent_restart_keeps_discovered_backends_until_the_source_answers") {
+    if !require_privileged() {
         return;
     }
     let mut s = Scenario::start(&[B1, B2], Proto::Tcp, "");
@@ -175,7 +175,7 @@ fn records(ttl: u32, a: &[&str], srv: &[(&str, u16, u16)]) -> DnsRecords {
 
 #[test]
 fn dns_a_and_srv_records_refresh_on_their_ttl() {
-    if !require_privileged("dns_a_and_srv_records_refresh_on_their_ttl") {
+    if !require_privileged() {
         return;
     }
     let mut s = Scenario::start(&[B1, B2, B3, B4], Proto::Tcp, "");
@@ -264,7 +264,7 @@ fn garbage(index: u64, body: &str) -> Value {
 
 #[test]
 fn consul_blocking_queries_follow_the_index_and_survive_garbage() {
-    if !require_privileged("consul_blocking_queries_follow_the_index_and_survive_garbage") {
+    if !require_privileged() {
         return;
     }
     let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, "");
@@ -386,7 +386,7 @@ fn ten_thousand_instances() -> String {
 
 #[test]
 fn discovered_backends_go_through_health_checks() {
-    if !require_privileged("discovered_backends_go_through_health_checks") {
+    if !require_privileged() {
         return;
     }
     // B3 is registered as passing in Consul but nothing listens there: the agent's own probe

@@ -6,8 +6,7 @@ use lb_testkit::procs::{monotonic_micros, read_accept_log, Backends, Proto};
 use lb_testkit::quoted;
 use lb_testkit::stats::{backend_set, has_backend, map_entries};
 use lb_testkit::{
-    agent_stats, require_privileged, wait_backends, wait_for, ClientReport, PinDir, Scenario,
-    SteadyClient,
+    agent_stats, require_privileged, wait_backends, wait_for, PinDir, Scenario, SteadyClient,
 };
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -60,34 +59,6 @@ fn connects(svc: &Value) -> u64 {
     svc["connects"].as_u64().expect("connects")
 }
 
-/// Every connect of a steady load answered: no failure of any kind (ENETUNREACH would be a VIP
-/// connect left untranslated, ECONNREFUSED an empty or missing table, ETIMEDOUT a lost one).
-fn assert_lost_nothing(report: &ClientReport, min_attempts: u64, when: &str) {
-    assert!(
-        report.attempts >= min_attempts,
-        "too little load to prove anything ({} < {min_attempts}): {report:?}",
-        report.attempts
-    );
-    assert_eq!(
-        report.failed("ENETUNREACH"),
-        0,
-        "untranslated VIP connects {when}: {report:?}"
-    );
-    assert_eq!(
-        report.failed("ECONNREFUSED"),
-        0,
-        "refused connects {when}: {report:?}"
-    );
-    assert!(
-        report.errors.is_empty(),
-        "connects failed {when}: {report:?}"
-    );
-    assert_eq!(
-        report.ok, report.attempts,
-        "connects failed {when}: {report:?}"
-    );
-}
-
 /// Waits (bounded) until `web`'s service counter reached `n`: the load is really running.
 fn wait_connects(s: &Scenario, n: u64) {
     let ok = wait_for(WAIT, || connects(&s.service_stats("web")) >= n);
@@ -113,7 +84,7 @@ fn start_load(s: &Scenario) -> SteadyClient {
 
 #[test]
 fn agent_sigkill_under_load_then_restart_loses_nothing() {
-    if !require_privileged("agent_sigkill_under_load_then_restart_loses_nothing") {
+    if !require_privileged() {
         return;
     }
     let backends = [B1, B2, B3];
@@ -174,11 +145,7 @@ fn agent_sigkill_under_load_then_restart_loses_nothing() {
     );
     let report = load.stop();
     let last = s.service_stats("web");
-    assert_lost_nothing(
-        &report,
-        500,
-        "across SIGKILL, 1 s without agent and restart",
-    );
+    report.assert_lost_nothing(500, "across SIGKILL, 1 s without agent and restart");
     for b in backends {
         assert!(report.from(b) > 0, "{b} never answered: {report:?}");
     }
@@ -196,7 +163,7 @@ fn agent_sigkill_under_load_then_restart_loses_nothing() {
 
 #[test]
 fn agent_upgrade_with_a_different_config_has_no_empty_window() {
-    if !require_privileged("agent_upgrade_with_a_different_config_has_no_empty_window") {
+    if !require_privileged() {
         return;
     }
     let config_x = web(&[B1, B2]);
@@ -235,7 +202,7 @@ fn agent_upgrade_with_a_different_config_has_no_empty_window() {
         s.service_stats("web")
     );
     let report = load.stop();
-    assert_lost_nothing(&report, 300, "across SIGTERM, the gap and the new agent");
+    report.assert_lost_nothing(300, "across SIGTERM, the gap and the new agent");
     assert!(
         report.from(B1) > 0,
         "B1 (config X) never served: {report:?}"
@@ -328,7 +295,7 @@ struct Window {
 
 #[test]
 fn backend_churn_ten_per_second_for_thirty_seconds() {
-    if !require_privileged("backend_churn_ten_per_second_for_thirty_seconds") {
+    if !require_privileged() {
         return;
     }
     let stable = [B1, B2];
@@ -393,7 +360,7 @@ fn backend_churn_ten_per_second_for_thirty_seconds() {
     );
 
     // (a) Nothing failed.
-    assert_lost_nothing(&report, 5_000, "during churn");
+    report.assert_lost_nothing(5_000, "during churn");
     let svc = lb_testkit::stats::service(&stats, "web")
         .expect("web")
         .clone();

@@ -56,7 +56,7 @@ fn bound(probes: u64) -> Duration {
 
 #[test]
 fn dead_backend_is_removed_within_fall_probes_and_returns_after_rise() {
-    if !require_privileged("dead_backend_is_removed_within_fall_probes_and_returns_after_rise") {
+    if !require_privileged() {
         return;
     }
     let mut s = Scenario::start(
@@ -117,7 +117,7 @@ fn dead_backend_is_removed_within_fall_probes_and_returns_after_rise() {
 
 #[test]
 fn http_check_removes_a_500_backend_and_keeps_a_200_one() {
-    if !require_privileged("http_check_removes_a_500_backend_and_keeps_a_200_one") {
+    if !require_privileged() {
         return;
     }
     let health = "kind = \"http\"\npath = \"/healthz\"";
@@ -138,7 +138,7 @@ fn http_check_removes_a_500_backend_and_keeps_a_200_one() {
 
 #[test]
 fn all_backends_down_fail_open_balances_over_all_and_fail_closed_refuses() {
-    if !require_privileged("all_backends_down_fail_open_vs_closed") {
+    if !require_privileged() {
         return;
     }
     // Data ports serve; the health port has no listener, so every backend is unhealthy.
@@ -166,7 +166,7 @@ fn all_backends_down_fail_open_balances_over_all_and_fail_closed_refuses() {
 
 #[test]
 fn hanging_probe_fails_after_its_timeout_without_stalling_the_checker() {
-    if !require_privileged("hanging_probe_fails_after_its_timeout") {
+    if !require_privileged() {
         return;
     }
     let hang_port = "127.0.0.11:9090";

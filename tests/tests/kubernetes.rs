@@ -74,7 +74,7 @@ fn kubernetes_state(s: &Scenario) -> Value {
 
 #[test]
 fn endpoint_conditions_drive_the_data_plane() {
-    if !require_privileged("endpoint_conditions_drive_the_data_plane") {
+    if !require_privileged() {
         return;
     }
     let headless = service("shop", "db", None, &[("", 5432, "TCP", json!(5432))]);
@@ -127,7 +127,7 @@ fn endpoint_conditions_drive_the_data_plane() {
 
 #[test]
 fn dropped_watches_resume_and_expired_ones_relist() {
-    if !require_privileged("dropped_watches_resume_and_expired_ones_relist") {
+    if !require_privileged() {
         return;
     }
     let (s, mock) = start(&[B1, B2, B3], &[web()], &[web_slice(&[ready(B1)])]);
@@ -171,7 +171,7 @@ fn dropped_watches_resume_and_expired_ones_relist() {
 
 #[test]
 fn restart_without_the_api_keeps_pinned_services_until_the_first_sync() {
-    if !require_privileged("restart_without_the_api_keeps_pinned_services_until_the_first_sync") {
+    if !require_privileged() {
         return;
     }
     let (mut s, mock) = start(

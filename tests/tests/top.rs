@@ -62,7 +62,7 @@ fn screen_until(
 
 #[test]
 fn top_shows_services_and_backends_in_80_by_24_and_quits_on_q() {
-    if !require_privileged("top_shows_services_and_backends_in_80_by_24_and_quits_on_q") {
+    if !require_privileged() {
         return;
     }
     let config = format!(

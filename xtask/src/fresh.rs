@@ -34,6 +34,9 @@ const RUSTUP_PROXIES: [&str; 8] = [
 ];
 
 pub struct Options {
+    /// The commit (or branch) to clone; the committed HEAD by default. Another revision lets a
+    /// deliberately broken setup be checked without checking it out.
+    pub rev: String,
     /// Leave the root in place afterwards (for looking around after a failure).
     pub keep: bool,
 }
@@ -54,7 +57,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let (release, sources) = host_debian_sources()?;
     bootstrap(&root, &release, &sources)?;
     install_rustup(&root)?;
-    clone_repo(&root)?;
+    clone_repo(&root, &opts.rev)?;
     let base_secs = started.elapsed().as_secs();
     let demo = timed_in_root(&root, "bash xtask/bootstrap.sh demo")?;
     // Privileged tests must run there too: a skip would hide a missing tool.
@@ -325,14 +328,27 @@ fn stable_toolchain() -> Result<String> {
 }
 
 /// A clone of the committed tree: what CI and a newcomer get, without uncommitted changes.
-fn clone_repo(root: &Path) -> Result<()> {
+fn clone_repo(root: &Path, rev: &str) -> Result<()> {
     let target = root.join("root/lb");
+    // A commit id, so that a branch of this repository works as well as HEAD in the clone.
+    let commit = cmd::output(Command::new("git").arg("-C").arg(cmd::root()).args([
+        "rev-parse",
+        "--verify",
+        &format!("{rev}^{{commit}}"),
+    ]))
+    .with_context(|| format!("`{rev}` names no commit of this repository"))?;
     cmd::run(
         Command::new("git")
             .args(["clone", "--quiet", "--no-local"])
             .arg(cmd::root())
             .arg(&target),
-    )
+    )?;
+    cmd::run(Command::new("git").arg("-C").arg(&target).args([
+        "checkout",
+        "--quiet",
+        "--detach",
+        commit.trim(),
+    ]))
 }
 
 /// Runs `script` in the root from the clone's folder, in a private mount namespace that holds

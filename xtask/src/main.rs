@@ -54,6 +54,9 @@ enum Task {
     /// README's commands in a throwaway Debian root holding only what a new machine has
     /// (needs root; 10-20 minutes).
     FreshCheck {
+        /// The commit or branch to check (default: HEAD).
+        #[arg(long, default_value = "HEAD")]
+        rev: String,
         /// Keep the root afterwards (target/fresh-check, or LB_FRESH_DIR).
         #[arg(long)]
         keep: bool,
@@ -77,7 +80,7 @@ fn main() {
         Task::Demo { args } => tasks::demo(&args),
         Task::Bench { quick } => tasks::bench(quick),
         Task::Fuzz { seconds } => fuzz::run(seconds),
-        Task::FreshCheck { keep } => fresh::run(&fresh::Options { keep }),
+        Task::FreshCheck { rev, keep } => fresh::run(&fresh::Options { rev, keep }),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

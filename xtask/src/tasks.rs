@@ -143,9 +143,9 @@ pub fn run(release: bool, args: &[String]) -> Result<()> {
     cmd::run(Command::new(bin).args(args))
 }
 
-/// The demo and the benchmarks are `lb-testkit` subcommands: they reuse the test harness's
+/// The demo (`lb-testkit demo`) and the benchmarks (`lb-bench`) reuse the test harness's
 /// namespace, cgroup and agent handling.
-fn testkit(what: &str, args: &[String], release: bool) -> Result<()> {
+fn privileged_run(what: &str, binary: &str, args: &[String], release: bool) -> Result<()> {
     if !cmd::is_root() {
         bail!("the {what} needs root: it creates a network namespace and a cgroup and loads eBPF");
     }
@@ -153,7 +153,7 @@ fn testkit(what: &str, args: &[String], release: bool) -> Result<()> {
     build(release)?;
     let dir = cmd::root().join("target").join(profile_dir(release));
     cmd::run(
-        Command::new(dir.join("lb-testkit"))
+        Command::new(dir.join(binary))
             .env("LB_AGENT_BIN", dir.join("lb-agent"))
             .args(args),
     )
@@ -162,39 +162,27 @@ fn testkit(what: &str, args: &[String], release: bool) -> Result<()> {
 pub fn demo(args: &[String]) -> Result<()> {
     let mut all = vec!["demo".to_string()];
     all.extend_from_slice(args);
-    testkit("demo", &all, false)
+    privileged_run("demo", "lb-testkit", &all, false)
 }
 
 pub fn bench(quick: bool) -> Result<()> {
     setup::ensure_bench_tools()?;
     let (trials, interval) = if quick { ("5", "200") } else { ("20", "1000") };
-    let detection = [
-        "bench-health",
-        "--trials",
-        trials,
-        "--interval-ms",
-        interval,
-    ];
-    testkit("benchmark", &detection.map(String::from), true)?;
+    let detection = ["health", "--trials", trials, "--interval-ms", interval];
+    privileged_run("benchmark", "lb-bench", &detection.map(String::from), true)?;
     let seconds = if quick { "5" } else { "20" };
-    let scale = [
-        "bench-health-scale",
-        "--backends",
-        "1000",
-        "--seconds",
-        seconds,
-    ];
-    testkit("benchmark", &scale.map(String::from), true)?;
+    let scale = ["health-scale", "--backends", "1000", "--seconds", seconds];
+    privileged_run("benchmark", "lb-bench", &scale.map(String::from), true)?;
     let out = cmd::root().join("bench/results");
     let mut compare = vec![
-        "bench-compare".to_string(),
+        "compare".to_string(),
         "--out".into(),
         out.display().to_string(),
     ];
     if quick {
         compare.push("--quick".into());
     }
-    testkit("benchmark", &compare, true)
+    privileged_run("benchmark", "lb-bench", &compare, true)
 }
 
 #[cfg(test)]

@@ -2,16 +2,14 @@
 //! holds the namespace, serves as backends, acts as a client, or execs a program there.
 //! It joins the namespace and cgroup before creating any socket.
 
-mod bench;
-mod compare;
 mod consul;
 mod demo;
 mod http;
-mod join;
 mod kube;
 mod net;
 
 use clap::{Parser, Subcommand};
+use lb_testkit::join;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -80,24 +78,6 @@ enum Cmd {
         #[arg(trailing_var_arg = true, required = true)]
         argv: Vec<String>,
     },
-    /// Health benchmark: detection time over repeated backend deaths (root).
-    BenchHealth {
-        #[arg(long, default_value_t = 20)]
-        trials: u32,
-        #[arg(long, default_value_t = 1000)]
-        interval_ms: u64,
-        #[arg(long, default_value_t = 3)]
-        fall: u32,
-    },
-    /// Health benchmark: agent CPU and memory while probing many backends (root).
-    BenchHealthScale {
-        #[arg(long, default_value_t = 1000)]
-        backends: u32,
-        #[arg(long, default_value_t = 1000)]
-        interval_ms: u64,
-        #[arg(long, default_value_t = 20)]
-        seconds: u64,
-    },
     /// Mock Consul health API answering from a JSON state file; runs until stdin closes.
     ConsulMock {
         #[arg(long, default_value = "127.0.0.1:8500")]
@@ -114,30 +94,6 @@ enum Cmd {
         /// JSON state (see lb_testkit::KubeMock); requests go to `<state>.requests`.
         #[arg(long)]
         state: PathBuf,
-    },
-    /// Benchmark backends: echo each request; stream data after a request starting with `B`.
-    BenchServe {
-        #[arg(long = "listen", required = true)]
-        listen: Vec<std::net::SocketAddr>,
-    },
-    /// Benchmark clients: one workload for a while; prints a JSON report.
-    BenchLoad {
-        #[arg(long = "to", required = true)]
-        to: Vec<std::net::SocketAddr>,
-        #[arg(long, value_enum)]
-        workload: compare::load::Workload,
-        #[arg(long, default_value_t = 3.0)]
-        seconds: f64,
-        #[arg(long, default_value_t = 4)]
-        clients: usize,
-    },
-    /// Side-by-side comparison with direct connects, nftables, iptables and HAProxy (root).
-    BenchCompare {
-        #[arg(long)]
-        quick: bool,
-        /// Where the markdown table and SVG chart are written.
-        #[arg(long)]
-        out: PathBuf,
     },
     /// Self-contained demo (root): namespace, cgroup, backends, agent, client, live stats.
     Demo {
@@ -164,12 +120,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             | Cmd::Exec { .. }
             | Cmd::ConsulMock { .. }
             | Cmd::KubeMock { .. }
-            | Cmd::BenchServe { .. }
-            | Cmd::BenchLoad { .. }
     );
     if in_test_net && cli.netns.is_none() {
         anyhow::bail!(
-            "serve, connect, exec, the mocks and bench-serve/bench-load only run inside a test namespace: pass --netns"
+            "serve, connect, exec and the mocks only run inside a test namespace: pass --netns"
         );
     }
     if let Some(ns) = &cli.netns {
@@ -207,23 +161,5 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::ConsulMock { listen, state } => consul::run(listen, state),
         Cmd::KubeMock { listen, state } => kube::run(listen, state),
         Cmd::Demo { seconds } => demo::run(seconds),
-        Cmd::BenchServe { listen } => compare::load::serve(&listen),
-        Cmd::BenchLoad {
-            to,
-            workload,
-            seconds,
-            clients,
-        } => compare::load::load(&to, workload, seconds, clients),
-        Cmd::BenchCompare { quick, out } => compare::run(quick, &out),
-        Cmd::BenchHealth {
-            trials,
-            interval_ms,
-            fall,
-        } => bench::detection(trials, interval_ms, fall),
-        Cmd::BenchHealthScale {
-            backends,
-            interval_ms,
-            seconds,
-        } => bench::scale(backends, interval_ms, seconds),
     }
 }

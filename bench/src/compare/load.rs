@@ -1,4 +1,4 @@
-//! The benchmark's traffic: `bench-serve` (backends) and `bench-load` (clients), both run inside
+//! The benchmark's traffic: `lb-bench serve` (backends) and `lb-bench load` (clients), both run inside
 //! the benchmark's namespaces. One tiny protocol serves every workload: a request is echoed
 //! back, and a request starting with `B` makes the server stream data until the client closes.
 

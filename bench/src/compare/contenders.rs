@@ -273,8 +273,8 @@ fn exec_quietly(ns: &str, argv: &[&str]) {
 fn wait_listening(topo: &Topology, addr: &str, budget: Duration) -> bool {
     let t0 = Instant::now();
     while t0.elapsed() < budget {
-        let probe = Command::new(testkit_bin())
-            .args(["--netns", &topo.client.ns_path, "bench-load", "--to", addr])
+        let probe = Command::new(super::bench_bin())
+            .args(["--netns", &topo.client.ns_path, "load", "--to", addr])
             .args(["--workload", "short", "--seconds", "0.1", "--clients", "1"])
             .output();
         if let Ok(out) = probe {

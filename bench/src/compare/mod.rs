@@ -10,7 +10,6 @@ mod topo;
 
 use anyhow::{Context, Result};
 use contenders::{install, lb_change_time, Contender, Outcome};
-use lb_testkit::paths::testkit_bin;
 use lb_testkit::TestCgroup;
 use load::Workload;
 use report::{Row, Summary};
@@ -18,6 +17,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use topo::{vip, Topology};
+
+/// This binary: backends and clients are copies of it run inside the namespaces.
+pub fn bench_bin() -> std::path::PathBuf {
+    std::env::current_exe().unwrap_or_else(|_| "lb-bench".into())
+}
 
 pub struct Plan {
     pub scales: Vec<usize>,
@@ -82,8 +86,8 @@ impl Drop for Servers {
 }
 
 fn start_backends(topo: &Topology) -> Result<Servers> {
-    let mut cmd = Command::new(testkit_bin());
-    cmd.args(["--netns", &topo.server.ns_path, "bench-serve"]);
+    let mut cmd = Command::new(bench_bin());
+    cmd.args(["--netns", &topo.server.ns_path, "serve"]);
     for b in &topo.backends {
         cmd.args(["--listen", b]);
     }
@@ -91,17 +95,17 @@ fn start_backends(topo: &Topology) -> Result<Servers> {
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .context("start bench-serve")?;
+        .context("start lb-bench serve")?;
     let mut line = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(child.stdout.take().context("stdout")?),
         &mut line,
     )?;
-    anyhow::ensure!(line.trim() == "ready", "bench-serve did not start");
+    anyhow::ensure!(line.trim() == "ready", "lb-bench serve did not start");
     Ok(Servers(child))
 }
 
-/// One `bench-load` run from the client namespace (inside the balanced cgroup).
+/// One `lb-bench load` run from the client namespace (inside the balanced cgroup).
 fn load(
     topo: &Topology,
     cgroup: &TestCgroup,
@@ -110,10 +114,10 @@ fn load(
     plan: &Plan,
 ) -> Result<load::LoadReport> {
     let clients = if w == Workload::Bulk { 1 } else { plan.clients };
-    let mut cmd = Command::new(testkit_bin());
+    let mut cmd = Command::new(bench_bin());
     cmd.args(["--netns", &topo.client.ns_path, "--cgroup"])
         .arg(&cgroup.path)
-        .arg("bench-load");
+        .arg("load");
     for t in targets {
         cmd.args(["--to", t]);
     }
@@ -131,13 +135,13 @@ fn load(
         ])
         .args(["--clients", &clients.to_string()])
         .output()
-        .context("run bench-load")?;
+        .context("run lb-bench load")?;
     anyhow::ensure!(
         out.status.success(),
-        "bench-load: {}",
+        "lb-bench load: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).context("bench-load output")
+    serde_json::from_slice(&out.stdout).context("lb-bench load output")
 }
 
 fn measure(plan: &Plan, topo: &Topology, cgroup: &TestCgroup, dir: &Path) -> Result<Summary> {

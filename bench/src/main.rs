@@ -1,0 +1,112 @@
+//! `lb-bench`: what `cargo xtask bench` runs (root). Health-check measurements, and the
+//! side-by-side comparison with its own load generator and backends, which it runs as copies of
+//! itself inside the benchmark's namespaces (`serve`, `load`). Tables and charts only: nothing
+//! here asserts on speed. Method and results: bench/README.md.
+
+mod compare;
+mod health;
+
+use clap::{Parser, Subcommand};
+use lb_testkit::join;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "lb-bench")]
+struct Cli {
+    /// Network namespace file to enter first (for `serve` and `load`).
+    #[arg(long, global = true)]
+    netns: Option<PathBuf>,
+    /// cgroup v2 folder to move this process into first.
+    #[arg(long, global = true)]
+    cgroup: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Detection time over repeated backend deaths.
+    Health {
+        #[arg(long, default_value_t = 20)]
+        trials: u32,
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 3)]
+        fall: u32,
+    },
+    /// The agent's CPU and memory while probing many backends.
+    HealthScale {
+        #[arg(long, default_value_t = 1000)]
+        backends: u32,
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+    /// Side-by-side comparison with direct connects, nftables, iptables and HAProxy.
+    Compare {
+        #[arg(long)]
+        quick: bool,
+        /// Where the markdown table and SVG chart are written.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Benchmark backends: echo each request; stream data after a request starting with `B`.
+    Serve {
+        #[arg(long = "listen", required = true)]
+        listen: Vec<std::net::SocketAddr>,
+    },
+    /// Benchmark clients: one workload for a while; prints a JSON report.
+    Load {
+        #[arg(long = "to", required = true)]
+        to: Vec<std::net::SocketAddr>,
+        #[arg(long, value_enum)]
+        workload: compare::load::Workload,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("lb-bench: error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    join::die_with_parent();
+    let in_bench_net = matches!(cli.command, Cmd::Serve { .. } | Cmd::Load { .. });
+    if in_bench_net && cli.netns.is_none() {
+        anyhow::bail!("serve and load only run inside a benchmark namespace: pass --netns");
+    }
+    if let Some(ns) = &cli.netns {
+        join::netns(ns)?;
+    }
+    if let Some(cg) = &cli.cgroup {
+        join::cgroup(cg)?;
+    }
+    match cli.command {
+        Cmd::Health {
+            trials,
+            interval_ms,
+            fall,
+        } => health::detection(trials, interval_ms, fall),
+        Cmd::HealthScale {
+            backends,
+            interval_ms,
+            seconds,
+        } => health::scale(backends, interval_ms, seconds),
+        Cmd::Compare { quick, out } => compare::run(quick, &out),
+        Cmd::Serve { listen } => compare::load::serve(&listen),
+        Cmd::Load {
+            to,
+            workload,
+            seconds,
+            clients,
+        } => compare::load::load(&to, workload, seconds, clients),
+    }
+}
