@@ -13,12 +13,9 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(name = "lb-bench")]
 struct Cli {
-    /// Network namespace file to enter first (for `serve` and `load`).
-    #[arg(long, global = true)]
-    netns: Option<PathBuf>,
-    /// cgroup v2 folder to move this process into first.
-    #[arg(long, global = true)]
-    cgroup: Option<PathBuf>,
+    /// Where `serve` and `load` run.
+    #[command(flatten)]
+    place: join::Place,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -70,25 +67,12 @@ enum Cmd {
 }
 
 fn main() {
-    let cli = Cli::parse();
-    if let Err(e) = run(cli) {
-        eprintln!("lb-bench: error: {e:#}");
-        std::process::exit(2);
-    }
+    join::exit_on_error("lb-bench", run(Cli::parse()));
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    join::die_with_parent();
     let in_bench_net = matches!(cli.command, Cmd::Serve { .. } | Cmd::Load { .. });
-    if in_bench_net && cli.netns.is_none() {
-        anyhow::bail!("serve and load only run inside a benchmark namespace: pass --netns");
-    }
-    if let Some(ns) = &cli.netns {
-        join::netns(ns)?;
-    }
-    if let Some(cg) = &cli.cgroup {
-        join::cgroup(cg)?;
-    }
+    cli.place.enter(in_bench_net.then_some("serve or load"))?;
     match cli.command {
         Cmd::Health {
             trials,

@@ -9,7 +9,7 @@
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lb_userspace::config::{
-    self, BackendConfig, Env, ServiceConfig, MAX_BACKENDS_PER_SERVICE, MAX_NAME_LEN, MAX_WEIGHT,
+    self, BackendConfig, Env, MAX_BACKENDS_PER_SERVICE, MAX_NAME_LEN, MAX_WEIGHT,
 };
 use lb_userspace::sources::answer::{Answer, MAX_REASONS};
 use lb_userspace::sources::kubernetes::translate;
@@ -39,7 +39,7 @@ pub fn config(data: &[u8]) {
             let mut names = HashSet::new();
             let mut vips = HashSet::new();
             for s in &config.services {
-                check_service_name(s);
+                check_service_name(&s.name);
                 assert!(names.insert(&s.name), "duplicate service name {:?}", s.name);
                 assert!(
                     vips.insert((s.vip, s.protocol)),
@@ -181,7 +181,7 @@ pub fn kubernetes(data: &[u8]) {
         translation.services.len()
     );
     for s in &translation.services {
-        check_service_name(s);
+        check_service_name(&s.name);
         assert!(s.vip.port() != 0, "{}: vip with port 0", s.name);
         assert!(
             s.backends.len() <= MAX_BACKENDS_PER_SERVICE,
@@ -196,12 +196,11 @@ pub fn kubernetes(data: &[u8]) {
     }
 }
 
-fn check_service_name(s: &ServiceConfig) {
+fn check_service_name(name: &str) {
     assert!(
-        !s.name.is_empty() && s.name.len() <= MAX_NAME_LEN,
-        "service name {:?} is {} bytes, not 1..={MAX_NAME_LEN}",
-        s.name,
-        s.name.len()
+        !name.is_empty() && name.len() <= MAX_NAME_LEN,
+        "service name {name:?} is {} bytes, not 1..={MAX_NAME_LEN}",
+        name.len()
     );
 }
 

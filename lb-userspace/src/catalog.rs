@@ -1,10 +1,92 @@
-//! Pure: the config the data plane should follow: the file's services, each discovered service's
-//! backends filled in from its source's last good answer, and the services Kubernetes reports.
-//! Everything downstream (health, plan, reconcile) then treats them all alike.
+//! Pure: the services the data plane should carry: the file's services, each discovered
+//! service's backends filled in from its source's last good answer, the services Kubernetes
+//! reports, and, while a source has not answered yet, what the maps already hold. Everything
+//! downstream (admission, plan, reconcile) then treats them all alike.
 
-use crate::config::{BackendConfig, Balancing, Config, Protocol, ServiceConfig, VipClash};
+use crate::config::{
+    BackendConfig, Balancing, Config, HealthConfig, OutlierConfig, Protocol, ServiceConfig,
+    VipClash,
+};
+use crate::sources::kubernetes::translate::ClusterService;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+
+/// A service the data plane should carry, whatever it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub vip: SocketAddr,
+    pub protocol: Protocol,
+    pub backends: Vec<BackendConfig>,
+    pub balancing: Balancing,
+    pub admission: Admission,
+}
+
+/// How a service's backends are admitted (`admission/`). Only the file asks for checks;
+/// services from Kubernetes or left in the maps get `Admission::default()`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admission {
+    pub health: Option<HealthConfig>,
+    pub outlier: Option<OutlierConfig>,
+    /// Balance over every backend when too few are admitted.
+    pub fail_open: bool,
+    /// "Too few": below this percentage of the backends (0: none at all).
+    pub panic_threshold: u8,
+}
+
+/// No checks, so every backend is admitted, and failing open once none is: what a file service
+/// without `[service.health]`, `[service.outlier]`, `fail_open` and `panic_threshold` gets.
+impl Default for Admission {
+    fn default() -> Self {
+        Self {
+            health: None,
+            outlier: None,
+            fail_open: true,
+            panic_threshold: 0,
+        }
+    }
+}
+
+impl Service {
+    /// A service as the file lists it; a discovered one's backends are filled in later.
+    pub fn listed(s: &ServiceConfig) -> Self {
+        Self {
+            name: s.name.clone(),
+            vip: s.vip,
+            protocol: s.protocol,
+            backends: s.backends.clone(),
+            balancing: s.balancing,
+            admission: Admission {
+                health: s.health.clone(),
+                outlier: s.outlier.clone(),
+                fail_open: s.fail_open,
+                panic_threshold: s.panic_threshold,
+            },
+        }
+    }
+
+    fn unchecked(
+        name: &str,
+        vip: SocketAddr,
+        protocol: Protocol,
+        backends: Vec<BackendConfig>,
+        balancing: Balancing,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            vip,
+            protocol,
+            backends,
+            balancing,
+            admission: Admission::default(),
+        }
+    }
+}
+
+/// The file's services as listed (tests and the no-source case).
+pub fn listed(config: &Config) -> Vec<Service> {
+    config.services.iter().map(Service::listed).collect()
+}
 
 /// What the maps hold for one service, in config terms (the data path reads it back,
 /// `Installed::leftovers`): a restarted agent keeps it until the service's source answers.
@@ -24,7 +106,7 @@ pub struct Sources<'a> {
     /// A discovered service's last good answer, `None` before its first one.
     pub discovered: &'a dyn Fn(&str) -> Option<&'a [BackendConfig]>,
     /// `None` when Kubernetes is not configured, `Some(None)` before its first full sync.
-    pub kubernetes: Option<Option<&'a [ServiceConfig]>>,
+    pub kubernetes: Option<Option<&'a [ClusterService]>>,
 }
 
 /// A discovered service without an answer yet keeps what the maps hold for it (left by an
@@ -39,10 +121,13 @@ pub fn effective(
     config: &Config,
     sources: &Sources,
     leftovers: &Leftovers,
-) -> (Config, Vec<String>) {
+) -> (Vec<Service>, Vec<String>) {
     let mut notes = Vec::new();
-    let mut merged = config.clone();
-    for service in merged.services.iter_mut().filter(|s| s.discovery.is_some()) {
+    let mut merged = listed(config);
+    for (service, file) in merged.iter_mut().zip(&config.services) {
+        if file.discovery.is_none() {
+            continue;
+        }
         service.backends = match (sources.discovered)(&service.name) {
             Some(answer) => answer.to_vec(),
             None => leftovers
@@ -51,12 +136,12 @@ pub fn effective(
                 .unwrap_or_default(),
         };
     }
-    let listed = merged.services.len();
+    let listed = merged.len();
     match sources.kubernetes {
         None => {}
         Some(Some(from_api)) => {
             for service in from_api {
-                let clash = merged.services[..listed].iter().find(|s| {
+                let clash = merged[..listed].iter().find(|s| {
                     (s.vip, s.protocol) == (service.vip, service.protocol) || s.name == service.name
                 });
                 match clash {
@@ -67,51 +152,52 @@ pub fn effective(
                         service.protocol.as_str(),
                         owner.name
                     )),
-                    None => merged.services.push(service.clone()),
+                    None => merged.push(Service::unchecked(
+                        &service.name,
+                        service.vip,
+                        service.protocol,
+                        service.backends.clone(),
+                        service.balancing,
+                    )),
                 }
             }
         }
         Some(None) => {
-            let known: HashSet<(SocketAddr, Protocol)> = merged
-                .services
-                .iter()
-                .map(|s| (s.vip, s.protocol))
-                .collect();
+            let known: HashSet<(SocketAddr, Protocol)> =
+                merged.iter().map(|s| (s.vip, s.protocol)).collect();
             for (&(vip, protocol), service) in leftovers {
-                if known.contains(&(vip, protocol)) {
-                    continue;
+                if !known.contains(&(vip, protocol)) {
+                    merged.push(Service::unchecked(
+                        &service.name,
+                        vip,
+                        protocol,
+                        service.backends.clone(),
+                        service.balancing,
+                    ));
                 }
-                merged.services.push(ServiceConfig {
-                    name: service.name.clone(),
-                    vip,
-                    protocol,
-                    backends: service.backends.clone(),
-                    health: None,
-                    fail_open: true,
-                    panic_threshold: 0,
-                    discovery: None,
-                    balancing: service.balancing,
-                    outlier: None,
-                });
             }
         }
     }
-    drop_vip_backends(&mut merged, listed, &mut notes);
+    let from_sources: Vec<bool> = config
+        .services
+        .iter()
+        .map(|s| s.discovery.is_some())
+        .chain(std::iter::repeat(true))
+        .take(merged.len())
+        .collect();
+    drop_vip_backends(&mut merged, &from_sources, &mut notes);
     (merged, notes)
 }
 
-/// Applies the backend-is-not-a-VIP rule to every service whose backends came from a source.
-fn drop_vip_backends(merged: &mut Config, listed: usize, notes: &mut Vec<String>) {
+/// Applies the backend-is-not-a-VIP rule to every service whose backends came from a source
+/// (`from_sources`, by position); the config check has applied it to the listed ones.
+fn drop_vip_backends(merged: &mut [Service], from_sources: &[bool], notes: &mut Vec<String>) {
     let vips: HashMap<(SocketAddr, Protocol), String> = merged
-        .services
         .iter()
         .map(|s| ((s.vip, s.protocol), s.name.clone()))
         .collect();
-    for (i, service) in merged.services.iter_mut().enumerate() {
-        if i < listed && service.discovery.is_none() {
-            continue;
-        }
-        let health_port = service.health.as_ref().and_then(|h| h.port);
+    for (service, _) in merged.iter_mut().zip(from_sources).filter(|(_, s)| **s) {
+        let health_port = service.admission.health.as_ref().and_then(|h| h.port);
         let (name, protocol) = (service.name.clone(), service.protocol);
         let vip = service.vip;
         service.backends.retain(|b| {
@@ -168,8 +254,8 @@ service = "web"
         }
     }
 
-    fn web(config: &Config) -> Vec<BackendConfig> {
-        config.services[1].backends.clone()
+    fn web(services: &[Service]) -> Vec<BackendConfig> {
+        services[1].backends.clone()
     }
 
     #[test]
@@ -182,7 +268,7 @@ service = "web"
             &Leftovers::new(),
         );
         assert_eq!(web(&merged), answer);
-        assert_eq!(merged.services[0], config.services[0]);
+        assert_eq!(merged[0], Service::listed(&config.services[0]));
         assert!(dropped.is_empty());
     }
 
@@ -236,16 +322,14 @@ service = "web"
         leftovers.insert((vip.parse().unwrap(), Protocol::Tcp), service);
     }
 
-    fn kube_service(name: &str, vip: &str, backends: &[&str]) -> ServiceConfig {
-        let mut s = parse(
-            &format!("[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nbackends = []\n"),
-            "t",
-        )
-        .unwrap()
-        .services
-        .remove(0);
-        s.backends = backends.iter().map(|b| be(b, 1)).collect();
-        s
+    fn kube_service(name: &str, vip: &str, backends: &[&str]) -> ClusterService {
+        ClusterService {
+            name: name.into(),
+            vip: vip.parse().unwrap(),
+            protocol: Protocol::Tcp,
+            backends: backends.iter().map(|b| be(b, 1)).collect(),
+            balancing: parse(CONFIG, "t").unwrap().services[0].balancing,
+        }
     }
 
     #[test]
@@ -259,17 +343,17 @@ service = "web"
             kubernetes: Some(None),
         };
         let (merged, _) = effective(&config, &sources, &leftovers);
-        assert_eq!(merged.services.len(), 1);
-        assert_eq!(merged.services[0].name, "shop.web.http");
-        assert_eq!(merged.services[0].vip.to_string(), "10.96.5.5:80");
-        assert_eq!(merged.services[0].backends, [be("10.1.0.1:8080", 1)]);
+        assert_eq!(merged.len(), 1);
+        assert_eq!(merged[0].name, "shop.web.http");
+        assert_eq!(merged[0].vip.to_string(), "10.96.5.5:80");
+        assert_eq!(merged[0].backends, [be("10.1.0.1:8080", 1)]);
         // Once synced, the API's view replaces it, including removals.
         let sources = Sources {
             discovered: &|_| None,
             kubernetes: Some(Some(&[])),
         };
         let (merged, _) = effective(&config, &sources, &leftovers);
-        assert!(merged.services.is_empty());
+        assert!(merged.is_empty());
     }
 
     #[test]
@@ -284,9 +368,9 @@ service = "web"
             kubernetes: Some(Some(&from_api)),
         };
         let (merged, notes) = effective(&config, &sources, &Leftovers::new());
-        let names: Vec<&str> = merged.services.iter().map(|s| s.name.as_str()).collect();
+        let names: Vec<&str> = merged.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["api", "web", "a.ok.80"]);
-        assert_eq!(merged.services[2].backends, [be("10.2.0.2:80", 1)]);
+        assert_eq!(merged[2].backends, [be("10.2.0.2:80", 1)]);
         assert_eq!(notes.len(), 2, "{notes:?}");
         assert!(
             notes[0].contains("\"a.clash.80\"") && notes[0].contains("\"api\""),

@@ -4,8 +4,47 @@ use anyhow::{bail, Context, Result};
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// Where a helper process runs: `--netns` and `--cgroup`, entered before it creates any
+/// socket. Every helper binary (`lb-testkit`, `lb-bench`) takes them.
+#[derive(clap::Args)]
+pub struct Place {
+    /// Network namespace file to enter first (e.g. /proc/PID/ns/net).
+    #[arg(long, global = true)]
+    pub netns: Option<PathBuf>,
+    /// cgroup v2 folder to move this process into first.
+    #[arg(long, global = true)]
+    pub cgroup: Option<PathBuf>,
+}
+
+impl Place {
+    /// Ties this process to its parent, then enters the namespace and cgroup. `needs_netns`
+    /// names the command when it may only run inside a test namespace, so that it can never put
+    /// traffic on the host's network.
+    pub fn enter(&self, needs_netns: Option<&str>) -> Result<()> {
+        die_with_parent();
+        if let (Some(what), None) = (needs_netns, &self.netns) {
+            bail!("{what} only runs inside a test namespace: pass --netns");
+        }
+        if let Some(ns) = &self.netns {
+            netns(ns)?;
+        }
+        if let Some(cg) = &self.cgroup {
+            cgroup(cg)?;
+        }
+        Ok(())
+    }
+}
+
+/// Ends a helper process: silently on success, else with the error and exit status 2.
+pub fn exit_on_error(program: &str, result: Result<()>) {
+    if let Err(e) = result {
+        eprintln!("{program}: error: {e:#}");
+        std::process::exit(2);
+    }
+}
 
 /// Dies with the process that started us (the test, the demo or the bench), so nothing of a
 /// crashed test keeps running; the setting survives `exec`, so it also covers the agent.

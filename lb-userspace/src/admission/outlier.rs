@@ -6,7 +6,8 @@
 //! when both agree.
 
 use crate::agent_metrics::AGENT;
-use crate::config::{Config, OutlierConfig, ServiceConfig};
+use crate::catalog::Service;
+use crate::config::OutlierConfig;
 use crate::status::Ejection;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -156,12 +157,12 @@ impl Outliers {
     pub fn check(
         &mut self,
         now: Instant,
-        config: &Config,
-        observed: impl Fn(&ServiceConfig) -> Vec<(SocketAddr, Observation)>,
+        services: &[Service],
+        observed: impl Fn(&Service) -> Vec<(SocketAddr, Observation)>,
     ) -> bool {
         let mut changed = false;
-        for svc in &config.services {
-            let Some(settings) = &svc.outlier else {
+        for svc in services {
+            let Some(settings) = &svc.admission.outlier else {
                 continue;
             };
             let seen = observed(svc);
@@ -172,10 +173,9 @@ impl Outliers {
                 log_ejections(&svc.name, &before, &self.ejected(now, &svc.name));
             }
         }
-        let names: BTreeSet<&str> = config
-            .services
+        let names: BTreeSet<&str> = services
             .iter()
-            .filter(|s| s.outlier.is_some())
+            .filter(|s| s.admission.outlier.is_some())
             .map(|s| s.name.as_str())
             .collect();
         self.retain(|name| names.contains(name));

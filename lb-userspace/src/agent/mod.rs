@@ -75,6 +75,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         health: HealthRunner::new(transitions_tx),
         discovery,
         config,
+        wanted: Vec::new(),
         failing_open: BTreeSet::new(),
         dropped: Vec::new(),
         pin_dir: args.pin_dir.clone(),
@@ -162,6 +163,8 @@ struct Agent {
     readiness: Readiness,
     /// The config in force: the last valid one read.
     config: config::Config,
+    /// The services the maps were last reconciled to (`catalog::effective`).
+    wanted: Vec<catalog::Service>,
     failing_open: BTreeSet<String>,
     /// Discovered backends last left out for being VIPs, logged when this changes.
     dropped: Vec<String>,
@@ -238,9 +241,10 @@ impl Agent {
             self.dropped = dropped;
         }
         self.health.sync(&effective);
+        self.wanted = effective;
         let (health, outliers) = (&self.health, &self.outliers);
         // Either a health check or an ejection takes a backend out; both must agree to restore.
-        let (desired, failing_open) = plan::desired(&effective, &|svc, addr| {
+        let (desired, failing_open) = plan::desired(&self.wanted, &|svc, addr| {
             health.is_healthy(svc, addr) && !outliers.is_ejected(svc, addr)
         });
         self.log_fail_open(failing_open.into_iter().collect());
@@ -259,7 +263,7 @@ impl Agent {
     }
 
     fn watches_outliers(&self) -> bool {
-        self.config.services.iter().any(|s| s.outlier.is_some())
+        self.wanted.iter().any(|s| s.admission.outlier.is_some())
     }
 
     /// Feeds the kernel's connect outcomes of every service with `[service.outlier]` to the
@@ -272,7 +276,7 @@ impl Agent {
             (Err(e), _) | (_, Err(e)) => return warn!("outlier check skipped: {e:#}"),
         };
         let maps = &self.maps;
-        let observed = |svc: &config::ServiceConfig| {
+        let observed = |svc: &catalog::Service| {
             let key = service_key(svc.vip, svc.protocol);
             let id = services.iter().find(|(k, _)| *k == key).map(|(_, v)| v.id);
             id.map(|id| maps.observations(id, &backends))
@@ -280,7 +284,7 @@ impl Agent {
         };
         let changed = self
             .outliers
-            .check(std::time::Instant::now(), &self.config, observed);
+            .check(std::time::Instant::now(), &self.wanted, observed);
         if changed {
             // Published first, so `stats` never shows an ejected backend as simply gone.
             self.publish_status();
@@ -326,7 +330,7 @@ impl Agent {
         }
         self.published_empty = empty;
         let file = status_file::assemble(status_file::Parts {
-            config: &self.config,
+            services: &self.wanted,
             health: snapshot,
             sources,
             kubernetes,

@@ -3,20 +3,22 @@
 
 use crate::admission::health::runner::Target;
 use crate::admission::outlier::Outliers;
-use crate::config::{Config, ServiceConfig};
+use crate::catalog::Service;
+use crate::sources::kubernetes::translate::ClusterService;
 use crate::status::{BackendHealth, ServiceStatus, SourceStatus, StatusFile};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Everything the status file is assembled from.
 pub struct Parts<'a> {
-    pub config: &'a Config,
+    /// The services the maps were last reconciled to.
+    pub services: &'a [Service],
     pub health: BTreeMap<Target, BackendHealth>,
     /// Discovery sources by service.
     pub sources: BTreeMap<String, SourceStatus>,
     /// The Kubernetes source, when configured.
     pub kubernetes: Option<SourceStatus>,
     /// The services Kubernetes reports, once synced.
-    pub from_kubernetes: Option<Option<&'a [ServiceConfig]>>,
+    pub from_kubernetes: Option<Option<&'a [ClusterService]>>,
     pub outliers: &'a Outliers,
     pub failing_open: &'a BTreeSet<String>,
 }
@@ -45,7 +47,11 @@ pub fn assemble(parts: Parts) -> StatusFile {
         }
     }
     let now = std::time::Instant::now();
-    for svc in parts.config.services.iter().filter(|s| s.outlier.is_some()) {
+    for svc in parts
+        .services
+        .iter()
+        .filter(|s| s.admission.outlier.is_some())
+    {
         let ejected = parts.outliers.ejected(now, &svc.name);
         if !ejected.is_empty() {
             file.services.entry(svc.name.clone()).or_default().ejected = ejected;

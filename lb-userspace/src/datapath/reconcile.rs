@@ -325,7 +325,11 @@ mod tests {
     /// plan is applied to a copy first and must leave it consistent; the end state always must.
     fn converge(dp: &mut FakeMaps, cfg: &Config) -> Plan {
         let installed = read_installed(dp, true).unwrap();
-        let plan = reconcile(&installed, &desired(cfg, &|_, _| true).0).unwrap();
+        let plan = reconcile(
+            &installed,
+            &desired(&crate::catalog::listed(cfg), &|_, _| true).0,
+        )
+        .unwrap();
         if dp.check_consistent().is_ok() {
             let mut step = dp.clone();
             for op in &plan.ops {
@@ -606,7 +610,11 @@ mod tests {
                 )
             })
             .collect();
-        let err = reconcile(&installed, &desired(&config(services), &|_, _| true).0).unwrap_err();
+        let err = reconcile(
+            &installed,
+            &desired(&crate::catalog::listed(&config(services)), &|_, _| true).0,
+        )
+        .unwrap_err();
         assert!(err.0.contains("out of backend ids"), "{err}");
     }
 

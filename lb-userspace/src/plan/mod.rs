@@ -5,8 +5,9 @@
 pub mod maglev;
 
 use crate::admission::fail_open::select;
+use crate::catalog::Service;
 use crate::codec::{service_key, Mode};
-use crate::config::{Algorithm, BackendConfig, Config};
+use crate::config::{Algorithm, BackendConfig};
 use lb_common::ServiceKey;
 use lb_common::MAX_RANDOM_SLOTS;
 use std::collections::BTreeMap;
@@ -26,12 +27,11 @@ pub type Desired = BTreeMap<ServiceKey, DesiredService>;
 /// too low fails open to all of its backends when it allows that (`admission::fail_open`).
 /// Returns the desired state and the names of services failing open.
 pub fn desired(
-    config: &Config,
+    services: &[Service],
     healthy: &dyn Fn(&str, &SocketAddr) -> bool,
 ) -> (Desired, Vec<String>) {
     let mut failing_open = Vec::new();
-    let desired = config
-        .services
+    let desired = services
         .iter()
         .map(|s| {
             let up: Vec<bool> = s
@@ -39,7 +39,7 @@ pub fn desired(
                 .iter()
                 .map(|b| healthy(&s.name, &b.address))
                 .collect();
-            let (chosen, panic) = select(&up, s.fail_open, s.panic_threshold);
+            let (chosen, panic) = select(&up, s.admission.fail_open, s.admission.panic_threshold);
             if panic {
                 failing_open.push(s.name.clone());
             }
@@ -192,7 +192,7 @@ mod maglev_tests {
             config.services[0].balancing.algorithm,
             Algorithm::Maglev { table_size: 1031 }
         );
-        let (d, _) = desired(&config, &|_, _| true);
+        let (d, _) = desired(&crate::catalog::listed(&config), &|_, _| true);
         let svc = d.values().next().unwrap();
         assert_eq!(svc.slots.len(), 1031);
         let heavy = svc

@@ -5,8 +5,9 @@
 
 use super::probe::probe;
 use super::state::HealthState;
+use crate::catalog::Service;
 use crate::clock::now_ms;
-use crate::config::{Config, HealthConfig, InitialState};
+use crate::config::{HealthConfig, InitialState};
 use crate::jitter::Jitter;
 use crate::status::BackendHealth;
 use std::collections::{BTreeMap, HashMap};
@@ -46,11 +47,10 @@ impl HealthRunner {
 
     /// Starts probing new targets and stops probing removed ones. A target whose health block
     /// is unchanged keeps its task and state across reloads.
-    pub fn sync(&mut self, config: &Config) {
-        let wanted: HashMap<Target, HealthConfig> = config
-            .services
+    pub fn sync(&mut self, services: &[Service]) {
+        let wanted: HashMap<Target, HealthConfig> = services
             .iter()
-            .filter_map(|s| s.health.as_ref().map(|h| (s, h)))
+            .filter_map(|s| s.admission.health.as_ref().map(|h| (s, h)))
             .flat_map(|(s, h)| {
                 s.backends.iter().map(move |b| {
                     (
@@ -207,12 +207,12 @@ mod tests {
     use super::*;
     use crate::config::parse;
 
-    fn config(backends: &str, interval: &str) -> Config {
+    fn config(backends: &str, interval: &str) -> Vec<Service> {
         let text = format!(
             "[[service]]\nname = \"web\"\nvip = \"10.96.0.10:80\"\nbackends = [{backends}]\n\
              [service.health]\nkind = \"tcp\"\ninterval = \"{interval}\"\ninitial = \"unhealthy\"\n"
         );
-        parse(&text, "test.toml").unwrap()
+        crate::catalog::listed(&parse(&text, "test.toml").unwrap())
     }
 
     fn addr(s: &str) -> SocketAddr {

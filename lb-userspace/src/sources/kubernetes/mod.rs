@@ -19,7 +19,7 @@ use kube::{Api, Client, Resource};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use translate::Translation;
+use translate::{ClusterService, Translation};
 
 /// Changes arriving together (a rollout touches many slices) are translated once.
 const SETTLE: Duration = Duration::from_millis(50);
@@ -224,7 +224,7 @@ pub struct Kubernetes {
     tx: mpsc::UnboundedSender<KubeEvent>,
     running: Option<(KubernetesConfig, tokio::task::JoinHandle<()>)>,
     /// `None` until the running watch has synced once.
-    services: Option<Vec<crate::config::ServiceConfig>>,
+    services: Option<Vec<ClusterService>>,
     notes: Vec<String>,
     pub status: SourceStatus,
 }
@@ -267,7 +267,7 @@ impl Kubernetes {
     }
 
     /// `None`: not configured; `Some(None)`: not synced yet.
-    pub fn services(&self) -> Option<Option<&[crate::config::ServiceConfig]>> {
+    pub fn services(&self) -> Option<Option<&[ClusterService]>> {
         self.running.as_ref().map(|_| self.services.as_deref())
     }
 

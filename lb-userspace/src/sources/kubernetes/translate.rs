@@ -7,8 +7,8 @@
 //! ready and a missing `serving` as equal to `ready`, as the API documents.
 
 use crate::config::{
-    BackendConfig, Balancing, Protocol, ServiceConfig, AFFINITY_TIMEOUT_RANGE,
-    DEFAULT_AFFINITY_TIMEOUT, MAX_BACKENDS_PER_SERVICE, MAX_NAME_LEN,
+    BackendConfig, Balancing, Protocol, AFFINITY_TIMEOUT_RANGE, DEFAULT_AFFINITY_TIMEOUT,
+    MAX_BACKENDS_PER_SERVICE, MAX_NAME_LEN,
 };
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -19,9 +19,20 @@ use std::time::Duration;
 /// The label EndpointSlices carry to name their Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+/// One ClusterIP port of a Service (one per family for a dual-stack one), balanced over its
+/// endpoints. Kubernetes has no health checks or fail-open settings of ours to give.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterService {
+    pub name: String,
+    pub vip: SocketAddr,
+    pub protocol: Protocol,
+    pub backends: Vec<BackendConfig>,
+    pub balancing: Balancing,
+}
+
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Translation {
-    pub services: Vec<ServiceConfig>,
+    pub services: Vec<ClusterService>,
     /// Things left out that an operator may want to know (not errors of the agent).
     pub notes: Vec<String>,
 }
@@ -100,17 +111,12 @@ pub fn translate<'a>(
             if vip.is_ipv6() {
                 label.push_str(".ipv6");
             }
-            out.services.push(ServiceConfig {
+            out.services.push(ClusterService {
                 name: service_name(ns, name, &label),
                 vip: SocketAddr::new(vip, vip_port),
                 protocol,
                 backends,
-                health: None,
-                fail_open: true,
-                panic_threshold: 0,
-                discovery: None,
                 balancing,
-                outlier: None,
             });
         }
     }
@@ -281,7 +287,7 @@ mod tests {
         json!({"addresses": [ip], "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
     }
 
-    fn addrs(s: &ServiceConfig) -> Vec<String> {
+    fn addrs(s: &ClusterService) -> Vec<String> {
         s.backends.iter().map(|b| b.address.to_string()).collect()
     }
 

@@ -15,12 +15,8 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(name = "lb-testkit")]
 struct Cli {
-    /// Network namespace file to enter first (e.g. /proc/PID/ns/net).
-    #[arg(long, global = true)]
-    netns: Option<PathBuf>,
-    /// cgroup v2 folder to move this process into first.
-    #[arg(long, global = true)]
-    cgroup: Option<PathBuf>,
+    #[command(flatten)]
+    place: join::Place,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -103,15 +99,10 @@ enum Cmd {
 }
 
 fn main() {
-    let cli = Cli::parse();
-    if let Err(e) = run(cli) {
-        eprintln!("lb-testkit: error: {e:#}");
-        std::process::exit(2);
-    }
+    join::exit_on_error("lb-testkit", run(Cli::parse()));
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    join::die_with_parent();
     let in_test_net = matches!(
         cli.command,
         Cmd::Serve { .. }
@@ -121,17 +112,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             | Cmd::ConsulMock { .. }
             | Cmd::KubeMock { .. }
     );
-    if in_test_net && cli.netns.is_none() {
-        anyhow::bail!(
-            "serve, connect, exec and the mocks only run inside a test namespace: pass --netns"
-        );
-    }
-    if let Some(ns) = &cli.netns {
-        join::netns(ns)?;
-    }
-    if let Some(cg) = &cli.cgroup {
-        join::cgroup(cg)?;
-    }
+    cli.place
+        .enter(in_test_net.then_some("serve, connect, exec or a mock"))?;
     match cli.command {
         Cmd::Hold { addrs } => join::hold(&addrs),
         Cmd::Serve {
