@@ -6,19 +6,11 @@
 mod compare;
 mod health;
 
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 use lb_testkit::join;
 use std::path::PathBuf;
 
-#[derive(Parser)]
-#[command(name = "lb-bench")]
-struct Cli {
-    /// Where `serve` and `load` run.
-    #[command(flatten)]
-    place: join::Place,
-    #[command(subcommand)]
-    command: Cmd,
-}
+type Cli = join::HelperCli<Cmd>;
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -67,7 +59,13 @@ enum Cmd {
 }
 
 fn main() {
-    join::exit_on_error("lb-bench", run(Cli::parse()));
+    join::exit_on_error(
+        "lb-bench",
+        run(Cli::parse_for(
+            "lb-bench",
+            "The benchmarks `cargo xtask bench` runs (root)",
+        )),
+    );
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

@@ -38,6 +38,25 @@ impl Place {
     }
 }
 
+// A helper binary's command line: where it runs, then what it does. (A plain comment: a doc
+// comment would become every binary's `--help` text.)
+#[derive(clap::Parser)]
+pub struct HelperCli<C: clap::Subcommand> {
+    #[command(flatten)]
+    pub place: Place,
+    #[command(subcommand)]
+    pub command: C,
+}
+
+impl<C: clap::Subcommand> HelperCli<C> {
+    /// The command line of the binary `program`, which `about` describes in `--help`.
+    pub fn parse_for(program: &'static str, about: &'static str) -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Self::command().name(program).about(about).get_matches();
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
+
 /// Ends a helper process: silently on success, else with the error and exit status 2.
 pub fn exit_on_error(program: &str, result: Result<()>) {
     if let Err(e) = result {

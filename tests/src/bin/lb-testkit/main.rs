@@ -8,18 +8,11 @@ mod http;
 mod kube;
 mod net;
 
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 use lb_testkit::join;
 use std::path::PathBuf;
 
-#[derive(Parser)]
-#[command(name = "lb-testkit")]
-struct Cli {
-    #[command(flatten)]
-    place: join::Place,
-    #[command(subcommand)]
-    command: Cmd,
-}
+type Cli = join::HelperCli<Cmd>;
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -99,7 +92,13 @@ enum Cmd {
 }
 
 fn main() {
-    join::exit_on_error("lb-testkit", run(Cli::parse()));
+    join::exit_on_error(
+        "lb-testkit",
+        run(Cli::parse_for(
+            "lb-testkit",
+            "Test helper: holds namespaces, serves, connects and runs mocks inside them; the demo",
+        )),
+    );
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
