@@ -24,3 +24,6 @@ pub const MAX_AFFINITY: u32 = 65_536;
 /// Entries of the reverse-translation map (LRU): one per socket talking to a backend through a
 /// VIP. Connected sockets remove theirs on close; about 110 bytes an entry, preallocated.
 pub const MAX_REVERSE: u32 = 131_072;
+/// Flags of the hash maps the agent writes: `BPF_F_NO_PREALLOC` (see lb-ebpf's maps.rs for why).
+/// The agent checks adopted maps against it, so it lives here, once.
+pub const AGENT_HASH_FLAGS: u32 = 1;

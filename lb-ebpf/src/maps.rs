@@ -8,26 +8,25 @@
 //! they can never fill up, the least recently used entry makes room.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     AffinityKey, AffinityValue, BackendCounters, BackendValue, Meta, ReverseKey, ReverseValue,
-    ServiceCounters, ServiceKey, ServiceName, ServiceValue, SlotKey, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_REVERSE, MAX_SERVICES, MAX_SLOTS,
+    ServiceCounters, ServiceKey, ServiceName, ServiceValue, SlotKey, AGENT_HASH_FLAGS,
+    MAX_AFFINITY, MAX_BACKENDS, MAX_REVERSE, MAX_SERVICES, MAX_SLOTS,
 };
 
 #[map]
 pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+    HashMap::pinned(MAX_SERVICES, AGENT_HASH_FLAGS);
 
 #[map]
-pub static LB_SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS, BPF_F_NO_PREALLOC);
+pub static LB_SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS, AGENT_HASH_FLAGS);
 
 #[map]
 pub static LB_BACKENDS: HashMap<u32, BackendValue> =
-    HashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+    HashMap::pinned(MAX_BACKENDS, AGENT_HASH_FLAGS);
 
 #[map]
 pub static LB_BACKEND_CTRS: PerCpuArray<BackendCounters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
@@ -50,7 +49,7 @@ pub static LB_REVERSE: LruHashMap<ReverseKey, ReverseValue> = LruHashMap::pinned
 /// Read only by `lb-agent stats`; declared here so that it is created and pinned with the rest.
 #[map]
 pub static LB_SVC_NAMES: HashMap<u32, ServiceName> =
-    HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+    HashMap::pinned(MAX_SERVICES, AGENT_HASH_FLAGS);
 
 /// Layout version of the pinned maps, checked by the agent before it adopts them.
 #[map]

@@ -11,6 +11,8 @@
 pub mod clock;
 /// Spreading periodic work (probes, retries) so it does not arrive in bursts.
 pub mod jitter;
+/// Folders only the agent may change, and files written without following links.
+pub mod private_files;
 /// What the agent publishes for `stats` and `top` under /run/lb-agent, and its types.
 pub mod status;
 /// The agent's own process-wide metrics (reconcile and probe timings, ejections).

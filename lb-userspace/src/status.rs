@@ -4,7 +4,7 @@
 //! admission) and the observers that read them back.
 
 use crate::clock::now_ms;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -131,14 +131,10 @@ pub fn path(pin_dir: &Path) -> PathBuf {
     run_file(pin_dir, "status.json")
 }
 
-/// Written to a temporary file and renamed, so a reader never sees half a file.
+/// Replaced atomically and without following links (`private_files::replace`); the run folder
+/// was checked when the agent took its lock.
 pub fn write(pin_dir: &Path, status: &StatusFile) -> Result<()> {
-    let final_path = path(pin_dir);
-    let tmp = final_path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(status)?)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &final_path)
-        .with_context(|| format!("cannot replace {}", final_path.display()))
+    crate::private_files::replace(&path(pin_dir), &serde_json::to_vec(status)?)
 }
 
 /// Missing or unreadable state is no health information, not an error: stats still shows

@@ -29,34 +29,43 @@ pub struct PinnedMaps {
     fail_streak: Array<MapData, u32>,
 }
 
-/// Expected kind and layout of one pinned map.
+/// Expected kind, layout, capacity and flags of one pinned map, as lb-ebpf's maps.rs defines
+/// it: a map that differs in any of them was made by something else and is never adopted.
 pub struct MapSpec {
     pub name: &'static str,
     pub kind: MapType,
     pub key_size: usize,
     pub value_size: usize,
+    pub max_entries: u32,
+    pub flags: u32,
 }
 
-const fn spec<K, V>(name: &'static str, kind: MapType) -> MapSpec {
+const fn spec<K, V>(name: &'static str, kind: MapType, max_entries: u32) -> MapSpec {
+    let flags = match kind {
+        MapType::Hash => AGENT_HASH_FLAGS,
+        _ => 0,
+    };
     MapSpec {
         name,
         kind,
         key_size: size_of::<K>(),
         value_size: size_of::<V>(),
+        max_entries,
+        flags,
     }
 }
 
 pub const SPECS: [MapSpec; 10] = [
-    spec::<u32, u32>(MAP_FAIL_STREAK, MapType::Array),
-    spec::<AffinityKey, AffinityValue>(MAP_AFFINITY, MapType::LruHash),
-    spec::<ReverseKey, ReverseValue>(MAP_REVERSE, MapType::LruHash),
-    spec::<ServiceKey, ServiceValue>(MAP_SERVICES, MapType::Hash),
-    spec::<SlotKey, u32>(MAP_SLOTS, MapType::Hash),
-    spec::<u32, BackendValue>(MAP_BACKENDS, MapType::Hash),
-    spec::<u32, BackendCounters>(MAP_BACKEND_COUNTERS, MapType::PerCpuArray),
-    spec::<u32, ServiceCounters>(MAP_SERVICE_COUNTERS, MapType::PerCpuArray),
-    spec::<u32, ServiceName>(MAP_SERVICE_NAMES, MapType::Hash),
-    spec::<u32, Meta>(MAP_META, MapType::Array),
+    spec::<u32, u32>(MAP_FAIL_STREAK, MapType::Array, MAX_BACKENDS),
+    spec::<AffinityKey, AffinityValue>(MAP_AFFINITY, MapType::LruHash, MAX_AFFINITY),
+    spec::<ReverseKey, ReverseValue>(MAP_REVERSE, MapType::LruHash, MAX_REVERSE),
+    spec::<ServiceKey, ServiceValue>(MAP_SERVICES, MapType::Hash, MAX_SERVICES),
+    spec::<SlotKey, u32>(MAP_SLOTS, MapType::Hash, MAX_SLOTS),
+    spec::<u32, BackendValue>(MAP_BACKENDS, MapType::Hash, MAX_BACKENDS),
+    spec::<u32, BackendCounters>(MAP_BACKEND_COUNTERS, MapType::PerCpuArray, MAX_BACKENDS),
+    spec::<u32, ServiceCounters>(MAP_SERVICE_COUNTERS, MapType::PerCpuArray, MAX_SERVICES),
+    spec::<u32, ServiceName>(MAP_SERVICE_NAMES, MapType::Hash, MAX_SERVICES),
+    spec::<u32, Meta>(MAP_META, MapType::Array, 1),
 ];
 
 /// Checks a pinned map against its spec without opening it for use.
@@ -64,23 +73,55 @@ pub fn check_pinned(dir: &Path, spec: &MapSpec) -> Result<()> {
     let path = dir.join(spec.name);
     let info = MapInfo::from_pin(&path)
         .with_context(|| format!("cannot open pinned map {}", path.display()))?;
-    let kind = info
-        .map_type()
-        .with_context(|| format!("{}: unknown map type", path.display()))?;
-    let (k, v) = (info.key_size() as usize, info.value_size() as usize);
-    if kind != spec.kind || k != spec.key_size || v != spec.value_size {
-        bail!(
-            "pinned map {} has type {kind:?}, key {k} bytes, value {v} bytes; this agent expects \
-             {:?}, {} and {} bytes. It was created by an incompatible version: remove the old \
-             state with `lb-agent detach --pin-dir {}` (this interrupts balancing) and start again",
-            path.display(),
-            spec.kind,
-            spec.key_size,
-            spec.value_size,
-            dir.display()
-        );
+    let found = MapSpec {
+        name: spec.name,
+        kind: info
+            .map_type()
+            .with_context(|| format!("{}: unknown map type", path.display()))?,
+        key_size: info.key_size() as usize,
+        value_size: info.value_size() as usize,
+        max_entries: info.max_entries(),
+        flags: info.map_flags(),
+    };
+    spec.matches(&found)
+        .with_context(|| format!("pinned map {}", path.display()))
+        .with_context(|| {
+            format!(
+                "it was not created by this agent or by a compatible version, so it is not \
+                 adopted: check who pinned it, then remove the state with `lb-agent detach \
+                 --pin-dir {}` (this interrupts balancing) and start again",
+                dir.display()
+            )
+        })
+}
+
+impl MapSpec {
+    /// Whether `found` is this map, naming the first difference.
+    fn matches(&self, found: &MapSpec) -> Result<()> {
+        let (want, got) = (self, found);
+        if (want.kind, want.key_size, want.value_size) != (got.kind, got.key_size, got.value_size) {
+            bail!(
+                "has type {:?}, key {} bytes, value {} bytes; this agent expects {:?}, {} and {} \
+                 bytes",
+                got.kind,
+                got.key_size,
+                got.value_size,
+                want.kind,
+                want.key_size,
+                want.value_size
+            );
+        }
+        if (want.max_entries, want.flags) != (got.max_entries, got.flags) {
+            bail!(
+                "has {} entries and flags {:#x}; this agent's map has {} entries and flags {:#x}",
+                got.max_entries,
+                got.flags,
+                want.max_entries,
+                want.flags
+            );
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 fn open(dir: &Path, name: &str, wrap: fn(MapData) -> Map) -> Result<Map> {
@@ -247,5 +288,41 @@ impl Maps for PinnedMaps {
     fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
         self.fail_streak.set(id, 0, 0)?;
         Ok(self.backend_counters.set(id, zeroed()?, 0)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_map_differing_in_any_property_is_not_ours() {
+        let ours = &SPECS[3];
+        assert_eq!(ours.name, MAP_SERVICES);
+        let same = MapSpec { ..*ours };
+        assert!(ours.matches(&same).is_ok());
+        let variants = [
+            MapSpec {
+                kind: MapType::LruHash,
+                ..*ours
+            },
+            MapSpec {
+                key_size: 8,
+                ..*ours
+            },
+            MapSpec {
+                value_size: 8,
+                ..*ours
+            },
+            MapSpec {
+                max_entries: 1,
+                ..*ours
+            },
+            MapSpec { flags: 0, ..*ours },
+        ];
+        for other in &variants {
+            let err = ours.matches(other).unwrap_err().to_string();
+            assert!(err.contains("this agent"), "{err}");
+        }
     }
 }

@@ -7,6 +7,7 @@
 //! pin is moved to the new link, which detaches the old program.
 
 use crate::datapath::pinned::{check_pinned, PinnedMaps, SPECS};
+use crate::private_files::private_dir;
 use anyhow::{bail, Context, Result};
 use aya::programs::{
     links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
@@ -25,14 +26,17 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT_PATH"));
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Makes sure `pin_dir` can hold pins: mounts bpffs on /sys/fs/bpf if nothing is mounted there
-/// and creates the folder.
+/// and creates the folder, or checks the one that exists.
+///
+/// Whoever can write to the pin folder can unlink the link pins (which detaches balancing for
+/// the host) or pin maps of their own for the agent to adopt, so the folder must be this
+/// user's and writable by nobody else; one that is not is refused, never repaired.
 pub fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
     let parent = pin_dir.parent().context("--pin-dir must not be /")?;
     if parent == Path::new("/sys/fs/bpf") && !is_bpffs(parent) {
         mount_bpffs(parent)?;
     }
-    std::fs::create_dir_all(pin_dir)
-        .with_context(|| format!("cannot create pin folder {}", pin_dir.display()))?;
+    private_dir(pin_dir, "pin folder")?;
     if !is_bpffs(pin_dir) {
         bail!(
             "{} is not on a bpf file system (mount -t bpf bpf <dir>)",
@@ -53,8 +57,10 @@ fn is_bpffs(path: &Path) -> bool {
     }
 }
 
+/// Mounted 0700 rather than bpffs's default 1777, so that only root can pin anything next to
+/// the agent's folder.
 fn mount_bpffs(at: &Path) -> Result<()> {
-    tracing::info!(path = %at.display(), "mounting bpffs");
+    tracing::info!(path = %at.display(), "mounting bpffs (mode 0700)");
     let target = std::ffi::CString::new(at.as_os_str().as_encoded_bytes())?;
     // SAFETY: all strings are NUL-terminated and outlive the call.
     let rc = unsafe {
@@ -62,8 +68,8 @@ fn mount_bpffs(at: &Path) -> Result<()> {
             c"bpf".as_ptr(),
             target.as_ptr(),
             c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"mode=0700".as_ptr().cast(),
         )
     };
     if rc != 0 {

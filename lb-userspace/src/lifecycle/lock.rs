@@ -3,11 +3,13 @@
 //! first keeps serving). The lock is an flock, released by the kernel when the holder dies, so a
 //! SIGKILLed agent never blocks its successor.
 
+use crate::private_files::private_dir;
 use crate::status::{run_file, RUN_DIR};
 use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 pub struct PinLock {
@@ -23,13 +25,14 @@ impl PinLock {
 }
 
 pub fn acquire(pin_dir: &Path) -> Result<PinLock> {
-    std::fs::create_dir_all(RUN_DIR).with_context(|| format!("cannot create {RUN_DIR}"))?;
+    private_dir(Path::new(RUN_DIR), "run folder")?;
     let path = run_file(pin_dir, "lock");
     let mut file = File::options()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .with_context(|| format!("cannot open lock file {}", path.display()))?;
     // SAFETY: flock on a descriptor we own.

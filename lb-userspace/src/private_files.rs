@@ -1,0 +1,120 @@
+//! Folders and files that only the agent's user may change. Whoever can write where the agent
+//! keeps its pins, lock or status can detach balancing, plant maps for it to adopt, or point a
+//! file it writes somewhere else; so those folders are created private and refused when they
+//! are not, and files are written without following links.
+
+use anyhow::{bail, Context, Result};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+/// Creates `dir` (mode 0700) if missing, then refuses it unless it is a folder of this user that
+/// group and others cannot write. `what` names it in the error.
+pub fn private_dir(dir: &Path, what: &str) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {what} {}", dir.display()))?;
+    check_private(dir, what)
+}
+
+/// Refuses a folder another user owns or that group or others may write to, and anything that
+/// is not a folder (a symlink included).
+pub fn check_private(dir: &Path, what: &str) -> Result<()> {
+    let meta = std::fs::symlink_metadata(dir)
+        .with_context(|| format!("cannot inspect {what} {}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let mode = meta.mode() & 0o7777;
+    if !meta.is_dir() || meta.uid() != me || mode & 0o022 != 0 {
+        bail!(
+            "{what} {} is {} owned by uid {} with mode {mode:o}; it must be a folder owned by \
+             this user (uid {me}) that group and others cannot write, because whoever can write \
+             there can detach balancing, plant maps or redirect the agent's files. Remove it (or \
+             fix its owner and mode) and start again",
+            dir.display(),
+            if meta.is_dir() {
+                "a folder"
+            } else {
+                "not a folder"
+            },
+            meta.uid()
+        );
+    }
+    Ok(())
+}
+
+/// Replaces `path` with `bytes` atomically: written to a new file of a name nobody can
+/// predict, opened without following links, then renamed over `path` (which replaces a link
+/// planted there instead of following it). A reader never sees half a file.
+pub fn replace(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().context("a file name")?.to_string_lossy();
+    // SAFETY: getrandom writes at most the buffer's length into it.
+    let mut nonce = [0u8; 8];
+    let filled = unsafe { libc::getrandom(nonce.as_mut_ptr().cast(), nonce.len(), 0) };
+    if filled != nonce.len() as isize {
+        bail!("getrandom: {}", std::io::Error::last_os_error());
+    }
+    let tmp = path.with_file_name(format!(".{name}.{:016x}", u64::from_ne_bytes(nonce)));
+    let written = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o644)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes));
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot replace {}", path.display()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("lb-private-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn creates_private_folders_and_refuses_open_ones() {
+        let dir = scratch("dir");
+        private_dir(&dir, "run folder").unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = private_dir(&dir, "run folder").unwrap_err().to_string();
+        assert!(
+            err.contains("run folder") && err.contains("mode 777"),
+            "{err}"
+        );
+        let link = scratch("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        let err = check_private(&link, "pin folder").unwrap_err().to_string();
+        assert!(err.contains("not a folder"), "{err}");
+        std::fs::remove_file(&link).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn replace_never_writes_through_a_planted_link() {
+        let dir = scratch("replace");
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "untouched").unwrap();
+        let target = dir.join("status.json");
+        std::os::unix::fs::symlink(&victim, &target).unwrap();
+        replace(&target, b"{}").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+        assert!(!std::fs::symlink_metadata(&target).unwrap().is_symlink());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "{}");
+        let leftovers = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(leftovers, 2, "a temporary file was left behind");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
