@@ -133,22 +133,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
 /// `--http-listen` and `--metrics-listen`, on one listener when they name the same address.
 async fn serve_http(args: &RunArgs, readiness: &Readiness) -> Result<()> {
     let health = args.http_listen.map(|addr| {
-        let e = Endpoints {
-            readiness: Some(readiness.clone()),
-            metrics: (args.metrics_listen == Some(addr)).then(|| args.pin_dir.clone()),
-        };
-        (addr, e)
+        let metrics = (args.metrics_listen == Some(addr)).then(|| args.pin_dir.clone());
+        (addr, Endpoints::new(Some(readiness.clone()), metrics))
     });
     let metrics = args
         .metrics_listen
         .filter(|m| Some(*m) != args.http_listen)
-        .map(|addr| {
-            let e = Endpoints {
-                readiness: None,
-                metrics: Some(args.pin_dir.clone()),
-            };
-            (addr, e)
-        });
+        .map(|addr| (addr, Endpoints::new(None, Some(args.pin_dir.clone()))));
     for (addr, endpoints) in health.into_iter().chain(metrics) {
         http::serve(addr, endpoints).await?;
     }

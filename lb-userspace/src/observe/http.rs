@@ -2,20 +2,35 @@
 //! `/readyz` (every source has reported and the maps hold it), for Kubernetes probes and
 //! load-balancer checks. `--metrics-listen`: `/metrics` for Prometheus. Both may share one
 //! address.
+//!
+//! Anyone who can reach a listener can open connections to it, so each listener holds at most
+//! `MAX_CONNECTIONS` (more are closed at once), gives a client `HEADER_TIMEOUT` to send its
+//! request and `CONNECTION_TIMEOUT` in all, backs off when accepting fails (out of descriptors),
+//! and renders `/metrics` at most once a second however often it is scraped.
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
 /// The main loop publishes status at least every second; three missed beats mean it is stuck.
 const STALL: Duration = Duration::from_secs(3);
+/// Connections one listener holds at once: probes and scrapes need a handful.
+pub const MAX_CONNECTIONS: usize = 256;
+/// How long a client may take to send its request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long any one connection may last.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a rendered `/metrics` page is served again instead of reading the maps anew.
+const SCRAPE_REUSE: Duration = Duration::from_secs(1);
+/// The longest pause between failed accepts.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Default)]
 pub struct Readiness {
@@ -43,6 +58,41 @@ pub struct Endpoints {
     pub readiness: Option<Readiness>,
     /// The pin folder `/metrics` reads.
     pub metrics: Option<PathBuf>,
+    /// The last rendered `/metrics` page; the lock also makes concurrent scrapes wait for one
+    /// rendering instead of each reading every map.
+    scraped: Arc<tokio::sync::Mutex<Option<Scrape>>>,
+}
+
+/// A rendered `/metrics` page (or why it failed) and when it was rendered.
+type Scrape = (Instant, Result<String, String>);
+
+impl Endpoints {
+    pub fn new(readiness: Option<Readiness>, metrics: Option<PathBuf>) -> Self {
+        Self {
+            readiness,
+            metrics,
+            scraped: Arc::default(),
+        }
+    }
+
+    /// `/metrics`, rendered from the maps at most once per `SCRAPE_REUSE`.
+    async fn metrics_page(&self, pin_dir: &Path) -> Result<String, String> {
+        let mut last = self.scraped.lock().await;
+        if let Some((at, page)) = last.as_ref() {
+            if at.elapsed() < SCRAPE_REUSE {
+                return page.clone();
+            }
+        }
+        // Reading every counter is blocking syscalls; keep them off the agent's loop.
+        let pin_dir = pin_dir.to_path_buf();
+        let page =
+            tokio::task::spawn_blocking(move || crate::observe::prometheus::scrape(&pin_dir))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| format!("{e:#}")));
+        *last = Some((Instant::now(), page.clone()));
+        page
+    }
 }
 
 /// Binds now (a bad address fails the start) and serves in the background.
@@ -61,25 +111,46 @@ pub async fn serve(addr: SocketAddr, endpoints: Endpoints) -> Result<()> {
         metrics = endpoints.metrics.is_some(),
         "serving HTTP"
     );
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let endpoints = endpoints.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let endpoints = endpoints.clone();
-                    async move { Ok::<_, std::convert::Infallible>(answer(&req, &endpoints).await) }
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
-                // A slow or stuck client must not hold a task forever.
-                let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
-            });
-        }
-    });
+    tokio::spawn(accept_loop(listener, endpoints));
     Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, endpoints: Endpoints) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = Duration::ZERO;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, typically: retrying at once would spin a core.
+                if backoff.is_zero() {
+                    tracing::warn!("accepting a connection failed, backing off: {e}");
+                }
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), MAX_ACCEPT_BACKOFF);
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        backoff = Duration::ZERO;
+        // Over the cap the connection is closed at once rather than left to queue.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let endpoints = endpoints.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let endpoints = endpoints.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&req, &endpoints).await) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(io, service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+            drop(slot);
+        });
+    }
 }
 
 async fn answer(
@@ -87,12 +158,8 @@ async fn answer(
     endpoints: &Endpoints,
 ) -> Response<Full<Bytes>> {
     if let ("/metrics", Some(pin_dir)) = (req.uri().path(), &endpoints.metrics) {
-        // Reading every counter is blocking syscalls; keep them off the agent's loop.
-        let pin_dir = pin_dir.clone();
-        let scraped =
-            tokio::task::spawn_blocking(move || crate::observe::prometheus::scrape(&pin_dir)).await;
-        return match scraped {
-            Ok(Ok(text)) => {
+        return match endpoints.metrics_page(pin_dir).await {
+            Ok(text) => {
                 let mut r = Response::new(Full::new(Bytes::from(text)));
                 let kind = "text/plain; version=0.0.4; charset=utf-8";
                 r.headers_mut().insert(
@@ -101,7 +168,6 @@ async fn answer(
                 );
                 r
             }
-            Ok(Err(e)) => plain(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")),
             Err(e) => plain(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         };
     }
