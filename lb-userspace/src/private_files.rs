@@ -1,12 +1,42 @@
-//! Folders and files that only the agent's user may change. Whoever can write where the agent
-//! keeps its pins, lock or status can detach balancing, plant maps for it to adopt, or point a
-//! file it writes somewhere else; so those folders are created private and refused when they
-//! are not, and files are written without following links.
+//! Folders and files that only the agent's user may change, and files the agent reads. Whoever
+//! can write where the agent keeps its pins, lock or status can detach balancing, plant maps for
+//! it to adopt, or point a file it writes somewhere else; so those folders are created private
+//! and refused when they are not, and files are written without following links. Files it
+//! reads (config, secrets, certificates) are read up to a bound, so a huge or endless file
+//! (`/dev/zero`) is an error naming it instead of memory exhausted.
 
 use anyhow::{bail, Context, Result};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
+
+/// Bounds for `read_bounded`, by what the file holds.
+pub const SECRET_LIMIT: u64 = 64 << 10;
+pub const CERTIFICATE_LIMIT: u64 = 1 << 20;
+pub const CONFIG_LIMIT: u64 = 16 << 20;
+
+/// The whole of `path` if it holds at most `limit` bytes; `what` names it in the error (the
+/// config field that named the file, for one).
+pub fn read_bounded(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, String> {
+    let mut bytes = Vec::new();
+    let read = std::fs::File::open(path)
+        .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    if read as u64 > limit {
+        return Err(format!(
+            "{what} {}: larger than {} KiB, which no such file needs; refusing to read it",
+            path.display(),
+            limit >> 10
+        ));
+    }
+    Ok(bytes)
+}
+
+/// `read_bounded` for text.
+pub fn read_bounded_text(path: &Path, limit: u64, what: &str) -> Result<String, String> {
+    String::from_utf8(read_bounded(path, limit, what)?)
+        .map_err(|_| format!("{what} {}: not UTF-8 text", path.display()))
+}
 
 /// Creates `dir` (mode 0700) if missing, then refuses it unless it is a folder of this user that
 /// group and others cannot write. `what` names it in the error.
@@ -98,6 +128,32 @@ mod tests {
         let err = check_private(&link, "pin folder").unwrap_err().to_string();
         assert!(err.contains("not a folder"), "{err}");
         std::fs::remove_file(&link).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn reads_are_bounded_and_name_the_file() {
+        let dir = scratch("read");
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        assert_eq!(
+            read_bounded_text(&token, SECRET_LIMIT, "discovery.token_file").unwrap(),
+            "s3cret\n"
+        );
+        // 100 MiB without writing them: a sparse file reads as zeros.
+        let huge = dir.join("huge");
+        std::fs::File::create(&huge)
+            .unwrap()
+            .set_len(100 << 20)
+            .unwrap();
+        let err = read_bounded(&huge, SECRET_LIMIT, "discovery.token_file").unwrap_err();
+        assert!(
+            err.contains("discovery.token_file") && err.contains("huge") && err.contains("64 KiB"),
+            "{err}"
+        );
+        let err = read_bounded(Path::new("/dev/zero"), SECRET_LIMIT, "x").unwrap_err();
+        assert!(err.contains("larger than"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -37,7 +37,10 @@ fn healthz_answers_while_idle_connections_flood_the_listener() {
     let pid = s.agent().pid();
     let before = sockets_of(pid);
     let idle = HeldConnections::open(&s.net, &s.cgroup, HTTP, IDLE);
-    assert_eq!(idle.held, IDLE, "the client could not open its idle connections");
+    assert_eq!(
+        idle.held, IDLE,
+        "the client could not open its idle connections"
+    );
     std::thread::sleep(Duration::from_millis(300));
     let during = sockets_of(pid);
     // Idle connections are closed after the header timeout, and new ones are taken as slots

@@ -346,12 +346,12 @@ impl ConfigWatcher {
     fn new(path: &Path) -> Self {
         Self {
             path: path.to_path_buf(),
-            last: std::fs::read(path).ok(),
+            last: read_config(path).ok(),
         }
     }
 
     fn changed(&mut self) -> bool {
-        match std::fs::read(&self.path) {
+        match read_config(&self.path) {
             Ok(now) if self.last.as_ref() != Some(&now) => {
                 self.last = Some(now);
                 true
@@ -365,6 +365,10 @@ impl ConfigWatcher {
             }
         }
     }
+}
+
+fn read_config(path: &Path) -> Result<Vec<u8>, String> {
+    crate::private_files::read_bounded(path, crate::private_files::CONFIG_LIMIT, "config file")
 }
 
 /// Polls the log ring buffer: debug logging is opt-in and a 100 ms delay on it costs nothing.

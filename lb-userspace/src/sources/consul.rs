@@ -6,6 +6,7 @@
 use super::answer::{self, Answer, Reported};
 use super::Poll;
 use crate::config::ConsulConfig;
+use crate::private_files::{read_bounded_text, SECRET_LIMIT};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use serde_json::Value;
@@ -32,9 +33,8 @@ impl Watch {
     fn token(&self) -> Result<Option<String>, String> {
         match &self.config.token_file {
             // Read on every query so that a rotated token is picked up.
-            Some(path) => std::fs::read_to_string(path)
-                .map(|t| Some(t.trim().to_owned()))
-                .map_err(|e| format!("discovery.token_file {}: {e}", path.display())),
+            Some(path) => read_bounded_text(path, SECRET_LIMIT, "discovery.token_file")
+                .map(|t| Some(t.trim().to_owned())),
             None => Ok(std::env::var("CONSUL_HTTP_TOKEN").ok()),
         }
     }

@@ -7,6 +7,7 @@ use super::answer::{self, Answer, Reported};
 use super::backoff::Backoff;
 use super::Reporter;
 use crate::config::EtcdConfig;
+use crate::private_files::{read_bounded_text, CERTIFICATE_LIMIT};
 use etcd_client::{
     Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions, WatchOptions,
 };
@@ -160,8 +161,7 @@ async fn connect(config: &EtcdConfig) -> Result<Client, End> {
 }
 
 fn read(path: &std::path::Path, field: &str) -> Result<String, End> {
-    std::fs::read_to_string(path)
-        .map_err(|e| End::Failed(format!("discovery.{field} {}: {e}", path.display())))
+    read_bounded_text(path, CERTIFICATE_LIMIT, &format!("discovery.{field}")).map_err(End::Failed)
 }
 
 pub fn to_answer(prefix: &str, keys: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Answer, String> {
