@@ -8,7 +8,7 @@
 use crate::agent_metrics::AGENT;
 use crate::catalog::Service;
 use crate::config::OutlierConfig;
-use crate::status::Ejection;
+use crate::status::{Ejection, StatusFile};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -143,6 +143,34 @@ impl Outliers {
             .values()
             .flat_map(|s| s.values().filter_map(|b| b.until))
             .min()
+    }
+
+    /// Ejections the previous agent published, resumed for what remained of them, so that a
+    /// restart does not hand an ejected backend traffic again early. Only services that still
+    /// ask for outlier detection (`watched`) resume theirs: nothing else would ever end them.
+    pub fn resume(
+        &mut self,
+        now: Instant,
+        previous: Option<&StatusFile>,
+        watched: impl Fn(&str) -> bool,
+    ) {
+        let Some(previous) = previous else { return };
+        for (service, status) in previous.services.iter().filter(|(s, _)| watched(s)) {
+            for (addr, e) in &status.ejected {
+                let Ok(addr) = addr.parse::<SocketAddr>() else {
+                    continue;
+                };
+                let backend = self
+                    .services
+                    .entry(service.clone())
+                    .or_default()
+                    .entry(addr)
+                    .or_default();
+                backend.ejections = e.count;
+                backend.reason = e.reason.clone();
+                backend.until = Some(now + Duration::from_millis(e.remaining_ms));
+            }
+        }
     }
 
     /// Forgets services no longer configured with outlier detection.
@@ -298,5 +326,30 @@ mod tests {
         o.retain(|s| s == "web");
         assert!(!o.is_ejected("api", &addr(2)));
         assert!(o.next_expiry().is_none());
+    }
+
+    #[test]
+    fn a_restart_resumes_what_remained_of_watched_ejections_only() {
+        let mut previous = StatusFile::default();
+        for service in ["web", "gone"] {
+            let ejection = Ejection {
+                reason: "3 failures in a row".into(),
+                count: 2,
+                remaining_ms: 5_000,
+            };
+            let status = previous.services.entry(service.into()).or_default();
+            status.ejected.insert(addr(1).to_string(), ejection);
+        }
+        let now = Instant::now();
+        let mut outliers = Outliers::default();
+        outliers.resume(now, Some(&previous), |s| s == "web");
+        assert!(outliers.is_ejected("web", &addr(1)));
+        assert!(
+            !outliers.is_ejected("gone", &addr(1)),
+            "not watched any more"
+        );
+        let resumed = &outliers.ejected(now, "web")[&addr(1).to_string()];
+        assert_eq!((resumed.count, resumed.remaining_ms), (2, 5_000));
+        assert_eq!(outliers.next_expiry(), Some(now + Duration::from_secs(5)));
     }
 }

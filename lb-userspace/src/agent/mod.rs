@@ -3,7 +3,7 @@
 //! discovery answers and health transitions until SIGTERM/SIGINT. Exiting leaves the pins, so traffic keeps being balanced by the last applied
 //! state while no agent runs.
 
-use crate::admission::health::runner::HealthRunner;
+use crate::admission::health::runner::{self, HealthRunner};
 use crate::admission::outlier::{self, Outliers};
 use crate::catalog;
 use crate::codec::service_key;
@@ -68,11 +68,28 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (kubernetes, mut kube_events) = Kubernetes::new();
     let readiness = Readiness::default();
     serve_http(&args, &readiness).await?;
+    // What the previous agent knew of health and ejections: resumed, so that a restart does
+    // not send traffic to backends that were out when it stopped.
+    let previous = status::read(&args.pin_dir);
+    let mut outliers = Outliers::default();
+    let watched = |name: &str| {
+        let service = config.services.iter().find(|s| s.name == name);
+        service.is_some_and(|s| s.outlier.is_some())
+    };
+    outliers.resume(std::time::Instant::now(), previous.as_ref(), watched);
+    if let Some(p) = &previous {
+        let down = p.services.values().flat_map(|s| s.backends.values());
+        let ejected = p.services.values().map(|s| s.ejected.len()).sum::<usize>();
+        info!(
+            down = down.filter(|h| !h.healthy).count(),
+            ejected, "resuming the previous agent's health and ejections"
+        );
+    }
     let mut agent = Agent {
         kubernetes,
         readiness,
         maps: attached.maps,
-        health: HealthRunner::new(transitions_tx),
+        health: HealthRunner::new(transitions_tx, runner::remembered(previous.as_ref())),
         discovery,
         config,
         wanted: Vec::new(),
@@ -80,7 +97,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         dropped: Vec::new(),
         pin_dir: args.pin_dir.clone(),
         published_empty: false,
-        outliers: Outliers::default(),
+        outliers,
     };
     agent.discovery.sync(&agent.config);
     agent.kubernetes.sync(agent.config.kubernetes.as_ref());

@@ -9,7 +9,7 @@ use crate::catalog::Service;
 use crate::clock::now_ms;
 use crate::config::{HealthConfig, InitialState};
 use crate::jitter::Jitter;
-use crate::status::BackendHealth;
+use crate::status::{BackendHealth, StatusFile};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -33,15 +33,36 @@ pub struct HealthRunner {
     shared: Shared,
     transitions: mpsc::UnboundedSender<()>,
     limit: Arc<Semaphore>,
+    /// What the previous agent last knew of each target's health, used once as the target's
+    /// starting state: a backend that was down when that agent stopped stays out until it
+    /// passes `rise` probes, whatever `initial` says.
+    remembered: HashMap<Target, bool>,
+}
+
+/// The health the previous agent published for each probed backend (`remembered` of `new`).
+pub fn remembered(previous: Option<&StatusFile>) -> HashMap<Target, bool> {
+    let services = previous.map(|p| &p.services).into_iter().flatten();
+    services
+        .flat_map(|(service, status)| {
+            status.backends.iter().filter_map(move |(addr, health)| {
+                let target = Target {
+                    service: service.clone(),
+                    backend: addr.parse().ok()?,
+                };
+                Some((target, health.healthy))
+            })
+        })
+        .collect()
 }
 
 impl HealthRunner {
-    pub fn new(transitions: mpsc::UnboundedSender<()>) -> Self {
+    pub fn new(transitions: mpsc::UnboundedSender<()>, remembered: HashMap<Target, bool>) -> Self {
         Self {
             tasks: HashMap::new(),
             shared: Arc::default(),
             transitions,
             limit: Arc::new(Semaphore::new(MAX_CONCURRENT_PROBES)),
+            remembered,
         }
     }
 
@@ -76,8 +97,12 @@ impl HealthRunner {
             if self.tasks.contains_key(&target) {
                 continue;
             }
+            let healthy = self
+                .remembered
+                .remove(&target)
+                .unwrap_or(hc.initial == InitialState::Healthy);
             let initial = BackendHealth {
-                healthy: hc.initial == InitialState::Healthy,
+                healthy,
                 ..BackendHealth::default()
             };
             self.shared
@@ -87,6 +112,7 @@ impl HealthRunner {
             let task = tokio::spawn(probe_loop(
                 target.clone(),
                 hc.clone(),
+                healthy,
                 self.shared.clone(),
                 self.transitions.clone(),
                 self.limit.clone(),
@@ -147,6 +173,7 @@ fn ip_seed(ip: std::net::IpAddr) -> u64 {
 async fn probe_loop(
     target: Target,
     hc: HealthConfig,
+    healthy: bool,
     shared: Shared,
     transitions: mpsc::UnboundedSender<()>,
     limit: Arc<Semaphore>,
@@ -156,7 +183,7 @@ async fn probe_loop(
         hc.port.unwrap_or(target.backend.port()),
     );
     let mut jitter = jitter_for(&target);
-    let mut state = HealthState::new(hc.initial == InitialState::Healthy);
+    let mut state = HealthState::new(healthy);
     tokio::time::sleep(jitter.below(hc.interval)).await;
     loop {
         let outcome = match limit.acquire().await {
@@ -222,7 +249,7 @@ mod tests {
     #[tokio::test]
     async fn sync_starts_keeps_and_stops_probe_targets() {
         let (tx, _rx) = mpsc::unbounded_channel();
-        let mut runner = HealthRunner::new(tx);
+        let mut runner = HealthRunner::new(tx, HashMap::new());
         // Closed loopback ports and an hour-long interval: no probe can pass during the test.
         runner.sync(&config("\"127.0.0.1:1\", \"127.0.0.1:2\"", "1h"));
         assert_eq!(runner.snapshot().len(), 2);
@@ -256,6 +283,46 @@ mod tests {
             snap.values().next().unwrap().consecutive_fail,
             0,
             "changed block restarts"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_backend_down_at_the_last_stop_starts_down_once() {
+        let mut previous = StatusFile::default();
+        let web = previous.services.entry("web".into()).or_default();
+        let down = BackendHealth {
+            healthy: false,
+            ..BackendHealth::default()
+        };
+        web.backends.insert("127.0.0.1:1".into(), down);
+        web.backends
+            .insert("not an address".into(), BackendHealth::default());
+        let remembered = remembered(Some(&previous));
+        assert_eq!(remembered.len(), 1);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut runner = HealthRunner::new(tx, remembered);
+        // `initial` is healthy in this config; the memory wins, once.
+        let healthy_start = |b| {
+            config(b, "1h").into_iter().map(|mut s| {
+                s.admission.health.as_mut().unwrap().initial = InitialState::Healthy;
+                s
+            })
+        };
+        let services: Vec<Service> = healthy_start("\"127.0.0.1:1\", \"127.0.0.1:2\"").collect();
+        runner.sync(&services);
+        assert!(
+            !runner.is_healthy("web", &addr("127.0.0.1:1")),
+            "remembered down"
+        );
+        assert!(
+            runner.is_healthy("web", &addr("127.0.0.1:2")),
+            "not remembered"
+        );
+        runner.sync(&[]);
+        runner.sync(&services);
+        assert!(
+            runner.is_healthy("web", &addr("127.0.0.1:1")),
+            "memory used once"
         );
     }
 }
