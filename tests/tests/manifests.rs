@@ -285,7 +285,7 @@ fn daemonset_security_mounts_probes_and_wiring() {
     let rolling = strategy.rolling_update.as_ref().expect("rollingUpdate");
     assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(1)));
 
-    // Security context: unprivileged, exactly the four capabilities.
+    // Security context: unprivileged, exactly the three capabilities.
     let sc = c
         .security_context
         .as_ref()
@@ -295,7 +295,7 @@ fn daemonset_security_mounts_probes_and_wiring() {
     let caps = sc.capabilities.as_ref().expect("capabilities");
     let mut add = caps.add.clone().unwrap_or_default();
     add.sort();
-    assert_eq!(add, ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]);
+    assert_eq!(add, ["BPF", "NET_ADMIN", "PERFMON"]);
     assert_eq!(caps.drop.as_deref().unwrap_or_default(), ["ALL"]);
     let seccomp = sc.seccomp_profile.as_ref().expect("seccompProfile");
     assert_eq!(seccomp.type_, "Unconfined");
@@ -361,7 +361,7 @@ fn daemonset_security_mounts_probes_and_wiring() {
             .unwrap_or_else(|| panic!("no volume {name}"))
     };
     for (mount_path, host_path, read_only) in [
-        ("/sys/fs/bpf", "/sys/fs/bpf", false),
+        ("/sys/fs/bpf/lb", "/sys/fs/bpf/lb", false),
         ("/host/cgroup", "/sys/fs/cgroup", true),
         ("/run/lb-agent", "/run/lb-agent", false),
     ] {
@@ -378,7 +378,7 @@ fn daemonset_security_mounts_probes_and_wiring() {
         assert_eq!(hp.path, host_path, "{mount_path} host path");
     }
     assert_eq!(
-        mount("/sys/fs/bpf").mount_propagation.as_deref(),
+        mount("/sys/fs/bpf/lb").mount_propagation.as_deref(),
         Some("HostToContainer")
     );
 

@@ -27,11 +27,16 @@ fn a_backend_down_at_the_stop_stays_out_after_the_restart_until_healthy() {
     wait_backends(&s.pins, "web", &[B1], WAIT);
     let published = wait_for(WAIT, || {
         let status = lb_userspace::status::read(&s.pins.path);
-        let b2 = status.as_ref().and_then(|f| f.services.get("web")?.backends.get(B2).cloned());
+        let b2 = status
+            .as_ref()
+            .and_then(|f| f.services.get("web")?.backends.get(B2).cloned());
         b2.is_some_and(|h| !h.healthy)
     });
     assert!(published, "the agent never published B2 as down");
-    assert!(s.agent().sigterm_and_wait(), "the agent did not stop cleanly");
+    assert!(
+        s.agent().sigterm_and_wait(),
+        "the agent did not stop cleanly"
+    );
     s.agent = None;
 
     let load = SteadyClient::start(
@@ -43,7 +48,9 @@ fn a_backend_down_at_the_stop_stays_out_after_the_restart_until_healthy() {
     );
     s.start_agent_adopting();
     assert!(
-        s.agent().log().contains("resuming the previous agent's health"),
+        s.agent()
+            .log()
+            .contains("resuming the previous agent's health"),
         "{}",
         s.agent().log()
     );

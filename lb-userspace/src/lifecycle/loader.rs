@@ -33,7 +33,9 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// user's and writable by nobody else; one that is not is refused, never repaired.
 pub fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
     let parent = pin_dir.parent().context("--pin-dir must not be /")?;
-    if parent == Path::new("/sys/fs/bpf") && !is_bpffs(parent) {
+    // A pin folder that is itself a bpffs mount (a container given only its own folder) needs
+    // no mount, and could not have one: that takes CAP_SYS_ADMIN.
+    if !is_bpffs(pin_dir) && parent == Path::new("/sys/fs/bpf") && !is_bpffs(parent) {
         mount_bpffs(parent)?;
     }
     private_dir(pin_dir, "pin folder")?;
