@@ -2,7 +2,7 @@
 //! clients, a pin folder and the real agent running a config. Fields drop in declaration order:
 //! agent, backends, pins (detached), cgroup, namespace.
 
-use crate::procs::{run_client, Agent, Backends, ClientReport, Proto, ServeMode};
+use crate::procs::{run_client, Agent, Backends, ClientReport, Proto, ServeMode, SteadyClient};
 use crate::{paths::unique_name, PinDir, TestCgroup, TestNet};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -103,6 +103,12 @@ impl Scenario {
         crate::stats::service(&stats, name)
             .cloned()
             .unwrap_or_else(|| panic!("no service {name} in {stats}"))
+    }
+
+    /// A steady connect load on `to` from the balanced cgroup: one connect every `every`, for
+    /// at most `at_most` (it stops when dropped or stopped before).
+    pub fn steady_load(&self, to: &str, every: Duration, at_most: Duration) -> SteadyClient {
+        SteadyClient::start(&self.net, &self.cgroup, to, every, at_most)
     }
 
     /// A client inside the balanced cgroup.

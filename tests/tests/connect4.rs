@@ -3,7 +3,7 @@
 
 use lb_testkit::procs::Proto;
 use lb_testkit::quoted;
-use lb_testkit::{require_privileged, wait_backends, Scenario, SteadyClient};
+use lb_testkit::{require_privileged, wait_backends, Scenario};
 use std::time::Duration;
 
 const VIP: &str = "10.96.0.10:80";
@@ -185,13 +185,7 @@ fn agent_sigkill_under_load_loses_nothing_and_restart_adopts_pins() {
         return;
     }
     let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, &web(&quoted(&[B1, B2, B3])));
-    let load = SteadyClient::start(
-        &s.net,
-        &s.cgroup,
-        VIP,
-        Duration::from_millis(2),
-        Duration::from_secs(30),
-    );
+    let load = s.steady_load(VIP, Duration::from_millis(2), Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(500));
     s.agent().sigkill();
     s.agent = None;
@@ -295,13 +289,7 @@ fn backend_set_swaps_under_load_fail_no_connect() {
     }
     let sets: [&[&str]; 2] = [&[B1, B2], &[B2, B3]];
     let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, &web(&quoted(sets[0])));
-    let load = SteadyClient::start(
-        &s.net,
-        &s.cgroup,
-        VIP,
-        Duration::from_millis(1),
-        Duration::from_secs(60),
-    );
+    let load = s.steady_load(VIP, Duration::from_millis(1), Duration::from_secs(60));
     for round in 1..=20 {
         let set = sets[round % 2];
         s.write_config(&web(&quoted(set)));

@@ -2,7 +2,7 @@
 //! backend must equal what the backends accepted and what the clients saw.
 
 use lb_testkit::procs::{HeldConnections, Proto, ServeMode};
-use lb_testkit::{quoted, require_privileged, wait_for, Scenario, SteadyClient};
+use lb_testkit::{quoted, require_privileged, wait_for, Scenario};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -160,9 +160,7 @@ fn a_refusing_backend_is_ejected_and_restored_without_health_checks() {
     let outlier = "[service.outlier]\nconsecutive_failures = 3\nbase_ejection_time = \"2s\"\n\
                    max_ejection_percent = 50";
     let mut s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&[B1, B2, DEAD], outlier));
-    let load = SteadyClient::start(
-        &s.net,
-        &s.cgroup,
+    let load = s.steady_load(
         VIP,
         // About 7 refused connects a second: even a check delayed by a loaded machine stays
         // well inside the bound below.

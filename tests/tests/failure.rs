@@ -71,13 +71,7 @@ fn wait_connects(s: &Scenario, n: u64) {
 
 /// Steady connects to the VIP, already balancing when this returns.
 fn start_load(s: &Scenario) -> SteadyClient {
-    let load = SteadyClient::start(
-        &s.net,
-        &s.cgroup,
-        VIP,
-        LOAD_INTERVAL,
-        Duration::from_secs(30),
-    );
+    let load = s.steady_load(VIP, LOAD_INTERVAL, Duration::from_secs(30));
     wait_connects(s, 100);
     load
 }
@@ -306,13 +300,7 @@ fn backend_churn_ten_per_second_for_thirty_seconds() {
     let baseline = map_entries(&baseline_stats).expect("map_entries in stats --json");
     assert_eq!(baseline, [1, 2, 2, 1], "{baseline_stats}");
 
-    let load = SteadyClient::start(
-        &s.net,
-        &s.cgroup,
-        VIP,
-        LOAD_INTERVAL,
-        Duration::from_secs(45),
-    );
+    let load = s.steady_load(VIP, LOAD_INTERVAL, Duration::from_secs(45));
     let started = Instant::now();
     let mut windows = Vec::new();
     let mut seen_after_hup = Vec::new();

@@ -2,7 +2,7 @@
 //! backends in the test's namespace, observed through real connects and `lb-agent stats`.
 
 use lb_testkit::procs::Proto;
-use lb_testkit::{require_privileged, wait_backends, wait_for, Scenario, ServeMode, SteadyClient};
+use lb_testkit::{require_privileged, wait_backends, wait_for, Scenario, ServeMode};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -65,13 +65,7 @@ fn dead_backend_is_removed_within_fall_probes_and_returns_after_rise() {
         &config(&[B1, B2, B3], "kind = \"tcp\"", true),
     );
     wait_probed(&s, &[B1, B2, B3]);
-    let load = SteadyClient::start(
-        &s.net,
-        &s.cgroup,
-        VIP,
-        Duration::from_millis(2),
-        Duration::from_secs(60),
-    );
+    let load = s.steady_load(VIP, Duration::from_millis(2), Duration::from_secs(60));
 
     let killed = Instant::now();
     s.stop_backend(B3);

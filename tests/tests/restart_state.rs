@@ -3,7 +3,7 @@
 //! probes, instead of starting healthy and taking traffic it refuses.
 
 use lb_testkit::procs::Proto;
-use lb_testkit::{require_privileged, wait_backends, wait_for, Scenario, ServeMode, SteadyClient};
+use lb_testkit::{require_privileged, wait_backends, wait_for, Scenario, ServeMode};
 use std::time::Duration;
 
 const VIP: &str = "10.96.0.10:80";
@@ -39,13 +39,7 @@ fn a_backend_down_at_the_stop_stays_out_after_the_restart_until_healthy() {
     );
     s.agent = None;
 
-    let load = SteadyClient::start(
-        &s.net,
-        &s.cgroup,
-        VIP,
-        Duration::from_millis(2),
-        Duration::from_secs(30),
-    );
+    let load = s.steady_load(VIP, Duration::from_millis(2), Duration::from_secs(30));
     s.start_agent_adopting();
     assert!(
         s.agent()

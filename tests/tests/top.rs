@@ -3,7 +3,7 @@
 
 use lb_testkit::paths::agent_bin;
 use lb_testkit::procs::Proto;
-use lb_testkit::{quoted, require_privileged, Scenario, SteadyClient};
+use lb_testkit::{quoted, require_privileged, Scenario};
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -70,13 +70,7 @@ fn top_shows_services_and_backends_in_80_by_24_and_quits_on_q() {
         quoted(&[B1, B2])
     );
     let s = Scenario::start(&[B1, B2], Proto::Tcp, &config);
-    let load = SteadyClient::start(
-        &s.net,
-        &s.cgroup,
-        VIP,
-        Duration::from_millis(20),
-        Duration::from_secs(20),
-    );
+    let load = s.steady_load(VIP, Duration::from_millis(20), Duration::from_secs(20));
 
     let (controller, terminal) = pty(24, 80);
     let mut cmd = Command::new(agent_bin());

@@ -284,16 +284,17 @@ fn delete_table(have: &InstalledService) -> Op {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::{Admission, Service};
     use crate::codec::{backend_value, service_key, socket_addr};
-    use crate::config::{BackendConfig, Config, Protocol, ServiceConfig};
+    use crate::config::{BackendConfig, Protocol};
     use crate::datapath::apply::apply;
     use crate::datapath::installed::read_installed;
     use crate::datapath::maps::fake::FakeMaps;
     use crate::plan::desired;
     use lb_common::SlotKey;
 
-    fn service(name: &str, vip: &str, backends: &[(&str, u32)]) -> ServiceConfig {
-        ServiceConfig {
+    fn service(name: &str, vip: &str, backends: &[(&str, u32)]) -> Service {
+        Service {
             name: name.into(),
             vip: vip.parse().unwrap(),
             protocol: Protocol::Tcp,
@@ -304,32 +305,16 @@ mod tests {
                     weight: *w,
                 })
                 .collect(),
-            health: None,
-            fail_open: true,
-            panic_threshold: 0,
-            discovery: None,
             balancing: Default::default(),
-            outlier: None,
-        }
-    }
-
-    fn config(services: Vec<ServiceConfig>) -> Config {
-        Config {
-            services,
-            kubernetes: None,
-            dataplane: Default::default(),
+            admission: Admission::default(),
         }
     }
 
     /// Plans against `dp` and applies the plan. If `dp` starts consistent, every prefix of the
     /// plan is applied to a copy first and must leave it consistent; the end state always must.
-    fn converge(dp: &mut FakeMaps, cfg: &Config) -> Plan {
+    fn converge(dp: &mut FakeMaps, cfg: &[Service]) -> Plan {
         let installed = read_installed(dp, true).unwrap();
-        let plan = reconcile(
-            &installed,
-            &desired(&crate::catalog::listed(cfg), &|_, _| true).0,
-        )
-        .unwrap();
+        let plan = reconcile(&installed, &desired(cfg, &|_, _| true).0).unwrap();
         if dp.check_consistent().is_ok() {
             let mut step = dp.clone();
             for op in &plan.ops {
@@ -357,21 +342,21 @@ mod tests {
         t
     }
 
-    fn web(backends: &[(&str, u32)]) -> Config {
-        config(vec![service("web", "10.96.0.10:80", backends)])
+    fn web(backends: &[(&str, u32)]) -> Vec<Service> {
+        vec![service("web", "10.96.0.10:80", backends)]
     }
 
     #[test]
     fn fresh_install_writes_every_service_consistently() {
         let mut dp = FakeMaps::default();
-        let cfg = config(vec![
+        let cfg = vec![
             service(
                 "web",
                 "10.96.0.10:80",
                 &[("10.0.0.1:8080", 1), ("10.0.0.2:8080", 3)],
             ),
             service("db", "10.96.0.11:5432", &[("10.0.0.3:5432", 1)]),
-        ]);
+        ];
         let plan = converge(&mut dp, &cfg);
         assert_eq!(
             plan.summary,
@@ -451,7 +436,7 @@ mod tests {
         let mut dp = FakeMaps::default();
         converge(&mut dp, &web(&[("10.0.0.1:8080", 1)]));
         let mut cfg = web(&[("10.0.0.1:8080", 1)]);
-        cfg.services[0].name = "frontend".into();
+        cfg[0].name = "frontend".into();
         let plan = converge(&mut dp, &cfg);
         assert!(matches!(plan.ops.as_slice(), [Op::PutName { name, .. }] if name == "frontend"));
     }
@@ -470,7 +455,7 @@ mod tests {
     fn removed_service_leaves_nothing_behind() {
         let mut dp = FakeMaps::default();
         converge(&mut dp, &web(&[("10.0.0.1:8080", 1), ("10.0.0.2:8080", 5)]));
-        let plan = converge(&mut dp, &config(vec![]));
+        let plan = converge(&mut dp, &[]);
         assert_eq!(plan.summary.removed, 1);
         assert!(dp.services.is_empty() && dp.slots.is_empty());
         assert!(dp.backends.is_empty() && dp.names.is_empty());
@@ -598,7 +583,7 @@ mod tests {
                 )
             })
             .collect();
-        let services: Vec<ServiceConfig> = backends
+        let services: Vec<Service> = backends
             .chunks(1024)
             .enumerate()
             .map(|(n, chunk)| {
@@ -610,11 +595,7 @@ mod tests {
                 )
             })
             .collect();
-        let err = reconcile(
-            &installed,
-            &desired(&crate::catalog::listed(&config(services)), &|_, _| true).0,
-        )
-        .unwrap_err();
+        let err = reconcile(&installed, &desired(&services, &|_, _| true).0).unwrap_err();
         assert!(err.0.contains("out of backend ids"), "{err}");
     }
 

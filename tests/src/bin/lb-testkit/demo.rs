@@ -2,7 +2,7 @@
 //! a child cgroup this process creates and removes; nothing touches the host's network.
 
 use anyhow::{bail, Result};
-use lb_testkit::{procs::Proto, Scenario, SteadyClient};
+use lb_testkit::{procs::Proto, Scenario};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -27,9 +27,7 @@ pub fn run(seconds: u64) -> Result<()> {
     }
     println!("demo: namespace with lo only, backends {BACKENDS:?}, VIP 10.96.0.10:80\n{CONFIG}");
     let mut s = Scenario::start(&BACKENDS, Proto::Tcp, CONFIG);
-    let client = SteadyClient::start(
-        &s.net,
-        &s.cgroup,
+    let client = s.steady_load(
         "10.96.0.10:80",
         Duration::from_millis(5),
         Duration::from_secs(seconds + 5),
