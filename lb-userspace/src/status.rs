@@ -17,6 +17,9 @@ pub struct StatusFile {
     /// The Kubernetes source, when configured.
     #[serde(default)]
     pub kubernetes: Option<SourceStatus>,
+    /// Why the maps differ from the plan, while a failed reconcile waits for its retry.
+    #[serde(default)]
+    pub maps_out_of_date: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -93,6 +93,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         discovery,
         config,
         wanted: Vec::new(),
+        pending: None,
         failing_open: BTreeSet::new(),
         dropped: Vec::new(),
         pin_dir: args.pin_dir.clone(),
@@ -135,6 +136,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 agent.absorb((), &mut transitions, "health", |_, ()| true);
             }
             _ = status.tick() => agent.publish_status(),
+            _ = retry_at(agent.pending.as_ref().map(|p| p.at)), if agent.pending.is_some() => {
+                agent.retry();
+            }
             _ = outlier_check.tick(), if agent.watches_outliers() => agent.check_outliers(),
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -163,6 +167,25 @@ async fn serve_http(args: &RunArgs, readiness: &Readiness) -> Result<()> {
     Ok(())
 }
 
+/// The first wait before retrying a failed reconcile, doubling up to `RETRY_MAX`.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// A reconcile that failed and waits for its retry: the maps differ from the plan.
+struct Pending {
+    reason: String,
+    wait: Duration,
+    at: tokio::time::Instant,
+}
+
+/// Sleeps until `at` (forever without one; the select guard keeps that branch off then).
+async fn retry_at(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 struct Agent {
     maps: PinnedMaps,
     health: HealthRunner,
@@ -173,6 +196,8 @@ struct Agent {
     config: config::Config,
     /// The services the maps were last reconciled to (`catalog::effective`).
     wanted: Vec<catalog::Service>,
+    /// A failed reconcile waiting for its retry.
+    pending: Option<Pending>,
     failing_open: BTreeSet<String>,
     /// Discovered backends last left out for being VIPs, logged when this changes.
     dropped: Vec<String>,
@@ -224,13 +249,44 @@ impl Agent {
         self.publish_status();
     }
 
-    /// The one path into the maps, whatever changed: config, discovery answers or health.
+    /// The one path into the maps, whatever changed: config, discovery answers or health. A
+    /// failure is retried with backoff until a reconcile succeeds; meanwhile `/readyz` is 503
+    /// and `stats` says why.
     fn reconcile(&mut self) -> Result<()> {
         let start = std::time::Instant::now();
         let result = self.reconcile_once();
         let seconds = start.elapsed().as_secs_f64();
         crate::agent_metrics::AGENT.reconciled(seconds, result.is_ok());
+        self.pending = match (&result, self.pending.take()) {
+            (Ok(()), _) => None,
+            (Err(e), earlier) => {
+                let wait = earlier.map_or(RETRY_FIRST, |p| (p.wait * 2).min(RETRY_MAX));
+                Some(Pending {
+                    reason: format!("{e:#}"),
+                    wait,
+                    at: tokio::time::Instant::now() + wait,
+                })
+            }
+        };
         result
+    }
+
+    /// The retry of a failed reconcile, when its backoff has passed.
+    fn retry(&mut self) {
+        let reason = self.pending.as_ref().map(|p| p.reason.clone());
+        info!(
+            last_error = reason.as_deref().unwrap_or(""),
+            "retrying the failed reconcile"
+        );
+        match self.reconcile() {
+            Ok(()) => info!("the retried reconcile succeeded: the maps follow the plan again"),
+            Err(e) => error!(
+                "the retried reconcile failed, the data plane left consistent at the last step; \
+                 next try in {:?}: {e:#}",
+                self.pending.as_ref().map(|p| p.wait).unwrap_or_default()
+            ),
+        }
+        self.publish_status();
     }
 
     fn reconcile_once(&mut self) -> Result<()> {
@@ -319,7 +375,8 @@ impl Agent {
     fn publish_status(&mut self) {
         // Ready once every source has reported and what it reported is in the maps (reconcile
         // runs before this on every change).
-        let ready = self.kubernetes.is_synced() && self.discovery.all_answered();
+        let ready =
+            self.kubernetes.is_synced() && self.discovery.all_answered() && self.pending.is_none();
         self.readiness.set(ready);
         let snapshot = self.health.snapshot();
         let sources = self.discovery.status();
@@ -332,7 +389,8 @@ impl Agent {
             && sources.is_empty()
             && self.config.kubernetes.is_none()
             && kubernetes.is_none()
-            && self.outliers.next_expiry().is_none();
+            && self.outliers.next_expiry().is_none()
+            && self.pending.is_none();
         if empty && self.published_empty {
             return;
         }
@@ -344,6 +402,7 @@ impl Agent {
             kubernetes,
             from_kubernetes: self.kubernetes.services(),
             outliers: &self.outliers,
+            pending: self.pending.as_ref().map(|p| p.reason.as_str()),
             failing_open: &self.failing_open,
         });
         if let Err(e) = status::write(&self.pin_dir, &file) {

@@ -20,6 +20,8 @@ pub struct Parts<'a> {
     /// The services Kubernetes reports, once synced.
     pub from_kubernetes: Option<Option<&'a [ClusterService]>>,
     pub outliers: &'a Outliers,
+    /// Why the last reconcile failed, while its retry is pending.
+    pub pending: Option<&'a str>,
     pub failing_open: &'a BTreeSet<String>,
 }
 
@@ -28,6 +30,7 @@ pub fn assemble(parts: Parts) -> StatusFile {
         agent_pid: std::process::id(),
         written_unix_ms: crate::clock::now_ms(),
         kubernetes: parts.kubernetes,
+        maps_out_of_date: parts.pending.map(str::to_owned),
         ..StatusFile::default()
     };
     for (target, health) in parts.health {

@@ -78,8 +78,15 @@ impl IdPool {
 
 pub fn reconcile(installed: &Installed, desired: &Desired) -> Result<Plan, CapacityError> {
     check_slot_capacity(installed, desired)?;
+    // An id whose leftovers this plan deletes at its end is not handed out again in it: the new
+    // service's entries would be deleted with them.
+    let stray_ids = installed
+        .stray_slots
+        .iter()
+        .map(|k| k.service_id)
+        .chain(installed.stray_names.iter().copied());
     let mut service_ids = IdPool::new(
-        installed.services.values().map(|s| s.id),
+        installed.services.values().map(|s| s.id).chain(stray_ids),
         MAX_SERVICES,
         "service",
     );
@@ -99,7 +106,14 @@ pub fn reconcile(installed: &Installed, desired: &Desired) -> Result<Plan, Capac
                 }
             }
             None => {
-                add_service(*key, want, &mut service_ids, &mut backend_ids, &mut ops)?;
+                add_service(
+                    installed,
+                    *key,
+                    want,
+                    &mut service_ids,
+                    &mut backend_ids,
+                    &mut ops,
+                )?;
                 summary.added += 1;
             }
         }
@@ -162,6 +176,7 @@ fn same_table(installed: &Installed, have: &InstalledService, want: &DesiredServ
 }
 
 fn add_service(
+    installed: &Installed,
     key: ServiceKey,
     want: &DesiredService,
     service_ids: &mut IdPool,
@@ -169,14 +184,26 @@ fn add_service(
     ops: &mut Vec<Op>,
 ) -> Result<(), CapacityError> {
     let id = service_ids.take()?;
+    let revision = fresh_revision(installed, id, 0);
     ops.push(Op::ResetServiceCounters(id));
     ops.push(Op::PutName {
         service_id: id,
         name: want.name.clone(),
     });
     let slots = assign_backends(id, &BTreeMap::new(), want, backend_ids, ops)?;
-    write_table(key, id, 1, want.mode, slots, ops);
+    write_table(key, id, revision, want.mode, slots, ops);
     Ok(())
+}
+
+/// A revision for a new table of service `id` whose current one is `current` (0: none): above
+/// every revision the slot map holds for the id, so the new table never shares a key with a
+/// leftover of an interrupted plan, which this plan deletes at its end.
+fn fresh_revision(installed: &Installed, id: u32, current: u32) -> u32 {
+    let strays = installed.stray_slots.iter().filter(|k| k.service_id == id);
+    strays
+        .map(|k| k.revision)
+        .fold(current, u32::max)
+        .wrapping_add(1)
 }
 
 /// Returns whether anything changed.
@@ -206,7 +233,7 @@ fn update_service(
         return Ok(renamed);
     }
     let keep: BTreeSet<u32> = slots.iter().copied().collect();
-    let revision = have.revision.wrapping_add(1);
+    let revision = fresh_revision(installed, have.id, have.revision);
     write_table(key, have.id, revision, want.mode, slots, ops);
     ops.push(delete_table(have));
     ops.extend(
@@ -502,6 +529,96 @@ mod tests {
         assert_eq!(dp.slots.len(), 1);
         assert!(!dp.backends.contains_key(&99));
         assert!(!dp.names.contains_key(&77));
+    }
+
+    /// Every map entry, for comparing whole data planes.
+    fn entries(dp: &FakeMaps) -> String {
+        format!(
+            "{:?} {:?} {:?} {:?}",
+            dp.services, dp.slots, dp.backends, dp.names
+        )
+    }
+
+    /// A plan that fails at any of its operations (an agent killed, ENOMEM, a full map) leaves
+    /// every service consistent, and the retry, planned afresh from what the maps then hold,
+    /// ends in exactly the data plane an uninterrupted plan gives: no holes, no leftovers.
+    #[test]
+    fn a_plan_interrupted_at_any_operation_is_finished_exactly_by_the_retry() {
+        let one = [("10.0.0.1:8080", 1)];
+        let two = [("10.0.0.1:8080", 1), ("10.0.0.2:8080", 2)];
+        let other = [("10.0.0.3:8080", 1), ("10.0.0.2:8080", 1)];
+        let steps: [(Vec<Service>, Vec<Service>); 4] = [
+            // Adding services to an empty data plane.
+            (
+                vec![],
+                vec![
+                    service("a", "10.96.0.1:80", &two),
+                    service("b", "10.96.0.2:80", &one),
+                ],
+            ),
+            // Swapping a table.
+            (web(&two), web(&other)),
+            // Removing one service while adding another.
+            (web(&one), vec![service("db", "10.96.0.11:5432", &two)]),
+            // Emptying a service.
+            (web(&two), web(&[])),
+        ];
+        for (from, to) in steps {
+            let mut clean = FakeMaps::default();
+            converge(&mut clean, &from);
+            let start = clean.clone();
+            converge(&mut clean, &to);
+            let installed = read_installed(&start, true).unwrap();
+            let plan = reconcile(&installed, &desired(&to, &|_, _| true).0).unwrap();
+            for k in 0..plan.ops.len() {
+                let mut dp = start.clone();
+                let done = apply(&mut dp, &plan.ops[..k]);
+                assert!(done.is_ok(), "the first {k} operations: {done:?}");
+                dp.check_consistent()
+                    .unwrap_or_else(|e| panic!("interrupted after {k} operations: {e}"));
+                // The retry: each of its own prefixes must be consistent too (converge checks).
+                converge(&mut dp, &to);
+                converge(&mut dp, &to);
+                for svc in &to {
+                    let vip = svc.vip.to_string();
+                    assert_eq!(
+                        table(&dp, &vip),
+                        table(&clean, &vip),
+                        "{vip} after an interruption at operation {k} of {:?}",
+                        plan.ops
+                    );
+                }
+                assert_eq!(
+                    dp.services.len() + dp.slots.len() + dp.backends.len() + dp.names.len(),
+                    clean.services.len()
+                        + clean.slots.len()
+                        + clean.backends.len()
+                        + clean.names.len(),
+                    "map entries after an interruption at operation {k}: {} vs {}",
+                    entries(&dp),
+                    entries(&clean)
+                );
+                let names: Vec<_> = dp
+                    .names
+                    .values()
+                    .map(|n| n.as_str().map(str::to_owned))
+                    .collect();
+                let clean_names: Vec<_> = clean
+                    .names
+                    .values()
+                    .map(|n| n.as_str().map(str::to_owned))
+                    .collect();
+                assert_eq!(names.len(), clean_names.len());
+                let mut names = names;
+                let mut clean_names = clean_names;
+                names.sort();
+                clean_names.sort();
+                assert_eq!(
+                    names, clean_names,
+                    "service names after an interruption at {k}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -238,6 +238,13 @@ fn agent_metrics(r: &mut Registry, report: &Report) {
             .set(n as i64);
     }
     r.register("lb_map_entries", "Entries in each pinned map.", entries);
+    let out_of_date = Gauge::<i64>::default();
+    out_of_date.set(i64::from(report.maps_out_of_date.is_some()));
+    r.register(
+        "lb_maps_out_of_date",
+        "1 while a failed reconcile is being retried: the maps differ from the plan.",
+        out_of_date,
+    );
     let sources = Family::<Labels, Gauge>::default();
     let errors = Family::<Labels, Gauge>::default();
     let kube = report

@@ -21,6 +21,8 @@ use std::path::Path;
 pub struct Report {
     /// The Kubernetes source's state, when the agent has one.
     pub kubernetes: Option<SourceStatus>,
+    /// Why the maps differ from the agent's plan, while it retries (from the status file).
+    pub maps_out_of_date: Option<String>,
     pub services: Vec<ServiceReport>,
     /// Entries in the pinned hash maps, counted directly (strays included), so leaks show.
     pub map_entries: MapEntries,
@@ -275,6 +277,7 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
     services.sort_by(|a, b| (&a.name, &a.vip).cmp(&(&b.name, &b.vip)));
     Ok(Report {
         kubernetes: status.and_then(|s| s.kubernetes.clone()),
+        maps_out_of_date: status.and_then(|s| s.maps_out_of_date.clone()),
         services,
         map_entries: MapEntries::count(maps)?,
         programs: Vec::new(),

@@ -8,6 +8,12 @@ use std::fmt::Write;
 
 pub fn render_table(report: &Report) -> String {
     let mut out = String::new();
+    if let Some(why) = &report.maps_out_of_date {
+        let _ = writeln!(
+            out,
+            "MAPS OUT OF DATE: the last reconcile failed and is being retried ({why})"
+        );
+    }
     if let Some(k) = &report.kubernetes {
         let _ = writeln!(out, "{}", source_line(k));
     }
