@@ -23,6 +23,8 @@ use translate::{ClusterService, Translation};
 
 /// Changes arriving together (a rollout touches many slices) are translated once.
 const SETTLE: Duration = Duration::from_millis(50);
+/// However busy the watches are, a batch is applied this long after its first change.
+const MAX_BATCH_WAIT: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 pub enum KubeEvent {
@@ -180,11 +182,9 @@ async fn run(config: KubernetesConfig, tx: mpsc::UnboundedSender<KubeEvent>) {
     let streams = watches(&client, &config);
     let mut views: Vec<View> = streams.iter().map(|_| View::default()).collect();
     let mut merged = stream::select_all(streams);
-    while let Some(first) = merged.next().await {
+    while let Some(batch) = next_batch(&mut merged, SETTLE, MAX_BATCH_WAIT).await {
         let mut changed = false;
-        let mut item = Some(first);
-        // Take everything that arrives within SETTLE of the first event before translating.
-        while let Some((index, result)) = item.take() {
+        for (index, result) in batch {
             match result {
                 Ok(event) => {
                     views[index].apply(event);
@@ -194,10 +194,6 @@ async fn run(config: KubernetesConfig, tx: mpsc::UnboundedSender<KubeEvent>) {
                     let _ = tx.send(KubeEvent::Error(format!("watch: {e}")));
                 }
             }
-            item = tokio::time::timeout(SETTLE, merged.next())
-                .await
-                .ok()
-                .flatten();
         }
         if changed && views.iter().all(|v| v.listed) {
             let services = views
@@ -215,6 +211,25 @@ async fn run(config: KubernetesConfig, tx: mpsc::UnboundedSender<KubeEvent>) {
                     Object::Service(_) => None,
                 });
             let _ = tx.send(KubeEvent::Synced(translate::translate(services, slices)));
+        }
+    }
+}
+
+/// The next batch of items: the first one, then everything that follows within `settle` of
+/// the one before, but never past `max_wait` after the first, so that steady churn (events
+/// less than `settle` apart) still gets applied. `None` when the stream has ended.
+async fn next_batch<S, T>(stream: &mut S, settle: Duration, max_wait: Duration) -> Option<Vec<T>>
+where
+    S: futures::Stream<Item = T> + Unpin,
+{
+    let first = stream.next().await?;
+    let deadline = tokio::time::Instant::now() + max_wait;
+    let mut batch = vec![first];
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(settle.min(left), stream.next()).await {
+            Ok(Some(item)) => batch.push(item),
+            Ok(None) | Err(_) => return Some(batch),
         }
     }
 }
@@ -316,5 +331,42 @@ impl Drop for Kubernetes {
         if let Some((_, task)) = &self.running {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn steady_churn_is_batched_but_never_held_back() {
+        // An event every 10 ms for 2 s: always within SETTLE of the previous one.
+        let ticks = stream_of(200, Duration::from_millis(10));
+        tokio::pin!(ticks);
+        let started = tokio::time::Instant::now();
+        let batch = next_batch(&mut ticks, SETTLE, MAX_BATCH_WAIT)
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert!(batch.len() > 1, "events close together were not batched");
+        assert!(
+            batch.len() < 100 && took < Duration::from_secs(1),
+            "{} events held back for {took:?}",
+            batch.len()
+        );
+        let rest = next_batch(&mut ticks, SETTLE, MAX_BATCH_WAIT)
+            .await
+            .unwrap();
+        assert_eq!(rest[0], batch.len(), "an event was lost between batches");
+    }
+
+    fn stream_of(n: usize, every: Duration) -> impl futures::Stream<Item = usize> {
+        futures::stream::unfold(0, move |i| async move {
+            if i == n {
+                return None;
+            }
+            tokio::time::sleep(every).await;
+            Some((i, i + 1))
+        })
     }
 }
