@@ -67,7 +67,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (discovery, mut answers) = Discovery::new();
     let (kubernetes, mut kube_events) = Kubernetes::new();
     let readiness = Readiness::default();
-    serve_http(&args, &readiness).await?;
+    serve_http(&args, &readiness)?;
     // What the previous agent knew of health and ejections: resumed, so that a restart does
     // not send traffic to backends that were out when it stopped.
     let previous = status::read(&args.pin_dir);
@@ -152,7 +152,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 }
 
 /// `--http-listen` and `--metrics-listen`, on one listener when they name the same address.
-async fn serve_http(args: &RunArgs, readiness: &Readiness) -> Result<()> {
+fn serve_http(args: &RunArgs, readiness: &Readiness) -> Result<()> {
     let health = args.http_listen.map(|addr| {
         let metrics = (args.metrics_listen == Some(addr)).then(|| args.pin_dir.clone());
         (addr, Endpoints::new(Some(readiness.clone()), metrics))
@@ -162,7 +162,7 @@ async fn serve_http(args: &RunArgs, readiness: &Readiness) -> Result<()> {
         .filter(|m| Some(*m) != args.http_listen)
         .map(|addr| (addr, Endpoints::new(None, Some(args.pin_dir.clone()))));
     for (addr, endpoints) in health.into_iter().chain(metrics) {
-        http::serve(addr, endpoints).await?;
+        http::serve(addr, endpoints)?;
     }
     Ok(())
 }
@@ -254,7 +254,9 @@ impl Agent {
     /// and `stats` says why.
     fn reconcile(&mut self) -> Result<()> {
         let start = std::time::Instant::now();
+        self.readiness.reconciling(true);
         let result = self.reconcile_once();
+        self.readiness.reconciling(false);
         let seconds = start.elapsed().as_secs_f64();
         crate::agent_metrics::AGENT.reconciled(seconds, result.is_ok());
         self.pending = match (&result, self.pending.take()) {

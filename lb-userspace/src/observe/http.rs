@@ -21,6 +21,9 @@ use tokio::net::TcpListener;
 
 /// The main loop publishes status at least every second; three missed beats mean it is stuck.
 const STALL: Duration = Duration::from_secs(3);
+/// A reconcile may keep the loop from beating that long (a large Maglev swap takes seconds)
+/// before `/healthz` calls the agent stuck: a liveness probe must not kill it mid-update.
+const LONGEST_RECONCILE: Duration = Duration::from_secs(120);
 /// Connections one listener holds at once: probes and scrapes need a handful.
 pub const MAX_CONNECTIONS: usize = 256;
 /// How long a client may take to send its request's headers.
@@ -36,6 +39,8 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 pub struct Readiness {
     ready: Arc<AtomicBool>,
     beat_ms: Arc<AtomicU64>,
+    /// When the reconcile in progress started; 0 when none is.
+    reconciling_since_ms: Arc<AtomicU64>,
 }
 
 impl Readiness {
@@ -46,9 +51,18 @@ impl Readiness {
             .store(crate::clock::now_ms(), Ordering::Relaxed);
     }
 
+    /// Called by the main loop around each reconcile, which may keep it from beating.
+    pub fn reconciling(&self, busy: bool) {
+        let since = if busy { crate::clock::now_ms() } else { 0 };
+        self.reconciling_since_ms.store(since, Ordering::Relaxed);
+    }
+
     fn alive(&self) -> bool {
-        let age = crate::clock::now_ms().saturating_sub(self.beat_ms.load(Ordering::Relaxed));
-        age <= STALL.as_millis() as u64
+        let now = crate::clock::now_ms();
+        let age = now.saturating_sub(self.beat_ms.load(Ordering::Relaxed));
+        let since = self.reconciling_since_ms.load(Ordering::Relaxed);
+        let busy = since != 0 && now.saturating_sub(since) <= LONGEST_RECONCILE.as_millis() as u64;
+        age <= STALL.as_millis() as u64 || busy
     }
 }
 
@@ -95,23 +109,37 @@ impl Endpoints {
     }
 }
 
-/// Binds now (a bad address fails the start) and serves in the background.
-pub async fn serve(addr: SocketAddr, endpoints: Endpoints) -> Result<()> {
+/// Binds now (a bad address fails the start) and serves from a thread of its own, so that the
+/// endpoints answer while the agent's loop is busy (a long reconcile).
+pub fn serve(addr: SocketAddr, endpoints: Endpoints) -> Result<()> {
     let flag = if endpoints.readiness.is_some() {
         "--http-listen"
     } else {
         "--metrics-listen"
     };
-    let listener = TcpListener::bind(addr).await.with_context(|| {
+    let listener = std::net::TcpListener::bind(addr).with_context(|| {
         format!("{flag} {addr}: cannot listen (another agent on this host? pass another address or off)")
     })?;
+    listener.set_nonblocking(true)?;
     tracing::info!(
         %addr,
         health = endpoints.readiness.is_some(),
         metrics = endpoints.metrics.is_some(),
         "serving HTTP"
     );
-    tokio::spawn(accept_loop(listener, endpoints));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(format!("http {addr}"))
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => accept_loop(listener, endpoints).await,
+                    Err(e) => tracing::error!(%addr, "cannot serve HTTP: {e}"),
+                }
+            })
+        })?;
     Ok(())
 }
 
@@ -193,4 +221,30 @@ fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_reconcile_is_not_a_stall_but_a_silent_loop_is() {
+        let r = Readiness::default();
+        assert!(!r.alive(), "never beat");
+        r.set(true);
+        assert!(r.alive());
+        // The last beat long ago: stuck, unless a reconcile is under way (and not for ever).
+        let long_ago = crate::clock::now_ms() - 10_000;
+        r.beat_ms.store(long_ago, Ordering::Relaxed);
+        assert!(!r.alive());
+        r.reconciling(true);
+        assert!(r.alive(), "a reconcile in progress");
+        r.reconciling_since_ms.store(
+            crate::clock::now_ms() - LONGEST_RECONCILE.as_millis() as u64 - 1,
+            Ordering::Relaxed,
+        );
+        assert!(!r.alive(), "a reconcile that never ends is a stall");
+        r.reconciling(false);
+        assert!(!r.alive());
+    }
 }
