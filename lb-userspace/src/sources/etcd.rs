@@ -6,7 +6,7 @@
 use super::answer::{self, Answer, Reported};
 use super::backoff::Backoff;
 use super::Reporter;
-use crate::config::EtcdConfig;
+use crate::config::{EtcdConfig, MAX_BACKENDS_PER_SERVICE};
 use crate::private_files::{read_bounded_text, CERTIFICATE_LIMIT};
 use etcd_client::{
     Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions, WatchOptions,
@@ -61,7 +61,11 @@ async fn watch(
         "list",
         client.get(
             config.prefix.as_str(),
-            Some(GetOptions::new().with_prefix()),
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_limit(MAX_KEYS as i64 + 1),
+            ),
         ),
     )
     .await?
@@ -75,6 +79,7 @@ async fn watch(
         .iter()
         .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
         .collect();
+    within_caps(&keys).map_err(End::Failed)?;
     reporter.answer(to_answer(&config.prefix, &keys).map_err(End::Failed)?);
     backoff.reset();
     let options = WatchOptions::new()
@@ -111,8 +116,33 @@ async fn watch(
                 other => return Err(End::Failed(format!("watch event of unknown type {other}"))),
             };
         }
+        within_caps(&keys).map_err(End::Failed)?;
         reporter.answer(to_answer(&config.prefix, &keys).map_err(End::Failed)?);
     }
+}
+
+/// Keys under a prefix the agent keeps, and their bytes: far above what the 1024 instances a
+/// service may have need, and a bound on what a prefix filled by mistake (or malice) costs.
+const MAX_KEYS: usize = 4 * MAX_BACKENDS_PER_SERVICE;
+const MAX_BYTES: usize = 16 << 20;
+
+/// A prefix over the caps is a source error: the last good set keeps serving.
+fn within_caps(keys: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<(), String> {
+    let bytes: usize = keys.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if keys.len() > MAX_KEYS || bytes > MAX_BYTES {
+        return Err(format!(
+            "the prefix holds {}{} keys and {} KiB; at most {MAX_KEYS} keys and {} KiB are read",
+            if keys.len() > MAX_KEYS {
+                "more than "
+            } else {
+                ""
+            },
+            keys.len().min(MAX_KEYS),
+            bytes >> 10,
+            MAX_BYTES >> 10
+        ));
+    }
+    Ok(())
 }
 
 fn failed(what: &'static str) -> impl Fn(etcd_client::Error) -> End {
@@ -286,5 +316,22 @@ mod tests {
         let a = to_answer(PREFIX, &keys).unwrap();
         assert_eq!(a.backends.len(), 2);
         assert_eq!(a.skipped, 4, "{:?}", a.reasons);
+    }
+
+    #[test]
+    fn a_prefix_over_the_caps_is_an_error() {
+        let key = |i: usize| {
+            (
+                format!("/services/web/10.0.0.{i}:80").into_bytes(),
+                Vec::new(),
+            )
+        };
+        let fine: BTreeMap<_, _> = (0..MAX_KEYS).map(key).collect();
+        assert!(within_caps(&fine).is_ok());
+        let many: BTreeMap<_, _> = (0..=MAX_KEYS).map(key).collect();
+        let err = within_caps(&many).unwrap_err();
+        assert!(err.contains("more than 4096 keys"), "{err}");
+        let big = BTreeMap::from([(b"/k".to_vec(), vec![b' '; MAX_BYTES])]);
+        assert!(within_caps(&big).unwrap_err().contains("16384 KiB"));
     }
 }
