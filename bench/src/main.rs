@@ -45,7 +45,8 @@ enum Cmd {
         #[arg(long = "listen", required = true)]
         listen: Vec<std::net::SocketAddr>,
     },
-    /// Benchmark clients: one workload for a while; prints a JSON report.
+    /// Benchmark clients: one workload for a while, `--clients` connections at once in closed
+    /// loops on an event-driven runtime; prints a JSON report.
     Load {
         #[arg(long = "to", required = true)]
         to: Vec<std::net::SocketAddr>,
@@ -53,7 +54,7 @@ enum Cmd {
         workload: compare::load::Workload,
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 32)]
         clients: usize,
     },
 }

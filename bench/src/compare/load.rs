@@ -4,9 +4,8 @@
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::io::Read;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 const REQUEST: &[u8] = b"ping";
@@ -24,38 +23,84 @@ pub enum Workload {
     Bulk,
 }
 
-/// Serves until stdin closes.
+/// Serves until stdin closes, from one event-driven thread for every listener (no thread or
+/// process per connection), pinned to the last core when there are several, away from the
+/// clients (`load` takes the others).
 pub fn serve(listen: &[SocketAddr]) -> Result<()> {
-    for addr in listen {
-        let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
-        std::thread::spawn(move || {
-            for conn in l.incoming().flatten() {
-                std::thread::spawn(move || answer(conn));
+    let cores = cores();
+    if cores > 1 {
+        pin_to(&[cores - 1]);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let listeners = runtime.block_on(async {
+        let mut bound = Vec::new();
+        for addr in listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("bind {addr}"))?;
+            bound.push(l);
+        }
+        anyhow::Ok(bound)
+    })?;
+    for l in listeners {
+        runtime.spawn(async move {
+            while let Ok((conn, _)) = l.accept().await {
+                tokio::spawn(answer(conn));
             }
         });
     }
     println!("ready");
-    let mut sink = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut sink);
+    // stdin is read on this thread while the runtime's tasks run on... this thread too, so the
+    // runtime is driven from a helper thread that blocks on stdin and then stops it.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut sink);
+        let _ = stop.send(());
+    });
+    runtime.block_on(async {
+        let _ = stopped.await;
+    });
     Ok(())
 }
 
-fn answer(mut conn: TcpStream) {
+async fn answer(mut conn: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = conn.set_nodelay(true);
     let mut buf = [0u8; 512];
     loop {
-        let n = match conn.read(&mut buf) {
+        let n = match conn.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
         if buf[0] == b'B' {
             let data = vec![0u8; CHUNK];
-            while conn.write_all(&data).is_ok() {}
+            while conn.write_all(&data).await.is_ok() {}
             return;
         }
-        if conn.write_all(&buf[..n]).is_err() {
+        if conn.write_all(&buf[..n]).await.is_err() {
             return;
         }
+    }
+}
+
+/// Cores this process may run on.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Restricts this process (every thread it starts afterwards) to `cpus`.
+pub fn pin_to(cpus: &[usize]) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only read
+    // and write that set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in cpus {
+            libc::CPU_SET(*cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
 
@@ -72,26 +117,38 @@ pub struct LoadReport {
     pub first_error: Option<String>,
 }
 
-/// `clients` threads for `seconds`, spreading over `targets` in turn; prints one JSON report.
+/// `connections` closed loops at once for `seconds`, spreading over `targets` in turn, on an
+/// event-driven runtime with a thread per core but the servers' one; prints one JSON report.
 pub fn load(
     targets: &[SocketAddr],
     workload: Workload,
     seconds: f64,
-    clients: usize,
+    connections: usize,
 ) -> Result<()> {
-    if targets.is_empty() || clients == 0 || !(0.1..=120.0).contains(&seconds) {
-        bail!("need targets, clients > 0 and 0.1 <= seconds <= 120");
+    if targets.is_empty() || connections == 0 || !(0.1..=120.0).contains(&seconds) {
+        bail!("need targets, connections > 0 and 0.1 <= seconds <= 120");
     }
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let cores = cores();
+    let mine: Vec<usize> = (0..cores.saturating_sub(1).max(1)).collect();
+    if cores > 1 {
+        pin_to(&mine);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(mine.len())
+        .enable_all()
+        .build()?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
-    let results: Vec<Worker> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..clients)
-            .map(|i| s.spawn(move || worker(targets, i, workload, deadline)))
+    let targets: std::sync::Arc<[SocketAddr]> = targets.into();
+    let results: Vec<Worker> = runtime.block_on(async {
+        let tasks: Vec<_> = (0..connections)
+            .map(|i| tokio::spawn(worker(targets.clone(), i, workload, deadline)))
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_default())
-            .collect()
+        let mut done = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            done.push(t.await.unwrap_or_default());
+        }
+        done
     });
     let elapsed = started.elapsed().as_secs_f64();
     let mut lat: Vec<u32> = results
@@ -129,11 +186,11 @@ struct Worker {
 }
 
 impl Worker {
-    fn failed(&mut self, e: impl std::fmt::Display) {
+    async fn failed(&mut self, e: impl std::fmt::Display) {
         self.errors += 1;
         self.first_error.get_or_insert_with(|| e.to_string());
         // Do not spin on a persistent failure.
-        std::thread::sleep(Duration::from_millis(1));
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -141,9 +198,10 @@ fn micros(d: Duration) -> u32 {
     d.as_micros().min(u128::from(u32::MAX)) as u32
 }
 
-/// Closing with RST (linger 0) leaves no TIME_WAIT behind, so a few seconds of short
-/// connections cannot run out of local ports.
-fn reset_on_close(s: &TcpStream) {
+/// Linger 0: the close is an RST, which does not block (tokio's `set_linger` warns about the
+/// blocking case, a positive linger).
+fn reset_on_close(s: &tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd;
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -160,12 +218,27 @@ fn reset_on_close(s: &TcpStream) {
     }
 }
 
-fn exchange(s: &mut TcpStream, buf: &mut [u8; 4]) -> std::io::Result<()> {
-    s.write_all(REQUEST)?;
-    s.read_exact(buf)
+async fn connect(to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let s = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(to))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    s.set_nodelay(true)?;
+    Ok(s)
 }
 
-fn worker(targets: &[SocketAddr], index: usize, workload: Workload, deadline: Instant) -> Worker {
+async fn exchange(s: &mut tokio::net::TcpStream, buf: &mut [u8; 4]) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(REQUEST).await?;
+    s.read_exact(buf).await.map(|_| ())
+}
+
+async fn worker(
+    targets: std::sync::Arc<[SocketAddr]>,
+    index: usize,
+    workload: Workload,
+    deadline: tokio::time::Instant,
+) -> Worker {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut w = Worker::default();
     let mut turn = index;
     let mut buf = [0u8; 4];
@@ -173,64 +246,63 @@ fn worker(targets: &[SocketAddr], index: usize, workload: Workload, deadline: In
         turn += 1;
         targets[turn % targets.len()]
     };
+    let running = || tokio::time::Instant::now() < deadline;
     match workload {
         Workload::Short => {
-            while Instant::now() < deadline {
+            while running() {
                 let t0 = Instant::now();
-                let result =
-                    TcpStream::connect_timeout(&next(), CONNECT_TIMEOUT).and_then(|mut s| {
-                        s.set_nodelay(true)?;
+                let result = match connect(next()).await {
+                    // Closing with RST (linger 0) leaves no TIME_WAIT behind, so seconds of
+                    // short connections cannot run out of local ports.
+                    Ok(mut s) => {
                         reset_on_close(&s);
-                        exchange(&mut s, &mut buf)
-                    });
+                        exchange(&mut s, &mut buf).await
+                    }
+                    Err(e) => Err(e),
+                };
                 match result {
                     Ok(()) => w.latencies.push(micros(t0.elapsed())),
-                    Err(e) => w.failed(e),
+                    Err(e) => w.failed(e).await,
                 }
             }
         }
         Workload::Persistent => {
             let mut conn = None;
-            while Instant::now() < deadline {
+            while running() {
                 if conn.is_none() {
-                    match TcpStream::connect_timeout(&next(), CONNECT_TIMEOUT) {
-                        Ok(s) => {
-                            let _ = s.set_nodelay(true);
-                            conn = Some(s);
-                        }
+                    match connect(next()).await {
+                        Ok(s) => conn = Some(s),
                         Err(e) => {
-                            w.failed(e);
+                            w.failed(e).await;
                             continue;
                         }
                     }
                 }
                 let s = conn.as_mut().expect("connected");
                 let t0 = Instant::now();
-                match exchange(s, &mut buf) {
+                match exchange(s, &mut buf).await {
                     Ok(()) => w.latencies.push(micros(t0.elapsed())),
                     Err(e) => {
-                        w.failed(e);
+                        w.failed(e).await;
                         conn = None;
                     }
                 }
             }
         }
-        Workload::Bulk => match TcpStream::connect_timeout(&next(), CONNECT_TIMEOUT) {
-            Err(e) => w.failed(e),
+        Workload::Bulk => match connect(next()).await {
+            Err(e) => w.failed(e).await,
             Ok(mut s) => {
                 let mut data = vec![0u8; CHUNK];
-                let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-                if let Err(e) = s.write_all(b"B") {
-                    w.failed(e);
+                if let Err(e) = s.write_all(b"B").await {
+                    w.failed(e).await;
                     return w;
                 }
-                while Instant::now() < deadline {
-                    match s.read(&mut data) {
-                        Ok(0) => break,
-                        Ok(n) => w.bytes += n as u64,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => {
-                            w.failed(e);
+                while running() {
+                    match tokio::time::timeout_at(deadline, s.read(&mut data)).await {
+                        Err(_) | Ok(Ok(0)) => break,
+                        Ok(Ok(n)) => w.bytes += n as u64,
+                        Ok(Err(e)) => {
+                            w.failed(e).await;
                             break;
                         }
                     }

@@ -39,7 +39,7 @@ impl Plan {
                 seconds: 1.0,
                 repeats: 1,
                 budget: Duration::from_secs(20),
-                clients: 4,
+                clients: 32,
             }
         } else {
             Plan {
@@ -47,7 +47,7 @@ impl Plan {
                 seconds: 3.0,
                 repeats: 3,
                 budget: Duration::from_secs(90),
-                clients: 4,
+                clients: 32,
             }
         }
     }
