@@ -1,44 +1,12 @@
 //! How a service picks a backend: `algorithm` (random or Maglev), client `affinity` with its
 //! timeout, and what identifies a client (`client_key`).
 
-use super::{check_between, check_choice, check_duration, check_integer, Checker};
+use super::checker::Checker;
+use super::model::{Algorithm, Balancing, ClientKey};
+use super::values::{check_choice, check_duration_in, check_integer};
 use std::ops::RangeInclusive;
 use std::time::Duration;
 use toml::{Table, Value};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Algorithm {
-    /// A random backend for each new connection, in proportion to weights.
-    Random,
-    /// Consistent hashing of the client key over a lookup table of `table_size` entries.
-    Maglev { table_size: u32 },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientKey {
-    /// The socket's network namespace: a pod or container.
-    Netns,
-    /// The cgroup of the connecting task: a systemd unit or a container on a host network.
-    Cgroup,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Balancing {
-    pub algorithm: Algorithm,
-    /// Client affinity: a client keeps its backend until it has been idle this long.
-    pub affinity: Option<Duration>,
-    pub client_key: ClientKey,
-}
-
-impl Default for Balancing {
-    fn default() -> Self {
-        Self {
-            algorithm: Algorithm::Random,
-            affinity: None,
-            client_key: ClientKey::Netns,
-        }
-    }
-}
 
 const ALGORITHMS: &[(&str, bool)] = &[("random", false), ("maglev", true)];
 const AFFINITIES: &[(&str, bool)] = &[("none", false), ("client", true)];
@@ -69,7 +37,7 @@ impl Checker {
         let client = self.checked(scope, "affinity", client);
         let timeout = table
             .get("affinity_timeout")
-            .map(|v| check_duration(v).and_then(|d| check_between(d, AFFINITY_TIMEOUT_RANGE)));
+            .map(|v| check_duration_in(v, AFFINITY_TIMEOUT_RANGE));
         let timeout = self.dependent(
             scope,
             ("affinity_timeout", timeout, DEFAULT_AFFINITY_TIMEOUT),

@@ -1,62 +1,35 @@
-//! `[kubernetes]`: services and their backends from a Kubernetes API server (ClusterIP
-//! Services and their EndpointSlices), next to the services listed in the file.
+//! `[kubernetes]`: which API server, namespaces and Services to balance (`KubernetesConfig`).
 
-use super::{show, type_error, Checker};
-use std::path::PathBuf;
+use super::checker::{Checker, Section};
+use super::model::KubernetesConfig;
+use super::values::{absolute_path, check_str, show, type_error};
 use toml::Value;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KubernetesConfig {
-    /// `None`: `$KUBECONFIG` or `~/.kube/config` when present, else the in-cluster service
-    /// account.
-    pub kubeconfig: Option<PathBuf>,
-    /// Empty: every namespace.
-    pub namespaces: Vec<String>,
-    /// Only Services matching this label selector (`k=v,k2!=v2,k3`) are balanced.
-    pub label_selector: Option<String>,
-}
 
 const KEYS: &[&str] = &["kubeconfig", "namespaces", "label_selector"];
 const MAX_NAMESPACES: usize = 256;
 
 impl Checker {
-    /// `Some(None)` without a `[kubernetes]` table, `None` when it is invalid.
-    pub(super) fn kubernetes(&mut self, raw: Option<&Value>) -> Option<Option<KubernetesConfig>> {
-        let table = match raw {
-            None => return Some(None),
-            Some(Value::Table(t)) => t,
-            Some(other) => {
-                self.report(None, "kubernetes", type_error("a table", other));
-                return None;
-            }
-        };
-        self.unknown_keys(None, "kubernetes.", table, KEYS);
-        let kubeconfig = table.get("kubeconfig").map(check_path).transpose();
-        let kubeconfig = self.checked(None, "kubernetes.kubeconfig", kubeconfig);
-        let namespaces = table
-            .get("namespaces")
-            .map_or(Ok(Vec::new()), check_namespaces);
-        let namespaces = self.checked(None, "kubernetes.namespaces", namespaces);
-        let selector = table.get("label_selector").map(check_selector).transpose();
-        let selector = self.checked(None, "kubernetes.label_selector", selector);
-        Some(Some(KubernetesConfig {
-            kubeconfig: kubeconfig?,
-            namespaces: namespaces?,
-            label_selector: selector?,
-        }))
+    pub(super) fn kubernetes(&mut self, raw: Option<&Value>) -> Section<KubernetesConfig> {
+        self.table(None, "kubernetes", raw).and_then(|table| {
+            self.unknown_keys(None, "kubernetes.", table, KEYS);
+            let kubeconfig = table
+                .get("kubeconfig")
+                .map(|v| check_str(v).and_then(absolute_path))
+                .transpose();
+            let kubeconfig = self.checked(None, "kubernetes.kubeconfig", kubeconfig);
+            let namespaces = table
+                .get("namespaces")
+                .map_or(Ok(Vec::new()), check_namespaces);
+            let namespaces = self.checked(None, "kubernetes.namespaces", namespaces);
+            let selector = table.get("label_selector").map(check_selector).transpose();
+            let selector = self.checked(None, "kubernetes.label_selector", selector);
+            Some(KubernetesConfig {
+                kubeconfig: kubeconfig?,
+                namespaces: namespaces?,
+                label_selector: selector?,
+            })
+        })
     }
-}
-
-fn string(raw: &Value) -> Result<&str, String> {
-    raw.as_str().ok_or_else(|| type_error("a string", raw))
-}
-
-fn check_path(raw: &Value) -> Result<PathBuf, String> {
-    let path = string(raw)?;
-    if !path.starts_with('/') {
-        return Err(format!("must be an absolute path, got {}", show(path)));
-    }
-    Ok(PathBuf::from(path))
 }
 
 /// Namespace names are DNS labels (RFC 1123): 1-63 of [a-z0-9-], alphanumeric at both ends.
@@ -72,7 +45,7 @@ fn check_namespaces(raw: &Value) -> Result<Vec<String>, String> {
     }
     let mut names: Vec<String> = Vec::with_capacity(list.len());
     for (i, v) in list.iter().enumerate() {
-        let name = string(v).map_err(|m| format!("[{i}]: {m}"))?;
+        let name = check_str(v).map_err(|m| format!("[{i}]: {m}"))?;
         let label = !name.is_empty()
             && name.len() <= 63
             && name
@@ -97,7 +70,7 @@ fn check_namespaces(raw: &Value) -> Result<Vec<String>, String> {
 /// Equality-based selectors only (`k=v`, `k==v`, `k!=v`, `k`, `!k`), which the API server
 /// checks again; this catches what would make every list fail.
 fn check_selector(raw: &Value) -> Result<String, String> {
-    let selector = string(raw)?;
+    let selector = check_str(raw)?;
     if selector.is_empty() || selector.len() > 1024 {
         return Err("must be 1-1024 bytes long".to_owned());
     }
