@@ -18,14 +18,18 @@ pub const CONFIG_LIMIT: u64 = 16 << 20;
 /// The whole of `path` if it holds at most `limit` bytes; `what` names it in the error (the
 /// config field that named the file, for one).
 pub fn read_bounded(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, String> {
+    read_limited(path, limit).map_err(|e| format!("{what} {}: {e}", path.display()))
+}
+
+/// `read_bounded` with an error that does not name the file, for callers that do.
+pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
     let mut bytes = Vec::new();
     let read = std::fs::File::open(path)
         .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
-        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+        .map_err(|e| e.to_string())?;
     if read as u64 > limit {
         return Err(format!(
-            "{what} {}: larger than {} KiB, which no such file needs; refusing to read it",
-            path.display(),
+            "larger than {} KiB, which no such file needs; refusing to read it",
             limit >> 10
         ));
     }

@@ -58,7 +58,8 @@ use values::{check_bool, type_error};
 /// Reads and validates a file. Errors name the file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
-    let bytes = std::fs::read(path)
+    // Bounded: a config file named by mistake (a log, /dev/zero) is an error, not all memory.
+    let bytes = crate::private_files::read_limited(path, crate::private_files::CONFIG_LIMIT)
         .map_err(|e| ConfigError::single(&origin, String::new(), format!("cannot read: {e}")))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
@@ -415,6 +416,12 @@ mod tests {
         let e = load(&missing).unwrap_err().to_string();
         let prefix = format!("{}: cannot read: ", missing.display());
         assert!(e.starts_with(&prefix), "{e}");
+
+        let e = load(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(
+            e.starts_with("/dev/zero: cannot read: larger than 16384 KiB"),
+            "{e}"
+        );
     }
 
     #[test]
