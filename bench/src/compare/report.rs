@@ -115,6 +115,33 @@ fn rate_cell(r: &Row, direct: Option<f64>, bulk: bool) -> String {
     format!("{value:.0}{ratio}{spread}{errors}")
 }
 
+/// The ceiling the client and backends reach with nothing in between, how steady it was, and
+/// how to read a contender above it.
+fn ceiling_note(s: &Summary) -> String {
+    let Some(direct) = s.row(Contender::Direct, 1, Workload::Short) else {
+        return String::new();
+    };
+    let spread = if direct.rate > 0.0 {
+        (direct.high - direct.low) / direct.rate
+    } else {
+        0.0
+    };
+    let flag = if spread > 0.10 {
+        format!(
+            " **Direct connects themselves varied by {:.0}% across runs (over 10%): differences \
+             between contenders smaller than that are noise.**",
+            spread * 100.0
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "Measured ceiling: {:.0} short connections/s direct. Nothing can be faster than direct \
+         on the same path, so a contender above 1.00× measures noise.{flag}\n",
+        direct.rate
+    )
+}
+
 fn latency_cell(r: &Row) -> String {
     format!("{} / {}", r.p50_us, r.p99_us)
 }
@@ -126,13 +153,15 @@ pub fn markdown(s: &Summary, plan: &Plan, quick: bool) -> String {
     let _ = writeln!(
         t,
         "Machine: {}. Each figure is the median of {} run(s) of {} s ([lowest–highest] when more than one); \
-         ratios are to direct connects in the same run. {} client threads (1 for bulk), 4 backends, \
-         client and backends in two namespaces joined by a veth pair.\n",
+         ratios are to direct connects in the same run. {} connections at once in closed loops \
+         (1 for bulk) on an event-driven client, 4 event-driven backends, client and backends in \
+         two namespaces joined by a veth pair.\n",
         machine(),
         plan.repeats,
         plan.seconds,
         plan.clients
     );
+    let _ = writeln!(t, "{}", ceiling_note(s));
     let _ = writeln!(t, "## One service\n");
     let _ = writeln!(
         t,
