@@ -3,6 +3,7 @@
 //! agent, backends, pins (detached), cgroup, namespace.
 
 use crate::procs::{run_client, Agent, Backends, ClientReport, Proto, ServeMode, SteadyClient};
+use crate::stats::ServiceReport;
 use crate::{paths::unique_name, PinDir, TestCgroup, TestNet};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -98,11 +99,12 @@ impl Scenario {
     }
 
     /// One service's entry in `lb-agent stats --json`; panics (failing the test) if absent.
-    pub fn service_stats(&self, name: &str) -> serde_json::Value {
-        let stats = crate::agent_stats(&self.pins).expect("lb-agent stats --json");
-        crate::stats::service(&stats, name)
-            .cloned()
-            .unwrap_or_else(|| panic!("no service {name} in {stats}"))
+    pub fn service_stats(&self, name: &str) -> ServiceReport {
+        let mut stats = crate::agent_stats(&self.pins).expect("lb-agent stats --json");
+        match stats.services.iter().position(|s| s.name == name) {
+            Some(i) => stats.services.swap_remove(i),
+            None => panic!("no service {name} in {stats:?}"),
+        }
     }
 
     /// A steady connect load on `to` from the balanced cgroup: one connect every `every`, for

@@ -1,12 +1,13 @@
-//! `lb-agent stats --json` as the tests' window into the data plane, and polling instead of
-//! sleeping.
+//! `lb-agent stats --json`, read back into the agent's own report types, as the tests' window
+//! into the data plane, and polling instead of sleeping.
 
 use crate::{paths::agent_bin, PinDir};
-use serde_json::Value;
+pub use lb_userspace::observe::report::{BackendReport, Report, ServiceReport};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-pub fn agent_stats(pins: &PinDir) -> Option<Value> {
+/// `None` when `stats` fails (nothing pinned yet, for one) or its output does not parse.
+pub fn agent_stats(pins: &PinDir) -> Option<Report> {
     let out = Command::new(agent_bin())
         .args(["stats", "--json", "--interval", "0", "--pin-dir"])
         .arg(&pins.path)
@@ -33,21 +34,29 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 /// The service named `name` in a stats report.
-pub fn service<'a>(stats: &'a Value, name: &str) -> Option<&'a Value> {
-    stats["services"]
-        .as_array()?
-        .iter()
-        .find(|s| s["name"] == name)
+pub fn service<'a>(stats: &'a Report, name: &str) -> Option<&'a ServiceReport> {
+    stats.services.iter().find(|s| s.name == name)
+}
+
+/// The backend listed under `addr`. For polling: a backend may be briefly absent while the
+/// agent moves it out of the maps.
+pub fn find_backend<'a>(svc: &'a ServiceReport, addr: &str) -> Option<&'a BackendReport> {
+    svc.backends.iter().find(|b| b.address == addr)
+}
+
+/// The backend listed under `addr`; panics (failing the test) with the service if absent.
+pub fn backend<'a>(svc: &'a ServiceReport, addr: &str) -> &'a BackendReport {
+    find_backend(svc, addr).unwrap_or_else(|| panic!("no backend {addr} in {svc:?}"))
 }
 
 /// Addresses of the backends a service balances over (weight > 0; stats also lists backends a
 /// health check took out, with weight 0), sorted.
-pub fn backend_set(stats: &Value, name: &str) -> Option<Vec<String>> {
-    let mut set: Vec<String> = service(stats, name)?["backends"]
-        .as_array()?
+pub fn backend_set(stats: &Report, name: &str) -> Option<Vec<String>> {
+    let mut set: Vec<String> = service(stats, name)?
+        .backends
         .iter()
-        .filter(|b| b["weight"].as_u64() > Some(0))
-        .filter_map(|b| b["address"].as_str().map(String::from))
+        .filter(|b| b.weight > 0)
+        .map(|b| b.address.clone())
         .collect();
     set.sort();
     Some(set)
@@ -69,36 +78,27 @@ pub fn wait_backends(pins: &PinDir, name: &str, expected: &[&str], timeout: Dura
     );
 }
 
-/// `map_entries` of a stats report: entries in the services, slots, backends and names maps,
-/// counted from the pinned maps (strays included).
-pub fn map_entries(stats: &Value) -> Option<[u64; 4]> {
-    let m = &stats["map_entries"];
-    Some([
-        m["services"].as_u64()?,
-        m["slots"].as_u64()?,
-        m["backends"].as_u64()?,
-        m["names"].as_u64()?,
-    ])
+/// Entries in the services, slots, backends and names maps, counted from the pinned maps
+/// (strays included). The LRU maps are left out: their entries come and go with traffic.
+pub fn map_entries(stats: &Report) -> [usize; 4] {
+    let m = &stats.map_entries;
+    [m.services, m.slots, m.backends, m.names]
 }
 
 /// Whether the pinned maps list `addr` among the backends `name` balances over.
-pub fn has_backend(stats: &Value, name: &str, addr: &str) -> Option<bool> {
+pub fn has_backend(stats: &Report, name: &str, addr: &str) -> Option<bool> {
     Some(backend_set(stats, name)?.iter().any(|b| b == addr))
 }
 
 /// A backend's kernel connect counter in one service's stats entry (0 when not listed).
-pub fn backend_connects(svc: &Value, addr: &str) -> u64 {
-    svc["backends"]
-        .as_array()
-        .and_then(|bs| bs.iter().find(|b| b["address"] == addr))
-        .and_then(|b| b["connects"].as_u64())
-        .unwrap_or(0)
+pub fn backend_connects(svc: &ServiceReport, addr: &str) -> u64 {
+    find_backend(svc, addr).map_or(0, |b| b.connects)
 }
 
 /// The three witnesses of each backend agree: the kernel's counter in `svc`, what the backend
 /// accepted and what the client saw answered by it.
 pub fn assert_counts_agree(
-    svc: &Value,
+    svc: &ServiceReport,
     accepted: &std::collections::HashMap<String, u64>,
     report: &crate::ClientReport,
     backends: &[&str],

@@ -71,8 +71,8 @@ fn spread_is_even_and_follows_weights() {
     s.write_config(&web(&weighted));
     let mut s = s;
     s.agent().sighup();
-    let ok = lb_testkit::wait_for(WAIT, || s.service_stats("web")["slots"] == 5);
-    assert!(ok, "weights never applied: {}", s.service_stats("web"));
+    let ok = lb_testkit::wait_for(WAIT, || s.service_stats("web").slots == 5);
+    assert!(ok, "weights never applied: {:?}", s.service_stats("web"));
     let report = s.client(VIP, 3000, Proto::Tcp);
     assert_eq!(report.ok, 3000, "{report:?}");
     assert_near(B1, report.from(B1), 600.0);
@@ -89,8 +89,8 @@ fn counters_equal_what_backends_and_clients_counted() {
     let report = s.client(VIP, 500, Proto::Tcp);
     let svc = s.service_stats("web");
     let accepted = s.stop_backends();
-    assert_eq!(svc["connects"].as_u64(), Some(500));
-    assert_eq!(svc["no_backend"].as_u64(), Some(0));
+    assert_eq!(svc.connects, 500);
+    assert_eq!(svc.no_backend, 0);
     lb_testkit::stats::assert_counts_agree(&svc, &accepted, &report, &[B1, B2, B3]);
 }
 
@@ -102,7 +102,7 @@ fn client_outside_the_cgroup_is_not_rewritten() {
     let mut s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&quoted(&[B1, B2])));
     let report = s.outside_client(VIP, 50, Proto::Tcp);
     assert_eq!(report.failed("ENETUNREACH"), 50, "{report:?}");
-    assert_eq!(s.service_stats("web")["connects"].as_u64(), Some(0));
+    assert_eq!(s.service_stats("web").connects, 0);
     let accepted = s.stop_backends();
     assert_eq!(accepted[B1] + accepted[B2], 0);
 }
@@ -122,7 +122,7 @@ fn non_service_destinations_are_untouched() {
         udp_same_vip.ok, 0,
         "tcp service must not catch udp: {udp_same_vip:?}"
     );
-    assert_eq!(s.service_stats("web")["connects"].as_u64(), Some(0));
+    assert_eq!(s.service_stats("web").connects, 0);
     let accepted = s.stop_backends();
     assert_eq!((accepted[B1], accepted[B2]), (40, 0));
 }
@@ -136,8 +136,8 @@ fn empty_service_refuses_connects_with_econnrefused() {
     let report = s.client(VIP, 25, Proto::Tcp);
     assert_eq!(report.failed("ECONNREFUSED"), 25, "{report:?}");
     let svc = s.service_stats("web");
-    assert_eq!(svc["no_backend"].as_u64(), Some(25));
-    assert_eq!(svc["connects"].as_u64(), Some(0));
+    assert_eq!(svc.no_backend, 25);
+    assert_eq!(svc.connects, 0);
 }
 
 #[test]
@@ -192,19 +192,14 @@ fn agent_sigkill_under_load_loses_nothing_and_restart_adopts_pins() {
     std::thread::sleep(Duration::from_secs(1));
     let report = load.stop();
     report.assert_lost_nothing(101, "while the agent was dead");
-    let before = s.service_stats("web")["connects"].as_u64().unwrap();
+    let before = s.service_stats("web").connects;
     assert_eq!(before, report.ok);
 
     s.start_agent_adopting();
     let svc = s.service_stats("web");
+    assert_eq!(svc.connects, before, "counters reset on restart");
     assert_eq!(
-        svc["connects"].as_u64(),
-        Some(before),
-        "counters reset on restart"
-    );
-    assert_eq!(
-        svc["revision"].as_u64(),
-        Some(1),
+        svc.revision, 1,
         "unchanged config must not rewrite the table"
     );
     assert_eq!(s.client(VIP, 100, Proto::Tcp).ok, 100);
@@ -259,7 +254,7 @@ fn connected_udp_is_balanced() {
     assert!(report.from(u1) > 0 && report.from(u2) > 0, "{report:?}");
     let accepted = s.stop_backends();
     assert_eq!(accepted[u1] + accepted[u2], 300);
-    assert_eq!(s.service_stats("dns")["connects"].as_u64(), Some(300));
+    assert_eq!(s.service_stats("dns").connects, 300);
 }
 
 #[test]
@@ -301,6 +296,6 @@ fn backend_set_swaps_under_load_fail_no_connect() {
     let report = load.stop();
     report.assert_lost_nothing(201, "during swaps");
     let svc = s.service_stats("web");
-    assert_eq!(svc["update_races"].as_u64(), Some(0), "{svc}");
-    assert_eq!(svc["revision"].as_u64(), Some(21), "{svc}");
+    assert_eq!(svc.update_races, 0, "{svc:?}");
+    assert_eq!(svc.revision, 21, "{svc:?}");
 }

@@ -2,6 +2,7 @@
 //! backend must equal what the backends accepted and what the clients saw.
 
 use lb_testkit::procs::{HeldConnections, Proto, ServeMode};
+use lb_testkit::stats::{backend, find_backend};
 use lb_testkit::{quoted, require_privileged, wait_for, Scenario};
 use serde_json::Value;
 use std::time::Duration;
@@ -18,23 +19,6 @@ fn web(backends: &[&str], extra: &str) -> String {
         "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nbackends = [ {} ]\n{extra}\n",
         quoted(backends)
     )
-}
-
-fn backend<'a>(svc: &'a Value, addr: &str) -> &'a Value {
-    find_backend(svc, addr).unwrap_or_else(|| panic!("no backend {addr} in {svc}"))
-}
-
-/// For polling: a backend may be briefly absent while the agent moves it out of the maps.
-fn find_backend<'a>(svc: &'a Value, addr: &str) -> Option<&'a Value> {
-    svc["backends"]
-        .as_array()
-        .and_then(|bs| bs.iter().find(|b| b["address"] == addr))
-}
-
-fn count(b: &Value, field: &str) -> u64 {
-    b[field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{field} missing in {b}"))
 }
 
 #[test]
@@ -55,33 +39,30 @@ fn connection_counters_equal_what_backends_and_clients_saw() {
         let svc = s.service_stats("web");
         [B1, B2].iter().all(|a| {
             let b = backend(&svc, a);
-            count(b, "established") == count(b, "closed") && count(b, "established") > 0
+            b.established == b.closed && b.established > 0
         })
     });
     let svc = s.service_stats("web");
-    assert!(settled, "connections never all closed: {svc}");
+    assert!(settled, "connections never all closed: {svc:?}");
     let accepted = s.stop_backends();
     for addr in [B1, B2] {
         let b = backend(&svc, addr);
-        assert_eq!(count(b, "established"), accepted[addr], "{addr}: {b}");
-        assert_eq!(count(b, "established"), report.from(addr), "{addr}: {b}");
-        assert_eq!(count(b, "failed"), 0, "{addr}: {b}");
-        assert_eq!(count(b, "connects"), count(b, "established"), "{addr}: {b}");
-        assert_eq!(count(b, "active"), 0, "{addr}: {b}");
+        assert_eq!(b.established, accepted[addr], "{addr}: {b:?}");
+        assert_eq!(b.established, report.from(addr), "{addr}: {b:?}");
+        assert_eq!(b.failed, 0, "{addr}: {b:?}");
+        assert_eq!(b.connects, b.established, "{addr}: {b:?}");
+        assert_eq!(b.active, 0, "{addr}: {b:?}");
         // Each connection carried the backend's reply: at least that many bytes came back,
         // and at least SYN, ACK and FIN went out.
         let reply = addr.len() as u64 + 1;
-        assert!(
-            count(b, "bytes_from") >= reply * accepted[addr],
-            "{addr}: {b}"
-        );
-        assert!(count(b, "packets_to") >= 3 * accepted[addr], "{addr}: {b}");
+        assert!(b.bytes_from >= reply * accepted[addr], "{addr}: {b:?}");
+        assert!(b.packets_to >= 3 * accepted[addr], "{addr}: {b:?}");
     }
     let dead = backend(&svc, DEAD);
-    assert_eq!(count(dead, "failed"), refused, "{dead}");
-    assert_eq!(count(dead, "connects"), refused, "{dead}");
-    assert_eq!(count(dead, "established"), 0, "{dead}");
-    assert_eq!(count(&svc, "connects"), 300, "{svc}");
+    assert_eq!(dead.failed, refused, "{dead:?}");
+    assert_eq!(dead.connects, refused, "{dead:?}");
+    assert_eq!(dead.established, 0, "{dead:?}");
+    assert_eq!(svc.connects, 300, "{svc:?}");
 }
 
 #[test]
@@ -99,21 +80,18 @@ fn long_lived_connections_show_as_active_until_closed() {
     assert_eq!(held.held, 40);
     let active = |s: &Scenario| {
         let svc = s.service_stats("web");
-        (count(&svc, "active"), svc)
+        (svc.active, svc)
     };
-    assert!(wait_for(WAIT, || active(&s).0 == 40), "{}", active(&s).1);
+    assert!(wait_for(WAIT, || active(&s).0 == 40), "{:?}", active(&s).1);
     let svc = active(&s).1;
-    let per_backend: u64 = [B1, B2]
-        .iter()
-        .map(|a| count(backend(&svc, a), "active"))
-        .sum();
-    assert_eq!(per_backend, 40, "{svc}");
+    let per_backend: u64 = [B1, B2].iter().map(|a| backend(&svc, a).active).sum();
+    assert_eq!(per_backend, 40, "{svc:?}");
     held.close();
-    assert!(wait_for(WAIT, || active(&s).0 == 0), "{}", active(&s).1);
+    assert!(wait_for(WAIT, || active(&s).0 == 0), "{:?}", active(&s).1);
     let svc = active(&s).1;
     for a in [B1, B2] {
         let b = backend(&svc, a);
-        assert_eq!(count(b, "closed"), count(b, "established"), "{b}");
+        assert_eq!(b.closed, b.established, "{b:?}");
     }
 }
 
@@ -129,26 +107,15 @@ fn byte_counting_can_be_turned_off() {
     );
     let report = s.client(VIP, 20, Proto::Tcp);
     assert_eq!(report.ok, 20, "{report:?}");
-    assert!(wait_for(WAIT, || count(
-        backend(&s.service_stats("web"), B1),
-        "closed"
-    ) == 20));
-    let b = backend(&s.service_stats("web"), B1).clone();
-    assert_eq!(
-        (count(&b, "bytes_to"), count(&b, "bytes_from")),
-        (0, 0),
-        "{b}"
-    );
-    assert_eq!(
-        count(&b, "established"),
-        20,
-        "connection counters stay on: {b}"
-    );
+    assert!(wait_for(WAIT, || backend(&s.service_stats("web"), B1)
+        .closed
+        == 20));
+    let svc = s.service_stats("web");
+    let b = backend(&svc, B1);
+    assert_eq!((b.bytes_to, b.bytes_from), (0, 0), "{b:?}");
+    assert_eq!(b.established, 20, "connection counters stay on: {b:?}");
     let stats = lb_testkit::agent_stats(&s.pins).expect("stats");
-    let names: Vec<&str> = stats["programs"]
-        .as_array()
-        .map(|ps| ps.iter().filter_map(|p| p["name"].as_str()).collect())
-        .unwrap_or_default();
+    let names: Vec<&str> = stats.programs.iter().map(|p| p.name.as_str()).collect();
     assert!(!names.iter().any(|n| n.starts_with("lb_skb")), "{names:?}");
 }
 
@@ -169,19 +136,20 @@ fn a_refusing_backend_is_ejected_and_restored_without_health_checks() {
     );
     let ejected = wait_for(WAIT, || {
         let svc = s.service_stats("web");
-        find_backend(&svc, DEAD).is_some_and(|d| d["ejected"].is_string() && d["id"].is_null())
+        find_backend(&svc, DEAD).is_some_and(|d| d.ejected.is_some() && d.id.is_none())
     });
     let report = load.stop();
     let svc = s.service_stats("web");
-    assert!(ejected, "never ejected: {svc}");
+    assert!(ejected, "never ejected: {svc:?}");
     // The agent looks every 250 ms, so a few more than 3 may fail before it acts.
     let refused = report.failed("ECONNREFUSED");
     assert!((3..=30).contains(&refused), "{refused} refused: {report:?}");
     assert!(
-        backend(&svc, DEAD)["ejected"]
-            .as_str()
+        backend(&svc, DEAD)
+            .ejected
+            .as_deref()
             .is_some_and(|r| r.contains("connect failures in a row")),
-        "{svc}"
+        "{svc:?}"
     );
     let while_out = s.client(VIP, 60, Proto::Tcp);
     assert_eq!(
@@ -193,9 +161,9 @@ fn a_refusing_backend_is_ejected_and_restored_without_health_checks() {
     s.start_backend(DEAD, Proto::Tcp, ServeMode::Answer);
     let restored = wait_for(WAIT, || {
         let svc = s.service_stats("web");
-        find_backend(&svc, DEAD).is_some_and(|d| d["ejected"].is_null() && d["id"].is_number())
+        find_backend(&svc, DEAD).is_some_and(|d| d.ejected.is_none() && d.id.is_some())
     });
-    assert!(restored, "never restored: {}", s.service_stats("web"));
+    assert!(restored, "never restored: {:?}", s.service_stats("web"));
     let after = s.client(VIP, 90, Proto::Tcp);
     assert_eq!(after.ok, 90, "{after:?}");
     assert!(
@@ -230,7 +198,7 @@ fn metrics_parse_as_prometheus_text_and_carry_the_same_numbers() {
         let svc = s.service_stats("web");
         [B1, B2]
             .iter()
-            .all(|a| count(backend(&svc, a), "closed") == report.from(a))
+            .all(|a| backend(&svc, a).closed == report.from(a))
     }));
     let svc = s.service_stats("web");
     let (status, body) = lb_testkit::http_get(&s.net, "127.0.0.1:9902", "/metrics")
@@ -251,23 +219,23 @@ fn metrics_parse_as_prometheus_text_and_carry_the_same_numbers() {
     for addr in [B1, B2, DEAD] {
         let b = backend(&svc, addr);
         let labels = [("service", "web"), ("backend", addr)];
-        for (metric, field) in [
-            ("lb_backend_connects_total", "connects"),
-            ("lb_backend_established_total", "established"),
-            ("lb_backend_failed_total", "failed"),
-            ("lb_backend_closed_total", "closed"),
-            ("lb_backend_active_connections", "active"),
+        for (metric, value) in [
+            ("lb_backend_connects_total", b.connects),
+            ("lb_backend_established_total", b.established),
+            ("lb_backend_failed_total", b.failed),
+            ("lb_backend_closed_total", b.closed),
+            ("lb_backend_active_connections", b.active),
         ] {
             assert_eq!(
                 sample(&scrape, metric, &labels),
-                Some(count(b, field) as f64),
-                "{metric} {addr}: {b}"
+                Some(value as f64),
+                "{metric} {addr}: {b:?}"
             );
         }
         let to = [("backend", addr), ("direction", "from_backend")];
         assert_eq!(
             sample(&scrape, "lb_backend_bytes_total", &to),
-            Some(count(b, "bytes_from") as f64)
+            Some(b.bytes_from as f64)
         );
     }
     assert_eq!(

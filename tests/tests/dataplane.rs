@@ -45,11 +45,7 @@ fn ipv6_vip_reaches_ipv6_backends_and_peers_read_as_the_vip() {
 
     // Closed connections took their reverse entries with them (sock_ops at CLOSE).
     let stats = lb_testkit::agent_stats(&s.pins).expect("stats");
-    assert_eq!(
-        stats["map_entries"]["reverse"], 0,
-        "{}",
-        stats["map_entries"]
-    );
+    assert_eq!(stats.map_entries.reverse, 0, "{:?}", stats.map_entries);
 }
 
 #[test]
@@ -75,11 +71,11 @@ fn v4_mapped_socket_reaches_the_ipv4_vip_and_programs_are_sized() {
     assert_eq!(direct.peers.get(b2), Some(&3), "{direct:?}");
 
     let stats = lb_testkit::agent_stats(&s.pins).expect("stats");
-    let programs = stats["programs"].as_array().expect("programs").clone();
-    let names: BTreeSet<&str> = programs.iter().filter_map(|p| p["name"].as_str()).collect();
+    let programs = &stats.programs;
+    let names: BTreeSet<&str> = programs.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names.len(), 12, "{programs:?}");
-    for p in &programs {
-        assert!(p["verified_insns"].as_u64() > Some(0), "{p}");
+    for p in programs {
+        assert!(p.verified_insns > 0, "{p:?}");
     }
 }
 
@@ -113,8 +109,8 @@ fn udp_sendto_keeps_one_backend_per_socket_and_replies_come_from_the_vip() {
     }
     assert!(used.len() >= 2, "12 sockets all went to {used:?}");
     let svc = s.service_stats("dns");
-    assert_eq!(svc["affinity_new"], 12, "{svc}");
-    assert_eq!(svc["affinity_hits"], 12 * 9, "{svc}");
+    assert_eq!(svc.affinity_new, 12, "{svc:?}");
+    assert_eq!(svc.affinity_hits, 12 * 9, "{svc:?}");
 
     // Connected UDP sockets see the VIP as their peer too.
     let connected = s.client(vip, 5, Proto::Udp);
@@ -169,10 +165,7 @@ fn maglev_choice_in_the_kernel_equals_the_agent_table() {
     let rest: Vec<&str> = all.iter().copied().filter(|a| *a != removed).collect();
     s.write_config(&service("mg", vip, "tcp", &rest, extra));
     s.agent().sighup();
-    assert!(wait_for(WAIT, || s.service_stats("mg")["backends"]
-        .as_array()
-        .map(Vec::len)
-        == Some(9)));
+    assert!(wait_for(WAIT, || s.service_stats("mg").backends.len() == 9));
     let after = check(&s, &rest);
     for (id, b) in &before {
         if *b != removed {
@@ -208,21 +201,14 @@ fn client_affinity_keeps_the_backend_across_changes_until_idle() {
     assert_eq!(r.ok, 100, "{r:?}");
     let kept = one_key(&r.by_backend).unwrap_or_else(|| panic!("affinity broken: {r:?}"));
     let svc = s.service_stats("sticky");
-    assert_eq!(
-        (svc["affinity_new"].as_u64(), svc["affinity_hits"].as_u64()),
-        (Some(1), Some(99)),
-        "{svc}"
-    );
+    assert_eq!((svc.affinity_new, svc.affinity_hits), (1, 99), "{svc:?}");
 
     // A new backend does not move the client.
     let mut more = backends.to_vec();
     more.push("127.0.0.14:8080");
     s.write_config(&service("sticky", vip, "tcp", &more, extra));
     s.agent().sighup();
-    assert!(wait_for(WAIT, || s.service_stats("sticky")["backends"]
-        .as_array()
-        .map(Vec::len)
-        == Some(4)));
+    assert!(wait_for(WAIT, || s.service_stats("sticky").backends.len() == 4));
     let r = s.client(vip, 20, Proto::Tcp);
     assert_eq!(r.from(&kept), 20, "moved after a backend was added: {r:?}");
 
@@ -232,7 +218,7 @@ fn client_affinity_keeps_the_backend_across_changes_until_idle() {
     assert_eq!(r.ok, 1, "{r:?}");
     let svc = s.service_stats("sticky");
     assert_eq!(
-        svc["affinity_new"], 2,
-        "no fresh choice after the timeout: {svc}"
+        svc.affinity_new, 2,
+        "no fresh choice after the timeout: {svc:?}"
     );
 }

@@ -4,11 +4,12 @@
 //! the pinned maps and with real connects through the VIP.
 
 use lb_testkit::procs::Proto;
-use lb_testkit::stats::{agent_stats, backend_set};
+use lb_testkit::stats::{agent_stats, backend, backend_set, find_backend};
 use lb_testkit::{
     require_privileged, wait_backends, wait_for, ConsulMock, Dns, DnsRecords, Etcd, Scenario,
     SrvRecord,
 };
+use lb_userspace::status::{SourceState, SourceStatus};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -37,13 +38,20 @@ fn etcd_service(etcd: &Etcd, prefix: &str) -> String {
     service("web", VIP, &discovery)
 }
 
-fn source(s: &Scenario, name: &str) -> Value {
-    s.service_stats(name)["discovery"].clone()
+/// `None` until the agent has published the service's discovery state.
+fn source(s: &Scenario, name: &str) -> Option<SourceStatus> {
+    s.service_stats(name).discovery
 }
 
-fn wait_state(s: &Scenario, name: &str, state: &str) {
-    let ok = wait_for(WAIT, || source(s, name)["state"] == state);
-    assert!(ok, "source of {name} never {state}: {}", source(s, name));
+fn wait_state(s: &Scenario, name: &str, state: SourceState) {
+    let ok = wait_for(WAIT, || {
+        source(s, name).is_some_and(|src| src.state == state)
+    });
+    assert!(
+        ok,
+        "source of {name} never {state:?}: {:?}",
+        source(s, name)
+    );
 }
 
 /// Installs a config and waits until the agent applied it (a reload by signal).
@@ -69,9 +77,9 @@ fn etcd_registrations_leases_and_outages_reach_the_data_plane() {
     apply(&mut s, &etcd_service(&etcd, prefix));
     wait_backends(&s.pins, "web", &[B1, B2], WAIT);
     s.assert_balanced(VIP, &[B1, B2]);
-    let src = source(&s, "web");
-    assert_eq!(src["state"], "ok", "{src}");
-    assert_eq!(src["skipped"], 1, "{src}");
+    let src = source(&s, "web").expect("discovery state of web");
+    assert_eq!(src.state, SourceState::Ok, "{src:?}");
+    assert_eq!(src.skipped, 1, "{src:?}");
 
     // A new registration and a deregistration arrive through the watch.
     etcd.put(&format!("{prefix}{B3}"), "", Some(&long));
@@ -94,23 +102,23 @@ fn etcd_registrations_leases_and_outages_reach_the_data_plane() {
 
     // etcd down: the last known set stays and keeps serving; the source shows the error.
     etcd.kill();
-    wait_state(&s, "web", "error");
+    wait_state(&s, "web", SourceState::Error);
     s.assert_balanced(VIP, &[B2, B3]);
-    let src = source(&s, "web");
-    assert!(src["last_error"].as_str().is_some(), "{src}");
-    assert!(src["last_success_unix_ms"].as_u64().is_some(), "{src}");
+    let src = source(&s, "web").expect("discovery state of web");
+    assert!(src.last_error.is_some(), "{src:?}");
+    assert!(src.last_success_unix_ms.is_some(), "{src:?}");
     assert!(s.agent().log().contains("keeping the last known set"));
 
     // Back up: the agent relists, catching up on what changed meanwhile.
     etcd.restart();
     etcd.del(&format!("{prefix}{B3}"));
-    wait_state(&s, "web", "ok");
+    wait_state(&s, "web", SourceState::Ok);
     wait_backends(&s.pins, "web", &[B2], WAIT);
 
     // Every instance gone is a real "no instances": the service refuses connects.
     etcd.del(&format!("{prefix}{B2}"));
-    let emptied = wait_for(WAIT, || s.service_stats("web")["slots"] == 0);
-    assert!(emptied, "{}", s.service_stats("web"));
+    let emptied = wait_for(WAIT, || s.service_stats("web").slots == 0);
+    assert!(emptied, "{:?}", s.service_stats("web"));
     let report = s.client(VIP, 20, Proto::Tcp);
     assert_eq!(report.failed("ECONNREFUSED"), 20, "{report:?}");
 }
@@ -136,7 +144,7 @@ fn agent_restart_keeps_discovered_backends_until_the_source_answers() {
     assert_eq!(
         backend_set(&stats, "web").unwrap(),
         [B1, B2],
-        "restart without a source emptied the service: {stats}"
+        "restart without a source emptied the service: {stats:?}"
     );
     s.assert_balanced(VIP, &[B1, B2]);
     etcd.restart();
@@ -220,28 +228,27 @@ fn dns_a_and_srv_records_refresh_on_their_ttl() {
         changed.elapsed()
     );
     let srv = s.service_stats("web-srv");
-    let weight = |addr: &str| {
-        srv["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["address"] == addr)
-            .map(|b| b["weight"].clone())
-    };
-    assert_eq!(weight(B4), Some(json!(3)), "SRV weight: {srv}");
+    assert_eq!(
+        find_backend(&srv, B4).map(|b| b.weight),
+        Some(3),
+        "SRV weight: {srv:?}"
+    );
     s.assert_balanced(VIP, &["127.0.0.23:8080"]);
 
     // A name with no records is an empty answer from a healthy server: the service empties.
     dns.set(&records(ttl, &[], &[(B3, 10, 1)]));
-    let emptied = wait_for(WAIT, || s.service_stats("web-a")["slots"] == 0);
-    assert!(emptied, "{}", s.service_stats("web-a"));
-    assert_eq!(source(&s, "web-a")["state"], "ok");
+    let emptied = wait_for(WAIT, || s.service_stats("web-a").slots == 0);
+    assert!(emptied, "{:?}", s.service_stats("web-a"));
+    assert_eq!(
+        source(&s, "web-a").map(|src| src.state),
+        Some(SourceState::Ok)
+    );
     let report = s.client(VIP, 20, Proto::Tcp);
     assert_eq!(report.failed("ECONNREFUSED"), 20, "{report:?}");
 
     // No server at all is an error: the last set stays.
     drop(dns);
-    wait_state(&s, "web-srv", "error");
+    wait_state(&s, "web-srv", SourceState::Error);
     s.assert_balanced(VIP2, &[B3]);
 }
 
@@ -337,16 +344,18 @@ fn consul_blocking_queries_follow_the_index_and_survive_garbage() {
     ] {
         consul.set(&garbage(index, &body));
         let ok = wait_for(WAIT, || {
-            let src = source(&s, "web");
-            src["state"] == "error" && src["last_error"].as_str().unwrap_or("").contains(error)
+            source(&s, "web").is_some_and(|src| {
+                src.state == SourceState::Error
+                    && src.last_error.as_deref().unwrap_or("").contains(error)
+            })
         });
         assert!(
             ok,
-            "answer {index} not reported as {error:?}: {}",
+            "answer {index} not reported as {error:?}: {:?}",
             source(&s, "web")
         );
         let stats = agent_stats(&s.pins).unwrap();
-        assert_eq!(backend_set(&stats, "web").unwrap(), [B1], "{stats}");
+        assert_eq!(backend_set(&stats, "web").unwrap(), [B1], "{stats:?}");
     }
     s.assert_balanced(VIP, &[B1]);
     let table = std::process::Command::new(lb_testkit::paths::agent_bin())
@@ -365,9 +374,11 @@ fn consul_blocking_queries_follow_the_index_and_survive_garbage() {
     let mut state = consul_state(30, &[(B1, "passing"), (B2, "passing")]);
     state["services"]["web"][1]["node_address"] = json!("not-an-ip");
     consul.set(&state);
-    wait_state(&s, "web", "ok");
-    let ok = wait_for(WAIT, || source(&s, "web")["skipped"] == 1);
-    assert!(ok, "{}", source(&s, "web"));
+    wait_state(&s, "web", SourceState::Ok);
+    let ok = wait_for(WAIT, || {
+        source(&s, "web").is_some_and(|src| src.skipped == 1)
+    });
+    assert!(ok, "{:?}", source(&s, "web"));
     s.assert_balanced(VIP, &[B1]);
 }
 
@@ -408,13 +419,7 @@ fn discovered_backends_go_through_health_checks() {
     apply(&mut s, &config);
     wait_backends(&s.pins, "web", &[B1, B2], WAIT);
     let svc = s.service_stats("web");
-    let b3 = svc["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["address"] == B3)
-        .cloned()
-        .unwrap_or_else(|| panic!("B3 not listed: {svc}"));
-    assert_eq!(b3["health"]["healthy"], false, "{b3}");
+    let b3 = backend(&svc, B3);
+    assert_eq!(b3.health.as_ref().map(|h| h.healthy), Some(false), "{b3:?}");
     s.assert_balanced(VIP, &[B1, B2]);
 }

@@ -4,11 +4,10 @@
 
 use lb_testkit::procs::{monotonic_micros, read_accept_log, Backends, Proto};
 use lb_testkit::quoted;
-use lb_testkit::stats::{backend_set, has_backend, map_entries};
+use lb_testkit::stats::{backend_set, has_backend, map_entries, ServiceReport};
 use lb_testkit::{
     agent_stats, require_privileged, wait_backends, wait_for, PinDir, Scenario, SteadyClient,
 };
-use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -37,34 +36,19 @@ fn web(backends: &[&str]) -> String {
 }
 
 /// Per backend address of a service's stats: (backend id, connects counter).
-fn backend_counters(svc: &Value) -> BTreeMap<String, (u64, u64)> {
-    svc["backends"]
-        .as_array()
-        .expect("backends array")
+fn backend_counters(svc: &ServiceReport) -> BTreeMap<String, (u32, u64)> {
+    svc.backends
         .iter()
-        .map(|b| {
-            let addr = b["address"].as_str().expect("address").to_string();
-            (
-                addr,
-                (
-                    b["id"].as_u64().expect("id"),
-                    b["connects"].as_u64().expect("connects"),
-                ),
-            )
-        })
+        .map(|b| (b.address.clone(), (b.id.expect("id"), b.connects)))
         .collect()
-}
-
-fn connects(svc: &Value) -> u64 {
-    svc["connects"].as_u64().expect("connects")
 }
 
 /// Waits (bounded) until `web`'s service counter reached `n`: the load is really running.
 fn wait_connects(s: &Scenario, n: u64) {
-    let ok = wait_for(WAIT, || connects(&s.service_stats("web")) >= n);
+    let ok = wait_for(WAIT, || s.service_stats("web").connects >= n);
     assert!(
         ok,
-        "load never reached {n} connects: {}",
+        "load never reached {n} connects: {:?}",
         s.service_stats("web")
     );
 }
@@ -92,18 +76,22 @@ fn agent_sigkill_under_load_then_restart_loses_nothing() {
     // No agent: the pinned program and maps balance on their own.
     let headless = s.service_stats("web");
     assert!(
-        connects(&headless) >= connects(&before) + 100,
-        "little or no balancing without an agent: before {before}, after 1 s {headless}"
+        headless.connects >= before.connects + 100,
+        "little or no balancing without an agent: before {before:?}, after 1 s {headless:?}"
     );
 
     s.start_agent_adopting();
     let adopted = s.service_stats("web");
     // Adopted, not rewritten: same service id and revision (an unchanged service gets no new
     // table), the same backend ids, counters continuing from where they were.
-    for key in ["id", "revision", "slots"] {
+    for (key, was, is) in [
+        ("id", before.id, adopted.id),
+        ("revision", before.revision, adopted.revision),
+        ("slots", before.slots, adopted.slots),
+    ] {
         assert_eq!(
-            adopted[key], before[key],
-            "{key} changed on restart: {before} -> {adopted}"
+            is, was,
+            "{key} changed on restart: {before:?} -> {adopted:?}"
         );
     }
     let (c_before, c_headless, c_adopted) = (
@@ -112,7 +100,7 @@ fn agent_sigkill_under_load_then_restart_loses_nothing() {
         backend_counters(&adopted),
     );
     let listed: Vec<&str> = c_adopted.keys().map(String::as_str).collect();
-    assert_eq!(listed, backends, "{adopted}");
+    assert_eq!(listed, backends, "{adopted:?}");
     for b in backends {
         let (id0, n0) = c_before[b];
         let (id1, n1) = c_headless[b];
@@ -134,7 +122,7 @@ fn agent_sigkill_under_load_then_restart_loses_nothing() {
     });
     assert!(
         all_grew,
-        "not every backend served after restart: {}",
+        "not every backend served after restart: {:?}",
         s.service_stats("web")
     );
     let report = load.stop();
@@ -145,12 +133,11 @@ fn agent_sigkill_under_load_then_restart_loses_nothing() {
     }
     // Nothing was ever reset: every connect the client made since the start is counted.
     assert_eq!(
-        connects(&last),
-        report.ok,
-        "service counter vs client: {last}"
+        last.connects, report.ok,
+        "service counter vs client: {last:?}"
     );
-    assert_eq!(last["no_backend"].as_u64(), Some(0), "{last}");
-    assert_eq!(last["update_races"].as_u64(), Some(0), "{last}");
+    assert_eq!(last.no_backend, 0, "{last:?}");
+    assert_eq!(last.update_races, 0, "{last:?}");
     let accepted = s.stop_backends();
     lb_testkit::stats::assert_counts_agree(&last, &accepted, &report, &backends);
 }
@@ -175,13 +162,13 @@ fn agent_upgrade_with_a_different_config_has_no_empty_window() {
     wait_backends(&s.pins, "web", &[B2, B3], WAIT);
     let new = s.service_stats("web");
     assert_eq!(
-        new["id"], old["id"],
-        "service re-created instead of updated: {old} -> {new}"
+        new.id, old.id,
+        "service re-created instead of updated: {old:?} -> {new:?}"
     );
     assert_eq!(
-        new["revision"].as_u64(),
-        old["revision"].as_u64().map(|r| r + 1),
-        "X -> Y must be exactly one table flip: {old} -> {new}"
+        new.revision,
+        old.revision + 1,
+        "X -> Y must be exactly one table flip: {old:?} -> {new:?}"
     );
     // Load keeps running on Y for a while: B3 (only in Y) gets a share.
     let b3_served = wait_for(WAIT, || {
@@ -192,7 +179,7 @@ fn agent_upgrade_with_a_different_config_has_no_empty_window() {
     });
     assert!(
         b3_served,
-        "B3 never served after the upgrade: {}",
+        "B3 never served after the upgrade: {:?}",
         s.service_stats("web")
     );
     let report = load.stop();
@@ -213,10 +200,10 @@ fn agent_upgrade_with_a_different_config_has_no_empty_window() {
 
     // Final state: exactly Y.
     let stats = agent_stats(&s.pins).expect("stats");
-    assert_eq!(backend_set(&stats, "web").unwrap(), [B2, B3], "{stats}");
-    assert_eq!(backend_set(&stats, "api").unwrap(), [A1], "{stats}");
+    assert_eq!(backend_set(&stats, "web").unwrap(), [B2, B3], "{stats:?}");
+    assert_eq!(backend_set(&stats, "api").unwrap(), [A1], "{stats:?}");
     // Old table, B1's backend entry: gone. 2 services, 2 + 1 slots, 3 backends, 2 names.
-    assert_eq!(map_entries(&stats), Some([2, 3, 3, 2]), "{stats}");
+    assert_eq!(map_entries(&stats), [2, 3, 3, 2], "{stats:?}");
     s.assert_balanced(VIP, &[B2, B3]);
     let api = s.client(API_VIP, 50, Proto::Tcp);
     assert_eq!(api.from(A1), 50, "{api:?}");
@@ -297,8 +284,8 @@ fn backend_churn_ten_per_second_for_thirty_seconds() {
     let log = s.config.with_extension("accepts.log");
     let churned = Backends::start_logged(&s.net, &CHURN, Proto::Tcp, &log);
     let baseline_stats = agent_stats(&s.pins).expect("stats");
-    let baseline = map_entries(&baseline_stats).expect("map_entries in stats --json");
-    assert_eq!(baseline, [1, 2, 2, 1], "{baseline_stats}");
+    let baseline = map_entries(&baseline_stats);
+    assert_eq!(baseline, [1, 2, 2, 1], "{baseline_stats:?}");
 
     let load = s.steady_load(VIP, LOAD_INTERVAL, Duration::from_secs(45));
     let started = Instant::now();
@@ -349,15 +336,13 @@ fn backend_churn_ten_per_second_for_thirty_seconds() {
 
     // (a) Nothing failed.
     report.assert_lost_nothing(5_000, "during churn");
-    let svc = lb_testkit::stats::service(&stats, "web")
-        .expect("web")
-        .clone();
-    assert_eq!(svc["update_races"].as_u64(), Some(0), "{svc}");
-    assert_eq!(svc["no_backend"].as_u64(), Some(0), "{svc}");
+    let svc = lb_testkit::stats::service(&stats, "web").expect("web");
+    assert_eq!(svc.update_races, 0, "{svc:?}");
+    assert_eq!(svc.no_backend, 0, "{svc:?}");
     assert_eq!(
-        svc["revision"].as_u64(),
-        Some(1 + 2 * iterations as u64),
-        "every add and every removal is one flip: {svc}"
+        svc.revision,
+        1 + 2 * iterations as u32,
+        "every add and every removal is one flip: {svc:?}"
     );
 
     // (b) No connect reached a churned backend after its removal flip (+ grace). The accept
@@ -415,8 +400,8 @@ fn backend_churn_ten_per_second_for_thirty_seconds() {
     // (c) Same config as before the churn: the same number of entries in every map.
     assert_eq!(
         map_entries(&stats),
-        Some(baseline),
-        "map entries leaked by churn (services, slots, backends, names): {stats}"
+        baseline,
+        "map entries leaked by churn (services, slots, backends, names): {stats:?}"
     );
-    assert_eq!(backend_set(&stats, "web").unwrap(), [B1, B2], "{stats}");
+    assert_eq!(backend_set(&stats, "web").unwrap(), [B1, B2], "{stats:?}");
 }

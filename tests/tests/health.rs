@@ -2,8 +2,9 @@
 //! backends in the test's namespace, observed through real connects and `lb-agent stats`.
 
 use lb_testkit::procs::Proto;
+use lb_testkit::stats::{find_backend, ServiceReport};
 use lb_testkit::{require_privileged, wait_backends, wait_for, Scenario, ServeMode};
-use serde_json::Value;
+use lb_userspace::status::BackendHealth;
 use std::time::{Duration, Instant};
 
 const VIP: &str = "10.96.0.10:80";
@@ -28,15 +29,13 @@ fn config(backends: &[&str], health: &str, fail_open: bool) -> String {
     )
 }
 
-fn web(s: &Scenario) -> Value {
+fn web(s: &Scenario) -> ServiceReport {
     s.service_stats("web")
 }
 
-fn health_of(svc: &Value, addr: &str) -> Value {
-    let b = svc["backends"]
-        .as_array()
-        .and_then(|bs| bs.iter().find(|b| b["address"] == addr));
-    b.map(|b| b["health"].clone()).unwrap_or(Value::Null)
+/// `None` until the agent has published a probe state for the backend.
+fn health_of(svc: &ServiceReport, addr: &str) -> Option<BackendHealth> {
+    find_backend(svc, addr)?.health.clone()
 }
 
 /// Waits until every listed backend has passed at least one probe.
@@ -45,9 +44,9 @@ fn wait_probed(s: &Scenario, addrs: &[&str]) {
         let svc = web(s);
         addrs
             .iter()
-            .all(|a| health_of(&svc, a)["last_result"] == "ok")
+            .all(|a| health_of(&svc, a).is_some_and(|h| h.last_result == "ok"))
     });
-    assert!(ok, "backends never probed healthy: {}", web(s));
+    assert!(ok, "backends never probed healthy: {:?}", web(s));
 }
 
 fn bound(probes: u64) -> Duration {
@@ -76,12 +75,9 @@ fn dead_backend_is_removed_within_fall_probes_and_returns_after_rise() {
         "removal took {detected:?}, bound {:?}",
         bound(FALL + 1)
     );
-    let h = health_of(&web(&s), B3);
-    assert_eq!(h["healthy"], false, "{h}");
-    assert!(
-        h["last_result"].as_str().unwrap().contains("connect"),
-        "{h}"
-    );
+    let h = health_of(&web(&s), B3).expect("B3's probe state");
+    assert!(!h.healthy, "{h:?}");
+    assert!(h.last_result.contains("connect"), "{h:?}");
 
     let after = s.client(VIP, 300, Proto::Tcp);
     assert_eq!(after.ok, 300, "connects after removal: {after:?}");
@@ -123,11 +119,15 @@ fn http_check_removes_a_500_backend_and_keeps_a_200_one() {
     wait_backends(&s.pins, "web", &[B1], WAIT);
     let svc = web(&s);
     assert_eq!(
-        health_of(&svc, B2)["last_result"],
-        "http status 500",
-        "{svc}"
+        health_of(&svc, B2).map(|h| h.last_result).as_deref(),
+        Some("http status 500"),
+        "{svc:?}"
     );
-    assert_eq!(health_of(&svc, B1)["healthy"], true, "{svc}");
+    assert_eq!(
+        health_of(&svc, B1).map(|h| h.healthy),
+        Some(true),
+        "{svc:?}"
+    );
 }
 
 #[test]
@@ -138,8 +138,8 @@ fn all_backends_down_fail_open_balances_over_all_and_fail_closed_refuses() {
     // Data ports serve; the health port has no listener, so every backend is unhealthy.
     let health = "kind = \"tcp\"\nport = 9999";
     let open = Scenario::start(&[B1, B2], Proto::Tcp, &config(&[B1, B2], health, true));
-    let ok = wait_for(WAIT, || web(&open)["fail_open_active"] == true);
-    assert!(ok, "never failed open: {}", web(&open));
+    let ok = wait_for(WAIT, || web(&open).fail_open_active);
+    assert!(ok, "never failed open: {:?}", web(&open));
     wait_backends(&open.pins, "web", &[B1, B2], WAIT);
     let report = open.client(VIP, 200, Proto::Tcp);
     assert_eq!(report.ok, 200, "{report:?}");
@@ -147,15 +147,15 @@ fn all_backends_down_fail_open_balances_over_all_and_fail_closed_refuses() {
     assert!(open.agent.as_ref().unwrap().log().contains("FAILING OPEN"));
 
     let closed = Scenario::start(&[B1, B2], Proto::Tcp, &config(&[B1, B2], health, false));
-    let emptied = wait_for(WAIT, || web(&closed)["slots"] == 0);
+    let emptied = wait_for(WAIT, || web(&closed).slots == 0);
     assert!(
         emptied,
-        "fail-closed service kept backends: {}",
+        "fail-closed service kept backends: {:?}",
         web(&closed)
     );
     let report = closed.client(VIP, 50, Proto::Tcp);
     assert_eq!(report.failed("ECONNREFUSED"), 50, "{report:?}");
-    assert_eq!(web(&closed)["fail_open_active"], false);
+    assert!(!web(&closed).fail_open_active);
 }
 
 #[test]
@@ -173,13 +173,11 @@ fn hanging_probe_fails_after_its_timeout_without_stalling_the_checker() {
     wait_backends(&s.pins, "web", &[B2], WAIT);
     // Probes keep coming every interval: the hung one times out instead of blocking.
     let ok = wait_for(WAIT, || {
-        health_of(&web(&s), B1)["consecutive_fail"].as_u64() >= Some(FALL + 3)
+        health_of(&web(&s), B1).is_some_and(|h| u64::from(h.consecutive_fail) >= FALL + 3)
     });
     let h = health_of(&web(&s), B1);
-    assert!(ok, "checker stalled on a hanging backend: {h}");
-    assert!(
-        h["last_result"].as_str().unwrap().starts_with("timeout"),
-        "{h}"
-    );
-    assert_eq!(health_of(&web(&s), B2)["healthy"], true);
+    assert!(ok, "checker stalled on a hanging backend: {h:?}");
+    let h = h.expect("B1's probe state");
+    assert!(h.last_result.starts_with("timeout"), "{h:?}");
+    assert_eq!(health_of(&web(&s), B2).map(|h| h.healthy), Some(true));
 }

@@ -6,6 +6,7 @@ use lb_testkit::kube_mock::{service, slice, Endpoint};
 use lb_testkit::procs::Proto;
 use lb_testkit::stats::{agent_stats, backend_set};
 use lb_testkit::{http_status, require_privileged, wait_backends, wait_for, KubeMock, Scenario};
+use lb_userspace::status::SourceState;
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -68,8 +69,9 @@ fn start(backends: &[&str], services: &[Value], slices: &[Value]) -> (Scenario, 
     (s, mock)
 }
 
-fn kubernetes_state(s: &Scenario) -> Value {
-    agent_stats(&s.pins).map_or(Value::Null, |st| st["kubernetes"]["state"].clone())
+/// `None` while `stats` fails or shows no Kubernetes source.
+fn kubernetes_state(s: &Scenario) -> Option<SourceState> {
+    agent_stats(&s.pins)?.kubernetes.map(|k| k.state)
 }
 
 #[test]
@@ -86,11 +88,7 @@ fn endpoint_conditions_drive_the_data_plane() {
     wait_backends(&s.pins, WEB, &[B1, B2], WAIT);
     s.assert_balanced(VIP, &[B1, B2]);
     let stats = agent_stats(&s.pins).unwrap();
-    assert_eq!(
-        stats["services"].as_array().unwrap().len(),
-        1,
-        "headless skipped: {stats}"
-    );
+    assert_eq!(stats.services.len(), 1, "headless skipped: {stats:?}");
     assert!(wait_for(WAIT, || http_status(&s.net, HTTP, "/readyz") == Some(200)));
     assert_eq!(http_status(&s.net, HTTP, "/healthz"), Some(200));
 
@@ -109,7 +107,7 @@ fn endpoint_conditions_drive_the_data_plane() {
 
     // Nothing serving: the service is empty and refuses connects.
     mock.set(&[web()], &[web_slice(&[not_ready(B3)])]);
-    assert!(wait_for(WAIT, || s.service_stats(WEB)["slots"] == 0));
+    assert!(wait_for(WAIT, || s.service_stats(WEB).slots == 0));
     assert_eq!(s.client(VIP, 20, Proto::Tcp).failed("ECONNREFUSED"), 20);
 
     // A new ready pod.
@@ -166,7 +164,7 @@ fn dropped_watches_resume_and_expired_ones_relist() {
     let relisted = wait_for(WAIT, || lists(&mock) > lists_before);
     assert!(relisted, "no relist after 410: {:#?}", mock.requests());
     s.assert_balanced(VIP, &[B2, B3]);
-    assert_eq!(kubernetes_state(&s), "ok");
+    assert_eq!(kubernetes_state(&s), Some(SourceState::Ok));
 }
 
 #[test]
@@ -183,7 +181,7 @@ fn restart_without_the_api_keeps_pinned_services_until_the_first_sync() {
 
     // API server outage while running: the last known services stay and keep serving.
     drop(mock);
-    let errored = wait_for(WAIT, || kubernetes_state(&s) == "error");
+    let errored = wait_for(WAIT, || kubernetes_state(&s) == Some(SourceState::Error));
     assert!(errored, "{:?}", agent_stats(&s.pins));
     s.assert_balanced(VIP, &[B1, B2]);
 
@@ -192,8 +190,12 @@ fn restart_without_the_api_keeps_pinned_services_until_the_first_sync() {
     s.start_agent();
     std::thread::sleep(Duration::from_millis(1500));
     let stats = agent_stats(&s.pins).unwrap();
-    assert_eq!(backend_set(&stats, WEB).unwrap(), [B1, B2], "{stats}");
-    assert_eq!(stats["kubernetes"]["state"], "syncing", "{stats}");
+    assert_eq!(backend_set(&stats, WEB).unwrap(), [B1, B2], "{stats:?}");
+    assert_eq!(
+        stats.kubernetes.as_ref().map(|k| k.state),
+        Some(SourceState::Syncing),
+        "{stats:?}"
+    );
     s.assert_balanced(VIP, &[B1, B2]);
     assert_eq!(http_status(&s.net, HTTP, "/readyz"), Some(503));
     assert_eq!(http_status(&s.net, HTTP, "/healthz"), Some(200));

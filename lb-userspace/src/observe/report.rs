@@ -1,6 +1,7 @@
 //! One report of the pinned maps and the agent's status file, shared by every view: `stats`
 //! (as a table, `table`, or as JSON), `top` and `/metrics`. Reads the maps directly, so it
-//! works with or without a running agent.
+//! works with or without a running agent. The types deserialize too, so that the end-to-end
+//! tests read `stats --json` back into them instead of indexing untyped JSON.
 
 use crate::codec::endpoint;
 use crate::datapath::installed::read_installed;
@@ -12,12 +13,12 @@ use lb_common::{
     BackendCounters, ServiceKey, ALG_MAGLEV, ALG_RANDOM, FLAG_AFFINITY_CLIENT, IPPROTO_TCP,
     IPPROTO_UDP,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     /// The Kubernetes source's state, when the agent has one.
     pub kubernetes: Option<SourceStatus>,
@@ -32,7 +33,7 @@ pub struct Report {
 
 /// Number of entries in each pinned hash map: every key present, whether or not a service
 /// entry references it (an interrupted update's leftovers count too).
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MapEntries {
     pub services: usize,
     pub slots: usize,
@@ -58,7 +59,7 @@ impl MapEntries {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ServiceReport {
     pub name: String,
     pub vip: String,
@@ -90,7 +91,7 @@ pub struct ServiceReport {
 }
 
 /// Per-second rates between two samples.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Rates {
     pub connects: f64,
     pub failed: f64,
@@ -99,7 +100,7 @@ pub struct Rates {
     pub bytes_from: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct BackendReport {
     /// None for a backend a health check took out of the data plane.
     pub id: Option<u32>,
