@@ -4,6 +4,7 @@
 //! which has only a loopback device: an untranslated VIP connect fails with ENETUNREACH there.
 
 pub mod cgroup;
+pub mod config;
 pub mod join;
 pub mod kube_mock;
 pub mod netns;
@@ -24,12 +25,3 @@ pub use procs::{Agent, Backends, ClientReport, Proto, ServeMode, SteadyClient};
 pub use scenario::Scenario;
 pub use servers::{http_get, http_status, ConsulMock, Dns, DnsRecords, Etcd, KeepAlive, SrvRecord};
 pub use stats::{agent_stats, wait_backends, wait_for};
-
-/// Addresses as a TOML list body: `"a", "b"`.
-pub fn quoted(addrs: &[&str]) -> String {
-    addrs
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect::<Vec<_>>()
-        .join(", ")
-}

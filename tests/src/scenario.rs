@@ -6,6 +6,7 @@ use crate::procs::{run_client, Agent, Backends, ClientReport, Proto, ServeMode, 
 use crate::stats::ServiceReport;
 use crate::{paths::unique_name, PinDir, TestCgroup, TestNet};
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Display;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -26,7 +27,9 @@ pub struct Scenario {
 
 impl Scenario {
     /// `backends` are `ip:port` listeners; their IPs are added to the namespace's `lo`.
-    pub fn start(backends: &[&str], proto: Proto, config: &str) -> Self {
+    /// `config` is usually a [`crate::config::Config`]; literal text is for TOML the builder
+    /// would not write.
+    pub fn start(backends: &[&str], proto: Proto, config: impl Display) -> Self {
         let mut s = Self::without_agent(backends, proto);
         s.write_config(config);
         s.start_agent();
@@ -62,8 +65,8 @@ impl Scenario {
         }
     }
 
-    pub fn write_config(&self, text: &str) {
-        std::fs::write(&self.config, text).expect("write config");
+    pub fn write_config(&self, config: impl Display) {
+        std::fs::write(&self.config, config.to_string()).expect("write config");
     }
 
     /// Starts the agent on this scenario's pins and waits until it has applied its config.

@@ -1,8 +1,8 @@
 //! Privileged end-to-end tests of connect4 balancing: the real agent binary, real sockets in a
 //! namespace of the test's own (lo only, no route out) and clients in a child cgroup.
 
+use lb_testkit::config::{Config, Service};
 use lb_testkit::procs::Proto;
-use lb_testkit::quoted;
 use lb_testkit::{require_privileged, wait_backends, Scenario};
 use std::time::Duration;
 
@@ -12,8 +12,8 @@ const B2: &str = "127.0.0.12:8080";
 const B3: &str = "127.0.0.13:8080";
 const WAIT: Duration = Duration::from_secs(10);
 
-fn web(backends: &str) -> String {
-    format!("[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nprotocol = \"tcp\"\nbackends = [ {backends} ]\n")
+fn web(backends: &[&str]) -> Config {
+    Config::new().service(Service::tcp("web", VIP).backends(backends))
 }
 
 fn assert_near(label: &str, got: u64, expected: f64) {
@@ -30,11 +30,7 @@ fn vip_connects_reach_only_configured_backends() {
         return;
     }
     let extra = "127.0.0.14:8080";
-    let mut s = Scenario::start(
-        &[B1, B2, B3, extra],
-        Proto::Tcp,
-        &web(&quoted(&[B1, B2, B3])),
-    );
+    let mut s = Scenario::start(&[B1, B2, B3, extra], Proto::Tcp, web(&[B1, B2, B3]));
     let report = s.client(VIP, 300, Proto::Tcp);
     assert_eq!(report.ok, 300, "{report:?}");
     assert_eq!(report.from(extra), 0);
@@ -49,7 +45,7 @@ fn agent_starts_without_warnings() {
     if !require_privileged() {
         return;
     }
-    let mut s = Scenario::start(&[B1], Proto::Tcp, &web(&quoted(&[B1])));
+    let mut s = Scenario::start(&[B1], Proto::Tcp, web(&[B1]));
     assert_eq!(s.client(VIP, 10, Proto::Tcp).ok, 10);
     let complaints = s.agent().complaints();
     assert!(complaints.is_empty(), "the agent warned: {complaints:#?}");
@@ -60,15 +56,16 @@ fn spread_is_even_and_follows_weights() {
     if !require_privileged() {
         return;
     }
-    let s = Scenario::start(&[B1, B2, B3], Proto::Tcp, &web(&quoted(&[B1, B2, B3])));
+    let s = Scenario::start(&[B1, B2, B3], Proto::Tcp, web(&[B1, B2, B3]));
     let even = s.client(VIP, 3000, Proto::Tcp);
     assert_eq!(even.ok, 3000, "{even:?}");
     for b in [B1, B2, B3] {
         assert_near(b, even.from(b), 1000.0);
     }
 
-    let weighted = format!("\"{B1}\", \"{B2}\", {{ address = \"{B3}\", weight = 3 }}");
-    s.write_config(&web(&weighted));
+    s.write_config(
+        Config::new().service(Service::tcp("web", VIP).backends(&[B1, B2]).weighted(B3, 3)),
+    );
     let mut s = s;
     s.agent().sighup();
     let ok = lb_testkit::wait_for(WAIT, || s.service_stats("web").slots == 5);
@@ -85,7 +82,7 @@ fn counters_equal_what_backends_and_clients_counted() {
     if !require_privileged() {
         return;
     }
-    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, &web(&quoted(&[B1, B2, B3])));
+    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, web(&[B1, B2, B3]));
     let report = s.client(VIP, 500, Proto::Tcp);
     let svc = s.service_stats("web");
     let accepted = s.stop_backends();
@@ -99,7 +96,7 @@ fn client_outside_the_cgroup_is_not_rewritten() {
     if !require_privileged() {
         return;
     }
-    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&quoted(&[B1, B2])));
+    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, web(&[B1, B2]));
     let report = s.outside_client(VIP, 50, Proto::Tcp);
     assert_eq!(report.failed("ENETUNREACH"), 50, "{report:?}");
     assert_eq!(s.service_stats("web").connects, 0);
@@ -112,7 +109,7 @@ fn non_service_destinations_are_untouched() {
     if !require_privileged() {
         return;
     }
-    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&quoted(&[B1, B2])));
+    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, web(&[B1, B2]));
     let direct = s.client(B1, 40, Proto::Tcp);
     assert_eq!(direct.from(B1), 40, "{direct:?}");
     let other_port = s.client("10.96.0.10:81", 20, Proto::Tcp);
@@ -132,7 +129,7 @@ fn empty_service_refuses_connects_with_econnrefused() {
     if !require_privileged() {
         return;
     }
-    let s = Scenario::start(&[B1], Proto::Tcp, &web(""));
+    let s = Scenario::start(&[B1], Proto::Tcp, web(&[]));
     let report = s.client(VIP, 25, Proto::Tcp);
     assert_eq!(report.failed("ECONNREFUSED"), 25, "{report:?}");
     let svc = s.service_stats("web");
@@ -145,10 +142,10 @@ fn reload_removing_a_backend_stops_traffic_to_it_and_bad_config_is_rejected() {
     if !require_privileged() {
         return;
     }
-    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, &web(&quoted(&[B1, B2, B3])));
+    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, web(&[B1, B2, B3]));
     assert_eq!(s.client(VIP, 90, Proto::Tcp).ok, 90);
 
-    s.write_config(&web(&quoted(&[B1, B2])));
+    s.write_config(web(&[B1, B2]));
     s.agent().sighup();
     wait_backends(&s.pins, "web", &[B1, B2], WAIT);
     let after = s.client(VIP, 500, Proto::Tcp);
@@ -184,7 +181,7 @@ fn agent_sigkill_under_load_loses_nothing_and_restart_adopts_pins() {
     if !require_privileged() {
         return;
     }
-    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, &web(&quoted(&[B1, B2, B3])));
+    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, web(&[B1, B2, B3]));
     let load = s.steady_load(VIP, Duration::from_millis(2), Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(500));
     s.agent().sigkill();
@@ -226,7 +223,7 @@ fn second_agent_on_the_same_pins_refuses_and_traffic_continues() {
     if !require_privileged() {
         return;
     }
-    let s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&quoted(&[B1, B2])));
+    let s = Scenario::start(&[B1, B2], Proto::Tcp, web(&[B1, B2]));
     let mut second = lb_testkit::Agent::start(&s.net, &s.cgroup, &s.pins, &s.config, 0, &[]);
     let exited = lb_testkit::wait_for(WAIT, || !second.is_running());
     assert!(exited, "second agent kept running");
@@ -244,11 +241,8 @@ fn connected_udp_is_balanced() {
         return;
     }
     let (u1, u2) = ("127.0.0.11:5353", "127.0.0.12:5353");
-    let config = format!(
-        "[[service]]\nname = \"dns\"\nvip = \"10.96.0.10:53\"\nprotocol = \"udp\"\nbackends = [ {} ]\n",
-        quoted(&[u1, u2])
-    );
-    let mut s = Scenario::start(&[u1, u2], Proto::Udp, &config);
+    let config = Config::new().service(Service::udp("dns", "10.96.0.10:53").backends(&[u1, u2]));
+    let mut s = Scenario::start(&[u1, u2], Proto::Udp, config);
     let report = s.client("10.96.0.10:53", 300, Proto::Udp);
     assert_eq!(report.ok, 300, "{report:?}");
     assert!(report.from(u1) > 0 && report.from(u2) > 0, "{report:?}");
@@ -262,11 +256,11 @@ fn editing_the_config_file_reloads_without_a_signal() {
     if !require_privileged() {
         return;
     }
-    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&quoted(&[B1])));
+    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, web(&[B1]));
     assert!(s.agent().sigterm_and_wait());
     s.watch_ms = 100;
     s.start_agent();
-    s.write_config(&web(&quoted(&[B2])));
+    s.write_config(web(&[B2]));
     wait_backends(&s.pins, "web", &[B2], WAIT);
     let report = s.client(VIP, 50, Proto::Tcp);
     assert_eq!(report.from(B2), 50, "{report:?}");
@@ -283,11 +277,11 @@ fn backend_set_swaps_under_load_fail_no_connect() {
         return;
     }
     let sets: [&[&str]; 2] = [&[B1, B2], &[B2, B3]];
-    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, &web(&quoted(sets[0])));
+    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, web(sets[0]));
     let load = s.steady_load(VIP, Duration::from_millis(1), Duration::from_secs(60));
     for round in 1..=20 {
         let set = sets[round % 2];
-        s.write_config(&web(&quoted(set)));
+        s.write_config(web(set));
         s.agent().sighup();
         wait_backends(&s.pins, "web", set, WAIT);
         // Pacing, not an assertion: let connects run against each set before the next swap.

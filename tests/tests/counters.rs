@@ -1,9 +1,10 @@
 //! Privileged end-to-end tests of the kernel-side counters: what `lb-agent stats` reports per
 //! backend must equal what the backends accepted and what the clients saw.
 
+use lb_testkit::config::{Config, Service, Table};
 use lb_testkit::procs::{HeldConnections, Proto, ServeMode};
 use lb_testkit::stats::{backend, find_backend};
-use lb_testkit::{quoted, require_privileged, wait_for, Scenario};
+use lb_testkit::{require_privileged, wait_for, Scenario};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -14,11 +15,8 @@ const B2: &str = "127.0.0.12:8080";
 const DEAD: &str = "127.0.0.13:8080";
 const WAIT: Duration = Duration::from_secs(10);
 
-fn web(backends: &[&str], extra: &str) -> String {
-    format!(
-        "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nbackends = [ {} ]\n{extra}\n",
-        quoted(backends)
-    )
+fn web(backends: &[&str]) -> Config {
+    Config::new().service(Service::tcp("web", VIP).backends(backends))
 }
 
 #[test]
@@ -26,7 +24,7 @@ fn connection_counters_equal_what_backends_and_clients_saw() {
     if !require_privileged() {
         return;
     }
-    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&[B1, B2, DEAD], ""));
+    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, web(&[B1, B2, DEAD]));
     // The dead backend's address must exist, so that the refusal is a RST from the kernel.
     let report = s.client(VIP, 300, Proto::Tcp);
     assert_eq!(report.attempts, 300, "{report:?}");
@@ -74,7 +72,7 @@ fn long_lived_connections_show_as_active_until_closed() {
     for b in [B1, B2] {
         s.start_backend(b, Proto::Tcp, ServeMode::Hang);
     }
-    s.write_config(&web(&[B1, B2], ""));
+    s.write_config(web(&[B1, B2]));
     s.start_agent();
     let held = HeldConnections::open(&s.net, &s.cgroup, VIP, 40);
     assert_eq!(held.held, 40);
@@ -100,11 +98,8 @@ fn byte_counting_can_be_turned_off() {
     if !require_privileged() {
         return;
     }
-    let s = Scenario::start(
-        &[B1],
-        Proto::Tcp,
-        &format!("[dataplane]\ncount_bytes = false\n\n{}", web(&[B1], "")),
-    );
+    let config = web(&[B1]).dataplane(Table::new().set("count_bytes", false));
+    let s = Scenario::start(&[B1], Proto::Tcp, config);
     let report = s.client(VIP, 20, Proto::Tcp);
     assert_eq!(report.ok, 20, "{report:?}");
     assert!(wait_for(WAIT, || backend(&s.service_stats("web"), B1)
@@ -124,9 +119,16 @@ fn a_refusing_backend_is_ejected_and_restored_without_health_checks() {
     if !require_privileged() {
         return;
     }
-    let outlier = "[service.outlier]\nconsecutive_failures = 3\nbase_ejection_time = \"2s\"\n\
-                   max_ejection_percent = 50";
-    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&[B1, B2, DEAD], outlier));
+    let outlier = Table::new()
+        .set("consecutive_failures", 3)
+        .set("base_ejection_time", "2s")
+        .set("max_ejection_percent", 50);
+    let config = Config::new().service(
+        Service::tcp("web", VIP)
+            .backends(&[B1, B2, DEAD])
+            .outlier(outlier),
+    );
+    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, config);
     let load = s.steady_load(
         VIP,
         // About 7 refused connects a second: even a check delayed by a loaded machine stays
@@ -191,7 +193,7 @@ fn metrics_parse_as_prometheus_text_and_carry_the_same_numbers() {
     if !require_privileged() {
         return;
     }
-    let s = Scenario::start(&[B1, B2], Proto::Tcp, &web(&[B1, B2, DEAD], ""));
+    let s = Scenario::start(&[B1, B2], Proto::Tcp, web(&[B1, B2, DEAD]));
     let report = s.client(VIP, 100, Proto::Tcp);
     assert_eq!(report.attempts, 100, "{report:?}");
     assert!(wait_for(WAIT, || {

@@ -2,20 +2,13 @@
 //! sockets, unconnected UDP with replies from the VIP, getpeername, Maglev and client affinity.
 //! Real agent, real programs, real sockets in the test's own namespace (lo only).
 
+use lb_testkit::config::{Config, Service};
 use lb_testkit::procs::{run_client, run_client_with, Proto};
-use lb_testkit::{quoted, require_privileged, wait_for, Scenario, TestCgroup};
+use lb_testkit::{require_privileged, wait_for, Scenario, TestCgroup};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn service(name: &str, vip: &str, proto: &str, backends: &[&str], extra: &str) -> String {
-    format!(
-        "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nprotocol = \"{proto}\"\n\
-         backends = [ {} ]\n{extra}\n",
-        quoted(backends)
-    )
-}
 
 fn one_key(map: &std::collections::HashMap<String, u64>) -> Option<String> {
     (map.len() == 1)
@@ -32,7 +25,7 @@ fn ipv6_vip_reaches_ipv6_backends_and_peers_read_as_the_vip() {
     let s = Scenario::start(
         &[b1, b2],
         Proto::Tcp,
-        &service("web6", vip, "tcp", &[b1, b2], ""),
+        Config::new().service(Service::tcp("web6", vip).backends(&[b1, b2])),
     );
     let report = s.client(vip, 100, Proto::Tcp);
     assert_eq!(report.ok, 100, "{report:?}");
@@ -57,7 +50,7 @@ fn v4_mapped_socket_reaches_the_ipv4_vip_and_programs_are_sized() {
     let s = Scenario::start(
         &[b1, b2],
         Proto::Tcp,
-        &service("web", vip, "tcp", &[b1, b2], ""),
+        Config::new().service(Service::tcp("web", vip).backends(&[b1, b2])),
     );
     let mapped = "[::ffff:10.96.0.10]:80";
     let report = s.client(mapped, 60, Proto::Tcp);
@@ -89,7 +82,7 @@ fn udp_sendto_keeps_one_backend_per_socket_and_replies_come_from_the_vip() {
     let s = Scenario::start(
         &backends,
         Proto::Udp,
-        &service("dns", vip, "udp", &backends, ""),
+        Config::new().service(Service::udp("dns", vip).backends(&backends)),
     );
     let mut used = BTreeSet::new();
     for _ in 0..12 {
@@ -125,8 +118,11 @@ fn maglev_choice_in_the_kernel_equals_the_agent_table() {
     let vip = "10.96.0.20:80";
     let addrs: Vec<String> = (21..31).map(|i| format!("127.0.0.{i}:8080")).collect();
     let all: Vec<&str> = addrs.iter().map(String::as_str).collect();
-    let extra = "algorithm = \"maglev\"\nclient_key = \"cgroup\"";
-    let mut s = Scenario::start(&all, Proto::Tcp, &service("mg", vip, "tcp", &all, extra));
+    let mg = Service::tcp("mg", vip)
+        .set("algorithm", "maglev")
+        .set("client_key", "cgroup");
+    let config = Config::new().service(mg.clone().backends(&all));
+    let mut s = Scenario::start(&all, Proto::Tcp, config);
     let clients: Vec<TestCgroup> = (0..12).map(|_| s.cgroup.child()).collect();
 
     let check = |s: &Scenario, backends: &[&str]| -> BTreeMap<u64, String> {
@@ -163,7 +159,7 @@ fn maglev_choice_in_the_kernel_equals_the_agent_table() {
     // the removed backend move.
     let removed = before.values().next().unwrap().clone();
     let rest: Vec<&str> = all.iter().copied().filter(|a| *a != removed).collect();
-    s.write_config(&service("mg", vip, "tcp", &rest, extra));
+    s.write_config(Config::new().service(mg.backends(&rest)));
     s.agent().sighup();
     assert!(wait_for(WAIT, || s.service_stats("mg").backends.len() == 9));
     let after = check(&s, &rest);
@@ -186,7 +182,9 @@ fn client_affinity_keeps_the_backend_across_changes_until_idle() {
     let vip = "10.96.0.30:80";
     let backends = ["127.0.0.11:8080", "127.0.0.12:8080", "127.0.0.13:8080"];
     // Long enough that a slow reload below cannot expire the client by accident.
-    let extra = "affinity = \"client\"\naffinity_timeout = \"5s\"";
+    let sticky = Service::tcp("sticky", vip)
+        .set("affinity", "client")
+        .set("affinity_timeout", "5s");
     let mut s = Scenario::start(
         &[
             "127.0.0.11:8080",
@@ -195,7 +193,7 @@ fn client_affinity_keeps_the_backend_across_changes_until_idle() {
             "127.0.0.14:8080",
         ],
         Proto::Tcp,
-        &service("sticky", vip, "tcp", &backends, extra),
+        Config::new().service(sticky.clone().backends(&backends)),
     );
     let r = s.client(vip, 100, Proto::Tcp);
     assert_eq!(r.ok, 100, "{r:?}");
@@ -206,7 +204,7 @@ fn client_affinity_keeps_the_backend_across_changes_until_idle() {
     // A new backend does not move the client.
     let mut more = backends.to_vec();
     more.push("127.0.0.14:8080");
-    s.write_config(&service("sticky", vip, "tcp", &more, extra));
+    s.write_config(Config::new().service(sticky.backends(&more)));
     s.agent().sighup();
     assert!(wait_for(WAIT, || s.service_stats("sticky").backends.len() == 4));
     let r = s.client(vip, 20, Proto::Tcp);

@@ -3,6 +3,7 @@
 //! blocking-query contract (no Consul server can be installed here). Every change is checked in
 //! the pinned maps and with real connects through the VIP.
 
+use lb_testkit::config::{Config, Service, Table};
 use lb_testkit::procs::Proto;
 use lb_testkit::stats::{agent_stats, backend, backend_set, find_backend};
 use lb_testkit::{
@@ -20,22 +21,21 @@ const B2: &str = "127.0.0.22:8080";
 const B3: &str = "127.0.0.23:8080";
 const B4: &str = "127.0.0.23:9090";
 const WAIT: Duration = Duration::from_secs(15);
-/// Fast retries so that a recovered source is noticed quickly.
-const RETRY: &str = "retry_initial = \"100ms\"\nretry_max = \"1s\"";
-
-fn service(name: &str, vip: &str, discovery: &str) -> String {
-    format!(
-        "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\n[service.discovery]\n{discovery}\n{RETRY}\n\n"
-    )
+/// A service whose backends come from `discovery`, retried fast so that a recovered source is
+/// noticed quickly.
+fn discovered(name: &str, vip: &str, source: Table) -> Service {
+    let source = source.set("retry_initial", "100ms").set("retry_max", "1s");
+    Service::tcp(name, vip).discovery(source)
 }
 
 /// Service "web" on VIP, discovered from `prefix` in `etcd`.
-fn etcd_service(etcd: &Etcd, prefix: &str) -> String {
-    let discovery = format!(
-        "kind = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"{prefix}\"\ntimeout = \"1s\"",
-        etcd.endpoint
-    );
-    service("web", VIP, &discovery)
+fn etcd_service(etcd: &Etcd, prefix: &str) -> Config {
+    let discovery = Table::new()
+        .set("kind", "etcd")
+        .set("endpoints", vec![etcd.endpoint.clone()])
+        .set("prefix", prefix)
+        .set("timeout", "1s");
+    Config::new().service(discovered("web", VIP, discovery))
 }
 
 /// `None` until the agent has published the service's discovery state.
@@ -55,7 +55,7 @@ fn wait_state(s: &Scenario, name: &str, state: SourceState) {
 }
 
 /// Installs a config and waits until the agent applied it (a reload by signal).
-fn apply(s: &mut Scenario, config: &str) {
+fn apply(s: &mut Scenario, config: &Config) {
     s.write_config(config);
     s.agent().sighup();
 }
@@ -65,7 +65,7 @@ fn etcd_registrations_leases_and_outages_reach_the_data_plane() {
     if !require_privileged() {
         return;
     }
-    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, "");
+    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, Config::new());
     let mut etcd = Etcd::start(&s.net);
     let prefix = "/services/web/";
     let long = etcd.grant(60);
@@ -128,7 +128,7 @@ fn agent_restart_keeps_discovered_backends_until_the_source_answers() {
     if !require_privileged() {
         return;
     }
-    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, "");
+    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, Config::new());
     let mut etcd = Etcd::start(&s.net);
     etcd.put(&format!("/services/web/{B1}"), "", None);
     etcd.put(&format!("/services/web/{B2}"), "", None);
@@ -186,7 +186,7 @@ fn dns_a_and_srv_records_refresh_on_their_ttl() {
     if !require_privileged() {
         return;
     }
-    let mut s = Scenario::start(&[B1, B2, B3, B4], Proto::Tcp, "");
+    let mut s = Scenario::start(&[B1, B2, B3, B4], Proto::Tcp, Config::new());
     let ttl = 1;
     let mut dns = Dns::start(
         &s.net,
@@ -196,19 +196,20 @@ fn dns_a_and_srv_records_refresh_on_their_ttl() {
             &[(B3, 10, 1), (B1, 20, 1)],
         ),
     );
-    let common = format!(
-        "nameservers = [\"{}\"]\nmin_refresh = \"200ms\"\nmax_refresh = \"30s\"\ntimeout = \"500ms\"",
-        dns.addr
-    );
-    let config = service(
-        "web-a",
-        VIP,
-        &format!("kind = \"dns\"\nname = \"web.lb.test\"\nport = 8080\n{common}"),
-    ) + &service(
-        "web-srv",
-        VIP2,
-        &format!("kind = \"dns\"\nname = \"_web._tcp.lb.test\"\nrecord = \"srv\"\n{common}"),
-    );
+    let dns_source = |name: &str| {
+        Table::new()
+            .set("kind", "dns")
+            .set("name", name)
+            .set("nameservers", vec![dns.addr.clone()])
+            .set("min_refresh", "200ms")
+            .set("max_refresh", "30s")
+            .set("timeout", "500ms")
+    };
+    let a = dns_source("web.lb.test").set("port", 8080);
+    let srv = dns_source("_web._tcp.lb.test").set("record", "srv");
+    let config = Config::new()
+        .service(discovered("web-a", VIP, a))
+        .service(discovered("web-srv", VIP2, srv));
     apply(&mut s, &config);
     wait_backends(&s.pins, "web-a", &[B1, B2], WAIT);
     // Only the lowest SRV priority is used: B1 (priority 20) is a fallback.
@@ -274,20 +275,25 @@ fn consul_blocking_queries_follow_the_index_and_survive_garbage() {
     if !require_privileged() {
         return;
     }
-    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, "");
+    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, Config::new());
     let consul = ConsulMock::start(
         &s.net,
         &consul_state(10, &[(B1, "passing"), (B2, "passing"), (B3, "critical")]),
     );
     let token = s.config.with_extension("token");
     std::fs::write(&token, "s3cret\n").unwrap();
-    let discovery = format!(
-        "kind = \"consul\"\naddress = \"{}\"\nservice = \"web\"\ntag = \"v1\"\n\
-         datacenter = \"dc1\"\ntoken_file = \"{}\"\nwait = \"2s\"",
-        consul.addr,
-        token.display()
+    let discovery = Table::new()
+        .set("kind", "consul")
+        .set("address", consul.addr.clone())
+        .set("service", "web")
+        .set("tag", "v1")
+        .set("datacenter", "dc1")
+        .set("token_file", token.display().to_string())
+        .set("wait", "2s");
+    apply(
+        &mut s,
+        &Config::new().service(discovered("web", VIP, discovery)),
     );
-    apply(&mut s, &service("web", VIP, &discovery));
     // Only passing instances: B3's check is critical.
     wait_backends(&s.pins, "web", &[B1, B2], WAIT);
     s.assert_balanced(VIP, &[B1, B2]);
@@ -402,20 +408,23 @@ fn discovered_backends_go_through_health_checks() {
     }
     // B3 is registered as passing in Consul but nothing listens there: the agent's own probe
     // must keep it out.
-    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, "");
+    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, Config::new());
     let consul = ConsulMock::start(
         &s.net,
         &consul_state(3, &[(B1, "passing"), (B2, "passing"), (B3, "passing")]),
     );
-    let config = service(
-        "web",
-        VIP,
-        &format!(
-            "kind = \"consul\"\naddress = \"{}\"\nservice = \"web\"",
-            consul.addr
-        ),
-    ) + "[service.health]\nkind = \"tcp\"\ninterval = \"200ms\"\n\
-         timeout = \"100ms\"\nrise = 1\nfall = 2\njitter = \"20ms\"\n";
+    let discovery = Table::new()
+        .set("kind", "consul")
+        .set("address", consul.addr.clone())
+        .set("service", "web");
+    let health = Table::new()
+        .set("kind", "tcp")
+        .set("interval", "200ms")
+        .set("timeout", "100ms")
+        .set("rise", 1)
+        .set("fall", 2)
+        .set("jitter", "20ms");
+    let config = Config::new().service(discovered("web", VIP, discovery).health(health));
     apply(&mut s, &config);
     wait_backends(&s.pins, "web", &[B1, B2], WAIT);
     let svc = s.service_stats("web");

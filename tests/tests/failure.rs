@@ -2,8 +2,8 @@
 //! under load. Real agent binary, real sockets in the test's own namespace (lo only, no route
 //! out: a VIP connect left untranslated fails with ENETUNREACH) and clients in a child cgroup.
 
+use lb_testkit::config::{Config, Service};
 use lb_testkit::procs::{monotonic_micros, read_accept_log, Backends, Proto};
-use lb_testkit::quoted;
 use lb_testkit::stats::{backend_set, has_backend, map_entries, ServiceReport};
 use lb_testkit::{
     agent_stats, require_privileged, wait_backends, wait_for, PinDir, Scenario, SteadyClient,
@@ -24,15 +24,8 @@ const WAIT: Duration = Duration::from_secs(10);
 /// Steady load: one connect per millisecond (plus the exchange itself).
 const LOAD_INTERVAL: Duration = Duration::from_millis(1);
 
-fn service(name: &str, vip: &str, backends: &[&str]) -> String {
-    format!(
-        "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nprotocol = \"tcp\"\nbackends = [ {} ]\n",
-        quoted(backends)
-    )
-}
-
-fn web(backends: &[&str]) -> String {
-    service("web", VIP, backends)
+fn web(backends: &[&str]) -> Config {
+    Config::new().service(Service::tcp("web", VIP).backends(backends))
 }
 
 /// Per backend address of a service's stats: (backend id, connects counter).
@@ -66,7 +59,7 @@ fn agent_sigkill_under_load_then_restart_loses_nothing() {
         return;
     }
     let backends = [B1, B2, B3];
-    let mut s = Scenario::start(&backends, Proto::Tcp, &web(&backends));
+    let mut s = Scenario::start(&backends, Proto::Tcp, web(&backends));
     let load = start_load(&s);
     let before = s.service_stats("web");
 
@@ -148,8 +141,8 @@ fn agent_upgrade_with_a_different_config_has_no_empty_window() {
         return;
     }
     let config_x = web(&[B1, B2]);
-    let config_y = web(&[B2, B3]) + &service("api", API_VIP, &[A1]);
-    let mut s = Scenario::start(&[B1, B2, B3, A1, DECOY], Proto::Tcp, &config_x);
+    let config_y = web(&[B2, B3]).service(Service::tcp("api", API_VIP).backends(&[A1]));
+    let mut s = Scenario::start(&[B1, B2, B3, A1, DECOY], Proto::Tcp, config_x);
     let load = start_load(&s);
     let old = s.service_stats("web");
 
@@ -157,7 +150,7 @@ fn agent_upgrade_with_a_different_config_has_no_empty_window() {
     s.agent = None;
     // A gap between the two agents, as in a real upgrade: the pins keep serving config X.
     std::thread::sleep(Duration::from_millis(300));
-    s.write_config(&config_y);
+    s.write_config(config_y);
     s.start_agent();
     wait_backends(&s.pins, "web", &[B2, B3], WAIT);
     let new = s.service_stats("web");
@@ -280,7 +273,7 @@ fn backend_churn_ten_per_second_for_thirty_seconds() {
         return;
     }
     let stable = [B1, B2];
-    let mut s = Scenario::start(&stable, Proto::Tcp, &web(&stable));
+    let mut s = Scenario::start(&stable, Proto::Tcp, web(&stable));
     let log = s.config.with_extension("accepts.log");
     let churned = Backends::start_logged(&s.net, &CHURN, Proto::Tcp, &log);
     let baseline_stats = agent_stats(&s.pins).expect("stats");
@@ -298,11 +291,11 @@ fn backend_churn_ten_per_second_for_thirty_seconds() {
         let tick = Instant::now();
         let addr = CHURN[i % CHURN.len()];
         let from = monotonic_micros();
-        s.write_config(&web(&[B1, B2, addr]));
+        s.write_config(web(&[B1, B2, addr]));
         s.agent().sighup();
         wait_membership(&s.pins, addr, true);
         std::thread::sleep(CHURN_DWELL);
-        s.write_config(&web(&stable));
+        s.write_config(web(&stable));
         let removal_sent = monotonic_micros();
         s.agent().sighup();
         let removed_seen = wait_membership(&s.pins, addr, false);

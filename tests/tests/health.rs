@@ -1,6 +1,7 @@
 //! Privileged end-to-end tests of active health checks: real probes from the real agent to
 //! backends in the test's namespace, observed through real connects and `lb-agent stats`.
 
+use lb_testkit::config::{Config, Service, Table};
 use lb_testkit::procs::Proto;
 use lb_testkit::stats::{find_backend, ServiceReport};
 use lb_testkit::{require_privileged, wait_backends, wait_for, Scenario, ServeMode};
@@ -12,20 +13,27 @@ const B1: &str = "127.0.0.11:8080";
 const B2: &str = "127.0.0.12:8080";
 const B3: &str = "127.0.0.13:8080";
 const INTERVAL_MS: u64 = 200;
-const RISE: u64 = 2;
-const FALL: u64 = 3;
+const RISE: u32 = 2;
+const FALL: u32 = 3;
 /// Scheduling slack on top of the protocol's own bound (jitter, reconcile, a loaded CI machine).
 const SLACK: Duration = Duration::from_millis(1000);
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A service over `backends` with the given health block body and fail-open choice.
-fn config(backends: &[&str], health: &str, fail_open: bool) -> String {
-    let list = lb_testkit::quoted(backends);
-    format!(
-        "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nbackends = [ {list} ]\n\
-         fail_open = {fail_open}\n\n[service.health]\n{health}\n\
-         interval = \"{INTERVAL_MS}ms\"\ntimeout = \"100ms\"\nrise = {RISE}\nfall = {FALL}\n\
-         jitter = \"20ms\"\n"
+/// A service over `backends` probed as `probe` says (kind, port, path) at this file's pace,
+/// with the given fail-open choice.
+fn config(backends: &[&str], probe: &Table, fail_open: bool) -> Config {
+    let health = probe
+        .clone()
+        .set("interval", format!("{INTERVAL_MS}ms"))
+        .set("timeout", "100ms")
+        .set("rise", RISE)
+        .set("fall", FALL)
+        .set("jitter", "20ms");
+    Config::new().service(
+        Service::tcp("web", VIP)
+            .backends(backends)
+            .set("fail_open", fail_open)
+            .health(health),
     )
 }
 
@@ -49,8 +57,8 @@ fn wait_probed(s: &Scenario, addrs: &[&str]) {
     assert!(ok, "backends never probed healthy: {:?}", web(s));
 }
 
-fn bound(probes: u64) -> Duration {
-    Duration::from_millis(probes * INTERVAL_MS) + SLACK
+fn bound(probes: u32) -> Duration {
+    Duration::from_millis(u64::from(probes) * INTERVAL_MS) + SLACK
 }
 
 #[test]
@@ -61,7 +69,7 @@ fn dead_backend_is_removed_within_fall_probes_and_returns_after_rise() {
     let mut s = Scenario::start(
         &[B1, B2, B3],
         Proto::Tcp,
-        &config(&[B1, B2, B3], "kind = \"tcp\"", true),
+        config(&[B1, B2, B3], &Table::new().set("kind", "tcp"), true),
     );
     wait_probed(&s, &[B1, B2, B3]);
     let load = s.steady_load(VIP, Duration::from_millis(2), Duration::from_secs(60));
@@ -110,11 +118,11 @@ fn http_check_removes_a_500_backend_and_keeps_a_200_one() {
     if !require_privileged() {
         return;
     }
-    let health = "kind = \"http\"\npath = \"/healthz\"";
-    let mut s = Scenario::start(&[], Proto::Tcp, "");
+    let health = Table::new().set("kind", "http").set("path", "/healthz");
+    let mut s = Scenario::start(&[], Proto::Tcp, Config::new());
     s.start_backend(B1, Proto::Tcp, ServeMode::Http(200));
     s.start_backend(B2, Proto::Tcp, ServeMode::Http(500));
-    s.write_config(&config(&[B1, B2], health, false));
+    s.write_config(config(&[B1, B2], &health, false));
     s.agent().sighup();
     wait_backends(&s.pins, "web", &[B1], WAIT);
     let svc = web(&s);
@@ -136,8 +144,8 @@ fn all_backends_down_fail_open_balances_over_all_and_fail_closed_refuses() {
         return;
     }
     // Data ports serve; the health port has no listener, so every backend is unhealthy.
-    let health = "kind = \"tcp\"\nport = 9999";
-    let open = Scenario::start(&[B1, B2], Proto::Tcp, &config(&[B1, B2], health, true));
+    let health = Table::new().set("kind", "tcp").set("port", 9999);
+    let open = Scenario::start(&[B1, B2], Proto::Tcp, config(&[B1, B2], &health, true));
     let ok = wait_for(WAIT, || web(&open).fail_open_active);
     assert!(ok, "never failed open: {:?}", web(&open));
     wait_backends(&open.pins, "web", &[B1, B2], WAIT);
@@ -146,7 +154,7 @@ fn all_backends_down_fail_open_balances_over_all_and_fail_closed_refuses() {
     assert!(report.from(B1) > 0 && report.from(B2) > 0, "{report:?}");
     assert!(open.agent.as_ref().unwrap().log().contains("FAILING OPEN"));
 
-    let closed = Scenario::start(&[B1, B2], Proto::Tcp, &config(&[B1, B2], health, false));
+    let closed = Scenario::start(&[B1, B2], Proto::Tcp, config(&[B1, B2], &health, false));
     let emptied = wait_for(WAIT, || web(&closed).slots == 0);
     assert!(
         emptied,
@@ -164,16 +172,16 @@ fn hanging_probe_fails_after_its_timeout_without_stalling_the_checker() {
         return;
     }
     let hang_port = "127.0.0.11:9090";
-    let health = "kind = \"http\"\nport = 9090";
-    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, "");
+    let health = Table::new().set("kind", "http").set("port", 9090);
+    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, Config::new());
     s.start_backend(hang_port, Proto::Tcp, ServeMode::Hang);
     s.start_backend("127.0.0.12:9090", Proto::Tcp, ServeMode::Http(204));
-    s.write_config(&config(&[B1, B2], health, false));
+    s.write_config(config(&[B1, B2], &health, false));
     s.agent().sighup();
     wait_backends(&s.pins, "web", &[B2], WAIT);
     // Probes keep coming every interval: the hung one times out instead of blocking.
     let ok = wait_for(WAIT, || {
-        health_of(&web(&s), B1).is_some_and(|h| u64::from(h.consecutive_fail) >= FALL + 3)
+        health_of(&web(&s), B1).is_some_and(|h| h.consecutive_fail >= FALL + 3)
     });
     let h = health_of(&web(&s), B1);
     assert!(ok, "checker stalled on a hanging backend: {h:?}");

@@ -2,6 +2,7 @@
 //! client against `lb-testkit kube-mock` (the list/watch protocol for Services and
 //! EndpointSlices; no API server can be installed here), checked with real connects.
 
+use lb_testkit::config::{Config, Table};
 use lb_testkit::kube_mock::{service, slice, Endpoint};
 use lb_testkit::procs::Proto;
 use lb_testkit::stats::{agent_stats, backend_set};
@@ -60,10 +61,8 @@ fn start(backends: &[&str], services: &[Value], slices: &[Value]) -> (Scenario, 
     let mock = KubeMock::start(&s.net);
     mock.set(services, slices);
     let kubeconfig = mock.kubeconfig(s.config.parent().unwrap());
-    s.write_config(&format!(
-        "[kubernetes]\nkubeconfig = \"{}\"\n",
-        kubeconfig.display()
-    ));
+    let source = Table::new().set("kubeconfig", kubeconfig.display().to_string());
+    s.write_config(Config::new().kubernetes(source));
     s.agent_args = vec!["--http-listen".into(), HTTP.into()];
     s.start_agent();
     (s, mock)

@@ -50,7 +50,7 @@ fn a_failed_reconcile_is_reported_retried_and_recovered() {
         "never ready with a good config"
     );
 
-    s.write_config(&too_big());
+    s.write_config(too_big());
     s.agent().sighup();
     let unready = wait_for(WAIT, || http_status(&s.net, HTTP, "/readyz") == Some(503));
     assert!(

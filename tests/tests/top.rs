@@ -1,9 +1,10 @@
 //! `lb-agent top` in a pseudo-terminal of 80×24, as over SSH: its output is fed to a terminal
 //! emulator (vt100) and the resulting screen is checked for the expected rows; `q` quits.
 
+use lb_testkit::config::{Config, Service};
 use lb_testkit::paths::agent_bin;
 use lb_testkit::procs::Proto;
-use lb_testkit::{quoted, require_privileged, Scenario};
+use lb_testkit::{require_privileged, Scenario};
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -65,11 +66,8 @@ fn top_shows_services_and_backends_in_80_by_24_and_quits_on_q() {
     if !require_privileged() {
         return;
     }
-    let config = format!(
-        "[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nbackends = [ {} ]\n",
-        quoted(&[B1, B2])
-    );
-    let s = Scenario::start(&[B1, B2], Proto::Tcp, &config);
+    let config = Config::new().service(Service::tcp("web", VIP).backends(&[B1, B2]));
+    let s = Scenario::start(&[B1, B2], Proto::Tcp, config);
     let load = s.steady_load(VIP, Duration::from_millis(20), Duration::from_secs(20));
 
     let (controller, terminal) = pty(24, 80);
