@@ -15,7 +15,7 @@
 //!     config.to_string(),
 //!     "[[service]]\nname = \"web\"\nvip = \"10.96.0.10:80\"\nprotocol = \"tcp\"\n\
 //!      backends = [\"127.0.0.11:8080\", { address = \"127.0.0.12:8080\", weight = 3 }]\n\
-//!      \n[service.health]\nkind = \"tcp\"\n\n"
+//!      \n[service.health]\nkind = \"tcp\"\n"
 //! );
 //! ```
 
@@ -171,18 +171,63 @@ impl fmt::Display for Service {
             writeln!(f, "backends = {}", Value::Array(self.backends.clone()))?;
         }
         write!(f, "{}", self.keys)?;
-        for (name, table) in &self.tables {
-            write!(f, "\n[service.{name}]\n{table}")?;
-        }
-        writeln!(f)
+        self.tables
+            .iter()
+            .try_for_each(|(name, table)| write!(f, "\n[service.{name}]\n{table}"))
     }
 }
 
+/// Sections first, then the services, a blank line between any two.
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (name, table) in &self.sections {
-            writeln!(f, "[{name}]\n{table}")?;
-        }
-        self.services.iter().try_for_each(|s| write!(f, "{s}"))
+        let sections = self.sections.iter().map(|(n, t)| format!("[{n}]\n{t}"));
+        let blocks: Vec<String> = sections
+            .chain(self.services.iter().map(Service::to_string))
+            .collect();
+        write!(f, "{}", blocks.join("\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_services_and_the_backends_rule() {
+        let config = Config::new()
+            .service(Service::udp("empty", "10.96.0.53:53"))
+            .service(
+                Service::tcp("found", "10.96.0.10:80")
+                    .set("algorithm", "maglev")
+                    .discovery(Table::new().set("kind", "dns").set("port", 8080)),
+            )
+            .dataplane(Table::new().set("count_bytes", false));
+        let text = config.to_string();
+        assert_eq!(
+            text,
+            "[dataplane]\ncount_bytes = false\n\
+             \n[[service]]\nname = \"empty\"\nvip = \"10.96.0.53:53\"\nprotocol = \"udp\"\n\
+             backends = []\n\
+             \n[[service]]\nname = \"found\"\nvip = \"10.96.0.10:80\"\nprotocol = \"tcp\"\n\
+             algorithm = \"maglev\"\n\
+             \n[service.discovery]\nkind = \"dns\"\nport = 8080\n"
+        );
+        let parsed: toml::Table = text.parse().expect("valid TOML");
+        assert_eq!(
+            parsed["service"][1]["discovery"]["port"].as_integer(),
+            Some(8080)
+        );
+    }
+
+    #[test]
+    fn strings_are_escaped() {
+        let text = Config::new()
+            .kubernetes(Table::new().set("kubeconfig", "/tmp/a \"b\"\\c"))
+            .to_string();
+        let parsed: toml::Table = text.parse().expect("valid TOML");
+        assert_eq!(
+            parsed["kubernetes"]["kubeconfig"].as_str(),
+            Some("/tmp/a \"b\"\\c")
+        );
     }
 }

@@ -21,11 +21,14 @@ const B2: &str = "127.0.0.22:8080";
 const B3: &str = "127.0.0.23:8080";
 const B4: &str = "127.0.0.23:9090";
 const WAIT: Duration = Duration::from_secs(15);
+
 /// A service whose backends come from `discovery`, retried fast so that a recovered source is
 /// noticed quickly.
-fn discovered(name: &str, vip: &str, source: Table) -> Service {
-    let source = source.set("retry_initial", "100ms").set("retry_max", "1s");
-    Service::tcp(name, vip).discovery(source)
+fn discovered(name: &str, vip: &str, discovery: Table) -> Service {
+    let discovery = discovery
+        .set("retry_initial", "100ms")
+        .set("retry_max", "1s");
+    Service::tcp(name, vip).discovery(discovery)
 }
 
 /// Service "web" on VIP, discovered from `prefix` in `etcd`.
