@@ -7,7 +7,7 @@
 use crate::addr::RawAddr;
 use core::mem::size_of;
 
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// "LBM1": marks an `LB_META` entry as written by this project.
 pub const META_MAGIC: u32 = 0x4c42_4d31;
 
@@ -70,6 +70,9 @@ pub struct BackendValue {
     /// The one service this backend entry belongs to. A remembered backend (affinity) is used
     /// only while its entry still exists and names the same service: ids are reused.
     pub service_id: u32,
+    /// Which owner of this id it is: bumped each time the agent hands the id to a new backend.
+    /// Sockets record it with the id, and what they count later goes to their owner only.
+    pub generation: u32,
 }
 
 /// `LB_BACKEND_CTRS` per-CPU value, indexed by backend id. Connections currently open are
@@ -77,6 +80,10 @@ pub struct BackendValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BackendCounters {
+    /// The owner these counters belong to (`BackendValue::generation`); the programs count
+    /// only for a socket of that generation. Not a counter: summing keeps the larger.
+    pub generation: u32,
+    pub _pad: u32,
     /// connect() calls rewritten to this backend, and new UDP sockets sending to it: attempts.
     pub connects: u64,
     /// TCP connections that completed the handshake (sock_ops).
@@ -115,6 +122,8 @@ impl core::ops::Add for BackendCounters {
     type Output = Self;
     fn add(self, o: Self) -> Self {
         Self {
+            generation: self.generation.max(o.generation),
+            _pad: 0,
             connects: self.connects + o.connects,
             established: self.established + o.established,
             failed: self.failed + o.failed,
@@ -140,16 +149,21 @@ impl core::ops::Add for ServiceCounters {
     }
 }
 
-/// `LB_AFFINITY` key kinds.
-pub const AFFINITY_CLIENT: u32 = 0;
-pub const AFFINITY_SOCKET: u32 = 1;
+/// `LB_FAIL_STREAK` value, indexed by backend id: failed connects in a row of the id's
+/// current owner. The agent writes a new generation (and a zero streak) when it reuses the id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FailStreak {
+    pub generation: u32,
+    pub streak: u32,
+}
 
-/// `LB_AFFINITY` key: a service and a client (netns cookie or cgroup id) or a socket cookie.
+/// `LB_AFFINITY` key: a service and a client (netns cookie or cgroup id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct AffinityKey {
     pub service_id: u32,
-    pub kind: u32,
+    pub _pad: u32,
     pub key: u64,
 }
 
@@ -158,32 +172,52 @@ pub struct AffinityKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct AffinityValue {
     pub backend_id: u32,
-    pub _pad: u32,
+    /// The backend's generation when chosen: a reused id is another backend.
+    pub generation: u32,
     /// `bpf_ktime_get_ns` of the last use.
     pub last_used_ns: u64,
 }
 
-/// `LB_REVERSE` key: a socket and the backend it was sent to. Replies (recvmsg) and the peer
-/// name (getpeername) from that backend on that socket are shown as the service VIP.
+/// One backend a socket was sent to through a VIP (`SocketState::peers`): replies from it
+/// (recvmsg) and the peer name (getpeername) show the VIP, and its connection and bytes count
+/// for (backend id, generation).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ReverseKey {
-    pub cookie: u64,
-    pub addr: RawAddr,
-    pub port: u16,
-    pub _pad: [u8; 6],
+pub struct SocketPeer {
+    pub vip: ServiceKey,
+    /// The backend's address and network-order port, as the socket sees its peer.
+    pub backend: RawAddr,
+    pub backend_port: u16,
+    pub _pad: u16,
+    /// The VIP is shown only while it still maps to this service id.
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub generation: u32,
 }
 
-/// `LB_REVERSE` value: the service the socket addressed. Used only while that VIP still maps
-/// to the same service id; otherwise the socket sees the backend's real address.
+/// Peers one socket remembers: a connected socket has one; an unconnected UDP socket keeps one
+/// backend for each of up to this many services it sends to (a fifth replaces the oldest).
+pub const SOCKET_PEERS: usize = 4;
+
+/// `SocketState::flags`: the socket was connected through a VIP, so every packet of it is
+/// with `peers[0]` and the byte counters need not read the packet's address.
+pub const SOCKET_CONNECTED: u8 = 1;
+/// `SocketState::flags`: sock_ops counted this TCP connection's end; nothing more counts.
+pub const SOCKET_DONE: u8 = 2;
+
+/// `LB_SOCKETS` value: the data plane's state of one socket, in the socket's own storage
+/// (`BPF_MAP_TYPE_SK_STORAGE`). It is freed with the socket, so it can neither fill up nor be
+/// evicted while the socket lives, and it costs nothing for sockets never sent to a VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ReverseValue {
-    pub vip: ServiceKey,
-    pub service_id: u32,
-    /// Where the socket's connection and traffic are counted (sock_ops, cgroup_skb).
-    pub backend_id: u32,
-    pub _pad: u32,
+pub struct SocketState {
+    pub peers: [SocketPeer; SOCKET_PEERS],
+    /// Peers in use, from `peers[0]`.
+    pub used: u8,
+    pub flags: u8,
+    /// The entry a new peer replaces when all are in use (round robin).
+    pub next: u8,
+    pub _pad: u8,
 }
 
 /// `LB_SVC_NAMES` value (key: service id): the configured name, NUL-padded. Only read by
@@ -206,13 +240,14 @@ pub struct Meta {
 const _: () = assert!(size_of::<ServiceKey>() == 20);
 const _: () = assert!(size_of::<ServiceValue>() == 20);
 const _: () = assert!(size_of::<SlotKey>() == 12);
-const _: () = assert!(size_of::<BackendValue>() == 24);
-const _: () = assert!(size_of::<BackendCounters>() == 64);
+const _: () = assert!(size_of::<BackendValue>() == 28);
+const _: () = assert!(size_of::<BackendCounters>() == 72);
+const _: () = assert!(size_of::<FailStreak>() == 8);
 const _: () = assert!(size_of::<ServiceCounters>() == 40);
 const _: () = assert!(size_of::<AffinityKey>() == 16);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
-const _: () = assert!(size_of::<ReverseKey>() == 32);
-const _: () = assert!(size_of::<ReverseValue>() == 32);
+const _: () = assert!(size_of::<SocketPeer>() == 52);
+const _: () = assert!(size_of::<SocketState>() == 52 * SOCKET_PEERS + 4);
 const _: () = assert!(size_of::<ServiceName>() == 64);
 const _: () = assert!(size_of::<Meta>() == 8);
 
@@ -231,8 +266,9 @@ mod pod {
     unsafe impl aya::Pod for Meta {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
-    unsafe impl aya::Pod for ReverseKey {}
-    unsafe impl aya::Pod for ReverseValue {}
+    unsafe impl aya::Pod for FailStreak {}
+    unsafe impl aya::Pod for SocketPeer {}
+    unsafe impl aya::Pod for SocketState {}
 }
 
 impl ServiceName {
@@ -277,6 +313,8 @@ mod tests {
     #[test]
     fn counters_add_every_field() {
         let one = BackendCounters {
+            generation: 3,
+            _pad: 0,
             connects: 1,
             established: 2,
             failed: 3,
@@ -287,6 +325,7 @@ mod tests {
             bytes_from: 8,
         };
         let two = one + one;
+        assert_eq!(two.generation, 3, "the generation is not a counter");
         assert_eq!(two.connects + two.established + two.failed + two.closed, 20);
         assert_eq!(
             two.packets_to + two.bytes_to + two.packets_from + two.bytes_from,
@@ -309,6 +348,25 @@ mod tests {
                 affinity_new: 10
             }
         );
+    }
+
+    #[test]
+    fn the_maps_folder_names_the_layout_version() {
+        let want = alloc_free_layout_name();
+        assert_eq!(crate::names::MAPS_FOLDER.as_bytes(), &want[..]);
+    }
+
+    /// "layout-<LAYOUT_VERSION>" without an allocator (this crate is no_std).
+    fn alloc_free_layout_name() -> [u8; 8] {
+        const {
+            assert!(
+                LAYOUT_VERSION < 10,
+                "two-digit versions need a longer name here"
+            )
+        };
+        let mut name = *b"layout-0";
+        name[7] += LAYOUT_VERSION as u8;
+        name
     }
 
     #[test]

@@ -18,12 +18,9 @@ pub const MAX_SLOTS: u32 = 1 << 20;
 pub const MAX_LOOKUP_ATTEMPTS: u32 = 3;
 /// Longest service name stored for `lb-agent stats` (the value holds a NUL terminator).
 pub const MAX_NAME_LEN: usize = 63;
-/// Entries of the affinity map (LRU): remembered client and UDP-socket choices. LRU maps are
-/// preallocated, about 80 bytes an entry.
+/// Entries of the affinity map (LRU): remembered client choices of client-affinity services.
+/// LRU maps are preallocated, about 80 bytes an entry.
 pub const MAX_AFFINITY: u32 = 65_536;
-/// Entries of the reverse-translation map (LRU): one per socket talking to a backend through a
-/// VIP. Connected sockets remove theirs on close; about 110 bytes an entry, preallocated.
-pub const MAX_REVERSE: u32 = 131_072;
 /// Flags of the hash maps the agent writes: `BPF_F_NO_PREALLOC` (see lb-ebpf's maps.rs for why).
 /// The agent checks adopted maps against it, so it lives here, once.
 pub const AGENT_HASH_FLAGS: u32 = 1;

@@ -1,42 +1,31 @@
-//! Remembered choices: a client's backend for a client-affinity service (until it has been idle
-//! for the service's timeout), and an unconnected UDP socket's backend for each service it
-//! sends to, so one DNS-style client keeps talking to one server.
+//! Remembered choices of client-affinity services: a client's backend, until it has been idle
+//! for the service's timeout. (An unconnected UDP socket's backend per service is the
+//! socket's own state, `socket.rs`.)
 
 use crate::client::Client;
 use crate::maps::LB_AFFINITY;
 use crate::select::still_serving;
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, ServiceValue, AFFINITY_CLIENT, AFFINITY_SOCKET,
-    FLAG_AFFINITY_CLIENT,
-};
+use lb_common::{AffinityKey, AffinityValue, BackendValue, ServiceValue, FLAG_AFFINITY_CLIENT};
 
 pub struct Slot {
     key: AffinityKey,
-    /// 0: never expires (a socket's entry lives as long as the socket, or the LRU's patience).
     timeout_ns: u64,
 }
 
-/// Which entry applies to this choice, if any. Client affinity wins over socket affinity.
+/// The entry this service's choice is remembered under, if it has client affinity.
 #[inline(always)]
-pub fn slot(svc: &ServiceValue, client: &mut Client, socket_cookie: Option<u64>) -> Option<Slot> {
-    if svc.flags & FLAG_AFFINITY_CLIENT != 0 {
-        return Some(Slot {
-            key: AffinityKey {
-                service_id: svc.id,
-                kind: AFFINITY_CLIENT,
-                key: client.key(svc.flags),
-            },
-            timeout_ns: u64::from(svc.affinity_timeout_s) * 1_000_000_000,
-        });
+pub fn slot(svc: &ServiceValue, client: &mut Client) -> Option<Slot> {
+    if svc.flags & FLAG_AFFINITY_CLIENT == 0 {
+        return None;
     }
-    socket_cookie.map(|cookie| Slot {
+    Some(Slot {
         key: AffinityKey {
             service_id: svc.id,
-            kind: AFFINITY_SOCKET,
-            key: cookie,
+            _pad: 0,
+            key: client.key(svc.flags),
         },
-        timeout_ns: 0,
+        timeout_ns: u64::from(svc.affinity_timeout_s) * 1_000_000_000,
     })
 }
 
@@ -52,16 +41,20 @@ pub fn recall(slot: &Slot) -> Option<(u32, BackendValue)> {
     if slot.timeout_ns != 0 && now.saturating_sub(remembered.last_used_ns) > slot.timeout_ns {
         return None;
     }
-    let backend = still_serving(slot.key.service_id, remembered.backend_id)?;
+    let backend = still_serving(
+        slot.key.service_id,
+        remembered.backend_id,
+        remembered.generation,
+    )?;
     remembered.last_used_ns = now;
     Some((remembered.backend_id, backend))
 }
 
 #[inline(always)]
-pub fn remember(slot: &Slot, backend_id: u32) {
+pub fn remember(slot: &Slot, backend_id: u32, backend: &BackendValue) {
     let value = AffinityValue {
         backend_id,
-        _pad: 0,
+        generation: backend.generation,
         // SAFETY: plain helper call without arguments.
         last_used_ns: unsafe { bpf_ktime_get_ns() },
     };

@@ -1,9 +1,9 @@
 //! The cgroup programs. `connect4/6` translate connect() to a service VIP:port into a backend
 //! IP:port, once, in the syscall; after that the socket talks to the backend directly, with no
 //! per-packet NAT. `sendmsg4/6` do the same for each unconnected UDP datagram (one backend per
-//! socket and service). `recvmsg4/6` and `getpeername4/6` show the VIP instead of the backend,
-//! and `sock_release` forgets a released UDP socket's reverse entry. `sock_ops` counts each
-//! translated TCP connection's outcome and `cgroup_skb` its bytes, per backend.
+//! socket and service). `recvmsg4/6` and `getpeername4/6` show the VIP instead of the backend.
+//! `sock_ops` counts each translated TCP connection's outcome and `cgroup_skb` its bytes, per
+//! backend. What a socket was translated to is kept in the socket's own storage (`socket.rs`).
 #![no_std]
 #![no_main]
 
@@ -12,22 +12,20 @@ mod affinity;
 mod client;
 mod counters;
 mod maps;
-mod reverse;
 mod select;
 mod sockaddr;
+mod socket;
 mod sockops;
 mod traffic;
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::generated::bpf_get_socket_cookie,
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
-    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
-    EbpfContext,
+    macros::{cgroup_skb, cgroup_sock_addr, sock_ops},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use client::Client;
-use lb_common::{BackendValue, ServiceKey, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{ServiceKey, SocketPeer, SocketState, IPPROTO_TCP, IPPROTO_UDP};
 use maps::LB_SERVICES;
 use select::Choice;
 
@@ -97,18 +95,6 @@ pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
     show_vip::<true>(&ctx)
 }
 
-/// Only a connected socket knows its peer here; unconnected UDP sockets leave their entries
-/// to the LRU. A TCP socket still closing (FIN_WAIT, TIME_WAIT…) keeps its entry until
-/// sock_ops sees it reach CLOSE and counts the close.
-#[cgroup_sock(sock_release)]
-pub fn lb_sock_release(ctx: SockContext) -> i32 {
-    let sock = sockaddr::released(ctx.sock);
-    if sock.port != 0 && !sock.tcp_open {
-        reverse::forget(&reverse::key(cookie(&ctx), sock.peer, sock.port));
-    }
-    ALLOW
-}
-
 /// Translates a VIP destination. `V6`: the program's family; `SEND`: an unconnected UDP
 /// datagram (sendmsg), which keeps the socket's earlier backend.
 #[inline(always)]
@@ -126,22 +112,36 @@ fn forward<const V6: bool, const SEND: bool>(ctx: &SockAddrContext) -> i32 {
         _pad: 0,
     };
     let Some(svc) = LB_SERVICES.get_ptr(&key) else {
+        // Only a UDP socket can connect again, elsewhere: its earlier peer is not its VIP now.
+        if !SEND && proto == IPPROTO_UDP {
+            if let Some(state) = socket::state(sockaddr::socket(sa), false) {
+                socket::forget(state);
+            }
+        }
         return ALLOW;
     };
     // SAFETY: the map is not preallocated, so the element stays valid under RCU while we copy.
     let svc = unsafe { *svc };
-    let cookie = cookie(ctx);
+    // Without storage (out of memory) the socket is still balanced; only its replies would
+    // show the backend and its outcome would go uncounted.
+    let state = socket::state(sockaddr::socket(sa), true);
     let mut client = Client::new(ctx);
-    let remembered = affinity::slot(&svc, &mut client, SEND.then_some(cookie));
-    if let Some(slot) = &remembered {
-        if let Some((backend_id, backend)) = affinity::recall(slot) {
-            counters::affinity_hit(svc.id);
-            // A datagram on a socket that already has its backend is no new connection.
-            if !SEND {
-                counters::connected(svc.id, backend_id);
-            }
-            return rewrite::<V6>(sa, &key, (svc.id, backend_id), cookie, &backend, SEND);
+    let client_slot = affinity::slot(&svc, &mut client);
+    let remembered = match &client_slot {
+        Some(slot) => affinity::recall(slot).map(|(id, b)| socket::peer(&key, (svc.id, id), &b)),
+        None if SEND => state
+            .as_deref()
+            .and_then(|s| socket::sent_before(s, &key, svc.id))
+            .filter(|p| select::still_serving(svc.id, p.backend_id, p.generation).is_some()),
+        None => None,
+    };
+    if let Some(peer) = remembered {
+        counters::affinity_hit(svc.id);
+        // A datagram on a socket that already has its backend is no new connection.
+        if !SEND {
+            counters::connected(&peer);
         }
+        return rewrite::<V6, SEND>(sa, &peer, state);
     }
     match select::choose(&key, svc, &mut client) {
         Choice::Backend {
@@ -149,13 +149,16 @@ fn forward<const V6: bool, const SEND: bool>(ctx: &SockAddrContext) -> i32 {
             backend_id,
             backend,
         } => {
-            if let Some(slot) = &remembered {
-                affinity::remember(slot, backend_id);
+            if let Some(slot) = &client_slot {
+                affinity::remember(slot, backend_id, &backend);
+            }
+            if client_slot.is_some() || SEND {
                 counters::affinity_new(service_id);
             }
-            counters::connected(service_id, backend_id);
+            let peer = socket::peer(&key, (service_id, backend_id), &backend);
+            counters::connected(&peer);
             debug!(ctx, "service {} -> backend {}", service_id, backend_id);
-            rewrite::<V6>(sa, &key, (service_id, backend_id), cookie, &backend, false)
+            rewrite::<V6, SEND>(sa, &peer, state)
         }
         Choice::NoBackend { service_id } => {
             counters::no_backend(service_id);
@@ -168,20 +171,22 @@ fn forward<const V6: bool, const SEND: bool>(ctx: &SockAddrContext) -> i32 {
     }
 }
 
+/// Points the syscall at the peer's backend and records it: a connect makes it the socket's
+/// one peer, a datagram its peer for this service.
 #[inline(always)]
-fn rewrite<const V6: bool>(
+fn rewrite<const V6: bool, const SEND: bool>(
     sa: &mut bpf_sock_addr,
-    vip: &ServiceKey,
-    (service_id, backend_id): (u32, u32),
-    cookie: u64,
-    backend: &BackendValue,
-    only_if_absent: bool,
+    peer: &SocketPeer,
+    state: Option<&mut SocketState>,
 ) -> i32 {
-    if !sockaddr::set::<V6>(sa, &backend.addr, backend.port) {
+    if !sockaddr::set::<V6>(sa, &peer.backend, peer.backend_port) {
         return refuse();
     }
-    let key = reverse::key(cookie, backend.addr, backend.port);
-    reverse::record(&key, vip, (service_id, backend_id), only_if_absent);
+    match state {
+        Some(state) if SEND => socket::sent(state, *peer),
+        Some(state) => socket::connected(state, *peer),
+        None => {}
+    }
     ALLOW
 }
 
@@ -191,17 +196,15 @@ fn rewrite<const V6: bool>(
 fn show_vip<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the duration of the program.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let key = reverse::key(cookie(ctx), sockaddr::addr::<V6>(sa), sockaddr::port(sa));
-    if let Some(vip) = reverse::lookup(&key) {
+    let Some(state) = socket::state(sockaddr::socket(sa), false) else {
+        return ALLOW;
+    };
+    let addr = sockaddr::addr::<V6>(sa);
+    let vip = socket::by_backend(state, &addr, sockaddr::port(sa)).and_then(|p| socket::vip_of(&p));
+    if let Some(vip) = vip {
         sockaddr::set::<V6>(sa, &vip.addr, vip.port);
     }
     ALLOW
-}
-
-#[inline(always)]
-pub(crate) fn cookie(ctx: &impl EbpfContext) -> u64 {
-    // SAFETY: the context pointer is the program's own, valid for this run.
-    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
 #[inline(always)]

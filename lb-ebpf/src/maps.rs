@@ -4,17 +4,19 @@
 //!
 //! Hash maps are not preallocated: with preallocation a deleted element can be reused by a
 //! concurrent insert while this program still reads it, which would defeat the revision swap.
-//! The two maps the programs write themselves (affinity and reverse translation) are LRU maps:
-//! they can never fill up, the least recently used entry makes room.
+//! What the programs keep per socket lives in the socket's own storage (`LB_SOCKETS`); the
+//! one node-wide map they write, client affinity, is an LRU map that makes room by itself.
 
 use aya_ebpf::{
+    bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
+use core::ffi::c_void;
 use lb_common::{
-    AffinityKey, AffinityValue, BackendCounters, BackendValue, Meta, ReverseKey, ReverseValue,
-    ServiceCounters, ServiceKey, ServiceName, ServiceValue, SlotKey, AGENT_HASH_FLAGS,
-    MAX_AFFINITY, MAX_BACKENDS, MAX_REVERSE, MAX_SERVICES, MAX_SLOTS,
+    AffinityKey, AffinityValue, BackendCounters, BackendValue, FailStreak, Meta, ServiceCounters,
+    ServiceKey, ServiceName, ServiceValue, SlotKey, SocketState, AGENT_HASH_FLAGS, MAX_AFFINITY,
+    MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS,
 };
 
 #[map]
@@ -37,14 +39,49 @@ pub static LB_SERVICE_CTRS: PerCpuArray<ServiceCounters> = PerCpuArray::pinned(M
 /// Consecutive failed connects per backend id (reset by an established one), read by the
 /// agent's outlier detection. Shared rather than per CPU: the order across CPUs matters.
 #[map]
-pub static LB_FAIL_STREAK: Array<u32> = Array::pinned(MAX_BACKENDS, 0);
+pub static LB_FAIL_STREAK: Array<FailStreak> = Array::pinned(MAX_BACKENDS, 0);
 
 #[map]
 pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(MAX_AFFINITY, 0);
 
-#[map]
-pub static LB_REVERSE: LruHashMap<ReverseKey, ReverseValue> = LruHashMap::pinned(MAX_REVERSE, 0);
+/// A BTF map definition: the loader reads the map's properties from the types of these
+/// fields, never from their values. aya-ebpf has a socket-storage map, but without the
+/// `pinning` field, and this map must be pinned like the others: a restarted agent's programs
+/// have to find the state of sockets its predecessor's programs translated.
+#[repr(C)]
+pub struct SocketStorage {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const SocketState,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    /// LIBBPF_PIN_BY_NAME.
+    pinning: *const [i32; 1],
+}
+
+// SAFETY: never dereferenced; the fields only carry types for the BTF the loader reads.
+unsafe impl Sync for SocketStorage {}
+
+impl SocketStorage {
+    /// The map argument of the storage helpers: the loader relocates this symbol to the map.
+    #[inline(always)]
+    pub fn as_ptr(&'static self) -> *mut c_void {
+        core::ptr::from_ref(self).cast_mut().cast()
+    }
+}
+
+/// Each socket's `SocketState`, created by the first translation of the socket.
+#[link_section = ".maps"]
+#[no_mangle]
+pub static LB_SOCKETS: SocketStorage = SocketStorage {
+    r#type: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+    max_entries: core::ptr::null(),
+    map_flags: core::ptr::null(),
+    pinning: core::ptr::null(),
+};
 
 /// Read only by `lb-agent stats`; declared here so that it is created and pinned with the rest.
 #[map]

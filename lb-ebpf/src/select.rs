@@ -61,6 +61,10 @@ pub fn choose(key: &ServiceKey, mut svc: ServiceValue, client: &mut Client) -> C
         };
         // SAFETY: as above.
         let backend = unsafe { *backend };
+        // A slot naming another service's backend is a table the agent is replacing.
+        if backend.service_id != svc.id {
+            continue;
+        }
         return Choice::Backend {
             service_id: svc.id,
             backend_id,
@@ -70,12 +74,13 @@ pub fn choose(key: &ServiceKey, mut svc: ServiceValue, client: &mut Client) -> C
     Choice::Raced { service_id: svc.id }
 }
 
-/// A remembered backend, if its entry still exists and still belongs to this service (backend
-/// ids are reused, and a backend that left the service, or turned unhealthy, is deleted).
+/// A remembered backend, if its entry still exists and is still the same backend of this
+/// service: a backend that left the service, or turned unhealthy, is deleted, and its id may
+/// since belong to another backend (a new generation).
 #[inline(always)]
-pub fn still_serving(service_id: u32, backend_id: u32) -> Option<BackendValue> {
+pub fn still_serving(service_id: u32, backend_id: u32, generation: u32) -> Option<BackendValue> {
     let backend = LB_BACKENDS.get_ptr(&backend_id)?;
     // SAFETY: as above.
     let backend = unsafe { *backend };
-    (backend.service_id == service_id).then_some(backend)
+    (backend.service_id == service_id && backend.generation == generation).then_some(backend)
 }

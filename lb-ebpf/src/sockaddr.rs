@@ -1,12 +1,12 @@
 //! Reading and writing the addresses the programs see in their contexts: the destination a
-//! sock_addr program may rewrite, and the peer of a socket being released. The kernel accepts
+//! sock_addr program may rewrite, and its socket. The kernel accepts
 //! only 4-byte accesses to the address and port fields, so each word is read and written on
 //! its own with volatile accesses the compiler cannot merge into 8-byte ones.
 
-use crate::abi::{AF_INET6, TCP_CLOSE};
-use aya_ebpf::bindings::{bpf_sock, bpf_sock_addr};
+use aya_ebpf::bindings::bpf_sock_addr;
+use core::ffi::c_void;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
-use lb_common::{as_v4, v4_mapped, RawAddr, IPPROTO_TCP};
+use lb_common::{as_v4, v4_mapped, RawAddr};
 
 /// An IPv6 address field of a context, one word at a time.
 ///
@@ -66,30 +66,9 @@ pub fn set<const V6: bool>(sa: &mut bpf_sock_addr, addr: &RawAddr, port: u16) ->
     true
 }
 
-/// What `sock_release` needs of a socket: its peer in the map form and port (network order),
-/// and whether it is a TCP connection not yet closed (whose reverse entry sock_ops removes
-/// when it reaches CLOSE, after counting the close).
-pub struct Released {
-    pub peer: RawAddr,
-    pub port: u16,
-    pub tcp_open: bool,
-}
-
-/// Reads the released socket's fields. Both address forms are read and one is picked
-/// afterwards, as the verifier wants context fields at fixed offsets.
+/// The socket of a sock_addr context, for its storage. Never null in these programs.
 #[inline(always)]
-pub fn released(sk: *const bpf_sock) -> Released {
-    // SAFETY: the kernel passes a valid bpf_sock for the duration of the program; fields are
-    // read one word at a time as the verifier requires.
-    unsafe {
-        let v6 = read_volatile(addr_of!((*sk).family)) == AF_INET6;
-        let ip4 = read_volatile(addr_of!((*sk).dst_ip4));
-        let ip6 = words(addr_of!((*sk).dst_ip6) as *const u32);
-        Released {
-            peer: if v6 { ip6 } else { v4_mapped(ip4) },
-            port: read_volatile(addr_of!((*sk).dst_port)),
-            tcp_open: read_volatile(addr_of!((*sk).protocol)) == u32::from(IPPROTO_TCP)
-                && read_volatile(addr_of!((*sk).state)) != TCP_CLOSE,
-        }
-    }
+pub fn socket(sa: &bpf_sock_addr) -> *mut c_void {
+    // SAFETY: the context's socket field, read as one 8-byte word as the verifier requires.
+    unsafe { read_volatile(addr_of!(sa.__bindgen_anon_1.sk)).cast() }
 }

@@ -1,26 +1,21 @@
 //! `cgroup_skb` egress and ingress: bytes and packets each backend exchanges with balanced
-//! sockets. The socket's cookie and the packet's remote address and port name the reverse
-//! entry, and so the backend, even for an unconnected UDP socket talking to several.
+//! sockets. The packet's socket holds its state (`socket.rs`): a connected socket's packets
+//! are all with its one backend; for an unconnected UDP socket talking to several, the
+//! packet's remote address and port pick the peer.
 
-use crate::{counters, reverse};
+use crate::{counters, socket};
 use aya_ebpf::programs::SkBuffContext;
-use lb_common::{v4_mapped, RawAddr};
+use core::ptr::{addr_of, read_volatile};
+use lb_common::{v4_mapped, RawAddr, SocketPeer, SOCKET_CONNECTED};
 use network_types::ip::{IpProto, Ipv4Hdr, Ipv6Hdr};
 
 #[inline(always)]
 pub fn count(ctx: &SkBuffContext, to_backend: bool) {
-    let cookie = crate::cookie(ctx);
-    if cookie == 0 {
-        return;
-    }
-    let Some((addr, port)) = remote(ctx, to_backend) else {
-        return;
-    };
-    let Some(backend_id) = reverse::backend_of(&reverse::key(cookie, addr, port)) else {
+    let Some(peer) = peer(ctx, to_backend) else {
         return;
     };
     let len = u64::from(ctx.len());
-    counters::backend(backend_id, |c| {
+    counters::backend(&peer, |c| {
         if to_backend {
             c.packets_to += 1;
             c.bytes_to += len;
@@ -29,6 +24,24 @@ pub fn count(ctx: &SkBuffContext, to_backend: bool) {
             c.bytes_from += len;
         }
     });
+}
+
+#[inline(always)]
+fn peer(ctx: &SkBuffContext, to_backend: bool) -> Option<SocketPeer> {
+    // SAFETY: the context's socket field, read as one 8-byte word as the verifier requires.
+    let sk = unsafe { read_volatile(addr_of!((*ctx.skb.skb).__bindgen_anon_2.sk)) };
+    if sk.is_null() {
+        return None;
+    }
+    let state = socket::state(sk.cast(), false)?;
+    if state.used == 0 {
+        return None;
+    }
+    if state.flags & SOCKET_CONNECTED != 0 {
+        return Some(state.peers[0]);
+    }
+    let (addr, port) = remote(ctx, to_backend)?;
+    socket::by_backend(state, &addr, port)
 }
 
 /// The peer's address and network-order port of a TCP or UDP packet: the destination of an

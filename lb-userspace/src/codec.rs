@@ -41,12 +41,13 @@ pub fn socket_addr(b: &BackendValue) -> SocketAddr {
     endpoint(&b.addr, b.port)
 }
 
-pub fn backend_value(addr: &SocketAddr, service_id: u32) -> BackendValue {
+pub fn backend_value(addr: &SocketAddr, service_id: u32, generation: u32) -> BackendValue {
     BackendValue {
         addr: ip_to_raw(addr.ip()),
         port: port_to_raw(addr.port()),
         _pad: 0,
         service_id,
+        generation,
     }
 }
 
@@ -129,7 +130,7 @@ mod tests {
         ] {
             let vip: SocketAddr = vip.parse().unwrap();
             assert_eq!(vip_of(&service_key(vip, protocol)), Some((vip, protocol)));
-            assert_eq!(socket_addr(&backend_value(&vip, 7)), vip);
+            assert_eq!(socket_addr(&backend_value(&vip, 7, 1)), vip);
         }
         let mut odd = service_key("10.96.0.10:80".parse().unwrap(), Protocol::Tcp);
         odd.proto = 132;

@@ -54,13 +54,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     let _lock = lock::acquire(&args.pin_dir)?;
     loader::prepare_pin_dir(&args.pin_dir)?;
-    let attached = loader::load_and_attach(&LoadOptions {
+    let load = LoadOptions {
         pin_dir: &args.pin_dir,
         cgroup: &cgroup,
         bpf_log: args.bpf_log,
         count_bytes: config.dataplane.count_bytes,
-    })?;
-    if let Some(logger) = attached.logger {
+    };
+    let loaded = loader::load(&load)?;
+    if let Some(logger) = loaded.logger {
         tokio::spawn(drain_ebpf_logs(logger));
     }
     let (transitions_tx, mut transitions) = mpsc::unbounded_channel();
@@ -88,7 +89,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut agent = Agent {
         kubernetes,
         readiness,
-        maps: attached.maps,
+        maps: loaded.maps,
         health: HealthRunner::new(transitions_tx, runner::remembered(previous.as_ref())),
         discovery,
         config,
@@ -103,6 +104,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     agent.discovery.sync(&agent.config);
     agent.kubernetes.sync(agent.config.kubernetes.as_ref());
     agent.reconcile().context("initial reconcile failed")?;
+    // Only now: programs of a new layout start with the maps they were loaded with.
+    loaded.programs.attach(&load)?;
     agent.publish_status();
     info!(services = agent.config.services.len(), "ready");
 

@@ -19,12 +19,15 @@ pub fn apply(dp: &mut impl Maps, ops: &[Op]) -> Result<()> {
 fn apply_one(dp: &mut impl Maps, op: &Op) -> Result<()> {
     match op {
         Op::ResetServiceCounters(id) => dp.reset_service_counters(*id),
-        Op::ResetBackendCounters(id) => dp.reset_backend_counters(*id),
+        Op::NewBackendGeneration(id) => dp.new_backend_generation(*id),
         Op::PutBackend {
             id,
             addr,
             service_id,
-        } => dp.put_backend(*id, &backend_value(addr, *service_id)),
+        } => {
+            let generation = dp.backend_generation(*id)?;
+            dp.put_backend(*id, &backend_value(addr, *service_id, generation))
+        }
         Op::PutSlots {
             service_id,
             revision,

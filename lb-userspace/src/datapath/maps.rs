@@ -22,7 +22,10 @@ pub trait Maps {
     fn put_name(&mut self, id: u32, name: &ServiceName) -> Result<()>;
     fn delete_name(&mut self, id: u32) -> Result<()>;
     fn reset_service_counters(&mut self, id: u32) -> Result<()>;
-    fn reset_backend_counters(&mut self, id: u32) -> Result<()>;
+    /// The generation of the backend id's current owner.
+    fn backend_generation(&self, id: u32) -> Result<u32>;
+    /// Hands the id to a new owner: the next generation, with zeroed counters and streak.
+    fn new_backend_generation(&mut self, id: u32) -> Result<()>;
 }
 
 /// An in-memory data plane for unit tests, with the invariant the connect program relies on.
@@ -37,7 +40,7 @@ pub mod fake {
         pub slots: BTreeMap<SlotKey, u32>,
         pub backends: BTreeMap<u32, BackendValue>,
         pub names: BTreeMap<u32, ServiceName>,
-        pub backend_connects: BTreeMap<u32, u64>,
+        pub generations: BTreeMap<u32, u32>,
         pub service_resets: Vec<u32>,
     }
 
@@ -58,8 +61,18 @@ pub mod fake {
                             v.revision
                         ));
                     };
-                    if !self.backends.contains_key(b) {
+                    let Some(backend) = self.backends.get(b) else {
                         return Err(format!("{key:?}: slot {slot} names missing backend {b}"));
+                    };
+                    if backend.service_id != v.id {
+                        return Err(format!("{key:?}: slot {slot} names another service's {b}"));
+                    }
+                    let generation = self.generations.get(b).copied().unwrap_or(0);
+                    if backend.generation != generation {
+                        return Err(format!(
+                            "{key:?}: backend {b} has generation {}, its counters {generation}",
+                            backend.generation
+                        ));
                     }
                 }
             }
@@ -123,8 +136,11 @@ pub mod fake {
             self.service_resets.push(id);
             Ok(())
         }
-        fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
-            self.backend_connects.insert(id, 0);
+        fn backend_generation(&self, id: u32) -> Result<u32> {
+            Ok(self.generations.get(&id).copied().unwrap_or(0))
+        }
+        fn new_backend_generation(&mut self, id: u32) -> Result<()> {
+            *self.generations.entry(id).or_insert(0) += 1;
             Ok(())
         }
     }

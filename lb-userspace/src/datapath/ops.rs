@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 pub enum Op {
     /// Zero a reused id's counters before anything references it.
     ResetServiceCounters(u32),
-    ResetBackendCounters(u32),
+    /// Hand a backend id to a new owner (`Maps::new_backend_generation`) before its entry is
+    /// written: sockets of the id's earlier owner then count for nobody.
+    NewBackendGeneration(u32),
     PutBackend {
         id: u32,
         addr: SocketAddr,

@@ -14,7 +14,12 @@ use lb_common::names::*;
 use lb_common::*;
 use std::mem::size_of;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Where this layout's maps are pinned under `pin_dir` (`MAPS_FOLDER`).
+pub fn maps_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(MAPS_FOLDER)
+}
 
 pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -25,8 +30,7 @@ pub struct PinnedMaps {
     names: HashMap<MapData, u32, ServiceName>,
     meta: Array<MapData, Meta>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
-    reverse: HashMap<MapData, ReverseKey, ReverseValue>,
-    fail_streak: Array<MapData, u32>,
+    fail_streak: Array<MapData, FailStreak>,
 }
 
 /// Expected kind, layout, capacity and flags of one pinned map, as lb-ebpf's maps.rs defines
@@ -42,7 +46,8 @@ pub struct MapSpec {
 
 const fn spec<K, V>(name: &'static str, kind: MapType, max_entries: u32) -> MapSpec {
     let flags = match kind {
-        MapType::Hash => AGENT_HASH_FLAGS,
+        // Socket storage requires it too (it is never preallocated).
+        MapType::Hash | MapType::SkStorage => AGENT_HASH_FLAGS,
         _ => 0,
     };
     MapSpec {
@@ -56,9 +61,10 @@ const fn spec<K, V>(name: &'static str, kind: MapType, max_entries: u32) -> MapS
 }
 
 pub const SPECS: [MapSpec; 10] = [
-    spec::<u32, u32>(MAP_FAIL_STREAK, MapType::Array, MAX_BACKENDS),
+    spec::<u32, FailStreak>(MAP_FAIL_STREAK, MapType::Array, MAX_BACKENDS),
     spec::<AffinityKey, AffinityValue>(MAP_AFFINITY, MapType::LruHash, MAX_AFFINITY),
-    spec::<ReverseKey, ReverseValue>(MAP_REVERSE, MapType::LruHash, MAX_REVERSE),
+    // Keyed by a socket (its fd from user space); sized by the sockets, not by max_entries.
+    spec::<i32, SocketState>(MAP_SOCKETS, MapType::SkStorage, 0),
     spec::<ServiceKey, ServiceValue>(MAP_SERVICES, MapType::Hash, MAX_SERVICES),
     spec::<SlotKey, u32>(MAP_SLOTS, MapType::Hash, MAX_SLOTS),
     spec::<u32, BackendValue>(MAP_BACKENDS, MapType::Hash, MAX_BACKENDS),
@@ -132,7 +138,9 @@ fn open(dir: &Path, name: &str, wrap: fn(MapData) -> Map) -> Result<Map> {
 }
 
 impl PinnedMaps {
-    pub fn open(dir: &Path) -> Result<Self> {
+    /// This layout's maps under `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        let dir = &maps_dir(pin_dir);
         for s in &SPECS {
             check_pinned(dir, s)?;
         }
@@ -145,13 +153,13 @@ impl PinnedMaps {
             names: open(dir, MAP_SERVICE_NAMES, Map::HashMap)?.try_into()?,
             meta: open(dir, MAP_META, Map::Array)?.try_into()?,
             affinity: open(dir, MAP_AFFINITY, Map::LruHashMap)?.try_into()?,
-            reverse: open(dir, MAP_REVERSE, Map::LruHashMap)?.try_into()?,
             fail_streak: open(dir, MAP_FAIL_STREAK, Map::Array)?.try_into()?,
         };
         Ok(maps)
     }
 
-    /// Reads `LB_META` alone, before the other maps are known to be compatible.
+    /// Reads the `LB_META` in `dir` alone, before the other maps are known to be compatible
+    /// (or in an older layout's folder).
     pub fn read_meta(dir: &Path) -> Result<Meta> {
         let meta: Array<MapData, Meta> = open(dir, MAP_META, Map::Array)?.try_into()?;
         Ok(meta.get(&0, 0)?)
@@ -161,14 +169,15 @@ impl PinnedMaps {
         Ok(self.meta.set(0, meta, 0)?)
     }
 
-    /// Entries the programs keep themselves: remembered choices and reverse translations.
-    pub fn program_entries(&self) -> (usize, usize) {
-        (self.affinity.keys().count(), self.reverse.keys().count())
+    /// Entries the programs keep in a node-wide map themselves: remembered client choices.
+    /// (What they keep per socket lives and dies with the socket.)
+    pub fn affinity_entries(&self) -> usize {
+        self.affinity.keys().count()
     }
 
     /// Connects to this backend that failed in a row, as the kernel saw them.
     pub fn fail_streak(&self, id: u32) -> Result<u32> {
-        Ok(self.fail_streak.get(&id, 0)?)
+        Ok(self.fail_streak.get(&id, 0)?.streak)
     }
 
     pub fn backend_counters(&self, id: u32) -> Result<BackendCounters> {
@@ -207,9 +216,10 @@ fn summed<T: Pod + Default + std::ops::Add<Output = T>>(per_cpu: PerCpuValues<T>
     per_cpu.iter().fold(T::default(), |acc, c| acc + *c)
 }
 
-fn zeroed<T: Pod + Default>() -> Result<PerCpuValues<T>> {
+/// `value` as every possible CPU's copy of a per-CPU element.
+fn on_every_cpu<T: Pod>(value: T) -> Result<PerCpuValues<T>> {
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-    Ok(PerCpuValues::try_from(vec![T::default(); cpus])?)
+    Ok(PerCpuValues::try_from(vec![value; cpus])?)
 }
 
 fn collect<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> Result<Vec<(K, V)>> {
@@ -282,12 +292,29 @@ impl Maps for PinnedMaps {
     }
 
     fn reset_service_counters(&mut self, id: u32) -> Result<()> {
-        Ok(self.service_counters.set(id, zeroed()?, 0)?)
+        Ok(self
+            .service_counters
+            .set(id, on_every_cpu(ServiceCounters::default())?, 0)?)
     }
 
-    fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
-        self.fail_streak.set(id, 0, 0)?;
-        Ok(self.backend_counters.set(id, zeroed()?, 0)?)
+    fn backend_generation(&self, id: u32) -> Result<u32> {
+        Ok(self.fail_streak.get(&id, 0)?.generation)
+    }
+
+    /// Counters first, then the streak whose generation `backend_generation` reads: the
+    /// backend entry that follows names a generation both already carry.
+    fn new_backend_generation(&mut self, id: u32) -> Result<()> {
+        let generation = self.backend_generation(id)?.wrapping_add(1);
+        let fresh = BackendCounters {
+            generation,
+            ..Default::default()
+        };
+        self.backend_counters.set(id, on_every_cpu(fresh)?, 0)?;
+        let streak = FailStreak {
+            generation,
+            streak: 0,
+        };
+        Ok(self.fail_streak.set(id, streak, 0)?)
     }
 }
 

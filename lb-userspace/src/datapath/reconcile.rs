@@ -261,7 +261,7 @@ fn assign_backends(
                 return Ok(*id);
             }
             let id = backend_ids.take()?;
-            ops.push(Op::ResetBackendCounters(id));
+            ops.push(Op::NewBackendGeneration(id));
             ops.push(Op::PutBackend {
                 id,
                 addr: *addr,
@@ -498,14 +498,17 @@ mod tests {
     }
 
     #[test]
-    fn reused_backend_id_starts_with_zeroed_counters() {
+    fn a_reused_backend_id_is_a_new_generation() {
         let mut dp = FakeMaps::default();
         converge(&mut dp, &web(&[("10.0.0.1:8080", 1)]));
+        let first = dp.backends[&0].generation;
         converge(&mut dp, &web(&[]));
-        dp.backend_connects.insert(0, 42);
         converge(&mut dp, &web(&[("10.0.0.9:8080", 1)]));
         assert_eq!(dp.backends.keys().copied().collect::<Vec<_>>(), [0]);
-        assert_eq!(dp.backend_connects[&0], 0);
+        assert_eq!(dp.backends[&0].generation, first + 1);
+        // A backend that stays keeps its generation (and so its sockets' counting).
+        converge(&mut dp, &web(&[("10.0.0.9:8080", 2)]));
+        assert_eq!(dp.backends[&0].generation, first + 1);
     }
 
     #[test]
@@ -523,7 +526,7 @@ mod tests {
             0,
         );
         dp.backends
-            .insert(99, backend_value(&"10.9.9.9:1".parse().unwrap(), 5));
+            .insert(99, backend_value(&"10.9.9.9:1".parse().unwrap(), 5, 0));
         dp.names.insert(77, lb_common::ServiceName::new("gone"));
         converge(&mut dp, &cfg);
         assert_eq!(dp.slots.len(), 1);

@@ -3,12 +3,12 @@
 //! The kernel releases a link whose last pin is removed from a work queue, a moment after the
 //! unlink returns; detach waits for that, so that translation has stopped when it returns.
 
-use crate::lifecycle::loader::link_pins;
+use crate::datapath::pinned::maps_dir;
 use crate::lifecycle::loader::BYTE_COUNTERS;
-use crate::lifecycle::lock;
+use crate::lifecycle::{link_pins, lock, previous};
 use anyhow::{Context, Result};
 use aya::programs::links::{FdLink, PinnedLink};
-use lb_common::names::{ALL_MAPS, PROGRAMS};
+use lb_common::names::{ALL_MAPS, PROGRAMS, RETIRED_PROGRAMS};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -27,14 +27,17 @@ pub fn detach(pin_dir: &Path) -> Result<()> {
     let links: Vec<String> = PROGRAMS
         .iter()
         .chain(&BYTE_COUNTERS)
+        .chain(&RETIRED_PROGRAMS)
         .flat_map(|p| link_pins(p))
         .collect();
     let programs = attached_program_ids(pin_dir, &links);
-    for name in links
-        .into_iter()
-        .chain(ALL_MAPS.iter().map(|m| m.to_string()))
-    {
-        let path = pin_dir.join(name);
+    let maps = maps_dir(pin_dir);
+    let pins = links
+        .iter()
+        .map(|name| pin_dir.join(name))
+        .chain(previous::pins(pin_dir))
+        .chain(ALL_MAPS.iter().map(|m| maps.join(m)));
+    for path in pins {
         match std::fs::remove_file(&path) {
             Ok(()) => println!("removed {}", path.display()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -43,6 +46,12 @@ pub fn detach(pin_dir: &Path) -> Result<()> {
     }
     wait_until_unloaded(&programs);
     let _ = std::fs::remove_file(crate::status::path(pin_dir));
+    match std::fs::remove_dir(&maps) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("{} still holds other files", maps.display()))
+        }
+        _ => {}
+    }
     std::fs::remove_dir(pin_dir).with_context(|| {
         format!(
             "{} still holds other files; left in place",

@@ -1,22 +1,22 @@
 //! Loading the embedded eBPF object, adopting pinned maps and attaching to the cgroup.
 //!
 //! Start-up never interrupts traffic that an earlier agent set up: the maps are pinned by name,
-//! so loading reuses them with their contents; each new program is attached next to the old one
-//! (cgroup links always allow several programs; the second connect program sees an
-//! already-translated address, which is no VIP, and leaves it alone), and only then its link
-//! pin is moved to the new link, which detaches the old program.
+//! so loading reuses them with their contents; the agent fills them (an upgrade from an
+//! earlier layout starts with empty ones) before any program is attached; each new program is
+//! attached next to the old one (cgroup links always allow several programs; the second
+//! connect program sees an already-translated address, which is no VIP, and leaves it alone),
+//! and only then its link pin is moved to the new link, which detaches the old program.
 
-use crate::datapath::pinned::{check_pinned, PinnedMaps, SPECS};
+use crate::datapath::pinned::{check_pinned, maps_dir, PinnedMaps, SPECS};
+use crate::lifecycle::{link_pins, previous};
 use crate::private_files::private_dir;
 use anyhow::{bail, Context, Result};
 use aya::programs::{
-    links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-    ProgramInfo, SockOps,
+    links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramInfo,
+    SockOps,
 };
 use aya::{Ebpf, EbpfLoader};
-use lb_common::names::{
-    MAP_META, PROGRAMS, PROG_SKB_EGRESS, PROG_SKB_INGRESS, PROG_SOCK_OPS, PROG_SOCK_RELEASE,
-};
+use lb_common::names::{MAP_META, PROGRAMS, PROG_SKB_EGRESS, PROG_SKB_INGRESS, PROG_SOCK_OPS};
 use lb_common::{Meta, LAYOUT_VERSION, META_MAGIC};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -87,15 +87,13 @@ fn mount_bpffs(at: &Path) -> Result<()> {
 /// Refuses pinned state this agent would misread: an `LB_META` of another layout version or
 /// maps whose kind or sizes differ. A folder without our maps is fresh.
 pub fn check_existing_pins(pin_dir: &Path) -> Result<bool> {
-    let present: Vec<_> = SPECS
-        .iter()
-        .filter(|s| pin_dir.join(s.name).exists())
-        .collect();
+    let dir = maps_dir(pin_dir);
+    let present: Vec<_> = SPECS.iter().filter(|s| dir.join(s.name).exists()).collect();
     for s in &present {
-        check_pinned(pin_dir, s)?;
+        check_pinned(&dir, s)?;
     }
-    if pin_dir.join(MAP_META).exists() {
-        check_meta(&PinnedMaps::read_meta(pin_dir)?, pin_dir)?;
+    if dir.join(MAP_META).exists() {
+        check_meta(&PinnedMaps::read_meta(&dir)?, pin_dir)?;
     }
     Ok(!present.is_empty())
 }
@@ -128,10 +126,22 @@ pub struct LoadOptions<'a> {
 /// The byte counters, attached only when asked for: they run for every packet of the cgroup.
 pub const BYTE_COUNTERS: [&str; 2] = [PROG_SKB_EGRESS, PROG_SKB_INGRESS];
 
-pub struct Attached {
+/// The object loaded with its maps pinned and opened, its programs not yet attached: the
+/// agent fills the maps first.
+pub struct Loaded {
     pub maps: PinnedMaps,
     /// Present when eBPF logging was asked for.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    pub programs: Programs,
+}
+
+/// The loaded programs, to attach once the maps are filled.
+pub struct Programs {
+    ebpf: Ebpf,
+    /// Maps that found filled by an earlier agent of this layout.
+    adopted: bool,
+    /// The earlier layout whose programs these replace.
+    upgrades_from: Option<u32>,
 }
 
 /// What the verifier made of one program; `stats` shows it so that growth is visible.
@@ -190,19 +200,17 @@ pub fn attached_programs(pin_dir: &Path) -> Vec<ProgramSize> {
         .collect()
 }
 
-/// Pin of a program's cgroup link, and where a starting agent pins its replacement first.
-pub fn link_pins(program: &str) -> [String; 2] {
-    [format!("{program}_link"), format!("{program}_link_new")]
-}
-
-/// Loads the program (creating or reusing pinned maps), attaches it and moves the link pin.
-pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached> {
+/// Loads the object, creating this layout's pinned maps or reusing them.
+pub fn load(opts: &LoadOptions) -> Result<Loaded> {
     let adopted = check_existing_pins(opts.pin_dir)?;
+    let upgrades_from = previous::find(opts.pin_dir)?;
+    let dir = maps_dir(opts.pin_dir);
+    private_dir(&dir, "maps folder")?;
     // aya-log's level filter is read by the program on every log call: 0 turns them all off,
     // 5 (trace) lets every level through.
     let level: u8 = if opts.bpf_log { 5 } else { 0 };
     let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(opts.pin_dir)
+        .default_map_pin_directory(&dir)
         .override_global("AYA_LOG_LEVEL", &level, false)
         .load(OBJECT)
         .context("loading the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
@@ -216,36 +224,56 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached> {
     } else {
         None
     };
+    Ok(Loaded {
+        maps,
+        logger,
+        programs: Programs {
+            ebpf,
+            adopted,
+            upgrades_from,
+        },
+    })
+}
 
-    let cgroup = std::fs::File::open(opts.cgroup)
-        .with_context(|| format!("cannot open cgroup {}", opts.cgroup.display()))?;
-    let skb: &[&str] = if opts.count_bytes {
-        &BYTE_COUNTERS
-    } else {
-        &[]
-    };
-    for name in PROGRAMS.iter().chain(skb) {
-        let (link, size) = attach(&mut ebpf, name, &cgroup)
-            .with_context(|| format!("program {name}, cgroup {}", opts.cgroup.display()))?;
-        swap_link_pin(opts.pin_dir, name, link)?;
-        tracing::debug!(?size, "attached");
-    }
-    if !opts.count_bytes {
-        // An earlier agent may have counted bytes: its links are this agent's to remove.
-        for name in BYTE_COUNTERS {
-            for pin in link_pins(name) {
-                remove_if_present(&opts.pin_dir.join(pin))?;
+impl Programs {
+    /// Attaches every program next to its predecessor and moves the link pins, then removes
+    /// what an earlier layout left.
+    pub fn attach(mut self, opts: &LoadOptions) -> Result<()> {
+        let cgroup = std::fs::File::open(opts.cgroup)
+            .with_context(|| format!("cannot open cgroup {}", opts.cgroup.display()))?;
+        let skb: &[&str] = if opts.count_bytes {
+            &BYTE_COUNTERS
+        } else {
+            &[]
+        };
+        for name in PROGRAMS.iter().chain(skb) {
+            let (link, size) = attach(&mut self.ebpf, name, &cgroup)
+                .with_context(|| format!("program {name}, cgroup {}", opts.cgroup.display()))?;
+            swap_link_pin(opts.pin_dir, name, link)?;
+            tracing::debug!(?size, "attached");
+        }
+        if !opts.count_bytes {
+            // An earlier agent may have counted bytes: its links are this agent's to remove.
+            for name in BYTE_COUNTERS {
+                for pin in link_pins(name) {
+                    remove_if_present(&opts.pin_dir.join(pin))?;
+                }
             }
         }
+        // The earlier layout's programs are detached now; their maps only hold memory.
+        let removed = previous::remove(opts.pin_dir)?;
+        if let Some(from) = self.upgrades_from {
+            tracing::info!(from, to = LAYOUT_VERSION, removed, "upgraded the layout");
+        }
+        tracing::info!(
+            pin_dir = %opts.pin_dir.display(),
+            cgroup = %opts.cgroup.display(),
+            adopted = self.adopted,
+            programs = PROGRAMS.len() + skb.len(),
+            "programs attached"
+        );
+        Ok(())
     }
-    tracing::info!(
-        pin_dir = %opts.pin_dir.display(),
-        cgroup = %opts.cgroup.display(),
-        adopted,
-        programs = PROGRAMS.len() + skb.len(),
-        "programs attached"
-    );
-    Ok(Attached { maps, logger })
 }
 
 /// Loads a program of type `$ty` through the verifier, attaches it with `$attach` (a closure
@@ -270,9 +298,6 @@ fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &std::fs::File) -> Result<(FdLink
         .context("missing from the eBPF object")?;
     let single = CgroupAttachMode::Single;
     match name {
-        PROG_SOCK_RELEASE => {
-            load_and_link!(program, CgroupSock, name, |p| p.attach(cgroup, single))
-        }
         PROG_SOCK_OPS => load_and_link!(program, SockOps, name, |p| p.attach(cgroup, single)),
         PROG_SKB_EGRESS => load_and_link!(program, CgroupSkb, name, |p| p.attach(
             cgroup,

@@ -231,7 +231,6 @@ fn agent_metrics(r: &mut Registry, report: &Report) {
         ("backends", e.backends),
         ("names", e.names),
         ("affinity", e.affinity),
-        ("reverse", e.reverse),
     ] {
         entries
             .get_or_create(&vec![("map".into(), map.into())])

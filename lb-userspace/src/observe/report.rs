@@ -39,22 +39,19 @@ pub struct MapEntries {
     pub slots: usize,
     pub backends: usize,
     pub names: usize,
-    /// Remembered client and UDP-socket choices (LRU).
+    /// Remembered client choices (LRU). A socket's own choices live in its storage, which
+    /// goes with the socket and is not counted here.
     pub affinity: usize,
-    /// Reverse translations of live sockets (LRU; connected sockets remove theirs on close).
-    pub reverse: usize,
 }
 
 impl MapEntries {
     fn count(maps: &PinnedMaps) -> Result<Self> {
-        let (affinity, reverse) = maps.program_entries();
         Ok(Self {
             services: maps.services()?.len(),
             slots: maps.slot_keys()?.len(),
             backends: maps.backends()?.len(),
             names: maps.names()?.len(),
-            affinity,
-            reverse,
+            affinity: maps.affinity_entries(),
         })
     }
 }
@@ -169,7 +166,8 @@ impl BackendReport {
 
 /// The pinned maps for reading, with a clear message when nothing is pinned there.
 pub fn open(pin_dir: &Path) -> Result<PinnedMaps> {
-    if !pin_dir.join(lb_common::names::MAP_META).exists() {
+    let maps_dir = crate::datapath::pinned::maps_dir(pin_dir);
+    if !maps_dir.join(lb_common::names::MAP_META).exists() {
         anyhow::bail!(
             "no pinned state at {} (is `lb-agent run` using another --pin-dir?)",
             pin_dir.display()

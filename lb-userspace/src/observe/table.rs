@@ -108,8 +108,8 @@ pub fn render_table(report: &Report) -> String {
     let m = &report.map_entries;
     let _ = writeln!(
         out,
-        "map entries: services {}  slots {}  backends {}  names {}  affinity {}  reverse {}",
-        m.services, m.slots, m.backends, m.names, m.affinity, m.reverse
+        "map entries: services {}  slots {}  backends {}  names {}  affinity {}",
+        m.services, m.slots, m.backends, m.names, m.affinity
     );
     for p in &report.programs {
         let cost = match (p.runs_per_s, p.ns_per_run) {
