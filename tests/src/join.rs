@@ -118,7 +118,13 @@ pub fn cgroup(dir: &Path) -> Result<()> {
 
 /// Unshares a network namespace, brings `lo` up with the given /32s, says `ready` and waits
 /// for stdin to close (the test ending, or dying).
-pub fn hold(addrs: &[String]) -> Result<()> {
+/// The subnet `hold --blackhole` routes to a veth link whose peer has no address, with a
+/// permanent neighbour entry for every host (no ARP, whose failure would end the connect with
+/// EHOSTUNREACH): a SYN there is never answered and the connect stays in SYN_SENT until its
+/// timeout. Both ends are inside the namespace; nothing leaves it.
+pub const BLACKHOLE_NET: &str = "10.255.255.0/24";
+
+pub fn hold(addrs: &[String], blackhole: bool) -> Result<()> {
     // SAFETY: plain unshare(2) before any thread or socket exists.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
@@ -127,6 +133,20 @@ pub fn hold(addrs: &[String]) -> Result<()> {
     for a in addrs {
         if !a.starts_with("127.") {
             ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"])?;
+        }
+    }
+    if blackhole {
+        ip(&[
+            "link", "add", "void0", "type", "veth", "peer", "name", "void1",
+        ])?;
+        ip(&["link", "set", "void0", "up"])?;
+        ip(&["link", "set", "void1", "up"])?;
+        ip(&["addr", "add", "10.255.255.1/24", "dev", "void0"])?;
+        for host in 2..=9 {
+            let addr = format!("10.255.255.{host}");
+            let mac = format!("02:00:00:00:00:{host:02x}");
+            let neigh = ["neigh", "add", &addr, "lladdr", &mac, "dev", "void0"];
+            ip(&[&neigh[..], &["nud", "permanent"]].concat())?;
         }
     }
     println!("ready");

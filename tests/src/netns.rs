@@ -16,8 +16,20 @@ pub struct TestNet {
 impl TestNet {
     /// `addrs` are added to `lo` as /32 (backends live on 127.0.0.x addresses).
     pub fn new(addrs: &[&str]) -> Self {
+        Self::spawn(addrs, false)
+    }
+
+    /// As `new`, and `crate::join::BLACKHOLE_NET` swallows every packet sent there.
+    pub fn with_blackhole(addrs: &[&str]) -> Self {
+        Self::spawn(addrs, true)
+    }
+
+    fn spawn(addrs: &[&str], blackhole: bool) -> Self {
         let mut cmd = Command::new(testkit_bin());
         cmd.arg("hold");
+        if blackhole {
+            cmd.arg("--blackhole");
+        }
         for a in addrs {
             cmd.args(["--addr", a]);
         }

@@ -2,7 +2,7 @@
 
 use crate::{paths::agent_bin, PinDir, TestCgroup, TestNet};
 use serde::Deserialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -425,12 +425,25 @@ impl Drop for Agent {
 /// Long-lived connections from the balanced cgroup, open until `close` (or drop).
 pub struct HeldConnections {
     child: Option<Child>,
-    /// How many connections are open.
+    /// How many connections are open (or, pending, started).
     pub held: u64,
+    /// Connections per peer name (getpeername) right after opening; "unconnected" for a
+    /// connect still in progress.
+    pub peers: BTreeMap<String, u64>,
 }
 
 impl HeldConnections {
     pub fn open(net: &TestNet, cgroup: &TestCgroup, to: &str, count: u64) -> Self {
+        Self::start(net, cgroup, to, count, false)
+    }
+
+    /// Connects started and not waited for: to an address that never answers (see
+    /// `TestNet::with_blackhole`) they stay in SYN_SENT until closed.
+    pub fn open_pending(net: &TestNet, cgroup: &TestCgroup, to: &str, count: u64) -> Self {
+        Self::start(net, cgroup, to, count, true)
+    }
+
+    fn start(net: &TestNet, cgroup: &TestCgroup, to: &str, count: u64, pending: bool) -> Self {
         let mut cmd = net.testkit(Some(cgroup));
         cmd.args([
             "hold-connections",
@@ -441,24 +454,62 @@ impl HeldConnections {
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
+        if pending {
+            cmd.arg("--pending");
+        }
         let mut child = cmd.spawn().expect("spawn hold-connections");
-        let mut line = String::new();
-        let stdout = child.stdout.as_mut().expect("stdout");
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).ok();
-        let report: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        let report = read_json_line(&mut child);
         Self {
             held: report["held"].as_u64().unwrap_or(0),
+            peers: peer_counts(&report),
             child: Some(child),
         }
     }
 
-    /// Closes every connection and waits for the process to finish.
-    pub fn close(mut self) {
-        if let Some(mut c) = self.child.take() {
-            drop(c.stdin.take());
-            wait_or_kill(&mut c);
+    /// Closes every connection, waits for the process to finish and returns the peer names
+    /// the connections had just before the close.
+    pub fn close(mut self) -> BTreeMap<String, u64> {
+        let Some(mut c) = self.child.take() else {
+            return BTreeMap::new();
+        };
+        drop(c.stdin.take());
+        let report = read_json_line(&mut c);
+        wait_or_kill(&mut c);
+        peer_counts(&report)
+    }
+}
+
+/// The next line the child prints, as JSON (null if there is none).
+fn read_json_line(child: &mut Child) -> serde_json::Value {
+    let mut line = String::new();
+    if let Some(stdout) = child.stdout.as_mut() {
+        // One byte at a time: a buffered reader would swallow a later line with this one.
+        let mut byte = [0u8; 1];
+        while stdout.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+            line.push(byte[0] as char);
         }
     }
+    serde_json::from_str(&line).unwrap_or_default()
+}
+
+fn peer_counts(report: &serde_json::Value) -> BTreeMap<String, u64> {
+    let peers = report["peers"].as_object().into_iter().flatten();
+    peers
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+        .collect()
+}
+
+/// `count` unconnected UDP sockets from the balanced cgroup, each created, sending one
+/// datagram to `to` and closed; returns how many sent.
+pub fn udp_churn(net: &TestNet, cgroup: &TestCgroup, to: &str, count: u64) -> u64 {
+    let out = net
+        .testkit(Some(cgroup))
+        .args(["udp-churn", "--to", to, "--count", &count.to_string()])
+        .output()
+        .expect("run udp-churn");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(out.status.success(), "udp-churn: {report} {:?}", out.status);
+    report["sent"].as_u64().unwrap_or(0)
 }
 
 impl Drop for HeldConnections {

@@ -30,22 +30,38 @@ impl Scenario {
     /// `config` is usually a [`crate::config::Config`]; literal text is for TOML the builder
     /// would not write.
     pub fn start(backends: &[&str], proto: Proto, config: impl Display) -> Self {
-        let mut s = Self::without_agent(backends, proto);
-        s.write_config(config);
-        s.start_agent();
-        s
+        Self::start_in(TestNet::new(&Self::ips(backends)), backends, proto, config)
     }
 
     /// Namespace, backends, cgroup and pins, but no agent yet: for tests that start servers
     /// the agent's config points at, or pass it extra flags.
     pub fn without_agent(backends: &[&str], proto: Proto) -> Self {
-        // IPv6 backends listen on ::1, which `lo` already has.
-        let ips: Vec<&str> = backends
+        Self::without_agent_in(TestNet::new(&Self::ips(backends)), backends, proto)
+    }
+
+    /// As `start`, in a namespace where `crate::join::BLACKHOLE_NET` answers nothing.
+    pub fn with_blackhole(backends: &[&str], proto: Proto, config: impl Display) -> Self {
+        let net = TestNet::with_blackhole(&Self::ips(backends));
+        Self::start_in(net, backends, proto, config)
+    }
+
+    fn start_in(net: TestNet, backends: &[&str], proto: Proto, config: impl Display) -> Self {
+        let mut s = Self::without_agent_in(net, backends, proto);
+        s.write_config(config);
+        s.start_agent();
+        s
+    }
+
+    /// IPv6 backends listen on ::1, which `lo` already has.
+    fn ips<'a>(backends: &[&'a str]) -> Vec<&'a str> {
+        backends
             .iter()
             .filter(|b| !b.starts_with('['))
             .filter_map(|b| b.split(':').next())
-            .collect();
-        let net = TestNet::new(&ips);
+            .collect()
+    }
+
+    fn without_agent_in(net: TestNet, backends: &[&str], proto: Proto) -> Self {
         let listeners = backends
             .iter()
             .map(|b| (b.to_string(), Backends::start(&net, &[b], proto)))

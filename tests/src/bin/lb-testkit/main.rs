@@ -20,6 +20,10 @@ enum Cmd {
     Hold {
         #[arg(long = "addr")]
         addrs: Vec<String>,
+        /// Also route 10.255.255.0/24 to a link where nothing answers: connects there stay in
+        /// SYN_SENT.
+        #[arg(long)]
+        blackhole: bool,
     },
     /// Answer every connection/datagram with the listen address; print counts at stdin EOF.
     Serve {
@@ -57,6 +61,18 @@ enum Cmd {
     },
     /// Open connections and keep them open until stdin closes (long-lived connections).
     HoldConnections {
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long)]
+        count: u64,
+        /// Start each connect without waiting for it (non-blocking): connections to a
+        /// backend that does not answer stay in SYN_SENT until stdin closes.
+        #[arg(long)]
+        pending: bool,
+    },
+    /// Create, use and close `count` unconnected UDP sockets, each sending one datagram to
+    /// `to`; prints a JSON report.
+    UdpChurn {
         #[arg(long)]
         to: std::net::SocketAddr,
         #[arg(long)]
@@ -107,6 +123,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Serve { .. }
             | Cmd::Connect { .. }
             | Cmd::HoldConnections { .. }
+            | Cmd::UdpChurn { .. }
             | Cmd::Exec { .. }
             | Cmd::ConsulMock { .. }
             | Cmd::KubeMock { .. }
@@ -114,7 +131,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     cli.place
         .enter(in_test_net.then_some("serve, connect, exec or a mock"))?;
     match cli.command {
-        Cmd::Hold { addrs } => join::hold(&addrs),
+        Cmd::Hold { addrs, blackhole } => join::hold(&addrs, blackhole),
         Cmd::Serve {
             listen,
             proto,
@@ -137,7 +154,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             interval_ms,
             max_seconds,
         } => net::connect(to, count, proto, unconnected, interval_ms, max_seconds),
-        Cmd::HoldConnections { to, count } => net::hold_connections(to, count),
+        Cmd::HoldConnections { to, count, pending } => net::hold_connections(to, count, pending),
+        Cmd::UdpChurn { to, count } => net::udp_churn(to, count),
         Cmd::Exec { argv } => join::exec(&argv),
         Cmd::ConsulMock { listen, state } => consul::run(listen, state),
         Cmd::KubeMock { listen, state } => kube::run(listen, state),

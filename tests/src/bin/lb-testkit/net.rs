@@ -243,20 +243,79 @@ fn exchange(
 /// Opens `count` TCP connections to `to` and keeps them open until stdin closes, then closes
 /// them all: long-lived connections for the `active` gauge. Prints how many were opened, then
 /// (after closing) a final line.
-pub fn hold_connections(to: SocketAddr, count: u64) -> Result<()> {
+/// Prints `{"held", "errors", "peers"}` once the connections are open (or, `pending`, started),
+/// and `{"closed", "peers"}` when stdin closes: the peer names (getpeername) just before the
+/// close, so a test sees what the programs showed after whatever happened meanwhile.
+pub fn hold_connections(to: SocketAddr, count: u64, pending: bool) -> Result<()> {
     let mut open = Vec::new();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     for _ in 0..count {
-        match TcpStream::connect_timeout(&to, CONNECT_TIMEOUT) {
+        let started = if pending {
+            start_connect(to)
+        } else {
+            TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).map(socket2::Socket::from)
+        };
+        match started {
             Ok(s) => open.push(s),
             Err(e) => *errors.entry(errno_name(&e)).or_default() += 1,
         }
     }
-    println!("{}", json!({ "held": open.len(), "errors": errors }));
+    println!(
+        "{}",
+        json!({ "held": open.len(), "errors": errors, "peers": peer_names(&open) })
+    );
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
+    let peers = peer_names(&open);
     drop(open);
-    println!("{}", json!({ "closed": true }));
+    println!("{}", json!({ "closed": true, "peers": peers }));
+    Ok(())
+}
+
+/// A non-blocking connect, left in progress.
+fn start_connect(to: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.set_nonblocking(true)?;
+    match s.connect(&to.into()) {
+        Ok(()) => Ok(s),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(s),
+        Err(e) => Err(e),
+    }
+}
+
+/// Connections per peer name; "connecting" for a connect still in progress, the errno's name
+/// for one that failed.
+fn peer_names(sockets: &[socket2::Socket]) -> BTreeMap<String, u64> {
+    let mut peers = BTreeMap::new();
+    for s in sockets {
+        let name = match (
+            s.peer_addr().ok().and_then(|a| a.as_socket()),
+            s.take_error(),
+        ) {
+            (Some(a), _) => a.to_string(),
+            (None, Ok(Some(e)) | Err(e)) => errno_name(&e),
+            (None, Ok(None)) => "connecting".to_string(),
+        };
+        *peers.entry(name).or_default() += 1;
+    }
+    peers
+}
+
+/// Each socket is bound, sends one datagram and is closed at once: what a busy DNS client
+/// does to a node's connect-time balancer.
+pub fn udp_churn(to: SocketAddr, count: u64) -> Result<()> {
+    let (mut sent, mut errors) = (0u64, BTreeMap::<String, u64>::new());
+    for _ in 0..count {
+        match udp_socket(to).and_then(|s| s.send_to(b"hi", to)) {
+            Ok(_) => sent += 1,
+            Err(e) => *errors.entry(errno_name(&e)).or_default() += 1,
+        }
+    }
+    println!("{}", json!({ "sent": sent, "errors": errors }));
     Ok(())
 }
 
