@@ -328,13 +328,26 @@ impl Agent {
         watch_ms: u64,
         extra: &[String],
     ) -> Self {
+        Self::start_bin(&agent_bin(), net, cgroup, pins, config, watch_ms, extra)
+    }
+
+    /// `start` with another `lb-agent` binary (an earlier release's, for upgrades).
+    pub fn start_bin(
+        bin: &Path,
+        net: &TestNet,
+        cgroup: &TestCgroup,
+        pins: &PinDir,
+        config: &Path,
+        watch_ms: u64,
+        extra: &[String],
+    ) -> Self {
         let log = config.with_extension(format!("agent-{}.log", crate::paths::unique_name()));
         let log_file = std::fs::File::create(&log).expect("agent log file");
         let child = net
             .testkit(None)
             .arg("exec")
             .arg("--")
-            .arg(agent_bin())
+            .arg(bin)
             .arg("run")
             .arg("--config")
             .arg(config)
