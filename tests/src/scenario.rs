@@ -174,6 +174,9 @@ impl Scenario {
 
 impl Drop for Scenario {
     fn drop(&mut self) {
+        // This runs before the fields drop: the agent goes first, so that a failing test
+        // prints its log (which lives in `dir`) before the folder is removed.
+        self.agent = None;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
