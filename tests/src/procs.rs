@@ -315,6 +315,8 @@ impl Drop for SteadyClient {
 pub struct Agent {
     child: Option<Child>,
     log: PathBuf,
+    /// The binary, named with its log when a test fails (an upgrade test runs two).
+    bin: PathBuf,
 }
 
 impl Agent {
@@ -366,6 +368,7 @@ impl Agent {
         Self {
             child: Some(child),
             log,
+            bin: bin.to_path_buf(),
         }
     }
 
@@ -429,7 +432,7 @@ impl Drop for Agent {
             let _ = c.wait();
         }
         if std::thread::panicking() {
-            eprintln!("--- lb-agent log ---\n{}", self.log());
+            eprintln!("--- log of {} ---\n{}", self.bin.display(), self.log());
         }
         let _ = std::fs::remove_file(&self.log);
     }
