@@ -15,6 +15,23 @@ fn bin_dir() -> PathBuf {
     }
 }
 
+/// The workspace's target folder: `CARGO_TARGET_DIR` when it is an absolute path (a relative
+/// one is relative to wherever cargo was started, which a test cannot know), else the folder
+/// above this executable that cargo marked with `CACHEDIR.TAG` (so `target/<triple>/<profile>`
+/// works too), else the parent of the profile folder.
+pub fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
+        if dir.is_absolute() {
+            return dir;
+        }
+    }
+    let bins = bin_dir();
+    bins.ancestors()
+        .find(|d| d.join("CACHEDIR.TAG").is_file())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bins.parent().unwrap_or(&bins).to_path_buf())
+}
+
 pub fn agent_bin() -> PathBuf {
     std::env::var_os("LB_AGENT_BIN")
         .map(PathBuf::from)

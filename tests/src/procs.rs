@@ -315,6 +315,8 @@ impl Drop for SteadyClient {
 pub struct Agent {
     child: Option<Child>,
     log: PathBuf,
+    /// The binary, named with its log when a test fails (an upgrade test runs two).
+    bin: PathBuf,
 }
 
 impl Agent {
@@ -328,13 +330,26 @@ impl Agent {
         watch_ms: u64,
         extra: &[String],
     ) -> Self {
+        Self::start_bin(&agent_bin(), net, cgroup, pins, config, watch_ms, extra)
+    }
+
+    /// `start` with another `lb-agent` binary (an earlier release's, for upgrades).
+    pub fn start_bin(
+        bin: &Path,
+        net: &TestNet,
+        cgroup: &TestCgroup,
+        pins: &PinDir,
+        config: &Path,
+        watch_ms: u64,
+        extra: &[String],
+    ) -> Self {
         let log = config.with_extension(format!("agent-{}.log", crate::paths::unique_name()));
         let log_file = std::fs::File::create(&log).expect("agent log file");
         let child = net
             .testkit(None)
             .arg("exec")
             .arg("--")
-            .arg(agent_bin())
+            .arg(bin)
             .arg("run")
             .arg("--config")
             .arg(config)
@@ -353,6 +368,7 @@ impl Agent {
         Self {
             child: Some(child),
             log,
+            bin: bin.to_path_buf(),
         }
     }
 
@@ -416,7 +432,7 @@ impl Drop for Agent {
             let _ = c.wait();
         }
         if std::thread::panicking() {
-            eprintln!("--- lb-agent log ---\n{}", self.log());
+            eprintln!("--- log of {} ---\n{}", self.bin.display(), self.log());
         }
         let _ = std::fs::remove_file(&self.log);
     }

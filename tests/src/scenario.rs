@@ -22,6 +22,9 @@ pub struct Scenario {
     pub watch_ms: u64,
     /// Further `lb-agent run` flags for the next `start_agent`.
     pub agent_args: Vec<String>,
+    /// The `lb-agent` the next `start_agent` runs: `paths::agent_bin()` unless a test sets
+    /// another (an earlier release's, for upgrades).
+    pub agent_bin: PathBuf,
     dir: PathBuf,
 }
 
@@ -77,6 +80,7 @@ impl Scenario {
             config: dir.join("lb.toml"),
             watch_ms: 0,
             agent_args: Vec::new(),
+            agent_bin: crate::paths::agent_bin(),
             dir,
         }
     }
@@ -87,7 +91,8 @@ impl Scenario {
 
     /// Starts the agent on this scenario's pins and waits until it has applied its config.
     pub fn start_agent(&mut self) {
-        let mut agent = Agent::start(
+        let mut agent = Agent::start_bin(
+            &self.agent_bin,
             &self.net,
             &self.cgroup,
             &self.pins,
@@ -185,6 +190,9 @@ impl Scenario {
 
 impl Drop for Scenario {
     fn drop(&mut self) {
+        // This runs before the fields drop: the agent goes first, so that a failing test
+        // prints its log (which lives in `dir`) before the folder is removed.
+        self.agent = None;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -328,6 +328,8 @@ fn stable_toolchain() -> Result<String> {
 }
 
 /// A clone of the committed tree: what CI and a newcomer get, without uncommitted changes.
+/// It is a full clone: the upgrade test builds the previous release's agent from the history
+/// (lb-testkit's `previous.rs`), so a shallow one would fail there, later and less clearly.
 fn clone_repo(root: &Path, rev: &str) -> Result<()> {
     let target = root.join("root/lb");
     // A commit id, so that a branch of this repository works as well as HEAD in the clone.
@@ -343,6 +345,21 @@ fn clone_repo(root: &Path, rev: &str) -> Result<()> {
             .arg(cmd::root())
             .arg(&target),
     )?;
+    // A shallow repository clones shallow: its clone lacks the history the test needs.
+    let shallow = cmd::output(
+        Command::new("git")
+            .arg("-C")
+            .arg(&target)
+            .args(["rev-parse", "--is-shallow-repository"]),
+    );
+    if shallow.as_deref().map(str::trim) != Some("false") {
+        bail!(
+            "the clone of {} is shallow (or git could not tell): the upgrade test builds the \
+             previous release's agent from the history. Fetch all of it (`git fetch \
+             --unshallow`) and run again",
+            cmd::root().display()
+        );
+    }
     cmd::run(Command::new("git").arg("-C").arg(&target).args([
         "checkout",
         "--quiet",
