@@ -137,6 +137,24 @@ fn upgrade_from_the_previous_layout_under_load_loses_and_misroutes_nothing() {
     assert_served_only_by(&web_report, &WEB, "web");
     assert_served_only_by(&api_report, &API, "api");
 
+    // Layout 3 keeps its maps in their own folder; layout 2's maps and its retired program's
+    // link are gone, the programs' links are the current agent's.
+    let log = s.agent().log();
+    assert!(
+        log.contains("upgraded the layout from=2 to=3"),
+        "the current agent did not report the upgrade:\n{log}"
+    );
+    for gone in [
+        "LB_META",
+        "LB_REVERSE",
+        "LB_SERVICES",
+        "lb_sock_release_link",
+    ] {
+        assert!(!s.pins.path.join(gone).exists(), "{gone} left behind");
+    }
+    assert!(s.pins.path.join("layout-3/LB_SOCKETS").exists());
+    assert!(s.pins.path.join("lb_connect4_link").exists());
+
     // `stats` works after the upgrade and shows both services with their backends.
     let stats = agent_stats(&s.pins).expect("lb-agent stats --json after the upgrade");
     for (name, backends) in [("web", &WEB[..]), ("api", &API[..])] {
