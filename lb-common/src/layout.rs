@@ -34,13 +34,16 @@ pub const FLAG_AFFINITY_CLIENT: u8 = 1;
 /// network namespace cookie of the socket.
 pub const FLAG_CLIENT_CGROUP: u8 = 2;
 
-/// `LB_SERVICES` value. `revision` names the slot table currently in force: the agent writes a
-/// table under a fresh revision, then replaces this value in one map update, then deletes the
-/// old table, so a connect never reads a half-written table.
+/// `LB_SERVICES` value. `slot_base` is where the slot table in force starts in `LB_SLOTS`: the
+/// agent writes a new table into a range no service uses, then replaces this value in one map
+/// update, and only a later update may reuse the old range, so a connect never reads a
+/// half-written table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceValue {
     pub id: u32,
+    /// Counts the service's table writes (1 for its first table): not read by the programs,
+    /// it tells operators and tests how many flips an update made.
     pub revision: u32,
     /// Entries in the slot table; 0 means the service has no backend and connects are refused.
     pub slot_count: u32,
@@ -49,15 +52,8 @@ pub struct ServiceValue {
     pub _pad: u16,
     /// Idle time after which a client's remembered backend is forgotten (client affinity).
     pub affinity_timeout_s: u32,
-}
-
-/// `LB_SLOTS` key: one entry of a service's selection table. Value: a backend id (`u32`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct SlotKey {
-    pub service_id: u32,
-    pub revision: u32,
-    pub slot: u32,
+    /// Where the table starts in `LB_SLOTS`.
+    pub slot_base: u32,
 }
 
 /// `LB_BACKENDS` value (key: backend id `u32`). Address and port in network byte order.
@@ -75,15 +71,19 @@ pub struct BackendValue {
     pub generation: u32,
 }
 
-/// `LB_BACKEND_CTRS` per-CPU value, indexed by backend id. Connections currently open are
-/// `established - closed` (a gauge kept as two counters, so CPUs never contend).
+/// `LB_BACKEND_CTRS` value, indexed by backend id: one copy shared by all CPUs (the programs
+/// add atomically), so its memory does not grow with the number of CPUs. Connections
+/// currently open are `established - closed`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BackendCounters {
     /// The owner these counters belong to (`BackendValue::generation`); the programs count
-    /// only for a socket of that generation. Not a counter: summing keeps the larger.
+    /// only for a socket of that generation. Written by the agent when it hands the id over.
     pub generation: u32,
-    pub _pad: u32,
+    /// Failed connects in a row (reset by an established one), read by outlier detection.
+    /// Stored, not added: the order across CPUs is its meaning, and a lost update only delays
+    /// an ejection by one failure.
+    pub fail_streak: u32,
     /// connect() calls rewritten to this backend, and new UDP sockets sending to it: attempts.
     pub connects: u64,
     /// TCP connections that completed the handshake (sock_ops).
@@ -99,7 +99,7 @@ pub struct BackendCounters {
     pub bytes_from: u64,
 }
 
-/// `LB_SERVICE_CTRS` per-CPU value, indexed by service id.
+/// `LB_SERVICE_CTRS` value, indexed by service id, shared by all CPUs (atomic adds).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceCounters {
@@ -117,13 +117,13 @@ pub struct ServiceCounters {
 }
 
 /// Field-wise sums, written beside the types so that a new counter field cannot be left out
-/// when the agent adds up the per-CPU copies.
+/// when the agent adds up counters (of several backends, or for rates).
 impl core::ops::Add for BackendCounters {
     type Output = Self;
     fn add(self, o: Self) -> Self {
         Self {
             generation: self.generation.max(o.generation),
-            _pad: 0,
+            fail_streak: self.fail_streak.max(o.fail_streak),
             connects: self.connects + o.connects,
             established: self.established + o.established,
             failed: self.failed + o.failed,
@@ -147,15 +147,6 @@ impl core::ops::Add for ServiceCounters {
             affinity_new: self.affinity_new + o.affinity_new,
         }
     }
-}
-
-/// `LB_FAIL_STREAK` value, indexed by backend id: failed connects in a row of the id's
-/// current owner. The agent writes a new generation (and a zero streak) when it reuses the id.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct FailStreak {
-    pub generation: u32,
-    pub streak: u32,
 }
 
 /// `LB_AFFINITY` key: a service and a client (netns cookie or cgroup id).
@@ -238,11 +229,9 @@ pub struct Meta {
 
 // The eBPF object and the agent must agree to the byte; these fail the build of either side.
 const _: () = assert!(size_of::<ServiceKey>() == 20);
-const _: () = assert!(size_of::<ServiceValue>() == 20);
-const _: () = assert!(size_of::<SlotKey>() == 12);
+const _: () = assert!(size_of::<ServiceValue>() == 24);
 const _: () = assert!(size_of::<BackendValue>() == 28);
 const _: () = assert!(size_of::<BackendCounters>() == 72);
-const _: () = assert!(size_of::<FailStreak>() == 8);
 const _: () = assert!(size_of::<ServiceCounters>() == 40);
 const _: () = assert!(size_of::<AffinityKey>() == 16);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
@@ -258,7 +247,6 @@ mod pod {
     // (checked by the size assertions above), and valid for any bit pattern.
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
-    unsafe impl aya::Pod for SlotKey {}
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for BackendCounters {}
     unsafe impl aya::Pod for ServiceCounters {}
@@ -266,7 +254,6 @@ mod pod {
     unsafe impl aya::Pod for Meta {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
-    unsafe impl aya::Pod for FailStreak {}
     unsafe impl aya::Pod for SocketPeer {}
     unsafe impl aya::Pod for SocketState {}
 }
@@ -314,7 +301,7 @@ mod tests {
     fn counters_add_every_field() {
         let one = BackendCounters {
             generation: 3,
-            _pad: 0,
+            fail_streak: 0,
             connects: 1,
             established: 2,
             failed: 3,

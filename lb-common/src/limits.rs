@@ -10,9 +10,12 @@ pub const MAX_BACKENDS: u32 = 65_536;
 pub const MAX_RANDOM_SLOTS: u32 = 4_096;
 /// Upper bound on any service's table: the largest Maglev lookup table (a prime).
 pub const MAX_SLOTS_PER_SERVICE: u32 = 65_537;
-/// Entries of the slots map. During an update a service has two revisions live at once, and
-/// the map is not preallocated, so this bounds memory rather than reserving it.
+/// Slots of the slot array (`LB_SLOTS`): every service's table, in ranges. A table being
+/// replaced exists twice for a moment.
 pub const MAX_SLOTS: u32 = 1 << 20;
+/// Slots per element of `LB_SLOTS`: the kernel rounds array elements up to 8 bytes, so each
+/// holds two 4-byte backend ids (slot `i` is half `i % 2` of element `i / 2`).
+pub const SLOTS_PER_ENTRY: u32 = 2;
 /// Attempts the connect program makes when it loses a race with an update (it read a service
 /// revision whose slots were deleted before it read them).
 pub const MAX_LOOKUP_ATTEMPTS: u32 = 3;
@@ -21,6 +24,9 @@ pub const MAX_NAME_LEN: usize = 63;
 /// Entries of the affinity map (LRU): remembered client choices of client-affinity services.
 /// LRU maps are preallocated, about 80 bytes an entry.
 pub const MAX_AFFINITY: u32 = 65_536;
+/// `BPF_F_MMAPABLE`: arrays the agent reads and writes through a shared mapping instead of a
+/// syscall per element (counters of a million backends are read in milliseconds).
+pub const MMAPABLE_FLAGS: u32 = 1 << 10;
 /// Flags of the hash maps the agent writes: `BPF_F_NO_PREALLOC` (see lb-ebpf's maps.rs for why).
 /// The agent checks adopted maps against it, so it lives here, once.
 pub const AGENT_HASH_FLAGS: u32 = 1;

@@ -6,6 +6,10 @@
 //! backend. What a socket was translated to is kept in the socket's own storage (`socket.rs`).
 #![no_std]
 #![no_main]
+// Atomic adds (counters.rs): the eBPF target has no compare-and-swap, so only the intrinsic
+// offers them.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod abi;
 mod affinity;

@@ -10,36 +10,37 @@
 use aya_ebpf::{
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap},
 };
 use core::ffi::c_void;
 use lb_common::{
-    AffinityKey, AffinityValue, BackendCounters, BackendValue, FailStreak, Meta, ServiceCounters,
-    ServiceKey, ServiceName, ServiceValue, SlotKey, SocketState, AGENT_HASH_FLAGS, MAX_AFFINITY,
-    MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS,
+    AffinityKey, AffinityValue, BackendCounters, BackendValue, Meta, ServiceCounters, ServiceKey,
+    ServiceName, ServiceValue, SocketState, AGENT_HASH_FLAGS, MAX_AFFINITY, MAX_BACKENDS,
+    MAX_SERVICES, MAX_SLOTS, MMAPABLE_FLAGS, SLOTS_PER_ENTRY,
 };
 
 #[map]
 pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::pinned(MAX_SERVICES, AGENT_HASH_FLAGS);
 
+/// Every service's slot table, in ranges (`ServiceValue::slot_base`): an array, so a lookup is
+/// an index computation, and memory-mappable, so the agent writes a Maglev table of 65,537
+/// entries with plain stores.
 #[map]
-pub static LB_SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(MAX_SLOTS, AGENT_HASH_FLAGS);
+pub static LB_SLOTS: Array<[u32; SLOTS_PER_ENTRY as usize]> =
+    Array::pinned(MAX_SLOTS / SLOTS_PER_ENTRY, MMAPABLE_FLAGS);
 
 #[map]
 pub static LB_BACKENDS: HashMap<u32, BackendValue> =
     HashMap::pinned(MAX_BACKENDS, AGENT_HASH_FLAGS);
 
+/// Shared by all CPUs rather than per CPU: per-CPU copies of a million backends' counters
+/// would take gigabytes on a large node. Memory-mappable, so the agent reads them in bulk.
 #[map]
-pub static LB_BACKEND_CTRS: PerCpuArray<BackendCounters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+pub static LB_BACKEND_CTRS: Array<BackendCounters> = Array::pinned(MAX_BACKENDS, MMAPABLE_FLAGS);
 
 #[map]
-pub static LB_SERVICE_CTRS: PerCpuArray<ServiceCounters> = PerCpuArray::pinned(MAX_SERVICES, 0);
-
-/// Consecutive failed connects per backend id (reset by an established one), read by the
-/// agent's outlier detection. Shared rather than per CPU: the order across CPUs matters.
-#[map]
-pub static LB_FAIL_STREAK: Array<FailStreak> = Array::pinned(MAX_BACKENDS, 0);
+pub static LB_SERVICE_CTRS: Array<ServiceCounters> = Array::pinned(MAX_SERVICES, MMAPABLE_FLAGS);
 
 #[map]
 pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =

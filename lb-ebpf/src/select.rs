@@ -5,7 +5,8 @@ use crate::client::Client;
 use crate::maps::{LB_BACKENDS, LB_SERVICES, LB_SLOTS};
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
-    client_hash, BackendValue, ServiceKey, ServiceValue, SlotKey, ALG_MAGLEV, MAX_LOOKUP_ATTEMPTS,
+    client_hash, BackendValue, ServiceKey, ServiceValue, ALG_MAGLEV, MAX_LOOKUP_ATTEMPTS,
+    SLOTS_PER_ENTRY,
 };
 
 pub enum Choice {
@@ -17,7 +18,7 @@ pub enum Choice {
     NoBackend {
         service_id: u32,
     },
-    /// Every attempt read a revision the agent had already replaced and cleaned up.
+    /// Every attempt read a table the agent had already replaced and cleaned up.
     Raced {
         service_id: u32,
     },
@@ -26,8 +27,9 @@ pub enum Choice {
 /// `svc` is the service entry the caller already read for `key`.
 #[inline(always)]
 pub fn choose(key: &ServiceKey, mut svc: ServiceValue, client: &mut Client) -> Choice {
-    // A miss on the slot or backend means the agent flipped the service to a new revision and
-    // deleted the old table between our reads; reading the service again yields the new one.
+    // A backend that is missing or another service's means the agent flipped the service to a
+    // new table between our reads and the old range's backends are gone (or the range was
+    // reused); reading the service again yields the new table.
     for attempt in 0..MAX_LOOKUP_ATTEMPTS {
         if attempt > 0 {
             let Some(again) = LB_SERVICES.get_ptr(key) else {
@@ -46,16 +48,15 @@ pub fn choose(key: &ServiceKey, mut svc: ServiceValue, client: &mut Client) -> C
             // SAFETY: plain helper call without arguments.
             unsafe { bpf_get_prandom_u32() }
         };
-        let slot_key = SlotKey {
-            service_id: svc.id,
-            revision: svc.revision,
-            slot: hash % svc.slot_count,
-        };
-        let Some(backend_id) = LB_SLOTS.get_ptr(&slot_key) else {
+        let slot = svc.slot_base.wrapping_add(hash % svc.slot_count);
+        let Some(pair) = LB_SLOTS.get(slot / SLOTS_PER_ENTRY) else {
             continue;
         };
-        // SAFETY: as above.
-        let backend_id = unsafe { *backend_id };
+        let backend_id = if slot % SLOTS_PER_ENTRY == 0 {
+            pair[0]
+        } else {
+            pair[1]
+        };
         let Some(backend) = LB_BACKENDS.get_ptr(&backend_id) else {
             continue;
         };

@@ -40,7 +40,7 @@ pub fn handle(ctx: &SockOpsContext) {
             let _ = ctx.set_cb_flags((ctx.cb_flags() | STATE_CB_FLAG) as i32);
         }
         OP_ACTIVE_ESTABLISHED => {
-            counters::backend(&peer, |c| c.established += 1);
+            counters::backend(&peer, |c| counters::add(&mut c.established, 1));
             counters::streak(&peer, |_| 0);
         }
         _ => {
@@ -48,10 +48,10 @@ pub fn handle(ctx: &SockOpsContext) {
                 return;
             }
             if ctx.arg(0) == TCP_SYN_SENT {
-                counters::backend(&peer, |c| c.failed += 1);
+                counters::backend(&peer, |c| counters::add(&mut c.failed, 1));
                 counters::streak(&peer, |n| n.saturating_add(1));
             } else {
-                counters::backend(&peer, |c| c.closed += 1);
+                counters::backend(&peer, |c| counters::add(&mut c.closed, 1));
             }
             state.flags |= SOCKET_DONE;
         }

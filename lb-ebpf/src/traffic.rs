@@ -17,11 +17,11 @@ pub fn count(ctx: &SkBuffContext, to_backend: bool) {
     let len = u64::from(ctx.len());
     counters::backend(&peer, |c| {
         if to_backend {
-            c.packets_to += 1;
-            c.bytes_to += len;
+            counters::add(&mut c.packets_to, 1);
+            counters::add(&mut c.bytes_to, len);
         } else {
-            c.packets_from += 1;
-            c.bytes_from += len;
+            counters::add(&mut c.packets_from, 1);
+            counters::add(&mut c.bytes_from, len);
         }
     });
 }

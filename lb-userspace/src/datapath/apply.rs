@@ -5,7 +5,7 @@ use crate::codec::backend_value;
 use crate::datapath::maps::Maps;
 use crate::datapath::ops::Op;
 use anyhow::{Context, Result};
-use lb_common::{ServiceName, SlotKey};
+use lb_common::ServiceName;
 
 /// Applies operations in order and stops at the first failure; see `reconcile` for why any
 /// prefix leaves a consistent data plane.
@@ -28,39 +28,10 @@ fn apply_one(dp: &mut impl Maps, op: &Op) -> Result<()> {
             let generation = dp.backend_generation(*id)?;
             dp.put_backend(*id, &backend_value(addr, *service_id, generation))
         }
-        Op::PutSlots {
-            service_id,
-            revision,
-            backends,
-        } => {
-            for (slot, backend) in backends.iter().enumerate() {
-                let key = SlotKey {
-                    service_id: *service_id,
-                    revision: *revision,
-                    slot: slot as u32,
-                };
-                dp.put_slot(&key, *backend)?;
-            }
-            Ok(())
-        }
+        Op::PutSlots { base, backends } => dp.put_slots(*base, backends),
         Op::PutName { service_id, name } => dp.put_name(*service_id, &ServiceName::new(name)),
         Op::PutService { key, value } => dp.put_service(key, value),
         Op::DeleteService(key) => dp.delete_service(key),
-        Op::DeleteSlots {
-            service_id,
-            revision,
-            count,
-        } => {
-            for slot in 0..*count {
-                dp.delete_slot(&SlotKey {
-                    service_id: *service_id,
-                    revision: *revision,
-                    slot,
-                })?;
-            }
-            Ok(())
-        }
-        Op::DeleteSlot(key) => dp.delete_slot(key),
         Op::DeleteName(id) => dp.delete_name(*id),
         Op::DeleteBackend(id) => dp.delete_backend(*id),
     }

@@ -7,22 +7,25 @@ use crate::codec::{socket_addr, vip_of, Mode};
 use crate::config::BackendConfig;
 use crate::datapath::maps::Maps;
 use anyhow::Result;
-use lb_common::{ServiceKey, SlotKey, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS_PER_SERVICE};
+use lb_common::{ServiceKey, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, MAX_SLOTS_PER_SERVICE};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct InstalledService {
     pub id: u32,
+    /// Table writes so far (`ServiceValue::revision`).
     pub revision: u32,
+    /// Where its table starts in the slot array.
+    pub slot_base: u32,
     pub name: String,
-    /// Slot count of the current revision as the service entry states it.
+    /// Slot count of the table as the service entry states it.
     pub slot_count: u32,
     pub mode: Mode,
-    /// Backend id per slot of the current revision (the ones found, if incomplete).
+    /// Backend id per slot of the table.
     pub slots: Vec<u32>,
-    /// False if some slot of the current revision is missing (written by something else):
-    /// the next reconcile rewrites the table under a new revision.
+    /// False if some slot names no backend (a table whose writing was interrupted, or written
+    /// by something else): the next reconcile writes it anew in another range.
     pub complete: bool,
 }
 
@@ -37,14 +40,26 @@ impl InstalledService {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Installed {
     pub services: BTreeMap<ServiceKey, InstalledService>,
     pub backends: BTreeMap<u32, SocketAddr>,
-    /// Slots of no current revision: an update interrupted between its flip and its cleanup.
-    pub stray_slots: Vec<SlotKey>,
     /// Names of service ids that no longer exist.
     pub stray_names: Vec<u32>,
+    /// Entries of the slot array. (Ranges no service points at are free, whatever they hold:
+    /// an interrupted update leaves nothing to clean up there.)
+    pub slot_capacity: u32,
+}
+
+impl Default for Installed {
+    fn default() -> Self {
+        Self {
+            services: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            stray_names: Vec::new(),
+            slot_capacity: MAX_SLOTS,
+        }
+    }
 }
 
 impl Installed {
@@ -93,9 +108,12 @@ impl Installed {
     }
 }
 
-/// `scan_strays` walks the whole slot map to find leftovers; `stats` skips it.
+/// `scan_strays` looks for leftovers of interrupted updates; `stats` skips it.
 pub fn read_installed(dp: &impl Maps, scan_strays: bool) -> Result<Installed> {
-    let mut installed = Installed::default();
+    let mut installed = Installed {
+        slot_capacity: dp.slot_capacity(),
+        ..Installed::default()
+    };
     let names: std::collections::BTreeMap<u32, String> = dp
         .names()?
         .into_iter()
@@ -108,45 +126,39 @@ pub fn read_installed(dp: &impl Maps, scan_strays: bool) -> Result<Installed> {
                 value.id, value.slot_count
             )));
         }
-        let mut slots = Vec::with_capacity(value.slot_count as usize);
-        for slot in 0..value.slot_count {
-            let k = SlotKey {
-                service_id: value.id,
-                revision: value.revision,
-                slot,
-            };
-            if let Some(id) = dp.slot(&k)? {
-                slots.push(id);
-            }
-        }
+        let slots = dp.slots(value.slot_base, value.slot_count).map_err(|e| {
+            inconsistent(format!(
+                "service id {} has its table at {}..+{}: {e}",
+                value.id, value.slot_base, value.slot_count
+            ))
+        })?;
         let svc = InstalledService {
             id: value.id,
             revision: value.revision,
+            slot_base: value.slot_base,
             name: names.get(&value.id).cloned().unwrap_or_default(),
             slot_count: value.slot_count,
             mode: Mode::from_value(&value),
-            complete: slots.len() == value.slot_count as usize,
+            complete: true,
             slots,
         };
         installed.services.insert(key, svc);
     }
-    check_ids(&installed)?;
-    installed.backends = dp
-        .backends()?
+    let backends = dp.backends()?;
+    installed.backends = backends
         .iter()
         .map(|(id, b)| (*id, socket_addr(b)))
         .collect();
+    let owners: BTreeMap<u32, u32> = backends.iter().map(|(id, b)| (*id, b.service_id)).collect();
+    for svc in installed.services.values_mut() {
+        svc.complete = svc.slots.iter().all(|b| owners.get(b) == Some(&svc.id));
+        if !svc.complete {
+            // What the slots name is not this service's: nothing of it may be taken as owned.
+            svc.slots.retain(|b| owners.get(b) == Some(&svc.id));
+        }
+    }
+    check_ids(&installed)?;
     if scan_strays {
-        let live: BTreeSet<(u32, u32)> = installed
-            .services
-            .values()
-            .map(|s| (s.id, s.revision))
-            .collect();
-        installed.stray_slots = dp
-            .slot_keys()?
-            .into_iter()
-            .filter(|k| !live.contains(&(k.service_id, k.revision)))
-            .collect();
         let ids: BTreeSet<u32> = installed.services.values().map(|s| s.id).collect();
         installed.stray_names = names
             .keys()
@@ -165,11 +177,10 @@ fn inconsistent(what: String) -> anyhow::Error {
 }
 
 /// Reconcile relies on ids being in range (they index the counter arrays) and owned once: a
-/// service id by one service, a backend id by one service. State breaking that is refused
-/// rather than repaired by guesswork.
+/// service id by one service, a backend id by the one service its entry names. State breaking
+/// that is refused rather than repaired by guesswork.
 fn check_ids(installed: &Installed) -> Result<()> {
     let mut service_ids = BTreeSet::new();
-    let mut backend_owner = std::collections::BTreeMap::new();
     for svc in installed.services.values() {
         if svc.id >= MAX_SERVICES || !service_ids.insert(svc.id) {
             return Err(inconsistent(format!(
@@ -177,15 +188,9 @@ fn check_ids(installed: &Installed) -> Result<()> {
                 svc.id
             )));
         }
-        for b in svc.backend_ids() {
-            let owner = *backend_owner.entry(b).or_insert(svc.id);
-            if b >= MAX_BACKENDS || owner != svc.id {
-                return Err(inconsistent(format!(
-                    "backend id {b} out of range or used by services {owner} and {}",
-                    svc.id
-                )));
-            }
-        }
+    }
+    if let Some(b) = installed.backends.keys().find(|b| **b >= MAX_BACKENDS) {
+        return Err(inconsistent(format!("backend id {b} out of range")));
     }
     Ok(())
 }

@@ -3,20 +3,22 @@
 //! runs against the kernel is the logic under test.
 
 use anyhow::Result;
-use lb_common::{BackendValue, ServiceKey, ServiceName, ServiceValue, SlotKey};
+use lb_common::{BackendValue, ServiceKey, ServiceName, ServiceValue};
 
 pub trait Maps {
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>>;
-    fn slot(&self, key: &SlotKey) -> Result<Option<u32>>;
-    fn slot_keys(&self) -> Result<Vec<SlotKey>>;
+    /// Entries of the slot array.
+    fn slot_capacity(&self) -> u32;
+    /// The backend ids at `base..base + count` of the slot array; an error beyond its end.
+    fn slots(&self, base: u32, count: u32) -> Result<Vec<u32>>;
     fn backends(&self) -> Result<Vec<(u32, BackendValue)>>;
     fn names(&self) -> Result<Vec<(u32, ServiceName)>>;
 
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()>;
-    fn delete_service(&mut self, key: &ServiceKey) -> Result<()>;
-    fn put_slot(&mut self, key: &SlotKey, backend_id: u32) -> Result<()>;
     /// Deleting an absent entry is not an error: cleanups are retried after interruptions.
-    fn delete_slot(&mut self, key: &SlotKey) -> Result<()>;
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<()>;
+    /// Writes a table at `base..base + backends.len()` of the slot array.
+    fn put_slots(&mut self, base: u32, backends: &[u32]) -> Result<()>;
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<()>;
     fn delete_backend(&mut self, id: u32) -> Result<()>;
     fn put_name(&mut self, id: u32, name: &ServiceName) -> Result<()>;
@@ -34,14 +36,30 @@ pub mod fake {
     use super::*;
     use std::collections::BTreeMap;
 
-    #[derive(Debug, Default, Clone)]
+    #[derive(Debug, Clone)]
     pub struct FakeMaps {
         pub services: BTreeMap<ServiceKey, ServiceValue>,
-        pub slots: BTreeMap<SlotKey, u32>,
+        /// The slot array, sparse: entries never written read as 0, as in the kernel's.
+        pub slots: BTreeMap<u32, u32>,
+        pub slot_capacity: u32,
         pub backends: BTreeMap<u32, BackendValue>,
         pub names: BTreeMap<u32, ServiceName>,
         pub generations: BTreeMap<u32, u32>,
         pub service_resets: Vec<u32>,
+    }
+
+    impl Default for FakeMaps {
+        fn default() -> Self {
+            Self {
+                services: BTreeMap::new(),
+                slots: BTreeMap::new(),
+                slot_capacity: lb_common::MAX_SLOTS,
+                backends: BTreeMap::new(),
+                names: BTreeMap::new(),
+                generations: BTreeMap::new(),
+                service_resets: Vec::new(),
+            }
+        }
     }
 
     impl FakeMaps {
@@ -50,15 +68,10 @@ pub mod fake {
         pub fn check_consistent(&self) -> Result<(), String> {
             for (key, v) in &self.services {
                 for slot in 0..v.slot_count {
-                    let k = SlotKey {
-                        service_id: v.id,
-                        revision: v.revision,
-                        slot,
-                    };
-                    let Some(b) = self.slots.get(&k) else {
+                    let index = v.slot_base + slot;
+                    let Some(b) = self.slots.get(&index) else {
                         return Err(format!(
-                            "{key:?}: slot {slot} of revision {} missing",
-                            v.revision
+                            "{key:?}: slot {slot} (index {index}) never written"
                         ));
                     };
                     let Some(backend) = self.backends.get(b) else {
@@ -88,11 +101,17 @@ pub mod fake {
         fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
             Ok(vec_of(&self.services))
         }
-        fn slot(&self, key: &SlotKey) -> Result<Option<u32>> {
-            Ok(self.slots.get(key).copied())
+        fn slot_capacity(&self) -> u32 {
+            self.slot_capacity
         }
-        fn slot_keys(&self) -> Result<Vec<SlotKey>> {
-            Ok(self.slots.keys().copied().collect())
+        fn slots(&self, base: u32, count: u32) -> Result<Vec<u32>> {
+            anyhow::ensure!(
+                u64::from(base) + u64::from(count) <= u64::from(self.slot_capacity),
+                "beyond the slot array"
+            );
+            Ok((base..base + count)
+                .map(|i| self.slots.get(&i).copied().unwrap_or(0))
+                .collect())
         }
         fn backends(&self) -> Result<Vec<(u32, BackendValue)>> {
             Ok(vec_of(&self.backends))
@@ -108,12 +127,14 @@ pub mod fake {
             self.services.remove(key);
             Ok(())
         }
-        fn put_slot(&mut self, key: &SlotKey, backend_id: u32) -> Result<()> {
-            self.slots.insert(*key, backend_id);
-            Ok(())
-        }
-        fn delete_slot(&mut self, key: &SlotKey) -> Result<()> {
-            self.slots.remove(key);
+        fn put_slots(&mut self, base: u32, backends: &[u32]) -> Result<()> {
+            anyhow::ensure!(
+                u64::from(base) + backends.len() as u64 <= u64::from(self.slot_capacity),
+                "beyond the slot array"
+            );
+            for (i, id) in backends.iter().enumerate() {
+                self.slots.insert(base + i as u32, *id);
+            }
             Ok(())
         }
         fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<()> {

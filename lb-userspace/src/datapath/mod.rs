@@ -1,5 +1,6 @@
 //! The maps, as the last stage of a change: their primitives (`maps`, implemented by the
-//! pinned BPF maps in `pinned`), what they hold now (`installed`), the operations that change
+//! pinned BPF maps in `pinned`, whose large arrays are memory-mapped by `mapped`), what they
+//! hold now (`installed`), the operations that change
 //! them (`ops`) and applying those (`apply`), and the diff from what is installed to the plan
 //! (`reconcile`).
 
@@ -8,4 +9,5 @@ pub mod installed;
 pub mod ops;
 pub mod apply;
 pub mod reconcile;
+pub mod mapped;
 pub mod pinned;

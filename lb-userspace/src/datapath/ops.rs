@@ -1,7 +1,7 @@
 //! The operations a reconcile plans and `apply` performs, one map update each (a slot table is
 //! written or deleted as one operation of many updates).
 
-use lb_common::{ServiceKey, ServiceValue, SlotKey};
+use lb_common::{ServiceKey, ServiceValue};
 use std::net::SocketAddr;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,9 +16,9 @@ pub enum Op {
         addr: SocketAddr,
         service_id: u32,
     },
+    /// A table written into a range of the slot array that no service uses.
     PutSlots {
-        service_id: u32,
-        revision: u32,
+        base: u32,
         backends: Vec<u32>,
     },
     PutName {
@@ -30,12 +30,6 @@ pub enum Op {
         value: ServiceValue,
     },
     DeleteService(ServiceKey),
-    DeleteSlots {
-        service_id: u32,
-        revision: u32,
-        count: u32,
-    },
-    DeleteSlot(SlotKey),
     DeleteName(u32),
     DeleteBackend(u32),
 }

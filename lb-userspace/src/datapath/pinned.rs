@@ -4,11 +4,10 @@
 
 use crate::admission::outlier::Observation;
 use crate::codec::socket_addr;
+use crate::datapath::mapped::MappedArray;
 use crate::datapath::maps::Maps;
 use anyhow::{bail, Context, Result};
-use aya::maps::{
-    Array, HashMap, Map, MapData, MapError, MapInfo, MapType, PerCpuArray, PerCpuValues,
-};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, MapType};
 use aya::Pod;
 use lb_common::names::*;
 use lb_common::*;
@@ -23,14 +22,13 @@ pub fn maps_dir(pin_dir: &Path) -> PathBuf {
 
 pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
-    slots: HashMap<MapData, SlotKey, u32>,
+    slots: MappedArray<u32>,
     backends: HashMap<MapData, u32, BackendValue>,
-    backend_counters: PerCpuArray<MapData, BackendCounters>,
-    service_counters: PerCpuArray<MapData, ServiceCounters>,
+    backend_counters: MappedArray<BackendCounters>,
+    service_counters: MappedArray<ServiceCounters>,
     names: HashMap<MapData, u32, ServiceName>,
     meta: Array<MapData, Meta>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
-    fail_streak: Array<MapData, FailStreak>,
 }
 
 /// Expected kind, layout, capacity and flags of one pinned map, as lb-ebpf's maps.rs defines
@@ -48,6 +46,7 @@ const fn spec<K, V>(name: &'static str, kind: MapType, max_entries: u32) -> MapS
     let flags = match kind {
         // Socket storage requires it too (it is never preallocated).
         MapType::Hash | MapType::SkStorage => AGENT_HASH_FLAGS,
+        MapType::Array if max_entries > 1 => MMAPABLE_FLAGS,
         _ => 0,
     };
     MapSpec {
@@ -60,16 +59,19 @@ const fn spec<K, V>(name: &'static str, kind: MapType, max_entries: u32) -> MapS
     }
 }
 
-pub const SPECS: [MapSpec; 10] = [
-    spec::<u32, FailStreak>(MAP_FAIL_STREAK, MapType::Array, MAX_BACKENDS),
+pub const SPECS: [MapSpec; 9] = [
     spec::<AffinityKey, AffinityValue>(MAP_AFFINITY, MapType::LruHash, MAX_AFFINITY),
     // Keyed by a socket (its fd from user space); sized by the sockets, not by max_entries.
     spec::<i32, SocketState>(MAP_SOCKETS, MapType::SkStorage, 0),
     spec::<ServiceKey, ServiceValue>(MAP_SERVICES, MapType::Hash, MAX_SERVICES),
-    spec::<SlotKey, u32>(MAP_SLOTS, MapType::Hash, MAX_SLOTS),
+    spec::<u32, [u32; SLOTS_PER_ENTRY as usize]>(
+        MAP_SLOTS,
+        MapType::Array,
+        MAX_SLOTS / SLOTS_PER_ENTRY,
+    ),
     spec::<u32, BackendValue>(MAP_BACKENDS, MapType::Hash, MAX_BACKENDS),
-    spec::<u32, BackendCounters>(MAP_BACKEND_COUNTERS, MapType::PerCpuArray, MAX_BACKENDS),
-    spec::<u32, ServiceCounters>(MAP_SERVICE_COUNTERS, MapType::PerCpuArray, MAX_SERVICES),
+    spec::<u32, BackendCounters>(MAP_BACKEND_COUNTERS, MapType::Array, MAX_BACKENDS),
+    spec::<u32, ServiceCounters>(MAP_SERVICE_COUNTERS, MapType::Array, MAX_SERVICES),
     spec::<u32, ServiceName>(MAP_SERVICE_NAMES, MapType::Hash, MAX_SERVICES),
     spec::<u32, Meta>(MAP_META, MapType::Array, 1),
 ];
@@ -130,6 +132,11 @@ impl MapSpec {
     }
 }
 
+/// A memory-mapped array of `entries` values `V`, seen as an array of `T`.
+fn mapped<V, T: Pod>(dir: &Path, name: &str, entries: u32) -> Result<MappedArray<T>> {
+    MappedArray::open(&dir.join(name), entries, size_of::<V>())
+}
+
 fn open(dir: &Path, name: &str, wrap: fn(MapData) -> Map) -> Result<Map> {
     let path = dir.join(name);
     let data = MapData::from_pin(&path)
@@ -146,14 +153,21 @@ impl PinnedMaps {
         }
         let maps = Self {
             services: open(dir, MAP_SERVICES, Map::HashMap)?.try_into()?,
-            slots: open(dir, MAP_SLOTS, Map::HashMap)?.try_into()?,
+            slots: mapped::<[u32; SLOTS_PER_ENTRY as usize], _>(dir, MAP_SLOTS, MAX_SLOTS / 2)?,
             backends: open(dir, MAP_BACKENDS, Map::HashMap)?.try_into()?,
-            backend_counters: open(dir, MAP_BACKEND_COUNTERS, Map::PerCpuArray)?.try_into()?,
-            service_counters: open(dir, MAP_SERVICE_COUNTERS, Map::PerCpuArray)?.try_into()?,
+            backend_counters: mapped::<BackendCounters, _>(
+                dir,
+                MAP_BACKEND_COUNTERS,
+                MAX_BACKENDS,
+            )?,
+            service_counters: mapped::<ServiceCounters, _>(
+                dir,
+                MAP_SERVICE_COUNTERS,
+                MAX_SERVICES,
+            )?,
             names: open(dir, MAP_SERVICE_NAMES, Map::HashMap)?.try_into()?,
             meta: open(dir, MAP_META, Map::Array)?.try_into()?,
             affinity: open(dir, MAP_AFFINITY, Map::LruHashMap)?.try_into()?,
-            fail_streak: open(dir, MAP_FAIL_STREAK, Map::Array)?.try_into()?,
         };
         Ok(maps)
     }
@@ -175,17 +189,16 @@ impl PinnedMaps {
         self.affinity.keys().count()
     }
 
-    /// Connects to this backend that failed in a row, as the kernel saw them.
-    pub fn fail_streak(&self, id: u32) -> Result<u32> {
-        Ok(self.fail_streak.get(&id, 0)?.streak)
-    }
-
     pub fn backend_counters(&self, id: u32) -> Result<BackendCounters> {
-        Ok(summed(self.backend_counters.get(&id, 0)?))
+        self.backend_counters
+            .get(id)
+            .with_context(|| format!("backend id {id} is beyond the counters"))
     }
 
     pub fn service_counters(&self, id: u32) -> Result<ServiceCounters> {
-        Ok(summed(self.service_counters.get(&id, 0)?))
+        self.service_counters
+            .get(id)
+            .with_context(|| format!("service id {id} is beyond the counters"))
     }
 
     /// What the kernel counted for each of `backends` that belongs to `service_id`, for
@@ -201,7 +214,7 @@ impl PinnedMaps {
             .filter_map(|(id, b)| {
                 let counters = self.backend_counters(*id).ok()?;
                 let observation = Observation {
-                    streak: self.fail_streak(*id).ok()?,
+                    streak: counters.fail_streak,
                     established: counters.established,
                     failed: counters.failed,
                 };
@@ -209,17 +222,6 @@ impl PinnedMaps {
             })
             .collect()
     }
-}
-
-/// The per-CPU copies of one counter element added up.
-fn summed<T: Pod + Default + std::ops::Add<Output = T>>(per_cpu: PerCpuValues<T>) -> T {
-    per_cpu.iter().fold(T::default(), |acc, c| acc + *c)
-}
-
-/// `value` as every possible CPU's copy of a per-CPU element.
-fn on_every_cpu<T: Pod>(value: T) -> Result<PerCpuValues<T>> {
-    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-    Ok(PerCpuValues::try_from(vec![value; cpus])?)
 }
 
 fn collect<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> Result<Vec<(K, V)>> {
@@ -239,16 +241,14 @@ impl Maps for PinnedMaps {
         collect(&self.services)
     }
 
-    fn slot(&self, key: &SlotKey) -> Result<Option<u32>> {
-        match self.slots.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+    fn slot_capacity(&self) -> u32 {
+        self.slots.count()
     }
 
-    fn slot_keys(&self) -> Result<Vec<SlotKey>> {
-        self.slots.keys().map(|r| r.map_err(Into::into)).collect()
+    fn slots(&self, base: u32, count: u32) -> Result<Vec<u32>> {
+        (base..base.saturating_add(count))
+            .map(|i| self.slots.get(i).context("beyond the slot array"))
+            .collect()
     }
 
     fn backends(&self) -> Result<Vec<(u32, BackendValue)>> {
@@ -267,12 +267,12 @@ impl Maps for PinnedMaps {
         absent_ok(self.services.remove(key))
     }
 
-    fn put_slot(&mut self, key: &SlotKey, backend_id: u32) -> Result<()> {
-        Ok(self.slots.insert(key, backend_id, 0)?)
-    }
-
-    fn delete_slot(&mut self, key: &SlotKey) -> Result<()> {
-        absent_ok(self.slots.remove(key))
+    fn put_slots(&mut self, base: u32, backends: &[u32]) -> Result<()> {
+        for (i, id) in backends.iter().enumerate() {
+            let at = u32::try_from(i).ok().and_then(|i| base.checked_add(i));
+            self.slots.set(at.context("beyond the slot array")?, *id)?;
+        }
+        Ok(())
     }
 
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<()> {
@@ -292,29 +292,21 @@ impl Maps for PinnedMaps {
     }
 
     fn reset_service_counters(&mut self, id: u32) -> Result<()> {
-        Ok(self
-            .service_counters
-            .set(id, on_every_cpu(ServiceCounters::default())?, 0)?)
+        self.service_counters.set(id, ServiceCounters::default())
     }
 
     fn backend_generation(&self, id: u32) -> Result<u32> {
-        Ok(self.fail_streak.get(&id, 0)?.generation)
+        Ok(self.backend_counters(id)?.generation)
     }
 
-    /// Counters first, then the streak whose generation `backend_generation` reads: the
-    /// backend entry that follows names a generation both already carry.
+    /// One store of the whole element: its generation and zeroed counters and streak. The
+    /// backend entry that follows names the generation the counters already carry.
     fn new_backend_generation(&mut self, id: u32) -> Result<()> {
-        let generation = self.backend_generation(id)?.wrapping_add(1);
         let fresh = BackendCounters {
-            generation,
+            generation: self.backend_generation(id)?.wrapping_add(1),
             ..Default::default()
         };
-        self.backend_counters.set(id, on_every_cpu(fresh)?, 0)?;
-        let streak = FailStreak {
-            generation,
-            streak: 0,
-        };
-        Ok(self.fail_streak.set(id, streak, 0)?)
+        self.backend_counters.set(id, fresh)
     }
 }
 
@@ -324,8 +316,7 @@ mod tests {
 
     #[test]
     fn a_map_differing_in_any_property_is_not_ours() {
-        let ours = &SPECS[3];
-        assert_eq!(ours.name, MAP_SERVICES);
+        let ours = SPECS.iter().find(|s| s.name == MAP_SERVICES).unwrap();
         let same = MapSpec { ..*ours };
         assert!(ours.matches(&same).is_ok());
         let variants = [

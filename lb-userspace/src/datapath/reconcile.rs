@@ -2,8 +2,9 @@
 //! is desired, touching only what changed.
 //!
 //! Order is the safety argument. For every service: new backends are written first, then the
-//! new slot table under a fresh revision, then the service entry flips to that revision in one
-//! map update, then the old table and the backends only it used are deleted. Every prefix of
+//! new slot table into a free range of the slot array, then the service entry flips to that
+//! range in one map update, then the backends only the old table used are deleted (the old
+//! range is free for the next plan). Every prefix of
 //! the returned operations therefore leaves each service entry pointing at a complete table of
 //! existing backends, so a connect never sees a half-written set, and an update that fails
 //! half-way leaves a consistent data plane (the unit tests apply every prefix to check this).
@@ -12,7 +13,7 @@ use crate::codec::Mode;
 use crate::datapath::installed::{Installed, InstalledService};
 use crate::datapath::ops::Op;
 use crate::plan::{Desired, DesiredService};
-use lb_common::{ServiceKey, ServiceValue, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS};
+use lb_common::{ServiceKey, ServiceValue, MAX_BACKENDS, MAX_SERVICES};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
@@ -76,17 +77,77 @@ impl IdPool {
     }
 }
 
+/// Free ranges of the slot array: everything no installed service's table covers. A range
+/// freed by this plan stays taken until the next one, so a connect still reading the old
+/// table never finds it overwritten by this plan.
+struct SlotRanges {
+    /// (start, length), in order; a gap shrinks from its front as it is handed out.
+    gaps: Vec<(u32, u32)>,
+    /// Gaps before this one are used up.
+    first: usize,
+    capacity: u32,
+}
+
+impl SlotRanges {
+    fn new(installed: &Installed) -> Self {
+        let mut used: Vec<(u32, u32)> = installed
+            .services
+            .values()
+            .map(|s| (s.slot_base, s.slot_count))
+            .filter(|(_, len)| *len > 0)
+            .collect();
+        used.sort_unstable();
+        let mut gaps = Vec::new();
+        let mut at = 0u32;
+        for (start, len) in used {
+            if start > at {
+                gaps.push((at, start - at));
+            }
+            at = at.max(start.saturating_add(len));
+        }
+        if installed.slot_capacity > at {
+            gaps.push((at, installed.slot_capacity - at));
+        }
+        Self {
+            gaps,
+            first: 0,
+            capacity: installed.slot_capacity,
+        }
+    }
+
+    /// The start of a free range of `len` entries (first fit).
+    fn take(&mut self, len: u32) -> Result<u32, CapacityError> {
+        if len == 0 {
+            return Ok(0);
+        }
+        while self.gaps.get(self.first).is_some_and(|g| g.1 == 0) {
+            self.first += 1;
+        }
+        if let Some(gap) = self.gaps[self.first..].iter_mut().find(|g| g.1 >= len) {
+            let start = gap.0;
+            *gap = (gap.0 + len, gap.1 - len);
+            return Ok(start);
+        }
+        let free: u64 = self.gaps.iter().map(|g| u64::from(g.1)).sum();
+        Err(CapacityError(format!(
+            "no free range of {len} entries in the slot array ({} entries, {free} free in \
+             pieces; a table being replaced exists twice until the update ends): raise \
+             --max-slots, or use fewer or smaller Maglev tables (maglev_table_size)",
+            self.capacity
+        )))
+    }
+}
+
 pub fn reconcile(installed: &Installed, desired: &Desired) -> Result<Plan, CapacityError> {
-    check_slot_capacity(installed, desired)?;
+    let mut ranges = SlotRanges::new(installed);
     // An id whose leftovers this plan deletes at its end is not handed out again in it: the new
     // service's entries would be deleted with them.
-    let stray_ids = installed
-        .stray_slots
-        .iter()
-        .map(|k| k.service_id)
-        .chain(installed.stray_names.iter().copied());
     let mut service_ids = IdPool::new(
-        installed.services.values().map(|s| s.id).chain(stray_ids),
+        installed
+            .services
+            .values()
+            .map(|s| s.id)
+            .chain(installed.stray_names.iter().copied()),
         MAX_SERVICES,
         "service",
     );
@@ -97,8 +158,8 @@ pub fn reconcile(installed: &Installed, desired: &Desired) -> Result<Plan, Capac
     for (key, want) in desired {
         match installed.services.get(key) {
             Some(have) => {
-                let changed =
-                    update_service(installed, *key, have, want, &mut backend_ids, &mut ops)?;
+                let ids = (&mut backend_ids, &mut ranges);
+                let changed = update_service(installed, *key, have, want, ids, &mut ops)?;
                 if changed {
                     summary.updated += 1;
                 } else {
@@ -106,14 +167,8 @@ pub fn reconcile(installed: &Installed, desired: &Desired) -> Result<Plan, Capac
                 }
             }
             None => {
-                add_service(
-                    installed,
-                    *key,
-                    want,
-                    &mut service_ids,
-                    &mut backend_ids,
-                    &mut ops,
-                )?;
+                let ids = (&mut service_ids, &mut backend_ids, &mut ranges);
+                add_service(*key, want, ids, &mut ops)?;
                 summary.added += 1;
             }
         }
@@ -121,13 +176,11 @@ pub fn reconcile(installed: &Installed, desired: &Desired) -> Result<Plan, Capac
     for (key, have) in &installed.services {
         if !desired.contains_key(key) {
             ops.push(Op::DeleteService(*key));
-            ops.push(delete_table(have));
             ops.push(Op::DeleteName(have.id));
             ops.extend(have.backend_ids().map(Op::DeleteBackend));
             summary.removed += 1;
         }
     }
-    ops.extend(installed.stray_slots.iter().copied().map(Op::DeleteSlot));
     ops.extend(installed.stray_names.iter().copied().map(Op::DeleteName));
     ops.extend(
         installed
@@ -138,72 +191,22 @@ pub fn reconcile(installed: &Installed, desired: &Desired) -> Result<Plan, Capac
     Ok(Plan { ops, summary })
 }
 
-/// Follows the plan's order: services are added or swapped one by one (a swapped service has
-/// both tables for a moment), and removed services go last. The peak must fit the slot map.
-/// Unchanged services are counted once, so large Maglev tables do not count double.
-fn check_slot_capacity(installed: &Installed, desired: &Desired) -> Result<(), CapacityError> {
-    let mut held: usize = installed.services.values().map(|s| s.slots.len()).sum();
-    let mut peak = held;
-    for (key, want) in desired {
-        let have = installed.services.get(key);
-        if have.is_some_and(|have| same_table(installed, have, want)) {
-            continue;
-        }
-        let old = have.map_or(0, |s| s.slots.len());
-        peak = peak.max(held + want.slots.len());
-        held = held + want.slots.len() - old;
-    }
-    if peak > MAX_SLOTS as usize {
-        return Err(CapacityError(format!(
-            "the update needs {peak} slot entries at its peak (tables being replaced exist twice \
-             for a moment) but the slot map holds {MAX_SLOTS}; use fewer or smaller Maglev \
-             tables (maglev_table_size)"
-        )));
-    }
-    Ok(())
-}
-
-/// Whether `want` is exactly what is installed (then it is not rewritten).
-fn same_table(installed: &Installed, have: &InstalledService, want: &DesiredService) -> bool {
-    have.complete
-        && have.mode == want.mode
-        && have.slots.len() == want.slots.len()
-        && have
-            .slots
-            .iter()
-            .zip(&want.slots)
-            .all(|(id, addr)| installed.backends.get(id) == Some(addr))
-}
-
 fn add_service(
-    installed: &Installed,
     key: ServiceKey,
     want: &DesiredService,
-    service_ids: &mut IdPool,
-    backend_ids: &mut IdPool,
+    (service_ids, backend_ids, ranges): (&mut IdPool, &mut IdPool, &mut SlotRanges),
     ops: &mut Vec<Op>,
 ) -> Result<(), CapacityError> {
     let id = service_ids.take()?;
-    let revision = fresh_revision(installed, id, 0);
+    let base = ranges.take(want.slots.len() as u32)?;
     ops.push(Op::ResetServiceCounters(id));
     ops.push(Op::PutName {
         service_id: id,
         name: want.name.clone(),
     });
     let slots = assign_backends(id, &BTreeMap::new(), want, backend_ids, ops)?;
-    write_table(key, id, revision, want.mode, slots, ops);
+    write_table(key, (id, 1, base), want.mode, slots, ops);
     Ok(())
-}
-
-/// A revision for a new table of service `id` whose current one is `current` (0: none): above
-/// every revision the slot map holds for the id, so the new table never shares a key with a
-/// leftover of an interrupted plan, which this plan deletes at its end.
-fn fresh_revision(installed: &Installed, id: u32, current: u32) -> u32 {
-    let strays = installed.stray_slots.iter().filter(|k| k.service_id == id);
-    strays
-        .map(|k| k.revision)
-        .fold(current, u32::max)
-        .wrapping_add(1)
 }
 
 /// Returns whether anything changed.
@@ -212,7 +215,7 @@ fn update_service(
     key: ServiceKey,
     have: &InstalledService,
     want: &DesiredService,
-    backend_ids: &mut IdPool,
+    (backend_ids, ranges): (&mut IdPool, &mut SlotRanges),
     ops: &mut Vec<Op>,
 ) -> Result<bool, CapacityError> {
     let owned: BTreeMap<SocketAddr, u32> = have
@@ -233,9 +236,9 @@ fn update_service(
         return Ok(renamed);
     }
     let keep: BTreeSet<u32> = slots.iter().copied().collect();
-    let revision = fresh_revision(installed, have.id, have.revision);
-    write_table(key, have.id, revision, want.mode, slots, ops);
-    ops.push(delete_table(have));
+    let base = ranges.take(slots.len() as u32)?;
+    let revision = have.revision.wrapping_add(1);
+    write_table(key, (have.id, revision, base), want.mode, slots, ops);
     ops.extend(
         have.backend_ids()
             .filter(|id| !keep.contains(id))
@@ -273,10 +276,10 @@ fn assign_backends(
         .collect()
 }
 
+/// `table`: service id, revision and where the table goes.
 fn write_table(
     key: ServiceKey,
-    id: u32,
-    revision: u32,
+    (id, revision, slot_base): (u32, u32, u32),
     mode: Mode,
     backends: Vec<u32>,
     ops: &mut Vec<Op>,
@@ -284,6 +287,7 @@ fn write_table(
     let value = ServiceValue {
         id,
         revision,
+        slot_base,
         slot_count: backends.len() as u32,
         algorithm: mode.algorithm,
         flags: mode.flags,
@@ -292,20 +296,11 @@ fn write_table(
     };
     if !backends.is_empty() {
         ops.push(Op::PutSlots {
-            service_id: id,
-            revision,
+            base: slot_base,
             backends,
         });
     }
     ops.push(Op::PutService { key, value });
-}
-
-fn delete_table(have: &InstalledService) -> Op {
-    Op::DeleteSlots {
-        service_id: have.id,
-        revision: have.revision,
-        count: have.slot_count,
-    }
 }
 
 #[cfg(test)]
@@ -318,7 +313,6 @@ mod tests {
     use crate::datapath::installed::read_installed;
     use crate::datapath::maps::fake::FakeMaps;
     use crate::plan::desired;
-    use lb_common::SlotKey;
 
     fn service(name: &str, vip: &str, backends: &[(&str, u32)]) -> Service {
         Service {
@@ -417,7 +411,7 @@ mod tests {
     }
 
     #[test]
-    fn update_swaps_revision_keeps_surviving_backend_ids_and_cleans_up() {
+    fn update_moves_the_table_keeps_surviving_backend_ids_and_cleans_up() {
         let mut dp = FakeMaps::default();
         converge(&mut dp, &web(&[("10.0.0.1:8080", 1), ("10.0.0.2:8080", 1)]));
         let before = dp.services.values().next().copied().unwrap();
@@ -432,6 +426,10 @@ mod tests {
         assert_eq!(plan.summary.updated, 1);
         let after = dp.services.values().next().copied().unwrap();
         assert_eq!(after.id, before.id);
+        assert_ne!(
+            after.slot_base, before.slot_base,
+            "a new range, never rewritten in place"
+        );
         assert_eq!(after.revision, before.revision + 1);
         assert_eq!(
             table(&dp, "10.96.0.10:80"),
@@ -442,10 +440,10 @@ mod tests {
             "surviving backend keeps its id"
         );
         assert_eq!(dp.backends.len(), 2, "removed backend deleted");
-        assert!(
-            dp.slots.keys().all(|k| k.revision == after.revision),
-            "old table deleted"
-        );
+        // The next update may use the old range again.
+        converge(&mut dp, &web(&[("10.0.0.4:8080", 1), ("10.0.0.3:8080", 1)]));
+        let third = dp.services.values().next().copied().unwrap();
+        assert_eq!(third.slot_base, before.slot_base);
     }
 
     #[test]
@@ -475,7 +473,7 @@ mod tests {
         converge(&mut dp, &web(&[]));
         let v = dp.services.values().next().unwrap();
         assert_eq!(v.slot_count, 0);
-        assert!(dp.slots.is_empty() && dp.backends.is_empty());
+        assert!(live_slots(&dp).is_empty() && dp.backends.is_empty());
     }
 
     #[test]
@@ -484,7 +482,7 @@ mod tests {
         converge(&mut dp, &web(&[("10.0.0.1:8080", 1), ("10.0.0.2:8080", 5)]));
         let plan = converge(&mut dp, &[]);
         assert_eq!(plan.summary.removed, 1);
-        assert!(dp.services.is_empty() && dp.slots.is_empty());
+        assert!(dp.services.is_empty() && live_slots(&dp).is_empty());
         assert!(dp.backends.is_empty() && dp.names.is_empty());
     }
 
@@ -517,29 +515,35 @@ mod tests {
         let cfg = web(&[("10.0.0.1:8080", 1)]);
         converge(&mut dp, &cfg);
         let v = *dp.services.values().next().unwrap();
-        dp.slots.insert(
-            SlotKey {
-                service_id: v.id,
-                revision: v.revision + 7,
-                slot: 0,
-            },
-            0,
-        );
+        // An interrupted update's table in a range no service points at: free, nothing to undo.
+        dp.slots.insert(v.slot_base + 7, 0);
         dp.backends
             .insert(99, backend_value(&"10.9.9.9:1".parse().unwrap(), 5, 0));
         dp.names.insert(77, lb_common::ServiceName::new("gone"));
         converge(&mut dp, &cfg);
-        assert_eq!(dp.slots.len(), 1);
         assert!(!dp.backends.contains_key(&99));
         assert!(!dp.names.contains_key(&77));
     }
 
-    /// Every map entry, for comparing whole data planes.
+    /// Every map entry that counts, for comparing whole data planes: slot array entries only
+    /// where a service's table is (the rest is free space, whatever it holds).
     fn entries(dp: &FakeMaps) -> String {
         format!(
             "{:?} {:?} {:?} {:?}",
-            dp.services, dp.slots, dp.backends, dp.names
+            dp.services,
+            live_slots(dp),
+            dp.backends,
+            dp.names
         )
+    }
+
+    fn live_slots(dp: &FakeMaps) -> Vec<u32> {
+        let installed = read_installed(dp, false).unwrap();
+        installed
+            .services
+            .values()
+            .flat_map(|s| s.slots.clone())
+            .collect()
     }
 
     /// A plan that fails at any of its operations (an agent killed, ENOMEM, a full map) leaves
@@ -592,9 +596,9 @@ mod tests {
                     );
                 }
                 assert_eq!(
-                    dp.services.len() + dp.slots.len() + dp.backends.len() + dp.names.len(),
+                    dp.services.len() + live_slots(&dp).len() + dp.backends.len() + dp.names.len(),
                     clean.services.len()
-                        + clean.slots.len()
+                        + live_slots(&clean).len()
                         + clean.backends.len()
                         + clean.names.len(),
                     "map entries after an interruption at operation {k}: {} vs {}",
@@ -625,21 +629,18 @@ mod tests {
     }
 
     #[test]
-    fn incomplete_table_is_rewritten_under_a_new_revision() {
+    fn incomplete_table_is_written_anew_in_another_range() {
         let mut dp = FakeMaps::default();
         let cfg = web(&[("10.0.0.1:8080", 1), ("10.0.0.2:8080", 1)]);
         converge(&mut dp, &cfg);
         let v = *dp.services.values().next().unwrap();
-        dp.slots.remove(&SlotKey {
-            service_id: v.id,
-            revision: v.revision,
-            slot: 1,
-        });
+        dp.slots.insert(v.slot_base + 1, 4242);
         converge(&mut dp, &cfg);
         dp.check_consistent().unwrap();
+        assert_ne!(dp.services.values().next().unwrap().slot_base, v.slot_base);
         assert_eq!(
-            dp.services.values().next().unwrap().revision,
-            v.revision + 1
+            table(&dp, "10.96.0.10:80"),
+            ["10.0.0.1:8080", "10.0.0.2:8080"]
         );
     }
 
@@ -670,26 +671,29 @@ mod tests {
         let err = read_installed(&huge, true).unwrap_err().to_string();
         assert!(err.contains("claims 4294967295 slots"), "{err}");
 
+        let mut beyond = dp.clone();
+        beyond.services.insert(
+            key,
+            ServiceValue {
+                slot_base: dp.slot_capacity,
+                ..v
+            },
+        );
+        let err = read_installed(&beyond, true).unwrap_err().to_string();
+        assert!(err.contains("beyond the slot array"), "{err}");
+
+        // A table naming another service's backend is not taken as owning it: rewritten.
         let mut stolen = dp.clone();
         let other = ServiceValue {
             id: 1,
-            revision: 1,
+            slot_base: 100,
             ..v
         };
         stolen.services.insert(twin, other);
-        stolen.slots.insert(
-            SlotKey {
-                service_id: 1,
-                revision: 1,
-                slot: 0,
-            },
-            0,
-        );
-        let err = read_installed(&stolen, true).unwrap_err().to_string();
-        assert!(
-            err.contains("backend id 0 out of range or used by services 0 and 1"),
-            "{err}"
-        );
+        stolen.slots.insert(100, 0);
+        let installed = read_installed(&stolen, true).unwrap();
+        let one = installed.services.values().find(|s| s.id == 1).unwrap();
+        assert!(!one.complete && one.slots.is_empty(), "{one:?}");
     }
 
     #[test]
@@ -719,39 +723,50 @@ mod tests {
         assert!(err.0.contains("out of backend ids"), "{err}");
     }
 
-    /// Fifteen full-size Maglev tables fit the slot map; a sixteenth table only during one
-    /// service's swap would not. Unchanged tables are not rewritten, so they count once.
+    /// The slot array holds what it holds: tables are placed in free ranges, a table being
+    /// replaced needs room for its new copy, and a plan that does not fit is refused whole.
     #[test]
-    fn slot_capacity_counts_only_the_tables_being_swapped_twice() {
-        let size = lb_common::MAX_SLOTS_PER_SERVICE as usize;
-        let mut installed = Installed::default();
-        let mut want = Desired::new();
-        for i in 0..15u32 {
-            let addr: SocketAddr = format!("10.0.0.{i}:80").parse().unwrap();
-            let key = service_key(format!("10.96.0.{i}:80").parse().unwrap(), Protocol::Tcp);
-            installed.backends.insert(i, addr);
-            installed.services.insert(
-                key,
-                InstalledService {
-                    id: i,
-                    slots: vec![i; size],
-                    slot_count: size as u32,
-                    complete: true,
-                    ..Default::default()
-                },
-            );
-            let slots = vec![addr; size];
-            let svc = DesiredService {
-                name: format!("s{i}"),
-                slots,
-                mode: Mode::default(),
-            };
-            want.insert(key, svc);
-        }
-        assert!(check_slot_capacity(&installed, &want).is_ok());
-        let first = want.values_mut().next().unwrap();
-        first.slots[0] = "10.0.0.99:80".parse().unwrap();
-        let err = check_slot_capacity(&installed, &want).unwrap_err();
-        assert!(err.0.contains("1048592 slot entries at its peak"), "{err}");
+    fn tables_are_placed_in_free_ranges_and_a_plan_that_does_not_fit_is_refused() {
+        let mut dp = FakeMaps {
+            slot_capacity: 10,
+            ..FakeMaps::default()
+        };
+        let four = [
+            ("10.0.0.1:80", 1),
+            ("10.0.0.2:80", 1),
+            ("10.0.0.3:80", 1),
+            ("10.0.0.4:80", 1),
+        ];
+        let cfg = vec![
+            service("a", "10.96.0.1:80", &four),
+            service("b", "10.96.0.2:80", &four[..2]),
+        ];
+        converge(&mut dp, &cfg);
+        let bases: Vec<u32> = dp.services.values().map(|v| v.slot_base).collect();
+        assert_eq!(bases, [0, 4]);
+        // Replacing a's table needs 4 more entries while the old ones are in use: 6+4 = 10.
+        let changed = vec![
+            service(
+                "a",
+                "10.96.0.1:80",
+                &[("10.0.0.9:80", 1), ("10.0.0.2:80", 3)],
+            ),
+            service("b", "10.96.0.2:80", &four[..2]),
+        ];
+        converge(&mut dp, &changed);
+        assert_eq!(dp.services.values().next().unwrap().slot_base, 6);
+        // Now a (6..10) and b (4..6) are in use; a table of 5 fits nowhere.
+        let installed = read_installed(&dp, true).unwrap();
+        let five = [
+            ("10.0.0.1:80", 1),
+            ("10.0.0.2:80", 1),
+            ("10.0.0.3:80", 1),
+            ("10.0.0.4:80", 1),
+            ("10.0.0.5:80", 1),
+        ];
+        let five = vec![changed[0].clone(), service("b", "10.96.0.2:80", &five)];
+        let err = reconcile(&installed, &desired(&five, &|_, _| true).0).unwrap_err();
+        assert!(err.0.contains("no free range of 5 entries"), "{err}");
+        assert!(err.0.contains("10 entries, 4 free in pieces"), "{err}");
     }
 }

@@ -36,6 +36,7 @@ pub struct Report {
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MapEntries {
     pub services: usize,
+    /// Slots of the services' tables (the slot array's entries in use).
     pub slots: usize,
     pub backends: usize,
     pub names: usize,
@@ -48,7 +49,11 @@ impl MapEntries {
     fn count(maps: &PinnedMaps) -> Result<Self> {
         Ok(Self {
             services: maps.services()?.len(),
-            slots: maps.slot_keys()?.len(),
+            slots: maps
+                .services()?
+                .iter()
+                .map(|(_, v)| v.slot_count as usize)
+                .sum(),
             backends: maps.backends()?.len(),
             names: maps.names()?.len(),
             affinity: maps.affinity_entries(),
