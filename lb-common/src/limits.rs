@@ -1,10 +1,16 @@
-//! Capacities compiled into the map definitions. The agent validates configs against them so a
-//! config that would not fit is rejected before any map is touched.
+//! Capacities. The `MAX_*` ones are the maps' sizes as compiled; the agent sizes the maps when
+//! it first creates them (`lb-agent run --max-services` etc., or from the config) and later
+//! agents read the sizes back from the pinned maps. `LIMIT_*` bound what may be asked for.
 
-/// Entries of the services map (distinct VIP:port:protocol).
+/// Entries of the services map (distinct VIP:port:protocol), unless sized otherwise.
 pub const MAX_SERVICES: u32 = 65_536;
-/// Backend ids are indices into the per-CPU counter array, so they are dense: 0..MAX_BACKENDS.
+/// Backend ids index the counter array, so they are dense: 0..capacity.
 pub const MAX_BACKENDS: u32 = 65_536;
+/// The most services, backends and slots the maps may be sized for: 16× the 250,000 services
+/// this project is measured with, and a slot array of at most 1 GiB.
+pub const LIMIT_SERVICES: u32 = 1 << 22;
+pub const LIMIT_BACKENDS: u32 = 1 << 24;
+pub const LIMIT_SLOTS: u32 = 1 << 28;
 /// Upper bound on a `random` service's weighted table. Weights are reduced by their gcd and, if
 /// the sum still exceeds this, scaled down proportionally (every backend keeps at least one slot).
 pub const MAX_RANDOM_SLOTS: u32 = 4_096;

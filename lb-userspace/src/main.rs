@@ -45,6 +45,18 @@ enum Command {
         /// Serve GET /metrics (Prometheus) on this address, or `off`.
         #[arg(long, default_value = "127.0.0.1:9902", value_parser = address_or_off)]
         metrics_listen: Listen,
+        /// Services the maps hold, when this agent creates them [default: twice the config's,
+        /// at least 65,536]. Maps already pinned keep their size.
+        #[arg(long)]
+        max_services: Option<u32>,
+        /// Backends the maps hold, when this agent creates them [default: 1.5× the config's,
+        /// at least 65,536].
+        #[arg(long)]
+        max_backends: Option<u32>,
+        /// Slots (table entries) the maps hold, when this agent creates them [default: twice
+        /// what the config's tables take, at least 1,048,576].
+        #[arg(long)]
+        max_slots: Option<u32>,
     },
     /// Validate a config file without root and without touching the kernel.
     CheckConfig { file: PathBuf },
@@ -102,9 +114,17 @@ fn dispatch(command: Command) -> Result<()> {
             bpf_log,
             http_listen,
             metrics_listen,
+            max_services,
+            max_backends,
+            max_slots,
         } => {
             let args = agent::RunArgs {
                 config,
+                capacity: lb_userspace::datapath::capacity::Requested {
+                    services: max_services,
+                    backends: max_backends,
+                    slots: max_slots,
+                },
                 cgroup,
                 pin_dir,
                 watch_interval: (watch_interval_ms > 0)

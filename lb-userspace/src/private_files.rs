@@ -13,7 +13,8 @@ use std::path::Path;
 /// Bounds for `read_bounded`, by what the file holds.
 pub const SECRET_LIMIT: u64 = 64 << 10;
 pub const CERTIFICATE_LIMIT: u64 = 1 << 20;
-pub const CONFIG_LIMIT: u64 = 16 << 20;
+/// 250,000 services of 4 backends take about 32 MiB of TOML.
+pub const CONFIG_LIMIT: u64 = 64 << 20;
 
 /// The whole of `path` if it holds at most `limit` bytes; `what` names it in the error (the
 /// config field that named the file, for one).

@@ -8,6 +8,7 @@ use crate::admission::outlier::{self, Outliers};
 use crate::catalog;
 use crate::codec::service_key;
 use crate::datapath::apply::apply;
+use crate::datapath::capacity::{Capacity, Requested};
 use crate::datapath::installed::read_installed;
 use crate::datapath::maps::Maps;
 use crate::datapath::pinned::PinnedMaps;
@@ -31,6 +32,8 @@ mod status_file;
 
 pub struct RunArgs {
     pub config: PathBuf,
+    /// Sizes asked for the maps, if this agent creates them.
+    pub capacity: Requested,
     pub cgroup: Option<PathBuf>,
     pub pin_dir: PathBuf,
     /// How often the config file is compared with what was last read; `None` disables it.
@@ -48,6 +51,7 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 pub async fn run(args: RunArgs) -> Result<()> {
     // Validate before touching any kernel state: a bad config must not half-start the agent.
     let config = config::load(&args.config)?;
+    args.capacity.check()?;
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
         None => cgroup::cgroup2_root()?,
@@ -59,6 +63,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         cgroup: &cgroup,
         bpf_log: args.bpf_log,
         count_bytes: config.dataplane.count_bytes,
+        capacity: Capacity::for_config(&config, &args.capacity),
     };
     let loaded = loader::load(&load)?;
     if let Some(logger) = loaded.logger {

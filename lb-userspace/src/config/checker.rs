@@ -26,6 +26,8 @@ impl Env {
 pub(super) struct Checker {
     pub(super) problems: Vec<Problem>,
     pub(super) env: Env,
+    /// Tests lower the service limit (`MAX_SERVICES`) to check it without millions of services.
+    pub(super) service_limit: Option<usize>,
 }
 
 /// An optional section of the config (such as `[service.health]`) after checking.

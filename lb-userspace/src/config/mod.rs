@@ -100,8 +100,8 @@ pub fn parse_with_env(text: &str, origin: &str, env: Env) -> Result<Config, Conf
         )
     })?;
     let mut checker = Checker {
-        problems: Vec::new(),
         env,
+        ..Checker::default()
     };
     let config = checker.config(&root);
     if checker.problems.is_empty() {
@@ -157,8 +157,9 @@ impl Checker {
                 &[]
             }
         };
-        if raw.len() > MAX_SERVICES {
-            let message = format!("{} services, at most {MAX_SERVICES} allowed", raw.len());
+        let limit = self.service_limit.unwrap_or(MAX_SERVICES);
+        if raw.len() > limit {
+            let message = format!("{} services, at most {limit} allowed", raw.len());
             self.report(None, "service", message);
         }
         let mut seen = Seen::default();
@@ -302,26 +303,30 @@ mod tests {
     }
 
     #[test]
-    fn at_most_65536_services() {
+    fn a_quarter_million_services_pass_and_the_limit_is_enforced() {
         let mut checker = Checker::default();
-        let config = checker.config(&many_services(MAX_SERVICES));
+        let config = checker.config(&many_services(250_000));
         assert!(
             checker.problems.is_empty(),
             "{:?}",
             checker.problems.first()
         );
-        assert_eq!(config.services.len(), MAX_SERVICES);
+        assert_eq!(config.services.len(), 250_000);
         assert_eq!(config.services[65_535].vip, addr("10.0.255.255:80"));
+        assert_eq!(MAX_SERVICES, 4_194_304);
 
-        let mut checker = Checker::default();
-        checker.config(&many_services(MAX_SERVICES + 1));
+        let mut checker = Checker {
+            service_limit: Some(3),
+            ..Checker::default()
+        };
+        checker.config(&many_services(4));
         let e = ConfigError {
             origin: ORIGIN.into(),
             problems: checker.problems,
         };
         assert_eq!(
             e.to_string(),
-            "lb.toml: service: 65537 services, at most 65536 allowed"
+            "lb.toml: service: 4 services, at most 3 allowed"
         );
     }
 
@@ -419,7 +424,7 @@ mod tests {
 
         let e = load(Path::new("/dev/zero")).unwrap_err().to_string();
         assert!(
-            e.starts_with("/dev/zero: cannot read: larger than 16384 KiB"),
+            e.starts_with("/dev/zero: cannot read: larger than 65536 KiB"),
             "{e}"
         );
     }

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub const MAX_SERVICES: usize = lb_common::MAX_SERVICES as usize;
+/// The most services a config may list: what the maps can be sized for at most. The maps'
+/// actual capacity (`lb-agent run --max-services`) is checked when they are written.
+pub const MAX_SERVICES: usize = lb_common::LIMIT_SERVICES as usize;
 pub const MAX_BACKENDS_PER_SERVICE: usize = 1_024;
 pub const MAX_WEIGHT: u32 = 10_000;
 pub const MAX_NAME_LEN: usize = lb_common::MAX_NAME_LEN;

@@ -5,9 +5,10 @@
 use crate::catalog::{Leftover, Leftovers};
 use crate::codec::{socket_addr, vip_of, Mode};
 use crate::config::BackendConfig;
+use crate::datapath::capacity::Capacity;
 use crate::datapath::maps::Maps;
 use anyhow::Result;
-use lb_common::{ServiceKey, MAX_BACKENDS, MAX_SERVICES, MAX_SLOTS, MAX_SLOTS_PER_SERVICE};
+use lb_common::{ServiceKey, MAX_SLOTS_PER_SERVICE};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
@@ -40,26 +41,15 @@ impl InstalledService {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Installed {
     pub services: BTreeMap<ServiceKey, InstalledService>,
     pub backends: BTreeMap<u32, SocketAddr>,
     /// Names of service ids that no longer exist.
     pub stray_names: Vec<u32>,
-    /// Entries of the slot array. (Ranges no service points at are free, whatever they hold:
-    /// an interrupted update leaves nothing to clean up there.)
-    pub slot_capacity: u32,
-}
-
-impl Default for Installed {
-    fn default() -> Self {
-        Self {
-            services: BTreeMap::new(),
-            backends: BTreeMap::new(),
-            stray_names: Vec::new(),
-            slot_capacity: MAX_SLOTS,
-        }
-    }
+    /// What the maps hold at most. (Ranges of the slot array no service points at are free,
+    /// whatever they hold: an interrupted update leaves nothing to clean up there.)
+    pub capacity: Capacity,
 }
 
 impl Installed {
@@ -111,7 +101,7 @@ impl Installed {
 /// `scan_strays` looks for leftovers of interrupted updates; `stats` skips it.
 pub fn read_installed(dp: &impl Maps, scan_strays: bool) -> Result<Installed> {
     let mut installed = Installed {
-        slot_capacity: dp.slot_capacity(),
+        capacity: dp.capacity(),
         ..Installed::default()
     };
     let names: std::collections::BTreeMap<u32, String> = dp
@@ -182,14 +172,15 @@ fn inconsistent(what: String) -> anyhow::Error {
 fn check_ids(installed: &Installed) -> Result<()> {
     let mut service_ids = BTreeSet::new();
     for svc in installed.services.values() {
-        if svc.id >= MAX_SERVICES || !service_ids.insert(svc.id) {
+        if svc.id >= installed.capacity.services || !service_ids.insert(svc.id) {
             return Err(inconsistent(format!(
                 "service id {} out of range or repeated",
                 svc.id
             )));
         }
     }
-    if let Some(b) = installed.backends.keys().find(|b| **b >= MAX_BACKENDS) {
+    let backends = installed.capacity.backends;
+    if let Some(b) = installed.backends.keys().find(|b| **b >= backends) {
         return Err(inconsistent(format!("backend id {b} out of range")));
     }
     Ok(())

@@ -2,13 +2,14 @@
 //! (`pinned`); the unit tests implement it in memory (`fake`), so the read and apply logic that
 //! runs against the kernel is the logic under test.
 
+use crate::datapath::capacity::Capacity;
 use anyhow::Result;
 use lb_common::{BackendValue, ServiceKey, ServiceName, ServiceValue};
 
 pub trait Maps {
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>>;
-    /// Entries of the slot array.
-    fn slot_capacity(&self) -> u32;
+    /// What the maps were sized for.
+    fn capacity(&self) -> Capacity;
     /// The backend ids at `base..base + count` of the slot array; an error beyond its end.
     fn slots(&self, base: u32, count: u32) -> Result<Vec<u32>>;
     fn backends(&self) -> Result<Vec<(u32, BackendValue)>>;
@@ -36,30 +37,16 @@ pub mod fake {
     use super::*;
     use std::collections::BTreeMap;
 
-    #[derive(Debug, Clone)]
+    #[derive(Debug, Clone, Default)]
     pub struct FakeMaps {
         pub services: BTreeMap<ServiceKey, ServiceValue>,
         /// The slot array, sparse: entries never written read as 0, as in the kernel's.
         pub slots: BTreeMap<u32, u32>,
-        pub slot_capacity: u32,
+        pub capacity: Capacity,
         pub backends: BTreeMap<u32, BackendValue>,
         pub names: BTreeMap<u32, ServiceName>,
         pub generations: BTreeMap<u32, u32>,
         pub service_resets: Vec<u32>,
-    }
-
-    impl Default for FakeMaps {
-        fn default() -> Self {
-            Self {
-                services: BTreeMap::new(),
-                slots: BTreeMap::new(),
-                slot_capacity: lb_common::MAX_SLOTS,
-                backends: BTreeMap::new(),
-                names: BTreeMap::new(),
-                generations: BTreeMap::new(),
-                service_resets: Vec::new(),
-            }
-        }
     }
 
     impl FakeMaps {
@@ -101,12 +88,12 @@ pub mod fake {
         fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
             Ok(vec_of(&self.services))
         }
-        fn slot_capacity(&self) -> u32 {
-            self.slot_capacity
+        fn capacity(&self) -> Capacity {
+            self.capacity
         }
         fn slots(&self, base: u32, count: u32) -> Result<Vec<u32>> {
             anyhow::ensure!(
-                u64::from(base) + u64::from(count) <= u64::from(self.slot_capacity),
+                u64::from(base) + u64::from(count) <= u64::from(self.capacity.slots),
                 "beyond the slot array"
             );
             Ok((base..base + count)
@@ -129,7 +116,7 @@ pub mod fake {
         }
         fn put_slots(&mut self, base: u32, backends: &[u32]) -> Result<()> {
             anyhow::ensure!(
-                u64::from(base) + backends.len() as u64 <= u64::from(self.slot_capacity),
+                u64::from(base) + backends.len() as u64 <= u64::from(self.capacity.slots),
                 "beyond the slot array"
             );
             for (i, id) in backends.iter().enumerate() {

@@ -1,9 +1,10 @@
-//! The maps, as the last stage of a change: their primitives (`maps`, implemented by the
-//! pinned BPF maps in `pinned`, whose large arrays are memory-mapped by `mapped`), what they
-//! hold now (`installed`), the operations that change
-//! them (`ops`) and applying those (`apply`), and the diff from what is installed to the plan
+//! The maps, as the last stage of a change: how much they hold (`capacity`), their primitives
+//! (`maps`, implemented by the pinned BPF maps in `pinned`, whose large arrays `mapped` maps
+//! into memory), what they hold now (`installed`), the operations that change them (`ops`)
+//! and applying those (`apply`), and the diff from what is installed to the plan
 //! (`reconcile`).
 
+pub mod capacity;
 pub mod maps;
 pub mod installed;
 pub mod ops;

@@ -4,6 +4,7 @@
 
 use crate::admission::outlier::Observation;
 use crate::codec::socket_addr;
+use crate::datapath::capacity::Capacity;
 use crate::datapath::mapped::MappedArray;
 use crate::datapath::maps::Maps;
 use anyhow::{bail, Context, Result};
@@ -21,6 +22,7 @@ pub fn maps_dir(pin_dir: &Path) -> PathBuf {
 }
 
 pub struct PinnedMaps {
+    capacity: Capacity,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     slots: MappedArray<u32>,
     backends: HashMap<MapData, u32, BackendValue>,
@@ -59,22 +61,56 @@ const fn spec<K, V>(name: &'static str, kind: MapType, max_entries: u32) -> MapS
     }
 }
 
-pub const SPECS: [MapSpec; 9] = [
-    spec::<AffinityKey, AffinityValue>(MAP_AFFINITY, MapType::LruHash, MAX_AFFINITY),
-    // Keyed by a socket (its fd from user space); sized by the sockets, not by max_entries.
-    spec::<i32, SocketState>(MAP_SOCKETS, MapType::SkStorage, 0),
-    spec::<ServiceKey, ServiceValue>(MAP_SERVICES, MapType::Hash, MAX_SERVICES),
-    spec::<u32, [u32; SLOTS_PER_ENTRY as usize]>(
-        MAP_SLOTS,
-        MapType::Array,
-        MAX_SLOTS / SLOTS_PER_ENTRY,
-    ),
-    spec::<u32, BackendValue>(MAP_BACKENDS, MapType::Hash, MAX_BACKENDS),
-    spec::<u32, BackendCounters>(MAP_BACKEND_COUNTERS, MapType::Array, MAX_BACKENDS),
-    spec::<u32, ServiceCounters>(MAP_SERVICE_COUNTERS, MapType::Array, MAX_SERVICES),
-    spec::<u32, ServiceName>(MAP_SERVICE_NAMES, MapType::Hash, MAX_SERVICES),
-    spec::<u32, Meta>(MAP_META, MapType::Array, 1),
-];
+/// A slot array element: two slots (`SLOTS_PER_ENTRY`).
+type SlotPair = [u32; SLOTS_PER_ENTRY as usize];
+
+/// Every map of this layout as sized for `c`; the same sizes go to the loader for new maps.
+pub const fn specs(c: &Capacity) -> [MapSpec; 9] {
+    [
+        spec::<AffinityKey, AffinityValue>(MAP_AFFINITY, MapType::LruHash, MAX_AFFINITY),
+        // Keyed by a socket (its fd from user space); sized by the sockets, not max_entries.
+        spec::<i32, SocketState>(MAP_SOCKETS, MapType::SkStorage, 0),
+        spec::<ServiceKey, ServiceValue>(MAP_SERVICES, MapType::Hash, c.services),
+        spec::<u32, SlotPair>(MAP_SLOTS, MapType::Array, c.slots / SLOTS_PER_ENTRY),
+        spec::<u32, BackendValue>(MAP_BACKENDS, MapType::Hash, c.backends),
+        spec::<u32, BackendCounters>(MAP_BACKEND_COUNTERS, MapType::Array, c.backends),
+        spec::<u32, ServiceCounters>(MAP_SERVICE_COUNTERS, MapType::Array, c.services),
+        spec::<u32, ServiceName>(MAP_SERVICE_NAMES, MapType::Hash, c.services),
+        spec::<u32, Meta>(MAP_META, MapType::Array, 1),
+    ]
+}
+
+/// What the pinned maps in `dir` were sized for: read from the services, backends and slot
+/// maps (the other maps must agree, which `check_pinned` then checks).
+pub fn pinned_capacity(dir: &Path) -> Result<Capacity> {
+    let entries = |name: &str| -> Result<u32> {
+        let path = dir.join(name);
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("cannot open pinned map {}", path.display()))?;
+        Ok(info.max_entries())
+    };
+    Ok(Capacity {
+        services: entries(MAP_SERVICES)?,
+        backends: entries(MAP_BACKENDS)?,
+        slots: entries(MAP_SLOTS)?.saturating_mul(SLOTS_PER_ENTRY),
+    })
+}
+
+/// Kernel memory of each pinned map in `dir` as the kernel accounts it (`memlock` of the map's
+/// fdinfo: for hash maps, the elements in use), in bytes.
+pub fn kernel_memory(dir: &Path) -> Vec<(&'static str, u64)> {
+    ALL_MAPS
+        .iter()
+        .filter_map(|name| {
+            let data = MapData::from_pin(dir.join(name)).ok()?;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(data.fd()));
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+            let line = info.lines().find(|l| l.starts_with("memlock:"))?;
+            let bytes = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some((*name, bytes))
+        })
+        .collect()
+}
 
 /// Checks a pinned map against its spec without opening it for use.
 pub fn check_pinned(dir: &Path, spec: &MapSpec) -> Result<()> {
@@ -145,26 +181,20 @@ fn open(dir: &Path, name: &str, wrap: fn(MapData) -> Map) -> Result<Map> {
 }
 
 impl PinnedMaps {
-    /// This layout's maps under `pin_dir`.
+    /// This layout's maps under `pin_dir`, of whatever capacity they were created with.
     pub fn open(pin_dir: &Path) -> Result<Self> {
         let dir = &maps_dir(pin_dir);
-        for s in &SPECS {
+        let c = pinned_capacity(dir)?;
+        for s in &specs(&c) {
             check_pinned(dir, s)?;
         }
         let maps = Self {
+            capacity: c,
             services: open(dir, MAP_SERVICES, Map::HashMap)?.try_into()?,
-            slots: mapped::<[u32; SLOTS_PER_ENTRY as usize], _>(dir, MAP_SLOTS, MAX_SLOTS / 2)?,
+            slots: mapped::<SlotPair, _>(dir, MAP_SLOTS, c.slots / SLOTS_PER_ENTRY)?,
             backends: open(dir, MAP_BACKENDS, Map::HashMap)?.try_into()?,
-            backend_counters: mapped::<BackendCounters, _>(
-                dir,
-                MAP_BACKEND_COUNTERS,
-                MAX_BACKENDS,
-            )?,
-            service_counters: mapped::<ServiceCounters, _>(
-                dir,
-                MAP_SERVICE_COUNTERS,
-                MAX_SERVICES,
-            )?,
+            backend_counters: mapped::<BackendCounters, _>(dir, MAP_BACKEND_COUNTERS, c.backends)?,
+            service_counters: mapped::<ServiceCounters, _>(dir, MAP_SERVICE_COUNTERS, c.services)?,
             names: open(dir, MAP_SERVICE_NAMES, Map::HashMap)?.try_into()?,
             meta: open(dir, MAP_META, Map::Array)?.try_into()?,
             affinity: open(dir, MAP_AFFINITY, Map::LruHashMap)?.try_into()?,
@@ -241,8 +271,8 @@ impl Maps for PinnedMaps {
         collect(&self.services)
     }
 
-    fn slot_capacity(&self) -> u32 {
-        self.slots.count()
+    fn capacity(&self) -> Capacity {
+        self.capacity
     }
 
     fn slots(&self, base: u32, count: u32) -> Result<Vec<u32>> {
@@ -316,7 +346,8 @@ mod tests {
 
     #[test]
     fn a_map_differing_in_any_property_is_not_ours() {
-        let ours = SPECS.iter().find(|s| s.name == MAP_SERVICES).unwrap();
+        let specs = specs(&Capacity::default());
+        let ours = specs.iter().find(|s| s.name == MAP_SERVICES).unwrap();
         let same = MapSpec { ..*ours };
         assert!(ours.matches(&same).is_ok());
         let variants = [

@@ -13,7 +13,7 @@ use crate::codec::Mode;
 use crate::datapath::installed::{Installed, InstalledService};
 use crate::datapath::ops::Op;
 use crate::plan::{Desired, DesiredService};
-use lb_common::{ServiceKey, ServiceValue, MAX_BACKENDS, MAX_SERVICES};
+use lb_common::{ServiceKey, ServiceValue};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
@@ -68,8 +68,9 @@ impl IdPool {
         }
         if self.next >= self.limit {
             return Err(CapacityError(format!(
-                "out of {} ids: the data plane holds at most {} (including ones being replaced)",
-                self.what, self.limit
+                "out of {} ids: the maps hold at most {} (including ones being replaced); \
+                 the maps were sized when first created: see --max-{}s",
+                self.what, self.limit, self.what
             )));
         }
         self.used.insert(self.next);
@@ -105,13 +106,14 @@ impl SlotRanges {
             }
             at = at.max(start.saturating_add(len));
         }
-        if installed.slot_capacity > at {
-            gaps.push((at, installed.slot_capacity - at));
+        let capacity = installed.capacity.slots;
+        if capacity > at {
+            gaps.push((at, capacity - at));
         }
         Self {
             gaps,
             first: 0,
-            capacity: installed.slot_capacity,
+            capacity,
         }
     }
 
@@ -148,10 +150,14 @@ pub fn reconcile(installed: &Installed, desired: &Desired) -> Result<Plan, Capac
             .values()
             .map(|s| s.id)
             .chain(installed.stray_names.iter().copied()),
-        MAX_SERVICES,
+        installed.capacity.services,
         "service",
     );
-    let mut backend_ids = IdPool::new(installed.backends.keys().copied(), MAX_BACKENDS, "backend");
+    let mut backend_ids = IdPool::new(
+        installed.backends.keys().copied(),
+        installed.capacity.backends,
+        "backend",
+    );
     let mut ops = Vec::new();
     let mut summary = Summary::default();
 
@@ -310,6 +316,7 @@ mod tests {
     use crate::codec::{backend_value, service_key, socket_addr};
     use crate::config::{BackendConfig, Protocol};
     use crate::datapath::apply::apply;
+    use crate::datapath::capacity::Capacity;
     use crate::datapath::installed::read_installed;
     use crate::datapath::maps::fake::FakeMaps;
     use crate::plan::desired;
@@ -675,7 +682,7 @@ mod tests {
         beyond.services.insert(
             key,
             ServiceValue {
-                slot_base: dp.slot_capacity,
+                slot_base: dp.capacity.slots,
                 ..v
             },
         );
@@ -699,7 +706,7 @@ mod tests {
     #[test]
     fn too_many_backends_is_a_capacity_error_that_changes_nothing() {
         let installed = Installed::default();
-        let backends: Vec<(String, u32)> = (0..MAX_BACKENDS + 1)
+        let backends: Vec<(String, u32)> = (0..lb_common::MAX_BACKENDS + 1)
             .map(|i| {
                 (
                     format!("10.{}.{}.{}:80", i >> 16, (i >> 8) & 255, i & 255),
@@ -728,7 +735,10 @@ mod tests {
     #[test]
     fn tables_are_placed_in_free_ranges_and_a_plan_that_does_not_fit_is_refused() {
         let mut dp = FakeMaps {
-            slot_capacity: 10,
+            capacity: Capacity {
+                slots: 10,
+                ..Capacity::default()
+            },
             ..FakeMaps::default()
         };
         let four = [

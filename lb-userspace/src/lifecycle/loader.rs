@@ -7,7 +7,8 @@
 //! connect program sees an already-translated address, which is no VIP, and leaves it alone),
 //! and only then its link pin is moved to the new link, which detaches the old program.
 
-use crate::datapath::pinned::{check_pinned, maps_dir, PinnedMaps, SPECS};
+use crate::datapath::capacity::Capacity;
+use crate::datapath::pinned::{check_pinned, maps_dir, pinned_capacity, specs, PinnedMaps};
 use crate::lifecycle::{link_pins, previous};
 use crate::private_files::private_dir;
 use anyhow::{bail, Context, Result};
@@ -85,17 +86,22 @@ fn mount_bpffs(at: &Path) -> Result<()> {
 }
 
 /// Refuses pinned state this agent would misread: an `LB_META` of another layout version or
-/// maps whose kind or sizes differ. A folder without our maps is fresh.
-pub fn check_existing_pins(pin_dir: &Path) -> Result<bool> {
+/// maps whose kind or sizes differ. Returns the capacity of the maps found (`None`: a fresh
+/// folder). Maps are sized by the first agent that creates them; a later one adopts their
+/// sizes, whatever it would have chosen (`wanted`, used only to check a set that an
+/// interrupted first start left incomplete).
+pub fn check_existing_pins(pin_dir: &Path, wanted: &Capacity) -> Result<Option<Capacity>> {
     let dir = maps_dir(pin_dir);
-    let present: Vec<_> = SPECS.iter().filter(|s| dir.join(s.name).exists()).collect();
+    let capacity = pinned_capacity(&dir).unwrap_or(*wanted);
+    let specs = specs(&capacity);
+    let present: Vec<_> = specs.iter().filter(|s| dir.join(s.name).exists()).collect();
     for s in &present {
         check_pinned(&dir, s)?;
     }
     if dir.join(MAP_META).exists() {
         check_meta(&PinnedMaps::read_meta(&dir)?, pin_dir)?;
     }
-    Ok(!present.is_empty())
+    Ok((!present.is_empty()).then_some(capacity))
 }
 
 /// A zero magic is a folder whose maps were created but whose first agent died before writing
@@ -121,6 +127,8 @@ pub struct LoadOptions<'a> {
     pub bpf_log: bool,
     /// Attach the per-packet byte counters (`count_bytes` in the config).
     pub count_bytes: bool,
+    /// The sizes of maps created now; maps found pinned keep theirs.
+    pub capacity: Capacity,
 }
 
 /// The byte counters, attached only when asked for: they run for every packet of the cgroup.
@@ -202,16 +210,33 @@ pub fn attached_programs(pin_dir: &Path) -> Vec<ProgramSize> {
 
 /// Loads the object, creating this layout's pinned maps or reusing them.
 pub fn load(opts: &LoadOptions) -> Result<Loaded> {
-    let adopted = check_existing_pins(opts.pin_dir)?;
+    let found = check_existing_pins(opts.pin_dir, &opts.capacity)?;
+    let adopted = found.is_some();
+    let capacity = found.unwrap_or(opts.capacity);
+    if capacity != opts.capacity {
+        tracing::info!(
+            ?capacity,
+            wanted = ?opts.capacity,
+            "the pinned maps keep the capacity they were created with"
+        );
+    }
     let upgrades_from = previous::find(opts.pin_dir)?;
     let dir = maps_dir(opts.pin_dir);
     private_dir(&dir, "maps folder")?;
     // aya-log's level filter is read by the program on every log call: 0 turns them all off,
     // 5 (trace) lets every level through.
     let level: u8 = if opts.bpf_log { 5 } else { 0 };
-    let mut ebpf = EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    loader
         .default_map_pin_directory(&dir)
-        .override_global("AYA_LOG_LEVEL", &level, false)
+        .override_global("AYA_LOG_LEVEL", &level, false);
+    for spec in specs(&capacity) {
+        // Socket storage takes no size; the others are sized for `capacity`.
+        if spec.max_entries > 0 {
+            loader.map_max_entries(spec.name, spec.max_entries);
+        }
+    }
+    let mut ebpf = loader
         .load(OBJECT)
         .context("loading the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
     let mut maps = PinnedMaps::open(opts.pin_dir)?;
