@@ -22,6 +22,9 @@ pub struct Scenario {
     pub watch_ms: u64,
     /// Further `lb-agent run` flags for the next `start_agent`.
     pub agent_args: Vec<String>,
+    /// How long `start_agent` waits for the agent to be ready (15 s unless a test loads a
+    /// very large config).
+    pub ready_timeout: Duration,
     /// The `lb-agent` the next `start_agent` runs: `paths::agent_bin()` unless a test sets
     /// another (an earlier release's, for upgrades).
     pub agent_bin: PathBuf,
@@ -80,6 +83,7 @@ impl Scenario {
             config: dir.join("lb.toml"),
             watch_ms: 0,
             agent_args: Vec::new(),
+            ready_timeout: Duration::from_secs(15),
             agent_bin: crate::paths::agent_bin(),
             dir,
         }
@@ -100,7 +104,7 @@ impl Scenario {
             self.watch_ms,
             &self.agent_args,
         );
-        let ready = crate::wait_for(Duration::from_secs(15), || {
+        let ready = crate::wait_for(self.ready_timeout, || {
             agent.log().contains(" ready services=") || !agent.is_running()
         });
         assert!(

@@ -13,6 +13,7 @@ use aya::Pod;
 use lb_common::names::*;
 use lb_common::*;
 use std::mem::size_of;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -22,6 +23,7 @@ pub fn maps_dir(pin_dir: &Path) -> PathBuf {
 }
 
 pub struct PinnedMaps {
+    dir: PathBuf,
     capacity: Capacity,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     slots: MappedArray<u32>,
@@ -98,7 +100,7 @@ pub fn pinned_capacity(dir: &Path) -> Result<Capacity> {
 
 /// Kernel memory of each pinned map in `dir` as the kernel accounts it (`memlock` of the map's
 /// fdinfo: for hash maps, the elements in use), in bytes.
-pub fn kernel_memory(dir: &Path) -> Vec<(&'static str, u64)> {
+fn kernel_memory(dir: &Path) -> BTreeMap<String, u64> {
     ALL_MAPS
         .iter()
         .filter_map(|name| {
@@ -107,7 +109,7 @@ pub fn kernel_memory(dir: &Path) -> Vec<(&'static str, u64)> {
             let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
             let line = info.lines().find(|l| l.starts_with("memlock:"))?;
             let bytes = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some((*name, bytes))
+            Some((name.to_string(), bytes))
         })
         .collect()
 }
@@ -189,6 +191,7 @@ impl PinnedMaps {
             check_pinned(dir, s)?;
         }
         let maps = Self {
+            dir: dir.clone(),
             capacity: c,
             services: open(dir, MAP_SERVICES, Map::HashMap)?.try_into()?,
             slots: mapped::<SlotPair, _>(dir, MAP_SLOTS, c.slots / SLOTS_PER_ENTRY)?,
@@ -211,6 +214,11 @@ impl PinnedMaps {
 
     pub fn set_meta(&mut self, meta: Meta) -> Result<()> {
         Ok(self.meta.set(0, meta, 0)?)
+    }
+
+    /// Kernel memory of each map, as the kernel accounts it.
+    pub fn kernel_memory(&self) -> BTreeMap<String, u64> {
+        kernel_memory(&self.dir)
     }
 
     /// Entries the programs keep in a node-wide map themselves: remembered client choices.

@@ -237,6 +237,33 @@ fn agent_metrics(r: &mut Registry, report: &Report) {
             .set(n as i64);
     }
     r.register("lb_map_entries", "Entries in each pinned map.", entries);
+    let capacity = Family::<Labels, Gauge>::default();
+    let c = &report.memory.capacity;
+    for (what, n) in [
+        ("services", c.services),
+        ("backends", c.backends),
+        ("slots", c.slots),
+    ] {
+        capacity
+            .get_or_create(&vec![("map".into(), what.into())])
+            .set(i64::from(n));
+    }
+    r.register(
+        "lb_map_capacity",
+        "Services, backends and slots the maps were sized for when first created.",
+        capacity,
+    );
+    let memory = Family::<Labels, Gauge>::default();
+    for (name, n) in &report.memory.kernel_bytes {
+        memory
+            .get_or_create(&vec![("map".into(), name.clone())])
+            .set(*n as i64);
+    }
+    r.register(
+        "lb_map_memory_bytes",
+        "Kernel memory of each pinned map, as the kernel accounts it.",
+        memory,
+    );
     let out_of_date = Gauge::<i64>::default();
     out_of_date.set(i64::from(report.maps_out_of_date.is_some()));
     r.register(

@@ -4,6 +4,7 @@
 //! tests read `stats --json` back into them instead of indexing untyped JSON.
 
 use crate::codec::endpoint;
+use crate::datapath::capacity::Capacity;
 use crate::datapath::installed::read_installed;
 use crate::datapath::maps::Maps;
 use crate::datapath::pinned::PinnedMaps;
@@ -27,6 +28,7 @@ pub struct Report {
     pub services: Vec<ServiceReport>,
     /// Entries in the pinned hash maps, counted directly (strays included), so leaks show.
     pub map_entries: MapEntries,
+    pub memory: MapMemory,
     /// The programs attached through the pin folder, read from their link pins (`sample`).
     pub programs: Vec<crate::lifecycle::loader::ProgramSize>,
 }
@@ -43,6 +45,21 @@ pub struct MapEntries {
     /// Remembered client choices (LRU). A socket's own choices live in its storage, which
     /// goes with the socket and is not counted here.
     pub affinity: usize,
+}
+
+/// What the maps were sized for and the kernel memory they take.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MapMemory {
+    pub capacity: Capacity,
+    /// Bytes per map, as the kernel accounts them (preallocated arrays whole, hash maps by the
+    /// elements in use).
+    pub kernel_bytes: BTreeMap<String, u64>,
+}
+
+impl MapMemory {
+    pub fn total(&self) -> u64 {
+        self.kernel_bytes.values().sum()
+    }
 }
 
 impl MapEntries {
@@ -284,6 +301,10 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
         maps_out_of_date: status.and_then(|s| s.maps_out_of_date.clone()),
         services,
         map_entries: MapEntries::count(maps)?,
+        memory: MapMemory {
+            capacity: maps.capacity(),
+            kernel_bytes: maps.kernel_memory(),
+        },
         programs: Vec::new(),
     })
 }

@@ -106,10 +106,24 @@ pub fn render_table(report: &Report) -> String {
         }
     }
     let m = &report.map_entries;
+    let c = &report.memory.capacity;
     let _ = writeln!(
         out,
-        "map entries: services {}  slots {}  backends {}  names {}  affinity {}",
-        m.services, m.slots, m.backends, m.names, m.affinity
+        "map entries: services {}/{}  slots {}/{}  backends {}/{}  names {}  affinity {}",
+        m.services, c.services, m.slots, c.slots, m.backends, c.backends, m.names, m.affinity
+    );
+    let mut largest: Vec<(&String, &u64)> = report.memory.kernel_bytes.iter().collect();
+    largest.sort_by(|a, b| b.1.cmp(a.1));
+    let parts: Vec<String> = largest
+        .iter()
+        .take(3)
+        .map(|(name, b)| format!("{name} {}", bytes(**b as f64)))
+        .collect();
+    let _ = writeln!(
+        out,
+        "kernel map memory: {} ({})",
+        bytes(report.memory.total() as f64),
+        parts.join(", ")
     );
     for p in &report.programs {
         let cost = match (p.runs_per_s, p.ns_per_run) {
