@@ -56,7 +56,10 @@ pub struct ServiceValue {
     pub slot_base: u32,
 }
 
-/// `LB_BACKENDS` value (key: backend id `u32`). Address and port in network byte order.
+/// `LB_BACKENDS` value: an array indexed by backend id. Address and port in network byte order.
+/// An id no backend holds has port 0 (never written) or `service_id == NO_SERVICE` (removed;
+/// the rest stays as it was, so a program racing the removal reads either the whole old
+/// backend or one that is plainly absent).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BackendValue {
@@ -69,6 +72,18 @@ pub struct BackendValue {
     /// Which owner of this id it is: bumped each time the agent hands the id to a new backend.
     /// Sockets record it with the id, and what they count later goes to their owner only.
     pub generation: u32,
+    pub _pad2: u32,
+}
+
+/// `BackendValue::service_id` of a removed backend.
+pub const NO_SERVICE: u32 = u32::MAX;
+
+impl BackendValue {
+    /// Whether this entry is a backend of `service_id`.
+    #[inline(always)]
+    pub fn serves(&self, service_id: u32) -> bool {
+        self.port != 0 && self.service_id == service_id
+    }
 }
 
 /// `LB_BACKEND_CTRS` value, indexed by backend id: one copy shared by all CPUs (the programs
@@ -230,7 +245,7 @@ pub struct Meta {
 // The eBPF object and the agent must agree to the byte; these fail the build of either side.
 const _: () = assert!(size_of::<ServiceKey>() == 20);
 const _: () = assert!(size_of::<ServiceValue>() == 24);
-const _: () = assert!(size_of::<BackendValue>() == 28);
+const _: () = assert!(size_of::<BackendValue>() == 32);
 const _: () = assert!(size_of::<BackendCounters>() == 72);
 const _: () = assert!(size_of::<ServiceCounters>() == 40);
 const _: () = assert!(size_of::<AffinityKey>() == 16);

@@ -30,9 +30,10 @@ pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue> =
 pub static LB_SLOTS: Array<[u32; SLOTS_PER_ENTRY as usize]> =
     Array::pinned(MAX_SLOTS / SLOTS_PER_ENTRY, MMAPABLE_FLAGS);
 
+/// Indexed by backend id (ids are dense); memory-mappable, so the agent writes a million
+/// backends without a syscall each. See `BackendValue` for how an absent one reads.
 #[map]
-pub static LB_BACKENDS: HashMap<u32, BackendValue> =
-    HashMap::pinned(MAX_BACKENDS, AGENT_HASH_FLAGS);
+pub static LB_BACKENDS: Array<BackendValue> = Array::pinned(MAX_BACKENDS, MMAPABLE_FLAGS);
 
 /// Shared by all CPUs rather than per CPU: per-CPU copies of a million backends' counters
 /// would take gigabytes on a large node. Memory-mappable, so the agent reads them in bulk.

@@ -57,13 +57,13 @@ pub fn choose(key: &ServiceKey, mut svc: ServiceValue, client: &mut Client) -> C
         } else {
             pair[1]
         };
-        let Some(backend) = LB_BACKENDS.get_ptr(&backend_id) else {
+        let Some(backend) = LB_BACKENDS.get(backend_id) else {
             continue;
         };
-        // SAFETY: as above.
-        let backend = unsafe { *backend };
-        // A slot naming another service's backend is a table the agent is replacing.
-        if backend.service_id != svc.id {
+        let backend = *backend;
+        // A slot naming an absent backend, or another service's, is a table the agent is
+        // replacing.
+        if !backend.serves(svc.id) {
             continue;
         }
         return Choice::Backend {
@@ -80,8 +80,6 @@ pub fn choose(key: &ServiceKey, mut svc: ServiceValue, client: &mut Client) -> C
 /// since belong to another backend (a new generation).
 #[inline(always)]
 pub fn still_serving(service_id: u32, backend_id: u32, generation: u32) -> Option<BackendValue> {
-    let backend = LB_BACKENDS.get_ptr(&backend_id)?;
-    // SAFETY: as above.
-    let backend = unsafe { *backend };
-    (backend.service_id == service_id && backend.generation == generation).then_some(backend)
+    let backend = *LB_BACKENDS.get(backend_id)?;
+    (backend.serves(service_id) && backend.generation == generation).then_some(backend)
 }

@@ -48,6 +48,7 @@ pub fn backend_value(addr: &SocketAddr, service_id: u32, generation: u32) -> Bac
         _pad: 0,
         service_id,
         generation,
+        _pad2: 0,
     }
 }
 

@@ -62,7 +62,11 @@ fn a_quarter_million_services_load_and_the_last_one_balances() {
     let memory = &stats.memory;
     assert!(memory.capacity.services >= SERVICES, "{memory:?}");
     assert!(memory.capacity.backends >= 4 * SERVICES, "{memory:?}");
-    let counters = memory.kernel_bytes.get("LB_BACKEND_CTRS").copied().unwrap_or(0);
+    let counters = memory
+        .kernel_bytes
+        .get("LB_BACKEND_CTRS")
+        .copied()
+        .unwrap_or(0);
     assert!(
         counters >= 72 * u64::from(memory.capacity.backends),
         "the backend counters' memory is not reported: {memory:?}"

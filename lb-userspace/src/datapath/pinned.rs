@@ -12,8 +12,8 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, MapType};
 use aya::Pod;
 use lb_common::names::*;
 use lb_common::*;
-use std::mem::size_of;
 use std::collections::BTreeMap;
+use std::mem::size_of;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -27,7 +27,7 @@ pub struct PinnedMaps {
     capacity: Capacity,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     slots: MappedArray<u32>,
-    backends: HashMap<MapData, u32, BackendValue>,
+    backends: MappedArray<BackendValue>,
     backend_counters: MappedArray<BackendCounters>,
     service_counters: MappedArray<ServiceCounters>,
     names: HashMap<MapData, u32, ServiceName>,
@@ -74,7 +74,7 @@ pub const fn specs(c: &Capacity) -> [MapSpec; 9] {
         spec::<i32, SocketState>(MAP_SOCKETS, MapType::SkStorage, 0),
         spec::<ServiceKey, ServiceValue>(MAP_SERVICES, MapType::Hash, c.services),
         spec::<u32, SlotPair>(MAP_SLOTS, MapType::Array, c.slots / SLOTS_PER_ENTRY),
-        spec::<u32, BackendValue>(MAP_BACKENDS, MapType::Hash, c.backends),
+        spec::<u32, BackendValue>(MAP_BACKENDS, MapType::Array, c.backends),
         spec::<u32, BackendCounters>(MAP_BACKEND_COUNTERS, MapType::Array, c.backends),
         spec::<u32, ServiceCounters>(MAP_SERVICE_COUNTERS, MapType::Array, c.services),
         spec::<u32, ServiceName>(MAP_SERVICE_NAMES, MapType::Hash, c.services),
@@ -195,7 +195,7 @@ impl PinnedMaps {
             capacity: c,
             services: open(dir, MAP_SERVICES, Map::HashMap)?.try_into()?,
             slots: mapped::<SlotPair, _>(dir, MAP_SLOTS, c.slots / SLOTS_PER_ENTRY)?,
-            backends: open(dir, MAP_BACKENDS, Map::HashMap)?.try_into()?,
+            backends: mapped::<BackendValue, _>(dir, MAP_BACKENDS, c.backends)?,
             backend_counters: mapped::<BackendCounters, _>(dir, MAP_BACKEND_COUNTERS, c.backends)?,
             service_counters: mapped::<ServiceCounters, _>(dir, MAP_SERVICE_COUNTERS, c.services)?,
             names: open(dir, MAP_SERVICE_NAMES, Map::HashMap)?.try_into()?,
@@ -290,7 +290,10 @@ impl Maps for PinnedMaps {
     }
 
     fn backends(&self) -> Result<Vec<(u32, BackendValue)>> {
-        collect(&self.backends)
+        Ok((0..self.backends.count())
+            .filter_map(|id| Some((id, self.backends.get(id)?)))
+            .filter(|(_, b)| b.port != 0 && b.service_id != NO_SERVICE)
+            .collect())
     }
 
     fn names(&self) -> Result<Vec<(u32, ServiceName)>> {
@@ -313,12 +316,29 @@ impl Maps for PinnedMaps {
         Ok(())
     }
 
+    /// The entry reads as absent until its last store: first the backend without a service,
+    /// then the same with its service, a store that can only change `service_id`.
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<()> {
-        Ok(self.backends.insert(id, value, 0)?)
+        let absent = BackendValue {
+            service_id: NO_SERVICE,
+            ..*value
+        };
+        self.backends.set(id, absent)?;
+        self.backends.set(id, *value)
     }
 
+    /// Only `service_id` changes (see `BackendValue`); an absent entry stays absent.
     fn delete_backend(&mut self, id: u32) -> Result<()> {
-        absent_ok(self.backends.remove(&id))
+        match self.backends.get(id) {
+            Some(b) if b.port != 0 => self.backends.set(
+                id,
+                BackendValue {
+                    service_id: NO_SERVICE,
+                    ..b
+                },
+            ),
+            _ => Ok(()),
+        }
     }
 
     fn put_name(&mut self, id: u32, name: &ServiceName) -> Result<()> {
