@@ -38,8 +38,14 @@ fn a_quarter_million_services_load_and_the_last_one_balances() {
     s.ready_timeout = Duration::from_secs(300);
     let started = Instant::now();
     s.start_agent();
+    let pid = s.agent().pid();
+    let peak = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let peak = peak
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .unwrap_or("VmHWM: ?");
     eprintln!(
-        "{SERVICES} services x {} backends ready after {:.1} s (debug build)",
+        "{SERVICES} services x {} backends ready after {:.1} s; agent {peak}",
         BACKENDS.len(),
         started.elapsed().as_secs_f64()
     );

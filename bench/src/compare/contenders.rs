@@ -67,8 +67,10 @@ impl Contender {
 /// A contender in place; dropping it removes it.
 pub struct Installed {
     pub load: Duration,
-    /// Agent memory after loading (lb only).
+    /// The agent's peak memory (VmHWM) and the kernel memory of its maps, after loading (lb
+    /// only).
     pub rss_kib: Option<u64>,
+    pub kernel_kib: Option<u64>,
     undo: Option<Box<dyn FnOnce()>>,
     pub agent: Option<(Agent, PinDir, PathBuf)>,
 }
@@ -135,6 +137,7 @@ pub fn install(
         Contender::Direct => Ok(Outcome::Ready(Installed {
             load: Duration::ZERO,
             rss_kib: None,
+            kernel_kib: None,
             undo: None,
             agent: None,
         })),
@@ -212,6 +215,7 @@ pub fn install(
             Ok(Outcome::Ready(Installed {
                 load,
                 rss_kib: None,
+                kernel_kib: None,
                 undo: Some(Box::new(undo)),
                 agent: None,
             }))
@@ -238,6 +242,7 @@ fn ready_or_not(
         Ok(Some(load)) => Ok(Outcome::Ready(Installed {
             load,
             rss_kib: None,
+            kernel_kib: None,
             undo: Some(Box::new(undo)),
             agent: None,
         })),
@@ -350,19 +355,23 @@ fn install_lb(
         return Ok(Outcome::NotLoaded(reason));
     }
     let rss_kib = rss_kib(agent.pid());
+    let kernel_kib = lb_testkit::agent_stats(&pins).map(|r| r.memory.total() >> 10);
     Ok(Outcome::Ready(Installed {
         load,
         rss_kib,
+        kernel_kib,
         undo: None,
         agent: Some((agent, pins, config)),
     }))
 }
 
+/// Peak resident memory: what a memory limit must allow (loading a large config peaks above
+/// what stays).
 pub fn rss_kib(pid: i32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
         .split_whitespace()
         .next()?
         .parse()

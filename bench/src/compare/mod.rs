@@ -43,7 +43,7 @@ impl Plan {
             }
         } else {
             Plan {
-                scales: vec![1, 1_000, 10_000, 100_000],
+                scales: vec![1, 1_000, 10_000, 250_000],
                 seconds: 3.0,
                 repeats: 3,
                 budget: Duration::from_secs(90),
@@ -190,9 +190,13 @@ fn measure(plan: &Plan, topo: &Topology, cgroup: &TestCgroup, dir: &Path) -> Res
                 }
                 summary.rows.push(Row::new(c, n, w, runs));
             }
-            summary
-                .loads
-                .push((c, n, installed.load, installed.rss_kib));
+            summary.loads.push(report::Load {
+                contender: c,
+                services: n,
+                time: installed.load,
+                rss_kib: installed.rss_kib,
+                kernel_kib: installed.kernel_kib,
+            });
             if c == Contender::Lb {
                 let change = lb_change_time(&mut installed, &topo.backends, n, plan.budget);
                 summary.changes.push((n, change));

@@ -56,12 +56,22 @@ impl Row {
     }
 }
 
+/// One contender loaded with `services` services: how long it took, and (lb) the agent's peak
+/// RSS and its maps' kernel memory, in KiB.
+pub struct Load {
+    pub contender: Contender,
+    pub services: usize,
+    pub time: Duration,
+    pub rss_kib: Option<u64>,
+    pub kernel_kib: Option<u64>,
+}
+
 #[derive(Default)]
 pub struct Summary {
     pub rows: Vec<Row>,
     pub not_loaded: Vec<(Contender, usize, String)>,
     /// Load time and, for lb, agent memory, per contender and size.
-    pub loads: Vec<(Contender, usize, Duration, Option<u64>)>,
+    pub loads: Vec<Load>,
     /// lb: time to apply one backend change at a size.
     pub changes: Vec<(usize, Option<Duration>)>,
     /// lb at one service under persistent requests: (contender, program, runs/s, ns per run)
@@ -215,24 +225,29 @@ pub fn markdown(s: &Summary, plan: &Plan, quick: bool) -> String {
     let _ = writeln!(t, "\n## Control plane\n");
     let _ = writeln!(
         t,
-        "| contender | services | time to load from empty | agent RSS |\n|---|---|---|---|"
+        "| contender | services | time to load from empty | agent RSS (peak) | kernel map memory |\n|---|---|---|---|---|"
     );
-    for (c, n, load, rss) in &s.loads {
-        if *c == Contender::Direct {
+    let mib = |kib: &Option<u64>| {
+        kib.map_or("—".to_string(), |k| {
+            format!("{:.1} MiB", k as f64 / 1024.0)
+        })
+    };
+    for l in &s.loads {
+        if l.contender == Contender::Direct {
             continue;
         }
-        let rss = rss.map_or("—".to_string(), |k| {
-            format!("{:.1} MiB", k as f64 / 1024.0)
-        });
         let _ = writeln!(
             t,
-            "| {} | {n} | {:.2} s | {rss} |",
-            c.name(),
-            load.as_secs_f64()
+            "| {} | {} | {:.2} s | {} | {} |",
+            l.contender.name(),
+            l.services,
+            l.time.as_secs_f64(),
+            mib(&l.rss_kib),
+            mib(&l.kernel_kib)
         );
     }
     for (c, n, why) in &s.not_loaded {
-        let _ = writeln!(t, "| {} | {n} | not loaded: {why} | — |", c.name());
+        let _ = writeln!(t, "| {} | {n} | not loaded: {why} | — | — |", c.name());
     }
     let _ = writeln!(
         t,

@@ -17,6 +17,8 @@ mod testkit;
 mod error;
 /// Checks of single values (integers, durations, addresses, text, ...) and their messages.
 mod values;
+/// A large file parsed a `[[service]]` at a time, the fast path of `parse_with_env`.
+mod chunks;
 /// What collects the problems, and how an optional section is read.
 mod checker;
 /// A service's `algorithm`, `affinity` and `client_key`.
@@ -81,6 +83,9 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
 
 /// `parse`, taking settings the file leaves out from `env` (`ETCD_ENDPOINTS`, ...).
 pub fn parse_with_env(text: &str, origin: &str, env: Env) -> Result<Config, ConfigError> {
+    if let Some(config) = parse_in_pieces(text, &env) {
+        return Ok(config);
+    }
     let root: Table = toml::from_str(text).map_err(|e| {
         let position = e.span().map_or_else(String::new, |span| {
             let (line, column) = line_column(text, span.start);
@@ -114,6 +119,27 @@ pub fn parse_with_env(text: &str, origin: &str, env: Env) -> Result<Config, Conf
     }
 }
 
+/// A valid file checked a service at a time (`chunks`); `None` for anything else, which the
+/// whole-file path then reports exactly.
+fn parse_in_pieces(text: &str, env: &Env) -> Option<Config> {
+    let mut checker = Checker {
+        env: env.clone(),
+        ..Checker::default()
+    };
+    let mut seen = Seen::default();
+    let mut services = Vec::new();
+    let mut count = 0;
+    let rest = chunks::parse(text, |i, raw| {
+        count += 1;
+        if let Some(service) = checker.service(i, raw, &mut seen) {
+            services.push((i, service));
+        }
+    })?;
+    let (kubernetes, dataplane) = checker.top_level(&rest);
+    let config = checker.across_services(services, count, kubernetes, dataplane);
+    checker.problems.is_empty().then_some(config)
+}
+
 /// 1-based line and column (in characters) of a byte offset, without slicing `text` so that
 /// an offset off a character boundary cannot panic.
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
@@ -134,9 +160,7 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 impl Checker {
     /// The whole file: its top-level keys, every service, then the rules across services.
     fn config(&mut self, root: &Table) -> Config {
-        self.unknown_keys(None, "", root, &["service", "kubernetes", "dataplane"]);
-        let kubernetes = self.kubernetes(root.get("kubernetes"));
-        let dataplane = self.dataplane(root.get("dataplane"));
+        let (kubernetes, dataplane) = self.top_level(root);
         let raw: &[Value] = match root.get("service") {
             None => &[],
             Some(Value::Array(services)) => services,
@@ -157,17 +181,37 @@ impl Checker {
                 &[]
             }
         };
-        let limit = self.service_limit.unwrap_or(MAX_SERVICES);
-        if raw.len() > limit {
-            let message = format!("{} services, at most {limit} allowed", raw.len());
-            self.report(None, "service", message);
-        }
         let mut seen = Seen::default();
         let services: Vec<(usize, ServiceConfig)> = raw
             .iter()
             .enumerate()
             .filter_map(|(i, s)| self.service(i, s, &mut seen).map(|c| (i, c)))
             .collect();
+        self.across_services(services, raw.len(), kubernetes, dataplane)
+    }
+
+    /// The top-level keys besides the services.
+    fn top_level(&mut self, root: &Table) -> (Section<KubernetesConfig>, DataplaneConfig) {
+        self.unknown_keys(None, "", root, &["service", "kubernetes", "dataplane"]);
+        (
+            self.kubernetes(root.get("kubernetes")),
+            self.dataplane(root.get("dataplane")),
+        )
+    }
+
+    /// The rules across services (`count` of them listed), and the config they make.
+    fn across_services(
+        &mut self,
+        services: Vec<(usize, ServiceConfig)>,
+        count: usize,
+        kubernetes: Section<KubernetesConfig>,
+        dataplane: DataplaneConfig,
+    ) -> Config {
+        let limit = self.service_limit.unwrap_or(MAX_SERVICES);
+        if count > limit {
+            let message = format!("{count} services, at most {limit} allowed");
+            self.report(None, "service", message);
+        }
         self.backends_are_not_vips(&services);
         Config {
             services: services.into_iter().map(|(_, s)| s).collect(),
