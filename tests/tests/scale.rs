@@ -83,3 +83,34 @@ fn a_quarter_million_services_load_and_the_last_one_balances() {
         memory.capacity
     );
 }
+
+/// A thousand Maglev services with tables of 16,381 entries: 16 million slots, in the slot
+/// array the config sizes, written through the memory mapping.
+#[test]
+fn a_thousand_maglev_tables_of_16381_load_and_balance() {
+    if !require_privileged() {
+        return;
+    }
+    const MAGLEV: u32 = 1_000;
+    let config = (0..MAGLEV).fold(Config::new(), |c, i| {
+        let service = Service::tcp(&format!("m{i}"), &vip(i))
+            .backends(&BACKENDS)
+            .set("algorithm", "maglev")
+            .set("maglev_table_size", 16_381);
+        c.service(service)
+    });
+    let mut s = Scenario::without_agent(&BACKENDS, Proto::Tcp);
+    s.write_config(config);
+    s.ready_timeout = Duration::from_secs(300);
+    let started = Instant::now();
+    s.start_agent();
+    eprintln!(
+        "{MAGLEV} Maglev services (16,381 slots each) ready after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let report = s.client(&vip(MAGLEV - 1), 20, Proto::Tcp);
+    assert_eq!(report.ok, 20, "{report:?}");
+    let stats = agent_stats(&s.pins).expect("lb-agent stats --json");
+    assert_eq!(stats.map_entries.slots, 16_381 * MAGLEV as usize);
+    assert!(stats.memory.capacity.slots >= 2 * 16_381 * MAGLEV);
+}
