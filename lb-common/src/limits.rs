@@ -11,6 +11,8 @@ pub const MAX_BACKENDS: u32 = 65_536;
 pub const LIMIT_SERVICES: u32 = 1 << 22;
 pub const LIMIT_BACKENDS: u32 = 1 << 24;
 pub const LIMIT_SLOTS: u32 = 1 << 28;
+/// Remembered client choices (client affinity) at most: about 100 bytes each, preallocated.
+pub const LIMIT_AFFINITY: u32 = 1 << 24;
 /// Upper bound on a `random` service's weighted table. Weights are reduced by their gcd and, if
 /// the sum still exceeds this, scaled down proportionally (every backend keeps at least one slot).
 pub const MAX_RANDOM_SLOTS: u32 = 4_096;

@@ -57,6 +57,10 @@ enum Command {
         /// what the config's tables take, at least 1,048,576].
         #[arg(long)]
         max_slots: Option<u32>,
+        /// Remembered client choices (client affinity) the maps hold, when this agent creates
+        /// them [default: 65,536]; when full, the least recently used is forgotten.
+        #[arg(long)]
+        max_affinity: Option<u32>,
     },
     /// Validate a config file without root and without touching the kernel.
     CheckConfig { file: PathBuf },
@@ -117,6 +121,7 @@ fn dispatch(command: Command) -> Result<()> {
             max_services,
             max_backends,
             max_slots,
+            max_affinity,
         } => {
             let args = agent::RunArgs {
                 config,
@@ -124,6 +129,7 @@ fn dispatch(command: Command) -> Result<()> {
                     services: max_services,
                     backends: max_backends,
                     slots: max_slots,
+                    affinity: max_affinity,
                 },
                 cgroup,
                 pin_dir,

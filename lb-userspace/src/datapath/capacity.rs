@@ -5,7 +5,7 @@
 use crate::config::{Algorithm, Config};
 use anyhow::{bail, Result};
 use lb_common::{
-    BackendCounters, ServiceCounters, LIMIT_BACKENDS, LIMIT_SERVICES, LIMIT_SLOTS, MAX_BACKENDS,
+    LIMIT_AFFINITY, LIMIT_BACKENDS, LIMIT_SERVICES, LIMIT_SLOTS, MAX_AFFINITY, MAX_BACKENDS,
     MAX_RANDOM_SLOTS, MAX_SERVICES, MAX_SLOTS, SLOTS_PER_ENTRY,
 };
 
@@ -14,6 +14,9 @@ pub struct Capacity {
     pub services: u32,
     pub backends: u32,
     pub slots: u32,
+    /// Remembered client choices of client-affinity services (an LRU map: when full, the
+    /// least recently used choice is forgotten and that client chooses afresh).
+    pub affinity: u32,
 }
 
 /// What `lb-agent run --max-services/--max-backends/--max-slots` asked for; each one given
@@ -23,6 +26,7 @@ pub struct Requested {
     pub services: Option<u32>,
     pub backends: Option<u32>,
     pub slots: Option<u32>,
+    pub affinity: Option<u32>,
 }
 
 /// Sizes are rounded up to this many entries, so that small config changes do not change them.
@@ -35,6 +39,7 @@ impl Default for Capacity {
             services: MAX_SERVICES,
             backends: MAX_BACKENDS,
             slots: MAX_SLOTS,
+            affinity: MAX_AFFINITY,
         }
     }
 }
@@ -46,6 +51,7 @@ impl Requested {
             ("--max-services", self.services, LIMIT_SERVICES),
             ("--max-backends", self.backends, LIMIT_BACKENDS),
             ("--max-slots", self.slots, LIMIT_SLOTS),
+            ("--max-affinity", self.affinity, LIMIT_AFFINITY),
         ];
         for (flag, value, limit) in flags {
             match value {
@@ -89,29 +95,11 @@ impl Capacity {
                 .slots
                 .map(|s| s.next_multiple_of(SLOTS_PER_ENTRY))
                 .unwrap_or_else(|| sized(2 * slots, MAX_SLOTS, LIMIT_SLOTS)),
+            // How many clients there will be is nothing a config says.
+            affinity: requested.affinity.unwrap_or(MAX_AFFINITY),
         }
     }
-
-    /// Kernel memory the preallocated arrays take, and what each service and backend in use
-    /// adds (hash map entries, allocated as they are written; estimates of the kernel's
-    /// element sizes, 6.x, x86-64). `stats` reports the kernel's own count next to it.
-    pub fn preallocated_bytes(&self) -> u64 {
-        let counters = u64::from(self.backends) * size_of::<BackendCounters>() as u64
-            + u64::from(self.services) * size_of::<ServiceCounters>() as u64;
-        // Hash maps allocate a 16-byte bucket per entry of capacity (rounded to a power of two).
-        let buckets = 16
-            * (2 * u64::from(self.services.next_power_of_two())
-                + u64::from(self.backends.next_power_of_two()));
-        counters + u64::from(self.slots) * 4 + buckets + AFFINITY_BYTES
-    }
 }
-
-/// A service in use: its `LB_SERVICES` and `LB_SVC_NAMES` elements.
-pub const BYTES_PER_SERVICE: u64 = 96 + 120;
-/// A backend in use: its `LB_BACKENDS` element.
-pub const BYTES_PER_BACKEND: u64 = 88;
-/// The client-affinity LRU map, preallocated: 65,536 elements of about 96 bytes.
-const AFFINITY_BYTES: u64 = 65_536 * 96;
 
 /// Slots a service's table takes at most.
 fn table_size(service: &crate::config::ServiceConfig) -> u64 {
@@ -176,13 +164,16 @@ mod tests {
         assert_eq!(c.services, 524_288, "{c:?}");
         assert_eq!(c.backends, 1_507_328, "{c:?}");
         assert_eq!(c.slots, 2_031_616, "{c:?}");
+        assert_eq!(c.affinity, 65_536, "{c:?}");
         let asked = Requested {
             services: Some(300_000),
             slots: Some(3),
+            affinity: Some(1_000_000),
             ..Requested::default()
         };
         let c = Capacity::for_config(&config, &asked);
         assert_eq!((c.services, c.backends, c.slots), (300_000, 1_507_328, 4));
+        assert_eq!(c.affinity, 1_000_000);
     }
 
     #[test]

@@ -69,7 +69,7 @@ type SlotPair = [u32; SLOTS_PER_ENTRY as usize];
 /// Every map of this layout as sized for `c`; the same sizes go to the loader for new maps.
 pub const fn specs(c: &Capacity) -> [MapSpec; 9] {
     [
-        spec::<AffinityKey, AffinityValue>(MAP_AFFINITY, MapType::LruHash, MAX_AFFINITY),
+        spec::<AffinityKey, AffinityValue>(MAP_AFFINITY, MapType::LruHash, c.affinity),
         // Keyed by a socket (its fd from user space); sized by the sockets, not max_entries.
         spec::<i32, SocketState>(MAP_SOCKETS, MapType::SkStorage, 0),
         spec::<ServiceKey, ServiceValue>(MAP_SERVICES, MapType::Hash, c.services),
@@ -95,6 +95,7 @@ pub fn pinned_capacity(dir: &Path) -> Result<Capacity> {
         services: entries(MAP_SERVICES)?,
         backends: entries(MAP_BACKENDS)?,
         slots: entries(MAP_SLOTS)?.saturating_mul(SLOTS_PER_ENTRY),
+        affinity: entries(MAP_AFFINITY)?,
     })
 }
 

@@ -243,6 +243,7 @@ fn agent_metrics(r: &mut Registry, report: &Report) {
         ("services", c.services),
         ("backends", c.backends),
         ("slots", c.slots),
+        ("affinity", c.affinity),
     ] {
         capacity
             .get_or_create(&vec![("map".into(), what.into())])

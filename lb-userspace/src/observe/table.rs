@@ -109,8 +109,17 @@ pub fn render_table(report: &Report) -> String {
     let c = &report.memory.capacity;
     let _ = writeln!(
         out,
-        "map entries: services {}/{}  slots {}/{}  backends {}/{}  names {}  affinity {}",
-        m.services, c.services, m.slots, c.slots, m.backends, c.backends, m.names, m.affinity
+        "map entries: services {}/{}  slots {}/{}  backends {}/{}  names {}  affinity {}/{}{}",
+        m.services,
+        c.services,
+        m.slots,
+        c.slots,
+        m.backends,
+        c.backends,
+        m.names,
+        m.affinity,
+        c.affinity,
+        affinity_full(m.affinity, c.affinity)
     );
     let mut largest: Vec<(&String, &u64)> = report.memory.kernel_bytes.iter().collect();
     largest.sort_by(|a, b| b.1.cmp(a.1));
@@ -141,6 +150,15 @@ pub fn render_table(report: &Report) -> String {
 }
 
 /// 1536 -> "1.5 KiB": byte counts people read at a glance.
+/// Said when the affinity map is (nearly) full: from then on clients are being forgotten.
+fn affinity_full(entries: usize, capacity: u32) -> &'static str {
+    if entries as u64 * 100 >= u64::from(capacity) * 95 {
+        " (FULL: the least recently used client choices are being forgotten; see --max-affinity)"
+    } else {
+        ""
+    }
+}
+
 pub fn bytes(n: f64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n;
@@ -209,5 +227,17 @@ fn health_cell(h: Option<&BackendHealth>) -> String {
             "DOWN ({}, {} failed in a row, {since})",
             h.last_result, h.consecutive_fail
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::affinity_full;
+
+    #[test]
+    fn a_full_affinity_map_is_said_so() {
+        assert_eq!(affinity_full(10, 65_536), "");
+        assert!(affinity_full(65_536, 65_536).starts_with(" (FULL"));
+        assert!(affinity_full(62_260, 65_536).starts_with(" (FULL"));
     }
 }
