@@ -223,47 +223,33 @@ fn agent_metrics(r: &mut Registry, report: &Report) {
         "Backends ejected as outliers since the agent started.",
         a.ejections.clone(),
     );
-    let entries = Family::<Labels, Gauge>::default();
     let e = &report.map_entries;
-    for (map, n) in [
+    let entries = [
         ("services", e.services),
         ("slots", e.slots),
         ("backends", e.backends),
         ("names", e.names),
         ("affinity", e.affinity),
-    ] {
-        entries
-            .get_or_create(&vec![("map".into(), map.into())])
-            .set(n as i64);
-    }
+    ];
+    let entries = by_map(entries.map(|(m, n)| (m.to_string(), n as i64)));
     r.register("lb_map_entries", "Entries in each pinned map.", entries);
-    let capacity = Family::<Labels, Gauge>::default();
     let c = &report.memory.capacity;
-    for (what, n) in [
+    let capacity = [
         ("services", c.services),
         ("backends", c.backends),
         ("slots", c.slots),
         ("affinity", c.affinity),
-    ] {
-        capacity
-            .get_or_create(&vec![("map".into(), what.into())])
-            .set(i64::from(n));
-    }
+    ];
     r.register(
         "lb_map_capacity",
-        "Services, backends and slots the maps were sized for when first created.",
-        capacity,
+        "Services, backends, slots and client choices the maps were sized for when created.",
+        by_map(capacity.map(|(m, n)| (m.to_string(), i64::from(n)))),
     );
-    let memory = Family::<Labels, Gauge>::default();
-    for (name, n) in &report.memory.kernel_bytes {
-        memory
-            .get_or_create(&vec![("map".into(), name.clone())])
-            .set(*n as i64);
-    }
+    let memory = report.memory.kernel_bytes.iter();
     r.register(
         "lb_map_memory_bytes",
         "Kernel memory of each pinned map, as the kernel accounts it.",
-        memory,
+        by_map(memory.map(|(m, n)| (m.clone(), *n as i64))),
     );
     let out_of_date = Gauge::<i64>::default();
     out_of_date.set(i64::from(report.maps_out_of_date.is_some()));
@@ -316,4 +302,13 @@ fn agent_metrics(r: &mut Registry, report: &Report) {
         "Instructions the verifier processed per attached program.",
         insns,
     );
+}
+
+/// A gauge per map, labelled `map`.
+fn by_map(values: impl IntoIterator<Item = (String, i64)>) -> Family<Labels, Gauge> {
+    let family = Family::<Labels, Gauge>::default();
+    for (map, n) in values {
+        family.get_or_create(&vec![("map".into(), map)]).set(n);
+    }
+    family
 }
