@@ -121,7 +121,7 @@ impl Checker {
             health: health.setting()?,
             fail_open: fail_open?,
             panic_threshold: panic_threshold?,
-            discovery: discovery.setting()?,
+            discovery: discovery.setting()?.map(Box::new),
             balancing: balancing?,
             outlier: outlier.setting()?,
         })

@@ -19,12 +19,12 @@ pub fn apply(dp: &mut impl Maps, ops: &[Op]) -> Result<()> {
 fn apply_one(dp: &mut impl Maps, op: &Op) -> Result<()> {
     match op {
         Op::ResetServiceCounters(id) => dp.reset_service_counters(*id),
-        Op::NewBackendGeneration(id) => dp.new_backend_generation(*id),
         Op::PutBackend {
             id,
             addr,
             service_id,
         } => {
+            dp.new_backend_generation(*id)?;
             let generation = dp.backend_generation(*id)?;
             dp.put_backend(*id, &backend_value(addr, *service_id, generation))
         }

@@ -8,9 +8,9 @@ use std::net::SocketAddr;
 pub enum Op {
     /// Zero a reused id's counters before anything references it.
     ResetServiceCounters(u32),
-    /// Hand a backend id to a new owner (`Maps::new_backend_generation`) before its entry is
-    /// written: sockets of the id's earlier owner then count for nobody.
-    NewBackendGeneration(u32),
+    /// A backend new to its id: the id's next generation (`Maps::new_backend_generation`,
+    /// counters zeroed), then its entry naming that generation, so sockets of the id's earlier
+    /// owner count for nobody. One operation, as a plan of a million backends holds one each.
     PutBackend {
         id: u32,
         addr: SocketAddr,

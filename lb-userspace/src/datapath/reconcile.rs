@@ -270,7 +270,6 @@ fn assign_backends(
                 return Ok(*id);
             }
             let id = backend_ids.take()?;
-            ops.push(Op::NewBackendGeneration(id));
             ops.push(Op::PutBackend {
                 id,
                 addr: *addr,

@@ -146,7 +146,7 @@ mod tests {
     pub(super) fn ok_with(discovery: &str, env: Env) -> DiscoveryConfig {
         let config: Config = parse_with_env(&service(discovery), "lb.toml", env)
             .unwrap_or_else(|e| panic!("{discovery}: {e}"));
-        config.services[0].discovery.clone().expect("discovery")
+        *config.services[0].discovery.clone().expect("discovery")
     }
 
     pub(super) fn ok(discovery: &str) -> DiscoveryConfig {
