@@ -27,6 +27,9 @@ pub const ALG_RANDOM: u8 = 0;
 /// The slot table is a Maglev lookup table indexed by `client_hash` of the client key, so a
 /// client keeps its backend, and only clients of a removed backend move.
 pub const ALG_MAGLEV: u8 = 1;
+/// Two random slots of the weighted table, and of their backends the one with fewer open
+/// connections (`established - closed`): power of two choices.
+pub const ALG_LEAST_CONNECTIONS: u8 = 2;
 
 /// `ServiceValue::flags`: remember each client's backend for `affinity_timeout_s`.
 pub const FLAG_AFFINITY_CLIENT: u8 = 1;

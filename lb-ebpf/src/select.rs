@@ -1,12 +1,13 @@
 //! Backend choice over the service's slot table, where weights are slot multiplicity: a random
-//! slot, or for Maglev the slot the client's hash names.
+//! slot, for Maglev the slot the client's hash names, for least connections the less loaded of
+//! two random slots' backends.
 
 use crate::client::Client;
-use crate::maps::{LB_BACKENDS, LB_SERVICES, LB_SLOTS};
+use crate::maps::{LB_BACKENDS, LB_BACKEND_CTRS, LB_SERVICES, LB_SLOTS};
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
-    client_hash, BackendValue, ServiceKey, ServiceValue, ALG_MAGLEV, MAX_LOOKUP_ATTEMPTS,
-    SLOTS_PER_ENTRY,
+    client_hash, BackendValue, ServiceKey, ServiceValue, ALG_LEAST_CONNECTIONS, ALG_MAGLEV,
+    MAX_LOOKUP_ATTEMPTS, SLOTS_PER_ENTRY,
 };
 
 pub enum Choice {
@@ -45,27 +46,23 @@ pub fn choose(key: &ServiceKey, mut svc: ServiceValue, client: &mut Client) -> C
         let hash = if svc.algorithm == ALG_MAGLEV {
             client_hash(client.key(svc.flags))
         } else {
-            // SAFETY: plain helper call without arguments.
-            unsafe { bpf_get_prandom_u32() }
+            random()
         };
-        let slot = svc.slot_base.wrapping_add(hash % svc.slot_count);
-        let Some(pair) = LB_SLOTS.get(slot / SLOTS_PER_ENTRY) else {
+        let Some((backend_id, backend)) = backend_at(&svc, hash) else {
             continue;
         };
-        let backend_id = if slot % SLOTS_PER_ENTRY == 0 {
-            pair[0]
+        let (backend_id, backend) = if svc.algorithm == ALG_LEAST_CONNECTIONS {
+            // Power of two choices: the second draw is used only if it is a live backend with
+            // fewer open connections; a tie keeps the first.
+            match backend_at(&svc, random()) {
+                Some((other_id, other)) if open(other_id, &other) < open(backend_id, &backend) => {
+                    (other_id, other)
+                }
+                _ => (backend_id, backend),
+            }
         } else {
-            pair[1]
+            (backend_id, backend)
         };
-        let Some(backend) = LB_BACKENDS.get(backend_id) else {
-            continue;
-        };
-        let backend = *backend;
-        // A slot naming an absent backend, or another service's, is a table the agent is
-        // replacing.
-        if !backend.serves(svc.id) {
-            continue;
-        }
         return Choice::Backend {
             service_id: svc.id,
             backend_id,
@@ -73,6 +70,36 @@ pub fn choose(key: &ServiceKey, mut svc: ServiceValue, client: &mut Client) -> C
         };
     }
     Choice::Raced { service_id: svc.id }
+}
+
+#[inline(always)]
+fn random() -> u32 {
+    // SAFETY: plain helper call without arguments.
+    unsafe { bpf_get_prandom_u32() }
+}
+
+/// The backend of the service's slot `hash % slot_count`. `None` for a slot naming an absent
+/// backend, or another service's: a table the agent is replacing.
+#[inline(always)]
+fn backend_at(svc: &ServiceValue, hash: u32) -> Option<(u32, BackendValue)> {
+    let slot = svc.slot_base.wrapping_add(hash % svc.slot_count);
+    let pair = LB_SLOTS.get(slot / SLOTS_PER_ENTRY)?;
+    let backend_id = if slot % SLOTS_PER_ENTRY == 0 {
+        pair[0]
+    } else {
+        pair[1]
+    };
+    let backend = *LB_BACKENDS.get(backend_id)?;
+    backend.serves(svc.id).then_some((backend_id, backend))
+}
+
+/// Open connections of a backend, as its counters have them (`established - closed`).
+#[inline(always)]
+fn open(backend_id: u32, backend: &BackendValue) -> u64 {
+    match LB_BACKEND_CTRS.get(backend_id) {
+        Some(c) if c.generation == backend.generation => c.established.saturating_sub(c.closed),
+        _ => 0,
+    }
 }
 
 /// A remembered backend, if its entry still exists and is still the same backend of this

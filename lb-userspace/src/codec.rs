@@ -5,8 +5,8 @@
 use crate::config::{is_prime, Algorithm, Balancing, ClientKey, Protocol};
 use lb_common::{
     ip_from_raw, ip_to_raw, port_from_raw, port_to_raw, BackendValue, RawAddr, ServiceKey,
-    ServiceValue, ALG_MAGLEV, ALG_RANDOM, FLAG_AFFINITY_CLIENT, FLAG_CLIENT_CGROUP, IPPROTO_TCP,
-    IPPROTO_UDP,
+    ServiceValue, ALG_LEAST_CONNECTIONS, ALG_MAGLEV, ALG_RANDOM, FLAG_AFFINITY_CLIENT,
+    FLAG_CLIENT_CGROUP, IPPROTO_TCP, IPPROTO_UDP,
 };
 use std::net::SocketAddr;
 
@@ -65,6 +65,7 @@ impl Mode {
         let algorithm = match b.algorithm {
             Algorithm::Random => ALG_RANDOM,
             Algorithm::Maglev { .. } => ALG_MAGLEV,
+            Algorithm::LeastConnections => ALG_LEAST_CONNECTIONS,
         };
         let mut flags = 0;
         if b.affinity.is_some() {
@@ -95,6 +96,7 @@ impl Mode {
         Balancing {
             algorithm: match self.algorithm {
                 ALG_MAGLEV if is_prime(table_size) => Algorithm::Maglev { table_size },
+                ALG_LEAST_CONNECTIONS => Algorithm::LeastConnections,
                 _ => Algorithm::Random,
             },
             affinity: (self.flags & FLAG_AFFINITY_CLIENT != 0)

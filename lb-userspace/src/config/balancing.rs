@@ -1,5 +1,5 @@
-//! How a service picks a backend: `algorithm` (random or Maglev), client `affinity` with its
-//! timeout, and what identifies a client (`client_key`).
+//! How a service picks a backend: `algorithm` (random, Maglev or least connections), client
+//! `affinity` with its timeout, and what identifies a client (`client_key`).
 
 use super::checker::Checker;
 use super::model::{Algorithm, Balancing, ClientKey};
@@ -8,7 +8,18 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 use toml::{Table, Value};
 
-const ALGORITHMS: &[(&str, bool)] = &[("random", false), ("maglev", true)];
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Random,
+    Maglev,
+    LeastConnections,
+}
+
+const ALGORITHMS: &[(&str, Kind)] = &[
+    ("random", Kind::Random),
+    ("maglev", Kind::Maglev),
+    ("least_connections", Kind::LeastConnections),
+];
 const AFFINITIES: &[(&str, bool)] = &[("none", false), ("client", true)];
 const CLIENT_KEYS: &[(&str, ClientKey)] =
     &[("netns", ClientKey::Netns), ("cgroup", ClientKey::Cgroup)];
@@ -21,10 +32,11 @@ pub const AFFINITY_TIMEOUT_RANGE: RangeInclusive<Duration> =
 impl Checker {
     /// The balancing keys of one service table; `None` when one of them is invalid.
     pub(super) fn balancing(&mut self, scope: Option<&str>, table: &Table) -> Option<Balancing> {
-        let maglev = table
+        let kind = table
             .get("algorithm")
-            .map_or(Ok(false), |v| check_choice(v, ALGORITHMS));
-        let maglev = self.checked(scope, "algorithm", maglev);
+            .map_or(Ok(Kind::Random), |v| check_choice(v, ALGORITHMS));
+        let kind = self.checked(scope, "algorithm", kind);
+        let maglev = kind.map(|k| k == Kind::Maglev);
         let size = table.get("maglev_table_size").map(check_table_size);
         let size = self.dependent(
             scope,
@@ -47,9 +59,10 @@ impl Checker {
             .get("client_key")
             .map_or(Ok(ClientKey::Netns), |v| check_choice(v, CLIENT_KEYS));
         let client_key = self.checked(scope, "client_key", client_key);
-        let algorithm = match maglev? {
-            true => Algorithm::Maglev { table_size: size? },
-            false => Algorithm::Random,
+        let algorithm = match kind? {
+            Kind::Maglev => Algorithm::Maglev { table_size: size? },
+            Kind::Random => Algorithm::Random,
+            Kind::LeastConnections => Algorithm::LeastConnections,
         };
         let (client, timeout) = (client?, timeout?);
         Some(Balancing {
@@ -147,11 +160,22 @@ mod tests {
     }
 
     #[test]
+    fn reads_least_connections() {
+        let b = balancing("algorithm = \"least_connections\"\naffinity = \"client\"");
+        assert_eq!(b.algorithm, Algorithm::LeastConnections);
+        assert!(b.affinity.is_some());
+    }
+
+    #[test]
     fn names_the_field_and_the_problem() {
         let cases = [
             (
                 "algorithm = \"roundrobin\"",
-                "algorithm: must be \"random\" or \"maglev\"",
+                "algorithm: must be \"random\", \"maglev\" or \"least_connections\"",
+            ),
+            (
+                "algorithm = \"least_connections\"\nmaglev_table_size = 65537",
+                "maglev_table_size: only used with algorithm = \"maglev\"",
             ),
             (
                 "algorithm = \"maglev\"\nmaglev_table_size = 65536",

@@ -129,6 +129,9 @@ pub enum Algorithm {
     Random,
     /// Consistent hashing of the client key over a lookup table of `table_size` entries.
     Maglev { table_size: u32 },
+    /// Of two random choices in proportion to weights, the backend with fewer open
+    /// connections, as the kernel counts them.
+    LeastConnections,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

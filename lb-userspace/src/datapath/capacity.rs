@@ -105,7 +105,7 @@ impl Capacity {
 fn table_size(service: &crate::config::ServiceConfig) -> u64 {
     match service.balancing.algorithm {
         Algorithm::Maglev { table_size } => u64::from(table_size),
-        Algorithm::Random => {
+        Algorithm::Random | Algorithm::LeastConnections => {
             let weights: u64 = service.backends.iter().map(|b| u64::from(b.weight)).sum();
             weights.clamp(1, u64::from(MAX_RANDOM_SLOTS))
         }

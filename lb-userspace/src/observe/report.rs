@@ -11,8 +11,8 @@ use crate::datapath::pinned::PinnedMaps;
 use crate::status::{BackendHealth, SourceStatus, StatusFile};
 use anyhow::Result;
 use lb_common::{
-    BackendCounters, ServiceKey, ALG_MAGLEV, ALG_RANDOM, FLAG_AFFINITY_CLIENT, IPPROTO_TCP,
-    IPPROTO_UDP,
+    BackendCounters, ServiceKey, ALG_LEAST_CONNECTIONS, ALG_MAGLEV, ALG_RANDOM,
+    FLAG_AFFINITY_CLIENT, IPPROTO_TCP, IPPROTO_UDP,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -317,6 +317,7 @@ fn algorithm_name(alg: u8) -> String {
     match alg {
         ALG_RANDOM => "random".into(),
         ALG_MAGLEV => "maglev".into(),
+        ALG_LEAST_CONNECTIONS => "least_connections".into(),
         other => format!("algorithm-{other}"),
     }
 }

@@ -48,7 +48,7 @@ pub fn desired(
             let svc = DesiredService {
                 name: s.name.clone(),
                 slots: match s.balancing.algorithm {
-                    Algorithm::Random => slot_table(&backends),
+                    Algorithm::Random | Algorithm::LeastConnections => slot_table(&backends),
                     Algorithm::Maglev { table_size } => maglev_table(&backends, table_size),
                 },
                 mode: Mode::of(&s.balancing),
