@@ -66,6 +66,23 @@ impl Requested {
 }
 
 impl Capacity {
+    /// Sizes read from pinned maps must be ones an agent could have chosen: a map planted or
+    /// damaged with an absurd size is refused, not mapped into memory.
+    pub fn within_limits(&self) -> Result<()> {
+        let sizes = [
+            ("services", self.services, LIMIT_SERVICES),
+            ("backends", self.backends, LIMIT_BACKENDS),
+            ("slots", self.slots, LIMIT_SLOTS),
+            ("affinity", self.affinity, LIMIT_AFFINITY),
+        ];
+        for (what, size, limit) in sizes {
+            if size == 0 || size > limit {
+                bail!("the pinned maps hold {size} {what}; an agent sizes them 1 to {limit}");
+            }
+        }
+        Ok(())
+    }
+
     /// For maps created now: what was requested, else room for the config twice over
     /// (services and slots; a table being replaced exists twice for a moment) or half as much
     /// again (backends, whose counters are the largest per entry), and never less than the
@@ -174,6 +191,17 @@ mod tests {
         let c = Capacity::for_config(&config, &asked);
         assert_eq!((c.services, c.backends, c.slots), (300_000, 1_507_328, 4));
         assert_eq!(c.affinity, 1_000_000);
+    }
+
+    #[test]
+    fn pinned_sizes_beyond_the_limits_are_refused() {
+        assert!(Capacity::default().within_limits().is_ok());
+        let planted = Capacity {
+            slots: u32::MAX,
+            ..Capacity::default()
+        };
+        let err = planted.within_limits().unwrap_err().to_string();
+        assert!(err.contains("4294967295 slots"), "{err}");
     }
 
     #[test]

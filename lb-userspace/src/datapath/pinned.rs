@@ -91,12 +91,16 @@ pub fn pinned_capacity(dir: &Path) -> Result<Capacity> {
             .with_context(|| format!("cannot open pinned map {}", path.display()))?;
         Ok(info.max_entries())
     };
-    Ok(Capacity {
+    let capacity = Capacity {
         services: entries(MAP_SERVICES)?,
         backends: entries(MAP_BACKENDS)?,
         slots: entries(MAP_SLOTS)?.saturating_mul(SLOTS_PER_ENTRY),
         affinity: entries(MAP_AFFINITY)?,
-    })
+    };
+    capacity
+        .within_limits()
+        .with_context(|| format!("pinned maps in {}", dir.display()))?;
+    Ok(capacity)
 }
 
 /// Kernel memory of each pinned map in `dir` as the kernel accounts it (`memlock` of the map's

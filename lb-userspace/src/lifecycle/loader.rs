@@ -17,7 +17,10 @@ use aya::programs::{
     SockOps,
 };
 use aya::{Ebpf, EbpfLoader};
-use lb_common::names::{MAP_META, PROGRAMS, PROG_SKB_EGRESS, PROG_SKB_INGRESS, PROG_SOCK_OPS};
+use lb_common::names::{
+    MAP_AFFINITY, MAP_BACKENDS, MAP_META, MAP_SERVICES, MAP_SLOTS, PROGRAMS, PROG_SKB_EGRESS,
+    PROG_SKB_INGRESS, PROG_SOCK_OPS,
+};
 use lb_common::{Meta, LAYOUT_VERSION, META_MAGIC};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -92,7 +95,13 @@ fn mount_bpffs(at: &Path) -> Result<()> {
 /// interrupted first start left incomplete).
 pub fn check_existing_pins(pin_dir: &Path, wanted: &Capacity) -> Result<Option<Capacity>> {
     let dir = maps_dir(pin_dir);
-    let capacity = pinned_capacity(&dir).unwrap_or(*wanted);
+    // An interrupted first start may have left only some maps: they must match `wanted`.
+    let sized_by = [MAP_SERVICES, MAP_BACKENDS, MAP_SLOTS, MAP_AFFINITY];
+    let capacity = if sized_by.iter().all(|m| dir.join(m).exists()) {
+        pinned_capacity(&dir)?
+    } else {
+        *wanted
+    };
     let specs = specs(&capacity);
     let present: Vec<_> = specs.iter().filter(|s| dir.join(s.name).exists()).collect();
     for s in &present {
