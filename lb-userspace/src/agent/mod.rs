@@ -9,10 +9,10 @@ use crate::catalog;
 use crate::codec::service_key;
 use crate::datapath::apply::apply;
 use crate::datapath::capacity::{Capacity, Requested};
-use crate::datapath::installed::read_installed;
 use crate::datapath::maps::Maps;
+use crate::datapath::mirror::Mirror;
 use crate::datapath::pinned::PinnedMaps;
-use crate::datapath::reconcile::reconcile;
+use crate::datapath::reconcile::{reconcile, Scope};
 use crate::lifecycle::loader::{self, LoadOptions};
 use crate::lifecycle::{cgroup, lock};
 use crate::observe::http::{self, Endpoints, Readiness};
@@ -95,6 +95,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         kubernetes,
         readiness,
         maps: loaded.maps,
+        mirror: None,
         health: HealthRunner::new(transitions_tx, runner::remembered(previous.as_ref())),
         discovery,
         config,
@@ -196,6 +197,8 @@ async fn retry_at(at: Option<tokio::time::Instant>) {
 
 struct Agent {
     maps: PinnedMaps,
+    /// What the maps hold, as of the last reconcile; `None` = read them again.
+    mirror: Option<Mirror>,
     health: HealthRunner,
     discovery: Discovery,
     kubernetes: Kubernetes,
@@ -300,7 +303,13 @@ impl Agent {
     }
 
     fn reconcile_once(&mut self) -> Result<()> {
-        let installed = read_installed(&self.maps, true)?;
+        // Taken, not borrowed: a plan that fails to be made or applied drops it, and the next
+        // reconcile reads the maps again.
+        let mut mirror = match self.mirror.take() {
+            Some(mirror) => mirror,
+            None => Mirror::read(&self.maps)?,
+        };
+        let installed = &mirror.installed;
         let discovery = &self.discovery;
         let sources = catalog::Sources {
             discovered: &|svc| discovery.backends(svc),
@@ -322,7 +331,7 @@ impl Agent {
             health.is_healthy(svc, addr) && !outliers.is_ejected(svc, addr)
         });
         self.log_fail_open(failing_open.into_iter().collect());
-        let plan = reconcile(&installed, &desired)?;
+        let plan = reconcile(&mirror.installed, &mut mirror.pools, &desired, Scope::All)?;
         apply(&mut self.maps, &plan.ops)?;
         let s = &plan.summary;
         info!(
@@ -333,6 +342,8 @@ impl Agent {
             map_ops = plan.ops.len(),
             "reconciled"
         );
+        mirror.record(plan.ops);
+        self.mirror = Some(mirror);
         Ok(())
     }
 

@@ -1,14 +1,17 @@
 //! The maps, as the last stage of a change: how much they hold (`capacity`), their primitives
 //! (`maps`, implemented by the pinned BPF maps in `pinned`, whose large arrays `mapped` maps
 //! into memory), what they hold now (`installed`), the operations that change them (`ops`)
-//! and applying those (`apply`), and the diff from what is installed to the plan
-//! (`reconcile`).
+//! and applying those (`apply`), the ids and slot ranges free (`free`), the diff from what is
+//! installed to the plan (`reconcile`), and what is installed kept in memory between
+//! reconciles (`mirror`).
 
 pub mod capacity;
 pub mod maps;
 pub mod installed;
 pub mod ops;
 pub mod apply;
+pub mod free;
 pub mod reconcile;
+pub mod mirror;
 pub mod mapped;
 pub mod pinned;

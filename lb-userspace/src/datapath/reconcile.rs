@@ -10,6 +10,7 @@
 //! half-way leaves a consistent data plane (the unit tests apply every prefix to check this).
 
 use crate::codec::Mode;
+use crate::datapath::free::{CapacityError, IdPool, Pools};
 use crate::datapath::installed::{Installed, InstalledService};
 use crate::datapath::ops::Op;
 use crate::plan::{Desired, DesiredService};
@@ -31,186 +32,96 @@ pub struct Plan {
     pub summary: Summary,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-pub struct CapacityError(pub String);
-
-impl std::fmt::Display for CapacityError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Which services a plan looks at. A change names the services it touched; everything else
+/// is known to be as installed, so the plan costs what the change costs, not what the maps
+/// hold.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// Every service, and the leftovers of interrupted updates (after reading the maps).
+    All,
+    /// These keys only: `desired` then holds the wanted ones among them, and a key it lacks is
+    /// removed.
+    Keys(&'a BTreeSet<ServiceKey>),
 }
 
-impl std::error::Error for CapacityError {}
-
-/// Hands out ids not used by anything installed. Ids freed by this same plan are not reused
-/// in it, so a freed id is never written while a connect may still read it under the old
-/// revision.
-struct IdPool {
-    used: BTreeSet<u32>,
-    next: u32,
-    limit: u32,
-    what: &'static str,
-}
-
-impl IdPool {
-    fn new(used: impl IntoIterator<Item = u32>, limit: u32, what: &'static str) -> Self {
-        Self {
-            used: used.into_iter().collect(),
-            next: 0,
-            limit,
-            what,
-        }
-    }
-
-    fn take(&mut self) -> Result<u32, CapacityError> {
-        while self.used.contains(&self.next) {
-            self.next += 1;
-        }
-        if self.next >= self.limit {
-            return Err(CapacityError(format!(
-                "out of {} ids: the maps hold at most {} (including ones being replaced); \
-                 the maps were sized when first created: see --max-{}s",
-                self.what, self.limit, self.what
-            )));
-        }
-        self.used.insert(self.next);
-        Ok(self.next)
-    }
-}
-
-/// Free ranges of the slot array: everything no installed service's table covers. A range
-/// freed by this plan stays taken until the next one, so a connect still reading the old
-/// table never finds it overwritten by this plan.
-struct SlotRanges {
-    /// (start, length), in order; a gap shrinks from its front as it is handed out.
-    gaps: Vec<(u32, u32)>,
-    /// Gaps before this one are used up.
-    first: usize,
-    capacity: u32,
-}
-
-impl SlotRanges {
-    fn new(installed: &Installed) -> Self {
-        let mut used: Vec<(u32, u32)> = installed
-            .services
-            .values()
-            .map(|s| (s.slot_base, s.slot_count))
-            .filter(|(_, len)| *len > 0)
-            .collect();
-        used.sort_unstable();
-        let mut gaps = Vec::new();
-        let mut at = 0u32;
-        for (start, len) in used {
-            if start > at {
-                gaps.push((at, start - at));
-            }
-            at = at.max(start.saturating_add(len));
-        }
-        let capacity = installed.capacity.slots;
-        if capacity > at {
-            gaps.push((at, capacity - at));
-        }
-        Self {
-            gaps,
-            first: 0,
-            capacity,
-        }
-    }
-
-    /// The start of a free range of `len` entries (first fit).
-    fn take(&mut self, len: u32) -> Result<u32, CapacityError> {
-        if len == 0 {
-            return Ok(0);
-        }
-        while self.gaps.get(self.first).is_some_and(|g| g.1 == 0) {
-            self.first += 1;
-        }
-        if let Some(gap) = self.gaps[self.first..].iter_mut().find(|g| g.1 >= len) {
-            let start = gap.0;
-            *gap = (gap.0 + len, gap.1 - len);
-            return Ok(start);
-        }
-        let free: u64 = self.gaps.iter().map(|g| u64::from(g.1)).sum();
-        Err(CapacityError(format!(
-            "no free range of {len} entries in the slot array ({} entries, {free} free in \
-             pieces; a table being replaced exists twice until the update ends): raise \
-             --max-slots, or use fewer or smaller Maglev tables (maglev_table_size)",
-            self.capacity
-        )))
-    }
-}
-
-pub fn reconcile(installed: &Installed, desired: &Desired) -> Result<Plan, CapacityError> {
-    let mut ranges = SlotRanges::new(installed);
-    // An id whose leftovers this plan deletes at its end is not handed out again in it: the new
-    // service's entries would be deleted with them.
-    let mut service_ids = IdPool::new(
-        installed
-            .services
-            .values()
-            .map(|s| s.id)
-            .chain(installed.stray_names.iter().copied()),
-        installed.capacity.services,
-        "service",
-    );
-    let mut backend_ids = IdPool::new(
-        installed.backends.keys().copied(),
-        installed.capacity.backends,
-        "backend",
-    );
+/// Takes ids and ranges from `pools` and releases what the plan frees (usable once it has been
+/// applied: `Pools::commit`). A plan that fails to be made or applied leaves `pools` to be
+/// rebuilt from the maps.
+pub fn reconcile(
+    installed: &Installed,
+    pools: &mut Pools,
+    desired: &Desired,
+    scope: Scope,
+) -> Result<Plan, CapacityError> {
     let mut ops = Vec::new();
     let mut summary = Summary::default();
-
     for (key, want) in desired {
         match installed.services.get(key) {
             Some(have) => {
-                let ids = (&mut backend_ids, &mut ranges);
-                let changed = update_service(installed, *key, have, want, ids, &mut ops)?;
-                if changed {
+                if update_service(installed, *key, have, want, pools, &mut ops)? {
                     summary.updated += 1;
                 } else {
                     summary.unchanged += 1;
                 }
             }
             None => {
-                let ids = (&mut service_ids, &mut backend_ids, &mut ranges);
-                add_service(*key, want, ids, &mut ops)?;
+                add_service(*key, want, pools, &mut ops)?;
                 summary.added += 1;
             }
         }
     }
-    for (key, have) in &installed.services {
-        if !desired.contains_key(key) {
-            ops.push(Op::DeleteService(*key));
-            ops.push(Op::DeleteName(have.id));
-            ops.extend(have.backend_ids().map(Op::DeleteBackend));
-            summary.removed += 1;
+    let mut remove = |key: &ServiceKey, have: &InstalledService| {
+        ops.push(Op::DeleteService(*key));
+        ops.push(Op::DeleteName(have.id));
+        pools.service_ids.release(have.id);
+        pools.ranges.release(have.slot_base, have.slot_count);
+        for id in have.backend_ids() {
+            ops.push(Op::DeleteBackend(id));
+            pools.backend_ids.release(id);
+        }
+        summary.removed += 1;
+    };
+    match scope {
+        Scope::All => {
+            for (key, have) in &installed.services {
+                if !desired.contains_key(key) {
+                    remove(key, have);
+                }
+            }
+            for id in &installed.stray_names {
+                ops.push(Op::DeleteName(*id));
+                pools.service_ids.release(*id);
+            }
+            for id in installed.stray_backends() {
+                ops.push(Op::DeleteBackend(id));
+                pools.backend_ids.release(id);
+            }
+        }
+        Scope::Keys(keys) => {
+            for key in keys.iter().filter(|k| !desired.contains_key(k)) {
+                if let Some(have) = installed.services.get(key) {
+                    remove(key, have);
+                }
+            }
         }
     }
-    ops.extend(installed.stray_names.iter().copied().map(Op::DeleteName));
-    ops.extend(
-        installed
-            .stray_backends()
-            .into_iter()
-            .map(Op::DeleteBackend),
-    );
     Ok(Plan { ops, summary })
 }
 
 fn add_service(
     key: ServiceKey,
     want: &DesiredService,
-    (service_ids, backend_ids, ranges): (&mut IdPool, &mut IdPool, &mut SlotRanges),
+    pools: &mut Pools,
     ops: &mut Vec<Op>,
 ) -> Result<(), CapacityError> {
-    let id = service_ids.take()?;
-    let base = ranges.take(want.slots.len() as u32)?;
+    let id = pools.service_ids.take()?;
+    let base = pools.ranges.take(want.slots.len() as u32)?;
     ops.push(Op::ResetServiceCounters(id));
     ops.push(Op::PutName {
         service_id: id,
         name: want.name.clone(),
     });
-    let slots = assign_backends(id, &BTreeMap::new(), want, backend_ids, ops)?;
+    let slots = assign_backends(id, &BTreeMap::new(), want, &mut pools.backend_ids, ops)?;
     write_table(key, (id, 1, base), want.mode, slots, ops);
     Ok(())
 }
@@ -221,7 +132,7 @@ fn update_service(
     key: ServiceKey,
     have: &InstalledService,
     want: &DesiredService,
-    (backend_ids, ranges): (&mut IdPool, &mut SlotRanges),
+    pools: &mut Pools,
     ops: &mut Vec<Op>,
 ) -> Result<bool, CapacityError> {
     let owned: BTreeMap<SocketAddr, u32> = have
@@ -236,20 +147,20 @@ fn update_service(
         });
     }
     let mark = ops.len();
-    let slots = assign_backends(have.id, &owned, want, backend_ids, ops)?;
+    let slots = assign_backends(have.id, &owned, want, &mut pools.backend_ids, ops)?;
     if have.complete && slots == have.slots && have.mode == want.mode {
         ops.truncate(mark);
         return Ok(renamed);
     }
     let keep: BTreeSet<u32> = slots.iter().copied().collect();
-    let base = ranges.take(slots.len() as u32)?;
+    let base = pools.ranges.take(slots.len() as u32)?;
+    pools.ranges.release(have.slot_base, have.slot_count);
     let revision = have.revision.wrapping_add(1);
     write_table(key, (have.id, revision, base), want.mode, slots, ops);
-    ops.extend(
-        have.backend_ids()
-            .filter(|id| !keep.contains(id))
-            .map(Op::DeleteBackend),
-    );
+    for id in have.backend_ids().filter(|id| !keep.contains(id)) {
+        ops.push(Op::DeleteBackend(id));
+        pools.backend_ids.release(id);
+    }
     Ok(true)
 }
 
@@ -318,6 +229,7 @@ mod tests {
     use crate::datapath::capacity::Capacity;
     use crate::datapath::installed::read_installed;
     use crate::datapath::maps::fake::FakeMaps;
+    use crate::datapath::mirror::Mirror;
     use crate::plan::desired;
 
     fn service(name: &str, vip: &str, backends: &[(&str, u32)]) -> Service {
@@ -339,9 +251,10 @@ mod tests {
 
     /// Plans against `dp` and applies the plan. If `dp` starts consistent, every prefix of the
     /// plan is applied to a copy first and must leave it consistent; the end state always must.
+    /// The mirror after the plan must be exactly what reading the maps gives.
     fn converge(dp: &mut FakeMaps, cfg: &[Service]) -> Plan {
-        let installed = read_installed(dp, true).unwrap();
-        let plan = reconcile(&installed, &desired(cfg, &|_, _| true).0).unwrap();
+        let mut mirror = Mirror::read(dp).unwrap();
+        let plan = plan_all(&mut mirror, cfg);
         if dp.check_consistent().is_ok() {
             let mut step = dp.clone();
             for op in &plan.ops {
@@ -352,7 +265,18 @@ mod tests {
         }
         apply(dp, &plan.ops).unwrap();
         dp.check_consistent().unwrap();
+        mirror.record(plan.ops.clone());
+        assert_eq!(
+            mirror,
+            Mirror::read(dp).unwrap(),
+            "the mirror after {plan:?}"
+        );
         plan
+    }
+
+    fn plan_all(mirror: &mut Mirror, cfg: &[Service]) -> Plan {
+        let want = desired(cfg, &|_, _| true).0;
+        reconcile(&mirror.installed, &mut mirror.pools, &want, Scope::All).unwrap()
     }
 
     /// The backend addresses a service's current table names, with multiplicity, sorted.
@@ -581,8 +505,7 @@ mod tests {
             converge(&mut clean, &from);
             let start = clean.clone();
             converge(&mut clean, &to);
-            let installed = read_installed(&start, true).unwrap();
-            let plan = reconcile(&installed, &desired(&to, &|_, _| true).0).unwrap();
+            let plan = plan_all(&mut Mirror::read(&start).unwrap(), &to);
             for k in 0..plan.ops.len() {
                 let mut dp = start.clone();
                 let done = apply(&mut dp, &plan.ops[..k]);
@@ -725,7 +648,9 @@ mod tests {
                 )
             })
             .collect();
-        let err = reconcile(&installed, &desired(&services, &|_, _| true).0).unwrap_err();
+        let mut pools = Pools::new(&installed);
+        let want = desired(&services, &|_, _| true).0;
+        let err = reconcile(&installed, &mut pools, &want, Scope::All).unwrap_err();
         assert!(err.0.contains("out of backend ids"), "{err}");
     }
 
@@ -765,7 +690,7 @@ mod tests {
         converge(&mut dp, &changed);
         assert_eq!(dp.services.values().next().unwrap().slot_base, 6);
         // Now a (6..10) and b (4..6) are in use; a table of 5 fits nowhere.
-        let installed = read_installed(&dp, true).unwrap();
+        let mut mirror = Mirror::read(&dp).unwrap();
         let five = [
             ("10.0.0.1:80", 1),
             ("10.0.0.2:80", 1),
@@ -774,7 +699,8 @@ mod tests {
             ("10.0.0.5:80", 1),
         ];
         let five = vec![changed[0].clone(), service("b", "10.96.0.2:80", &five)];
-        let err = reconcile(&installed, &desired(&five, &|_, _| true).0).unwrap_err();
+        let want = desired(&five, &|_, _| true).0;
+        let err = reconcile(&mirror.installed, &mut mirror.pools, &want, Scope::All).unwrap_err();
         assert!(err.0.contains("no free range of 5 entries"), "{err}");
         assert!(err.0.contains("10 entries, 4 free in pieces"), "{err}");
     }
