@@ -101,12 +101,48 @@ pub struct Leftover {
 /// Leftovers by VIP and protocol.
 pub type Leftovers = BTreeMap<(SocketAddr, Protocol), Leftover>;
 
+/// What the maps hold, in config terms (`datapath::installed` implements it on what the maps
+/// hold): looked up one service at a time, so that a change to one service never converts
+/// all of them.
+pub trait Held {
+    fn leftover(&self, vip: SocketAddr, protocol: Protocol) -> Option<Leftover>;
+    /// Every service held (needed only until Kubernetes has first synced).
+    fn leftovers(&self) -> Leftovers;
+}
+
+impl Held for Leftovers {
+    fn leftover(&self, vip: SocketAddr, protocol: Protocol) -> Option<Leftover> {
+        self.get(&(vip, protocol)).cloned()
+    }
+    fn leftovers(&self) -> Leftovers {
+        self.clone()
+    }
+}
+
 /// Where the services and backends that the file does not list come from.
 pub struct Sources<'a> {
     /// A discovered service's last good answer, `None` before its first one.
     pub discovered: &'a dyn Fn(&str) -> Option<&'a [BackendConfig]>,
     /// `None` when Kubernetes is not configured, `Some(None)` before its first full sync.
     pub kubernetes: Option<Option<&'a [ClusterService]>>,
+}
+
+/// Something left out of a service, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    /// The service it concerns.
+    pub service: String,
+    pub text: String,
+}
+
+/// Every service's VIP, to keep sources from naming one as a backend.
+pub type Vips = HashMap<(SocketAddr, Protocol), String>;
+
+pub fn vips(services: &[Service]) -> Vips {
+    services
+        .iter()
+        .map(|s| ((s.vip, s.protocol), s.name.clone()))
+        .collect()
 }
 
 /// A discovered service without an answer yet keeps what the maps hold for it (left by an
@@ -116,26 +152,16 @@ pub struct Sources<'a> {
 ///
 /// The file wins over Kubernetes when both claim a VIP or a name. Backends from a source that
 /// are VIPs (or whose health port is a VIP) are dropped, as config validation does for listed
-/// ones. The returned messages say what was left out.
-pub fn effective(
-    config: &Config,
-    sources: &Sources,
-    leftovers: &Leftovers,
-) -> (Vec<Service>, Vec<String>) {
+/// ones. The returned notes say what was left out.
+///
+/// The file's services come first, in the file's order.
+pub fn effective(config: &Config, sources: &Sources, held: &dyn Held) -> (Vec<Service>, Vec<Note>) {
     let mut notes = Vec::new();
-    let mut merged = listed(config);
-    for (service, file) in merged.iter_mut().zip(&config.services) {
-        if file.discovery.is_none() {
-            continue;
-        }
-        service.backends = match (sources.discovered)(&service.name) {
-            Some(answer) => answer.to_vec(),
-            None => leftovers
-                .get(&(service.vip, service.protocol))
-                .map(|l| l.backends.clone())
-                .unwrap_or_default(),
-        };
-    }
+    let mut merged: Vec<Service> = config
+        .services
+        .iter()
+        .map(|file| with_answer(file, sources, held))
+        .collect();
     let listed = merged.len();
     match sources.kubernetes {
         None => {}
@@ -145,13 +171,16 @@ pub fn effective(
                     (s.vip, s.protocol) == (service.vip, service.protocol) || s.name == service.name
                 });
                 match clash {
-                    Some(owner) => notes.push(format!(
-                        "kubernetes service {:?} ({}/{}) ignored: the config file's service {:?} has that VIP or name",
-                        service.name,
-                        service.vip,
-                        service.protocol.as_str(),
-                        owner.name
-                    )),
+                    Some(owner) => notes.push(Note {
+                        service: service.name.clone(),
+                        text: format!(
+                            "kubernetes service {:?} ({}/{}) ignored: the config file's service {:?} has that VIP or name",
+                            service.name,
+                            service.vip,
+                            service.protocol.as_str(),
+                            owner.name
+                        ),
+                    }),
                     None => merged.push(Service::unchecked(
                         &service.name,
                         service.vip,
@@ -165,59 +194,86 @@ pub fn effective(
         Some(None) => {
             let known: HashSet<(SocketAddr, Protocol)> =
                 merged.iter().map(|s| (s.vip, s.protocol)).collect();
-            for (&(vip, protocol), service) in leftovers {
+            for ((vip, protocol), service) in held.leftovers() {
                 if !known.contains(&(vip, protocol)) {
                     merged.push(Service::unchecked(
                         &service.name,
                         vip,
                         protocol,
-                        service.backends.clone(),
+                        service.backends,
                         service.balancing,
                     ));
                 }
             }
         }
     }
-    let from_sources: Vec<bool> = config
-        .services
-        .iter()
-        .map(|s| s.discovery.is_some())
-        .chain(std::iter::repeat(true))
-        .take(merged.len())
-        .collect();
-    drop_vip_backends(&mut merged, &from_sources, &mut notes);
+    let vips = vips(&merged);
+    let from_source = |i: usize| config.services.get(i).is_none_or(|s| s.discovery.is_some());
+    for (i, service) in merged.iter_mut().enumerate() {
+        if from_source(i) {
+            drop_vip_backends(service, &vips, &mut notes);
+        }
+    }
     (merged, notes)
 }
 
-/// Applies the backend-is-not-a-VIP rule to every service whose backends came from a source
-/// (`from_sources`, by position); the config check has applied it to the listed ones.
-fn drop_vip_backends(merged: &mut [Service], from_sources: &[bool], notes: &mut Vec<String>) {
-    let vips: HashMap<(SocketAddr, Protocol), String> = merged
-        .iter()
-        .map(|s| ((s.vip, s.protocol), s.name.clone()))
-        .collect();
-    for (service, _) in merged.iter_mut().zip(from_sources).filter(|(_, s)| **s) {
-        let health_port = service.admission.health.as_ref().and_then(|h| h.port);
-        let (name, protocol) = (service.name.clone(), service.protocol);
-        let vip = service.vip;
-        service.backends.retain(|b| {
-            if b.address.is_ipv4() != vip.is_ipv4() {
-                notes.push(format!(
-                    "service {name:?}: discovered backend {} ignored: the VIP {vip} is of the other address family",
-                    b.address
-                ));
-                return false;
-            }
-            let hit = VipClash::of(&vips, b.address, protocol, health_port).owner();
-            if let Some(owner) = hit {
-                notes.push(format!(
-                    "service {name:?}: discovered backend {} ignored: it or its health port is the VIP of service {owner:?}",
-                    b.address
-                ));
-            }
-            hit.is_none()
-        });
+/// One file service anew, after its source answered: what `effective` gives for it while the
+/// VIPs are `vips`.
+pub fn refresh(
+    file: &ServiceConfig,
+    sources: &Sources,
+    held: &dyn Held,
+    vips: &Vips,
+) -> (Service, Vec<Note>) {
+    let mut service = with_answer(file, sources, held);
+    let mut notes = Vec::new();
+    if file.discovery.is_some() {
+        drop_vip_backends(&mut service, vips, &mut notes);
     }
+    (service, notes)
+}
+
+/// A file service, a discovered one with its source's last answer or else what the maps hold.
+fn with_answer(file: &ServiceConfig, sources: &Sources, held: &dyn Held) -> Service {
+    let mut service = Service::listed(file);
+    if file.discovery.is_some() {
+        service.backends = match (sources.discovered)(&service.name) {
+            Some(answer) => answer.to_vec(),
+            None => held
+                .leftover(service.vip, service.protocol)
+                .map(|l| l.backends)
+                .unwrap_or_default(),
+        };
+    }
+    service
+}
+
+/// The backend-is-not-a-VIP rule for a service whose backends came from a source (the config
+/// check has applied it to the listed ones).
+fn drop_vip_backends(service: &mut Service, vips: &Vips, notes: &mut Vec<Note>) {
+    let health_port = service.admission.health.as_ref().and_then(|h| h.port);
+    let (name, protocol) = (service.name.clone(), service.protocol);
+    let vip = service.vip;
+    service.backends.retain(|b| {
+        let text = if b.address.is_ipv4() != vip.is_ipv4() {
+            format!(
+                "service {name:?}: discovered backend {} ignored: the VIP {vip} is of the other address family",
+                b.address
+            )
+        } else if let Some(owner) = VipClash::of(vips, b.address, protocol, health_port).owner() {
+            format!(
+                "service {name:?}: discovered backend {} ignored: it or its health port is the VIP of service {owner:?}",
+                b.address
+            )
+        } else {
+            return true;
+        };
+        notes.push(Note {
+            service: name.clone(),
+            text,
+        });
+        false
+    });
 }
 
 #[cfg(test)]
@@ -307,7 +363,7 @@ service = "web"
         assert_eq!(web(&merged), [be("10.0.1.1:80", 1)]);
         assert_eq!(dropped.len(), 1);
         assert!(
-            dropped[0].contains("10.96.0.1:80") && dropped[0].contains("\"api\""),
+            dropped[0].text.contains("10.96.0.1:80") && dropped[0].text.contains("\"api\""),
             "{dropped:?}"
         );
     }
@@ -373,7 +429,7 @@ service = "web"
         assert_eq!(merged[2].backends, [be("10.2.0.2:80", 1)]);
         assert_eq!(notes.len(), 2, "{notes:?}");
         assert!(
-            notes[0].contains("\"a.clash.80\"") && notes[0].contains("\"api\""),
+            notes[0].text.contains("\"a.clash.80\"") && notes[0].text.contains("\"api\""),
             "{notes:?}"
         );
     }

@@ -180,15 +180,15 @@ impl Outliers {
 
     /// One pass over every service with `[service.outlier]`: feeds what the kernel counted for
     /// its backends in the data plane (`observed`) to the detector, logs each ejection and
-    /// return, and forgets services that no longer have the setting. True when a backend was
-    /// ejected or came back.
+    /// return, and forgets services that no longer have the setting. Returns the services
+    /// where a backend was ejected or came back.
     pub fn check(
         &mut self,
         now: Instant,
         services: &[Service],
         observed: impl Fn(&Service) -> Vec<(SocketAddr, Observation)>,
-    ) -> bool {
-        let mut changed = false;
+    ) -> BTreeSet<String> {
+        let mut changed = BTreeSet::new();
         for svc in services {
             let Some(settings) = &svc.admission.outlier else {
                 continue;
@@ -197,7 +197,7 @@ impl Outliers {
             let before = self.ejected(now, &svc.name);
             let backends = seen.len() + before.len();
             if self.observe(now, &svc.name, settings, backends, &seen) {
-                changed = true;
+                changed.insert(svc.name.clone());
                 log_ejections(&svc.name, &before, &self.ejected(now, &svc.name));
             }
         }

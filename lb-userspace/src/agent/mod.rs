@@ -9,7 +9,6 @@ use crate::catalog;
 use crate::codec::service_key;
 use crate::datapath::apply::apply;
 use crate::datapath::capacity::{Capacity, Requested};
-use crate::datapath::maps::Maps;
 use crate::datapath::mirror::Mirror;
 use crate::datapath::pinned::PinnedMaps;
 use crate::datapath::reconcile::{reconcile, Scope};
@@ -21,7 +20,8 @@ use crate::sources::Discovery;
 use crate::status;
 use crate::{config, plan};
 use anyhow::{Context, Result};
-use std::collections::BTreeSet;
+use lb_common::ServiceKey;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
@@ -100,6 +100,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         discovery,
         config,
         wanted: Vec::new(),
+        by_name: HashMap::new(),
+        vips: catalog::Vips::new(),
         pending: None,
         failing_open: BTreeSet::new(),
         dropped: Vec::new(),
@@ -109,7 +111,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     agent.discovery.sync(&agent.config);
     agent.kubernetes.sync(agent.config.kubernetes.as_ref());
-    agent.reconcile().context("initial reconcile failed")?;
+    agent
+        .reconcile(Change::Everything)
+        .context("initial reconcile failed")?;
     // Only now: programs of a new layout start with the maps they were loaded with.
     loaded.programs.attach(&load)?;
     agent.publish_status();
@@ -135,14 +139,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 }
             }
             Some(update) = answers.recv() => {
-                agent.absorb(update, &mut answers, "discovery", |a, u| a.discovery.apply(u));
+                agent.absorb(update, &mut answers, "discovery", |a, u| {
+                    let name = u.service().to_owned();
+                    a.discovery.apply(u).then(|| Change::of(name))
+                });
             }
             Some(event) = kube_events.recv() => {
-                agent.absorb(event, &mut kube_events, "kubernetes", |a, e| a.kubernetes.apply(e));
+                agent.absorb(event, &mut kube_events, "kubernetes", |a, e| {
+                    a.kubernetes.apply(e).then_some(Change::Everything)
+                });
             }
-            Some(()) = transitions.recv() => {
+            Some(service) = transitions.recv() => {
                 // A transition always changes what the maps should hold.
-                agent.absorb((), &mut transitions, "health", |_, ()| true);
+                agent.absorb(service, &mut transitions, "health", |_, s| Some(Change::of(s)));
             }
             _ = status.tick() => agent.publish_status(),
             _ = retry_at(agent.pending.as_ref().map(|p| p.at)), if agent.pending.is_some() => {
@@ -195,6 +204,63 @@ async fn retry_at(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// What a reconcile has to look at.
+enum Change {
+    /// The config or Kubernetes' view changed: every service is compared with before, and
+    /// those that differ are planned.
+    Everything,
+    /// These services' answers, health or ejections changed, and nothing else did.
+    Services(BTreeSet<String>),
+}
+
+impl Change {
+    fn of(service: String) -> Self {
+        Self::Services(BTreeSet::from([service]))
+    }
+
+    fn merge(a: Option<Self>, b: Option<Self>) -> Option<Self> {
+        match (a, b) {
+            (Some(Self::Services(mut a)), Some(Self::Services(b))) => {
+                a.extend(b);
+                Some(Self::Services(a))
+            }
+            (Some(Self::Everything), _) | (_, Some(Self::Everything)) => Some(Self::Everything),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// The services a change touched, by name and by key (a service whose VIP moved has two).
+#[derive(Default)]
+struct Touched {
+    names: BTreeSet<String>,
+    keys: BTreeSet<ServiceKey>,
+}
+
+impl Touched {
+    fn between(before: &[catalog::Service], after: &[catalog::Service]) -> Self {
+        let mut touched = Self::default();
+        let mut add = |s: &catalog::Service| {
+            touched.names.insert(s.name.clone());
+            touched.keys.insert(service_key(s.vip, s.protocol));
+        };
+        let mut old: HashMap<&str, &catalog::Service> =
+            before.iter().map(|s| (s.name.as_str(), s)).collect();
+        for service in after {
+            match old.remove(service.name.as_str()) {
+                Some(was) if was == service => {}
+                Some(was) => {
+                    add(was);
+                    add(service);
+                }
+                None => add(service),
+            }
+        }
+        old.into_values().for_each(add);
+        touched
+    }
+}
+
 struct Agent {
     maps: PinnedMaps,
     /// What the maps hold, as of the last reconcile; `None` = read them again.
@@ -207,11 +273,16 @@ struct Agent {
     config: config::Config,
     /// The services the maps were last reconciled to (`catalog::effective`).
     wanted: Vec<catalog::Service>,
+    /// File services a change may name (discovered, health-checked or outlier-watched), by
+    /// name: their place in `config.services` and `wanted`.
+    by_name: HashMap<String, usize>,
+    /// Every VIP, while some service is discovered (`catalog::refresh`).
+    vips: catalog::Vips,
     /// A failed reconcile waiting for its retry.
     pending: Option<Pending>,
     failing_open: BTreeSet<String>,
     /// Discovered backends last left out for being VIPs, logged when this changes.
-    dropped: Vec<String>,
+    dropped: Vec<catalog::Note>,
     pin_dir: PathBuf,
     published_empty: bool,
     outliers: Outliers,
@@ -232,7 +303,7 @@ impl Agent {
                 self.config = config;
                 self.discovery.sync(&self.config);
                 self.kubernetes.sync(self.config.kubernetes.as_ref());
-                if let Err(e) = self.reconcile() {
+                if let Err(e) = self.reconcile(Change::Everything) {
                     error!("reconcile failed, data plane left consistent at the last step: {e:#}");
                 }
             }
@@ -246,14 +317,14 @@ impl Agent {
         first: T,
         queue: &mut mpsc::UnboundedReceiver<T>,
         source: &str,
-        apply: impl Fn(&mut Self, T) -> bool,
+        apply: impl Fn(&mut Self, T) -> Option<Change>,
     ) {
         let mut changed = apply(self, first);
         while let Ok(next) = queue.try_recv() {
-            changed |= apply(self, next);
+            changed = Change::merge(changed, apply(self, next));
         }
-        if changed {
-            if let Err(e) = self.reconcile() {
+        if let Some(change) = changed {
+            if let Err(e) = self.reconcile(change) {
                 error!("reconcile after a {source} change failed: {e:#}");
             }
         }
@@ -263,10 +334,10 @@ impl Agent {
     /// The one path into the maps, whatever changed: config, discovery answers or health. A
     /// failure is retried with backoff until a reconcile succeeds; meanwhile `/readyz` is 503
     /// and `stats` says why.
-    fn reconcile(&mut self) -> Result<()> {
+    fn reconcile(&mut self, change: Change) -> Result<()> {
         let start = std::time::Instant::now();
         self.readiness.reconciling(true);
-        let result = self.reconcile_once();
+        let result = self.reconcile_once(change);
         self.readiness.reconciling(false);
         let seconds = start.elapsed().as_secs_f64();
         crate::agent_metrics::AGENT.reconciled(seconds, result.is_ok());
@@ -291,7 +362,7 @@ impl Agent {
             last_error = reason.as_deref().unwrap_or(""),
             "retrying the failed reconcile"
         );
-        match self.reconcile() {
+        match self.reconcile(Change::Everything) {
             Ok(()) => info!("the retried reconcile succeeded: the maps follow the plan again"),
             Err(e) => error!(
                 "the retried reconcile failed, the data plane left consistent at the last step; \
@@ -302,36 +373,38 @@ impl Agent {
         self.publish_status();
     }
 
-    fn reconcile_once(&mut self) -> Result<()> {
+    fn reconcile_once(&mut self, change: Change) -> Result<()> {
         // Taken, not borrowed: a plan that fails to be made or applied drops it, and the next
-        // reconcile reads the maps again.
-        let mut mirror = match self.mirror.take() {
-            Some(mirror) => mirror,
-            None => Mirror::read(&self.maps)?,
+        // reconcile reads the maps again and plans every service.
+        let (mut mirror, fresh) = match self.mirror.take() {
+            Some(mirror) => (mirror, false),
+            None => (Mirror::read(&self.maps)?, true),
         };
-        let installed = &mirror.installed;
-        let discovery = &self.discovery;
-        let sources = catalog::Sources {
-            discovered: &|svc| discovery.backends(svc),
-            kubernetes: self.kubernetes.services(),
+        let touched = match change {
+            Change::Services(names) if !fresh => Some(self.refresh(&names, &mirror)),
+            _ => self.recompute(&mirror, fresh),
         };
-        let leftovers = installed.leftovers();
-        let (effective, dropped) = catalog::effective(&self.config, &sources, &leftovers);
-        if dropped != self.dropped {
-            for message in &dropped {
-                warn!("{message}");
-            }
-            self.dropped = dropped;
-        }
-        self.health.sync(&effective);
-        self.wanted = effective;
+        let services: Vec<&catalog::Service> = match &touched {
+            None => self.wanted.iter().collect(),
+            Some(t) => self
+                .wanted
+                .iter()
+                .filter(|s| t.names.contains(&s.name))
+                .collect(),
+        };
+        let only = touched.as_ref().map(|t| &t.names);
+        self.health.sync(services.iter().copied(), only);
         let (health, outliers) = (&self.health, &self.outliers);
         // Either a health check or an ejection takes a backend out; both must agree to restore.
-        let (desired, failing_open) = plan::desired(&self.wanted, &|svc, addr| {
+        let (desired, failing_open) = plan::desired(services, &|svc, addr| {
             health.is_healthy(svc, addr) && !outliers.is_ejected(svc, addr)
         });
-        self.log_fail_open(failing_open.into_iter().collect());
-        let plan = reconcile(&mirror.installed, &mut mirror.pools, &desired, Scope::All)?;
+        self.log_fail_open(failing_open.into_iter().collect(), only);
+        let scope = match &touched {
+            None => Scope::All,
+            Some(t) => Scope::Keys(&t.keys),
+        };
+        let plan = reconcile(&mirror.installed, &mut mirror.pools, &desired, scope)?;
         apply(&mut self.maps, &plan.ops)?;
         let s = &plan.summary;
         info!(
@@ -347,6 +420,80 @@ impl Agent {
         Ok(())
     }
 
+    /// Every service anew (a config or Kubernetes change, or maps read afresh). Returns what
+    /// differs from before, or `None` when everything must be planned.
+    fn recompute(&mut self, mirror: &Mirror, fresh: bool) -> Option<Touched> {
+        let discovery = &self.discovery;
+        let sources = catalog::Sources {
+            discovered: &|svc| discovery.backends(svc),
+            kubernetes: self.kubernetes.services(),
+        };
+        let (effective, notes) = catalog::effective(&self.config, &sources, &mirror.installed);
+        self.note_dropped(notes, None);
+        let touched = (!fresh).then(|| Touched::between(&self.wanted, &effective));
+        self.wanted = effective;
+        let refreshable = |s: &config::ServiceConfig| {
+            s.discovery.is_some() || s.health.is_some() || s.outlier.is_some()
+        };
+        self.by_name = (self.config.services.iter().enumerate())
+            .filter(|(_, s)| refreshable(s))
+            .map(|(i, s)| (s.name.clone(), i))
+            .collect();
+        let discovered = self.config.services.iter().any(|s| s.discovery.is_some());
+        self.vips = if discovered {
+            catalog::vips(&self.wanted)
+        } else {
+            catalog::Vips::new()
+        };
+        touched
+    }
+
+    /// These file services anew, after an answer, a health transition or an ejection; nothing
+    /// else changed.
+    fn refresh(&mut self, names: &BTreeSet<String>, mirror: &Mirror) -> Touched {
+        let discovery = &self.discovery;
+        let sources = catalog::Sources {
+            discovered: &|svc| discovery.backends(svc),
+            kubernetes: self.kubernetes.services(),
+        };
+        let mut touched = Touched::default();
+        let mut notes = Vec::new();
+        let mut refreshed = Vec::new();
+        for name in names {
+            let Some(&i) = self.by_name.get(name) else {
+                continue;
+            };
+            let file = &self.config.services[i];
+            let (service, dropped) =
+                catalog::refresh(file, &sources, &mirror.installed, &self.vips);
+            notes.extend(dropped);
+            touched.names.insert(name.clone());
+            touched
+                .keys
+                .insert(service_key(service.vip, service.protocol));
+            refreshed.push((i, service));
+        }
+        for (i, service) in refreshed {
+            self.wanted[i] = service;
+        }
+        self.note_dropped(notes, Some(&touched.names));
+        touched
+    }
+
+    /// Logs what sources had left out, once per change; `only`: the notes of these services.
+    fn note_dropped(&mut self, notes: Vec<catalog::Note>, only: Option<&BTreeSet<String>>) {
+        for note in notes.iter().filter(|n| !self.dropped.contains(n)) {
+            warn!("{}", note.text);
+        }
+        match only {
+            None => self.dropped = notes,
+            Some(names) => {
+                self.dropped.retain(|n| !names.contains(&n.service));
+                self.dropped.extend(notes);
+            }
+        }
+    }
+
     fn watches_outliers(&self) -> bool {
         self.wanted.iter().any(|s| s.admission.outlier.is_some())
     }
@@ -354,34 +501,39 @@ impl Agent {
     /// Feeds the kernel's connect outcomes of every service with `[service.outlier]` to the
     /// detector and reconciles when a backend is ejected or comes back.
     fn check_outliers(&mut self) {
-        // Backend entries name their service, so this reads the service and backend entries
-        // only, never the slot tables (a Maglev table is 65,537 of them, four times a second).
-        let (services, backends) = match (self.maps.services(), self.maps.backends()) {
-            (Ok(s), Ok(b)) => (s, b),
-            (Err(e), _) | (_, Err(e)) => return warn!("outlier check skipped: {e:#}"),
+        // The mirror says which backend ids each service has, so only their counters are read.
+        // Without it a failed reconcile awaits its retry, which reads the maps again.
+        let Some(mirror) = &self.mirror else {
+            return;
         };
         let maps = &self.maps;
         let observed = |svc: &catalog::Service| {
-            let key = service_key(svc.vip, svc.protocol);
-            let id = services.iter().find(|(k, _)| *k == key).map(|(_, v)| v.id);
-            id.map(|id| maps.observations(id, &backends))
-                .unwrap_or_default()
+            let installed = &mirror.installed;
+            let Some(have) = installed.services.get(&service_key(svc.vip, svc.protocol)) else {
+                return Vec::new();
+            };
+            let ids = have.backend_ids();
+            let backends = ids.filter_map(|id| Some((id, *installed.backends.get(&id)?)));
+            maps.observations(backends)
         };
         let changed = self
             .outliers
             .check(std::time::Instant::now(), &self.wanted, observed);
-        if changed {
+        if !changed.is_empty() {
             // Published first, so `stats` never shows an ejected backend as simply gone.
             self.publish_status();
-            if let Err(e) = self.reconcile() {
+            if let Err(e) = self.reconcile(Change::Services(changed)) {
                 error!("reconcile after an outlier change failed: {e:#}");
             }
         }
     }
 
     /// Failing open sends traffic to backends known to be failing: say so loudly, once per
-    /// change.
-    fn log_fail_open(&mut self, now: BTreeSet<String>) {
+    /// change. `only`: `now` covers these services.
+    fn log_fail_open(&mut self, mut now: BTreeSet<String>, only: Option<&BTreeSet<String>>) {
+        if let Some(names) = only {
+            now.extend(self.failing_open.difference(names).cloned());
+        }
         for name in now.difference(&self.failing_open) {
             warn!(service = %name, "too few healthy backends: FAILING OPEN to all configured backends");
         }
@@ -474,5 +626,73 @@ async fn drain_ebpf_logs(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>)
     loop {
         tick.tick().await;
         logger.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{Admission, Service};
+    use crate::config::{BackendConfig, Protocol};
+
+    fn svc(name: &str, vip: &str, backend: &str) -> Service {
+        Service {
+            name: name.into(),
+            vip: vip.parse().unwrap(),
+            protocol: Protocol::Tcp,
+            backends: vec![BackendConfig {
+                address: backend.parse().unwrap(),
+                weight: 1,
+            }],
+            balancing: Default::default(),
+            admission: Admission::default(),
+        }
+    }
+
+    fn key(vip: &str) -> ServiceKey {
+        service_key(vip.parse().unwrap(), Protocol::Tcp)
+    }
+
+    #[test]
+    fn touched_are_the_changed_added_and_removed_services_and_both_keys_of_a_move() {
+        let before = [
+            svc("same", "10.96.0.1:80", "10.0.0.1:80"),
+            svc("changed", "10.96.0.2:80", "10.0.0.2:80"),
+            svc("moved", "10.96.0.3:80", "10.0.0.3:80"),
+            svc("removed", "10.96.0.4:80", "10.0.0.4:80"),
+        ];
+        let after = [
+            svc("added", "10.96.0.5:80", "10.0.0.5:80"),
+            svc("moved", "10.96.0.6:80", "10.0.0.3:80"),
+            svc("changed", "10.96.0.2:80", "10.0.0.9:80"),
+            svc("same", "10.96.0.1:80", "10.0.0.1:80"),
+        ];
+        let t = Touched::between(&before, &after);
+        let names: Vec<&str> = t.names.iter().map(String::as_str).collect();
+        assert_eq!(names, ["added", "changed", "moved", "removed"]);
+        let keys: BTreeSet<ServiceKey> = ["10.96.0.2:80", "10.96.0.3:80", "10.96.0.4:80"]
+            .into_iter()
+            .chain(["10.96.0.5:80", "10.96.0.6:80"])
+            .map(key)
+            .collect();
+        assert_eq!(t.keys, keys);
+    }
+
+    #[test]
+    fn changes_merge_into_the_union_and_everything_wins() {
+        let names = |c: Option<Change>| match c {
+            Some(Change::Services(n)) => n.into_iter().collect::<Vec<_>>(),
+            Some(Change::Everything) => vec!["*".to_owned()],
+            None => vec![],
+        };
+        let one = |s: &str| Some(Change::of(s.to_owned()));
+        assert_eq!(names(Change::merge(one("a"), one("b"))), ["a", "b"]);
+        assert_eq!(names(Change::merge(None, one("b"))), ["b"]);
+        assert_eq!(names(Change::merge(one("a"), None)), ["a"]);
+        assert_eq!(
+            names(Change::merge(one("a"), Some(Change::Everything))),
+            ["*"]
+        );
+        assert_eq!(names(Change::merge(None, None)), Vec::<String>::new());
     }
 }

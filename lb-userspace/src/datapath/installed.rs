@@ -2,9 +2,9 @@
 //! truth: every reconcile starts from a fresh read, so a failed or interrupted update, or state
 //! left by an earlier agent, is simply the next starting point.
 
-use crate::catalog::{Leftover, Leftovers};
-use crate::codec::{socket_addr, vip_of, Mode};
-use crate::config::BackendConfig;
+use crate::catalog::{Held, Leftover, Leftovers};
+use crate::codec::{service_key, socket_addr, vip_of, Mode};
+use crate::config::{BackendConfig, Protocol};
 use crate::datapath::capacity::Capacity;
 use crate::datapath::maps::Maps;
 use anyhow::Result;
@@ -52,21 +52,28 @@ pub struct Installed {
     pub capacity: Capacity,
 }
 
-impl Installed {
-    /// What the maps hold, in config terms: what the catalog keeps for a service whose source
-    /// has not answered yet. A key of a protocol this agent never writes is left out.
-    pub fn leftovers(&self) -> Leftovers {
+impl Held for Installed {
+    /// A key of a protocol this agent never writes is left out.
+    fn leftover(&self, vip: SocketAddr, protocol: Protocol) -> Option<Leftover> {
+        let service = self.services.get(&service_key(vip, protocol))?;
+        Some(self.leftover_of(service))
+    }
+
+    fn leftovers(&self) -> Leftovers {
         self.services
             .iter()
-            .filter_map(|(key, service)| {
-                let leftover = Leftover {
-                    name: service.name.clone(),
-                    backends: self.weighted_backends(service),
-                    balancing: service.mode.balancing(service.slot_count),
-                };
-                Some((vip_of(key)?, leftover))
-            })
+            .filter_map(|(key, service)| Some((vip_of(key)?, self.leftover_of(service))))
             .collect()
+    }
+}
+
+impl Installed {
+    fn leftover_of(&self, service: &InstalledService) -> Leftover {
+        Leftover {
+            name: service.name.clone(),
+            backends: self.weighted_backends(service),
+            balancing: service.mode.balancing(service.slot_count),
+        }
     }
 
     /// The backends a service's current slot table points at, weighted by their slot count.
@@ -189,8 +196,6 @@ fn check_ids(installed: &Installed) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::service_key;
-    use crate::config::Protocol;
 
     #[test]
     fn leftovers_weigh_backends_by_their_slots() {

@@ -3,7 +3,6 @@
 //! by an incompatible build are reported instead of misread.
 
 use crate::admission::outlier::Observation;
-use crate::codec::socket_addr;
 use crate::datapath::capacity::Capacity;
 use crate::datapath::mapped::MappedArray;
 use crate::datapath::maps::Maps;
@@ -244,24 +243,21 @@ impl PinnedMaps {
             .with_context(|| format!("service id {id} is beyond the counters"))
     }
 
-    /// What the kernel counted for each of `backends` that belongs to `service_id`, for
-    /// outlier detection; a backend whose counters cannot be read is left out.
+    /// What the kernel counted for each of a service's `backends` (id, address), for outlier
+    /// detection; a backend whose counters cannot be read is left out.
     pub fn observations(
         &self,
-        service_id: u32,
-        backends: &[(u32, BackendValue)],
+        backends: impl Iterator<Item = (u32, SocketAddr)>,
     ) -> Vec<(SocketAddr, Observation)> {
         backends
-            .iter()
-            .filter(|(_, b)| b.service_id == service_id)
-            .filter_map(|(id, b)| {
-                let counters = self.backend_counters(*id).ok()?;
+            .filter_map(|(id, address)| {
+                let counters = self.backend_counters(id).ok()?;
                 let observation = Observation {
                     streak: counters.fail_streak,
                     established: counters.established,
                     failed: counters.failed,
                 };
-                Some((socket_addr(b), observation))
+                Some((address, observation))
             })
             .collect()
     }

@@ -557,6 +557,68 @@ mod tests {
         }
     }
 
+    /// Plans made for the one service a change touched, from a mirror kept across plans, end
+    /// exactly where plans of everything from fresh reads do, and write nothing of the others.
+    #[test]
+    fn plans_for_the_touched_keys_alone_end_where_full_plans_do() {
+        let vip = |i: usize| format!("10.96.0.{i}:80");
+        let make = |i: usize, n: usize| {
+            let backends: Vec<String> = (0..n).map(|b| format!("10.0.{i}.{b}:80")).collect();
+            let refs: Vec<(&str, u32)> = backends.iter().map(|b| (b.as_str(), 1)).collect();
+            service(&format!("s{i}"), &vip(i), &refs)
+        };
+        let mut cfg: Vec<Service> = (0..8).map(|i| make(i, 2)).collect();
+        let (mut scoped, mut full) = (FakeMaps::default(), FakeMaps::default());
+        converge(&mut scoped, &cfg);
+        converge(&mut full, &cfg);
+        let mut mirror = Mirror::read(&scoped).unwrap();
+        let mut seed = 7u32;
+        for step in 0..300 {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            let (i, n) = ((seed >> 8) as usize % 12, (seed >> 20) as usize % 4);
+            let at = cfg.iter().position(|s| s.vip.to_string() == vip(i));
+            match (at, n) {
+                (Some(at), 0) => drop(cfg.remove(at)),
+                (Some(at), n) => cfg[at] = make(i, n),
+                (None, n) => cfg.push(make(i, n)),
+            }
+            let key = service_key(vip(i).parse().unwrap(), Protocol::Tcp);
+            let touched = BTreeSet::from([key]);
+            let changed = cfg.iter().filter(|s| s.vip.to_string() == vip(i));
+            let want = desired(changed, &|_, _| true).0;
+            let plan = reconcile(
+                &mirror.installed,
+                &mut mirror.pools,
+                &want,
+                Scope::Keys(&touched),
+            );
+            let plan = plan.unwrap();
+            let others = |dp: &FakeMaps| {
+                let mut d = dp.services.clone();
+                d.remove(&key);
+                d
+            };
+            let before = others(&scoped);
+            apply(&mut scoped, &plan.ops).unwrap();
+            assert_eq!(
+                others(&scoped),
+                before,
+                "step {step}: another service rewritten"
+            );
+            scoped.check_consistent().unwrap();
+            mirror.record(plan.ops);
+            assert_eq!(mirror, Mirror::read(&scoped).unwrap(), "step {step}");
+            converge(&mut full, &cfg);
+            for svc in &cfg {
+                let v = svc.vip.to_string();
+                assert_eq!(table(&scoped, &v), table(&full, &v), "step {step}: {v}");
+            }
+            assert_eq!(scoped.services.len(), full.services.len(), "step {step}");
+            assert_eq!(scoped.backends.len(), full.backends.len(), "step {step}");
+            assert_eq!(scoped.names.len(), full.names.len(), "step {step}");
+        }
+    }
+
     #[test]
     fn incomplete_table_is_written_anew_in_another_range() {
         let mut dp = FakeMaps::default();

@@ -26,13 +26,13 @@ pub type Desired = BTreeMap<ServiceKey, DesiredService>;
 /// Backends a health check currently rejects are left out; a service whose healthy share is
 /// too low fails open to all of its backends when it allows that (`admission::fail_open`).
 /// Returns the desired state and the names of services failing open.
-pub fn desired(
-    services: &[Service],
+pub fn desired<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
     healthy: &dyn Fn(&str, &SocketAddr) -> bool,
 ) -> (Desired, Vec<String>) {
     let mut failing_open = Vec::new();
     let desired = services
-        .iter()
+        .into_iter()
         .map(|s| {
             let up: Vec<bool> = s
                 .backends

@@ -41,6 +41,13 @@ pub struct Update {
     event: Event,
 }
 
+impl Update {
+    /// The service whose source sent it.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+}
+
 /// A source task's channel to the agent, labelled with the service it discovers.
 #[derive(Clone)]
 pub struct Reporter {

@@ -10,7 +10,7 @@ use crate::clock::now_ms;
 use crate::config::{HealthConfig, InitialState};
 use crate::jitter::Jitter;
 use crate::status::{BackendHealth, StatusFile};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, Semaphore};
@@ -31,7 +31,7 @@ pub type Shared = Arc<Mutex<BTreeMap<Target, BackendHealth>>>;
 pub struct HealthRunner {
     tasks: HashMap<Target, (HealthConfig, JoinHandle<()>)>,
     shared: Shared,
-    transitions: mpsc::UnboundedSender<()>,
+    transitions: mpsc::UnboundedSender<String>,
     limit: Arc<Semaphore>,
     /// What the previous agent last knew of each target's health, used once as the target's
     /// starting state: a backend that was down when that agent stopped stays out until it
@@ -56,7 +56,10 @@ pub fn remembered(previous: Option<&StatusFile>) -> HashMap<Target, bool> {
 }
 
 impl HealthRunner {
-    pub fn new(transitions: mpsc::UnboundedSender<()>, remembered: HashMap<Target, bool>) -> Self {
+    pub fn new(
+        transitions: mpsc::UnboundedSender<String>,
+        remembered: HashMap<Target, bool>,
+    ) -> Self {
         Self {
             tasks: HashMap::new(),
             shared: Arc::default(),
@@ -67,10 +70,15 @@ impl HealthRunner {
     }
 
     /// Starts probing new targets and stops probing removed ones. A target whose health block
-    /// is unchanged keeps its task and state across reloads.
-    pub fn sync(&mut self, services: &[Service]) {
+    /// is unchanged keeps its task and state across reloads. With `only`, `services` are those
+    /// of these names, and targets of other services are left alone.
+    pub fn sync<'a>(
+        &mut self,
+        services: impl IntoIterator<Item = &'a Service>,
+        only: Option<&BTreeSet<String>>,
+    ) {
         let wanted: HashMap<Target, HealthConfig> = services
-            .iter()
+            .into_iter()
             .filter_map(|s| s.admission.health.as_ref().map(|h| (s, h)))
             .flat_map(|(s, h)| {
                 s.backends.iter().map(move |b| {
@@ -86,7 +94,8 @@ impl HealthRunner {
             .collect();
         let shared = self.shared.clone();
         self.tasks.retain(|target, (hc, task)| {
-            let keep = wanted.get(target) == Some(hc);
+            let outside = only.is_some_and(|names| !names.contains(&target.service));
+            let keep = outside || wanted.get(target) == Some(hc);
             if !keep {
                 task.abort();
                 shared.lock().expect("health state lock").remove(target);
@@ -175,7 +184,7 @@ async fn probe_loop(
     hc: HealthConfig,
     healthy: bool,
     shared: Shared,
-    transitions: mpsc::UnboundedSender<()>,
+    transitions: mpsc::UnboundedSender<String>,
     limit: Arc<Semaphore>,
 ) {
     let addr = SocketAddr::new(
@@ -219,7 +228,7 @@ async fn probe_loop(
                 "backend is unhealthy after {} failed probes: {why}", hc.fall),
             _ => {}
         }
-        if change.is_some() && transitions.send(()).is_err() {
+        if change.is_some() && transitions.send(target.service.clone()).is_err() {
             return;
         }
         // interval ± jitter, never below zero.
@@ -251,7 +260,7 @@ mod tests {
         let (tx, _rx) = mpsc::unbounded_channel();
         let mut runner = HealthRunner::new(tx, HashMap::new());
         // Closed loopback ports and an hour-long interval: no probe can pass during the test.
-        runner.sync(&config("\"127.0.0.1:1\", \"127.0.0.1:2\"", "1h"));
+        runner.sync(&config("\"127.0.0.1:1\", \"127.0.0.1:2\"", "1h"), None);
         assert_eq!(runner.snapshot().len(), 2);
         assert!(
             !runner.is_healthy("web", &addr("127.0.0.1:1")),
@@ -268,7 +277,7 @@ mod tests {
             .unwrap()
             .values_mut()
             .for_each(|h| h.consecutive_fail = 7);
-        runner.sync(&config("\"127.0.0.1:1\"", "1h"));
+        runner.sync(&config("\"127.0.0.1:1\"", "1h"), None);
         let snap = runner.snapshot();
         assert_eq!(snap.len(), 1, "removed backend no longer probed");
         assert_eq!(
@@ -277,7 +286,7 @@ mod tests {
             "unchanged target kept"
         );
 
-        runner.sync(&config("\"127.0.0.1:1\"", "30m"));
+        runner.sync(&config("\"127.0.0.1:1\"", "30m"), None);
         let snap = runner.snapshot();
         assert_eq!(
             snap.values().next().unwrap().consecutive_fail,
@@ -309,7 +318,7 @@ mod tests {
             })
         };
         let services: Vec<Service> = healthy_start("\"127.0.0.1:1\", \"127.0.0.1:2\"").collect();
-        runner.sync(&services);
+        runner.sync(&services, None);
         assert!(
             !runner.is_healthy("web", &addr("127.0.0.1:1")),
             "remembered down"
@@ -318,8 +327,8 @@ mod tests {
             runner.is_healthy("web", &addr("127.0.0.1:2")),
             "not remembered"
         );
-        runner.sync(&[]);
-        runner.sync(&services);
+        runner.sync(&[] as &[Service], None);
+        runner.sync(&services, None);
         assert!(
             runner.is_healthy("web", &addr("127.0.0.1:1")),
             "memory used once"
