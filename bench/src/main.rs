@@ -39,6 +39,14 @@ enum Cmd {
         /// Where the markdown table and SVG chart are written.
         #[arg(long)]
         out: PathBuf,
+        /// Numbers of services instead of the plan's (e.g. `100,100000`); the results then go
+        /// to `partial.md`.
+        #[arg(long, value_delimiter = ',')]
+        scales: Vec<usize>,
+        /// Only these contenders (by short name: direct, lb, lb-nobytes, nftables, iptables,
+        /// haproxy); the results then go to `partial.md`.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Benchmark backends: echo each request; stream data after a request starting with `B`.
     Serve {
@@ -83,7 +91,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             interval_ms,
             seconds,
         } => health::scale(backends, interval_ms, seconds),
-        Cmd::Compare { quick, out } => compare::run(quick, &out),
+        Cmd::Compare {
+            quick,
+            out,
+            scales,
+            only,
+        } => compare::run(quick, &out, &scales, &only),
         Cmd::Serve { listen } => compare::load::serve(&listen),
         Cmd::Load {
             to,

@@ -4,7 +4,7 @@
 use super::topo::{run_in, vip, Topology};
 use anyhow::{bail, Context, Result};
 use lb_testkit::paths::testkit_bin;
-use lb_testkit::{Agent, PinDir, TestCgroup};
+use lb_testkit::{Agent, ConsulMock, PinDir, TestCgroup};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -43,6 +43,18 @@ impl Contender {
         }
     }
 
+    /// The name `lb-bench compare --only` takes.
+    pub fn short(self) -> &'static str {
+        match self {
+            Contender::Direct => "direct",
+            Contender::Lb => "lb",
+            Contender::LbNoBytes => "lb-nobytes",
+            Contender::Nftables => "nftables",
+            Contender::Iptables => "iptables",
+            Contender::Haproxy => "haproxy",
+        }
+    }
+
     /// Bar colour in the chart: one per contender, so adding one cannot run out of colours.
     pub fn color(self) -> &'static str {
         match self {
@@ -72,7 +84,16 @@ pub struct Installed {
     pub rss_kib: Option<u64>,
     pub kernel_kib: Option<u64>,
     undo: Option<Box<dyn FnOnce()>>,
-    pub agent: Option<(Agent, PinDir, PathBuf)>,
+    pub agent: Option<Box<LbAgent>>,
+}
+
+/// lb's agent as installed, with its config file and the Consul mock its discovered service
+/// (`CHANGED`) follows.
+pub struct LbAgent {
+    pub agent: Agent,
+    pub pins: PinDir,
+    config: PathBuf,
+    consul: ConsulMock,
 }
 
 impl Drop for Installed {
@@ -314,7 +335,30 @@ pub fn lb_config(n: usize, backends: &[String], drop_last_of_first: bool, bytes:
             list.join(", ")
         );
     }
+    text += &format!(
+        "[[service]]\nname = \"{CHANGED}\"\nvip = \"{}\"\n[service.discovery]\nkind = \"consul\"\n\
+         address = \"http://127.0.0.1:8500\"\nservice = \"{CHANGED}\"\n",
+        vip(n)
+    );
     text
+}
+
+/// The discovered service whose backends the change measurement flips, after the `n` listed.
+const CHANGED: &str = "changed";
+
+/// The Consul mock's state: `CHANGED` with `backends`, at `index`.
+fn consul_state(index: u64, backends: &[String]) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = backends
+        .iter()
+        .map(|b| {
+            let (ip, port) = b.split_once(':').unwrap();
+            serde_json::json!({"node": format!("node-{ip}"), "node_address": ip, "address": "",
+                               "port": port.parse::<u16>().unwrap(), "weight": 1,
+                               "status": "passing", "tags": []})
+        })
+        .collect();
+    serde_json::json!({"index": index, "services": {CHANGED: list}, "raw_body": null,
+                       "raw_status": 200})
 }
 
 fn install_lb(
@@ -327,6 +371,7 @@ fn install_lb(
 ) -> Result<Outcome> {
     let text = lb_config(n, &topo.backends, false, count_bytes);
     let config = temp_file(dir, "lb.toml", &text)?;
+    let consul = ConsulMock::start(&topo.client, &consul_state(1, &topo.backends));
     let pins = PinDir::new();
     let t0 = Instant::now();
     let mut agent = Agent::start(&topo.client, cgroup, &pins, &config, 0, &[]);
@@ -361,7 +406,12 @@ fn install_lb(
         rss_kib,
         kernel_kib,
         undo: None,
-        agent: Some((agent, pins, config)),
+        agent: Some(Box::new(LbAgent {
+            agent,
+            pins,
+            config,
+            consul,
+        })),
     }))
 }
 
@@ -378,22 +428,69 @@ pub fn rss_kib(pid: i32) -> Option<u64> {
         .ok()
 }
 
-/// Time for the agent to apply a one-backend change (service 0 loses a backend) by SIGHUP.
-pub fn lb_change_time(
-    installed: &mut Installed,
+/// How long lb takes to apply one backend change at a size.
+pub struct Changes {
+    /// A config edit: SIGHUP to reconciled, parsing the whole file included.
+    pub reload: Option<Duration>,
+    /// A discovery answer flipping one backend of `CHANGED`: from the answer reaching the
+    /// agent to the maps holding it, by the agent's own clock (its `reconciled` log line).
+    pub answers: Vec<Duration>,
+    /// Answers not applied within the budget.
+    pub missed: usize,
+}
+
+/// `count` discovery changes of one backend each, then one config edit (service 0 loses a
+/// backend).
+pub fn lb_changes(
+    lb: &mut LbAgent,
     backends: &[String],
     n: usize,
+    count: usize,
     budget: Duration,
-) -> Option<Duration> {
-    let (agent, _, config) = installed.agent.as_mut()?;
-    let before = agent.log().matches(" reconciled ").count();
-    std::fs::write(&*config, lb_config(n, backends, true, true)).ok()?;
-    let t0 = Instant::now();
-    agent.sighup();
-    lb_testkit::wait_for(budget, || {
-        agent.log().matches(" reconciled ").count() > before
-    })
-    .then(|| t0.elapsed())
+) -> Changes {
+    let reconciles = |a: &Agent| a.log().matches(" reconciled ").count();
+    // The first answer (all backends) is in the maps before the first change is timed.
+    let answered =
+        lb_testkit::wait_for(budget, || lb.agent.log().contains("discovered set changed"));
+    let mut changes = Changes {
+        reload: None,
+        answers: Vec::new(),
+        missed: 0,
+    };
+    if answered {
+        std::thread::sleep(Duration::from_millis(300));
+        for k in 0..count {
+            let before = reconciles(&lb.agent);
+            // The first drops a backend: the mock starts with all of them.
+            let set = &backends[..backends.len() - (k + 1) % 2];
+            lb.consul.set(&consul_state(2 + k as u64, set));
+            let applied =
+                lb_testkit::wait_for(Duration::from_secs(5), || reconciles(&lb.agent) > before);
+            match last_reconcile_micros(&lb.agent.log()).filter(|_| applied) {
+                Some(us) => changes.answers.push(Duration::from_micros(us)),
+                None => changes.missed += 1,
+            }
+        }
+    } else {
+        changes.missed = count;
+    }
+    let before = reconciles(&lb.agent);
+    if std::fs::write(&lb.config, lb_config(n, backends, true, true)).is_ok() {
+        let t0 = Instant::now();
+        lb.agent.sighup();
+        changes.reload =
+            lb_testkit::wait_for(budget, || reconciles(&lb.agent) > before).then(|| t0.elapsed());
+    }
+    changes
+}
+
+/// `micros=` of the agent's last `reconciled` line.
+fn last_reconcile_micros(log: &str) -> Option<u64> {
+    let line = log.lines().rev().find(|l| l.contains(" reconciled "))?;
+    let field = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("micros="))?;
+    field.parse().ok()
 }
 
 /// kube-proxy's nftables layout: a verdict map from VIP and port to a service chain that picks

@@ -9,7 +9,7 @@ mod report;
 mod topo;
 
 use anyhow::{Context, Result};
-use contenders::{install, lb_change_time, Contender, Outcome};
+use contenders::{install, lb_changes, Contender, Outcome};
 use lb_testkit::TestCgroup;
 use load::Workload;
 use report::{Row, Summary};
@@ -29,6 +29,10 @@ pub struct Plan {
     pub repeats: usize,
     pub budget: Duration,
     pub clients: usize,
+    /// Discovery changes timed per size (lb).
+    pub changes: usize,
+    /// Contenders measured, by short name; empty: all.
+    pub only: Vec<String>,
 }
 
 impl Plan {
@@ -40,6 +44,8 @@ impl Plan {
                 repeats: 1,
                 budget: Duration::from_secs(20),
                 clients: 32,
+                changes: 20,
+                only: Vec::new(),
             }
         } else {
             Plan {
@@ -48,6 +54,8 @@ impl Plan {
                 repeats: 3,
                 budget: Duration::from_secs(90),
                 clients: 32,
+                changes: 100,
+                only: Vec::new(),
             }
         }
     }
@@ -55,8 +63,19 @@ impl Plan {
 
 const BACKENDS: usize = 4;
 
-pub fn run(quick: bool, out_dir: &Path) -> Result<()> {
-    let plan = Plan::new(quick);
+pub fn run(quick: bool, out_dir: &Path, scales: &[usize], only: &[String]) -> Result<()> {
+    let mut plan = Plan::new(quick);
+    let partial = !scales.is_empty() || !only.is_empty();
+    if !scales.is_empty() {
+        plan.scales = scales.to_vec();
+    }
+    for name in only {
+        anyhow::ensure!(
+            Contender::ALL.iter().any(|c| c.short() == name),
+            "--only: unknown contender {name:?}"
+        );
+    }
+    plan.only = only.to_vec();
     let topo = Topology::build(BACKENDS)?;
     let _servers = start_backends(&topo)?;
     let cgroup = TestCgroup::new();
@@ -68,7 +87,11 @@ pub fn run(quick: bool, out_dir: &Path) -> Result<()> {
     let markdown = report::markdown(&summary, &plan, quick);
     println!("{markdown}");
     std::fs::create_dir_all(out_dir)?;
-    let stem = if quick { "latest-quick" } else { "latest" };
+    let stem = match (partial, quick) {
+        (true, _) => "partial",
+        (false, true) => "latest-quick",
+        (false, false) => "latest",
+    };
     std::fs::write(out_dir.join(format!("{stem}.md")), &markdown)?;
     std::fs::write(out_dir.join(format!("{stem}.svg")), report::svg(&summary))?;
     println!("written: {}/{stem}.md and {stem}.svg", out_dir.display());
@@ -146,7 +169,8 @@ fn load(
 
 fn measure(plan: &Plan, topo: &Topology, cgroup: &TestCgroup, dir: &Path) -> Result<Summary> {
     let mut summary = Summary::default();
-    for c in Contender::ALL {
+    let chosen = |c: &Contender| plan.only.is_empty() || plan.only.iter().any(|o| o == c.short());
+    for c in Contender::ALL.into_iter().filter(chosen) {
         let scales: Vec<usize> = if c.scales() {
             plan.scales.clone()
         } else {
@@ -177,7 +201,7 @@ fn measure(plan: &Plan, topo: &Topology, cgroup: &TestCgroup, dir: &Path) -> Res
                         installed
                             .agent
                             .as_ref()
-                            .map(|(_, pins, _)| program_costs(pins, plan))
+                            .map(|lb| program_costs(&lb.pins, plan))
                     })
                     .flatten();
                 let runs = (0..plan.repeats)
@@ -197,9 +221,9 @@ fn measure(plan: &Plan, topo: &Topology, cgroup: &TestCgroup, dir: &Path) -> Res
                 rss_kib: installed.rss_kib,
                 kernel_kib: installed.kernel_kib,
             });
-            if c == Contender::Lb {
-                let change = lb_change_time(&mut installed, &topo.backends, n, plan.budget);
-                summary.changes.push((n, change));
+            if let (Contender::Lb, Some(lb)) = (c, installed.agent.as_mut()) {
+                let changes = lb_changes(lb, &topo.backends, n, plan.changes, plan.budget);
+                summary.changes.push((n, changes));
             }
         }
     }

@@ -11,7 +11,7 @@ use crate::datapath::apply::apply;
 use crate::datapath::capacity::{Capacity, Requested};
 use crate::datapath::mirror::Mirror;
 use crate::datapath::pinned::PinnedMaps;
-use crate::datapath::reconcile::{reconcile, Scope};
+use crate::datapath::reconcile::{reconcile, Scope, Summary};
 use crate::lifecycle::loader::{self, LoadOptions};
 use crate::lifecycle::{cgroup, lock};
 use crate::observe::http::{self, Endpoints, Readiness};
@@ -102,6 +102,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         wanted: Vec::new(),
         by_name: HashMap::new(),
         vips: catalog::Vips::new(),
+        watches_outliers: false,
         pending: None,
         failing_open: BTreeSet::new(),
         dropped: Vec::new(),
@@ -157,7 +158,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = retry_at(agent.pending.as_ref().map(|p| p.at)), if agent.pending.is_some() => {
                 agent.retry();
             }
-            _ = outlier_check.tick(), if agent.watches_outliers() => agent.check_outliers(),
+            _ = outlier_check.tick(), if agent.watches_outliers => agent.check_outliers(),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -230,11 +231,13 @@ impl Change {
     }
 }
 
-/// The services a change touched, by name and by key (a service whose VIP moved has two).
+/// The services a change touched, by name and by key (a service whose VIP moved has two),
+/// and where those still wanted are in `Agent::wanted`.
 #[derive(Default)]
 struct Touched {
     names: BTreeSet<String>,
     keys: BTreeSet<ServiceKey>,
+    positions: Vec<usize>,
 }
 
 impl Touched {
@@ -246,17 +249,18 @@ impl Touched {
         };
         let mut old: HashMap<&str, &catalog::Service> =
             before.iter().map(|s| (s.name.as_str(), s)).collect();
-        for service in after {
+        let mut positions = Vec::new();
+        for (i, service) in after.iter().enumerate() {
             match old.remove(service.name.as_str()) {
-                Some(was) if was == service => {}
-                Some(was) => {
-                    add(was);
-                    add(service);
-                }
-                None => add(service),
+                Some(was) if was == service => continue,
+                Some(was) => add(was),
+                None => {}
             }
+            add(service);
+            positions.push(i);
         }
         old.into_values().for_each(add);
+        touched.positions = positions;
         touched
     }
 }
@@ -278,6 +282,8 @@ struct Agent {
     by_name: HashMap<String, usize>,
     /// Every VIP, while some service is discovered (`catalog::refresh`).
     vips: catalog::Vips,
+    /// Some service has `[service.outlier]`.
+    watches_outliers: bool,
     /// A failed reconcile waiting for its retry.
     pending: Option<Pending>,
     failing_open: BTreeSet<String>,
@@ -341,6 +347,20 @@ impl Agent {
         self.readiness.reconciling(false);
         let seconds = start.elapsed().as_secs_f64();
         crate::agent_metrics::AGENT.reconciled(seconds, result.is_ok());
+        if let Ok(s) = &result {
+            // From the change reaching the agent to the maps holding it.
+            let micros = start.elapsed().as_micros() as u64;
+            info!(
+                added = s.added,
+                updated = s.updated,
+                removed = s.removed,
+                unchanged = s.unchanged,
+                map_ops = s.map_ops,
+                micros,
+                "reconciled"
+            );
+        }
+        let result = result.map(drop);
         self.pending = match (&result, self.pending.take()) {
             (Ok(()), _) => None,
             (Err(e), earlier) => {
@@ -373,7 +393,7 @@ impl Agent {
         self.publish_status();
     }
 
-    fn reconcile_once(&mut self, change: Change) -> Result<()> {
+    fn reconcile_once(&mut self, change: Change) -> Result<Summary> {
         // Taken, not borrowed: a plan that fails to be made or applied drops it, and the next
         // reconcile reads the maps again and plans every service.
         let (mut mirror, fresh) = match self.mirror.take() {
@@ -386,11 +406,7 @@ impl Agent {
         };
         let services: Vec<&catalog::Service> = match &touched {
             None => self.wanted.iter().collect(),
-            Some(t) => self
-                .wanted
-                .iter()
-                .filter(|s| t.names.contains(&s.name))
-                .collect(),
+            Some(t) => t.positions.iter().map(|&i| &self.wanted[i]).collect(),
         };
         let only = touched.as_ref().map(|t| &t.names);
         self.health.sync(services.iter().copied(), only);
@@ -406,18 +422,10 @@ impl Agent {
         };
         let plan = reconcile(&mirror.installed, &mut mirror.pools, &desired, scope)?;
         apply(&mut self.maps, &plan.ops)?;
-        let s = &plan.summary;
-        info!(
-            added = s.added,
-            updated = s.updated,
-            removed = s.removed,
-            unchanged = s.unchanged,
-            map_ops = plan.ops.len(),
-            "reconciled"
-        );
+        let summary = plan.summary.clone();
         mirror.record(plan.ops);
         self.mirror = Some(mirror);
-        Ok(())
+        Ok(summary)
     }
 
     /// Every service anew (a config or Kubernetes change, or maps read afresh). Returns what
@@ -432,6 +440,7 @@ impl Agent {
         self.note_dropped(notes, None);
         let touched = (!fresh).then(|| Touched::between(&self.wanted, &effective));
         self.wanted = effective;
+        self.watches_outliers = self.wanted.iter().any(|s| s.admission.outlier.is_some());
         let refreshable = |s: &config::ServiceConfig| {
             s.discovery.is_some() || s.health.is_some() || s.outlier.is_some()
         };
@@ -471,6 +480,7 @@ impl Agent {
             touched
                 .keys
                 .insert(service_key(service.vip, service.protocol));
+            touched.positions.push(i);
             refreshed.push((i, service));
         }
         for (i, service) in refreshed {
@@ -492,10 +502,6 @@ impl Agent {
                 self.dropped.extend(notes);
             }
         }
-    }
-
-    fn watches_outliers(&self) -> bool {
-        self.wanted.iter().any(|s| s.admission.outlier.is_some())
     }
 
     /// Feeds the kernel's connect outcomes of every service with `[service.outlier]` to the
@@ -676,6 +682,12 @@ mod tests {
             .map(key)
             .collect();
         assert_eq!(t.keys, keys);
+        let at: Vec<&str> = t
+            .positions
+            .iter()
+            .map(|&i| after[i].name.as_str())
+            .collect();
+        assert_eq!(at, ["added", "moved", "changed"]);
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub struct Summary {
     pub updated: usize,
     pub removed: usize,
     pub unchanged: usize,
+    /// Operations in the plan.
+    pub map_ops: usize,
 }
 
 #[derive(Debug)]
@@ -105,6 +107,7 @@ pub fn reconcile(
             }
         }
     }
+    summary.map_ops = ops.len();
     Ok(Plan { ops, summary })
 }
 
@@ -313,6 +316,7 @@ mod tests {
             plan.summary,
             Summary {
                 added: 2,
+                map_ops: plan.ops.len(),
                 ..Summary::default()
             }
         );
