@@ -19,7 +19,7 @@ use kube::{Api, Client, Resource};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use translate::{ClusterService, Translation};
+use translate::{ClusterService, Options, Translation};
 
 /// Changes arriving together (a rollout touches many slices) are translated once.
 const SETTLE: Duration = Duration::from_millis(50);
@@ -41,19 +41,36 @@ pub fn spawn(
 }
 
 async fn client(config: &KubernetesConfig) -> Result<Client, String> {
-    let kube_config = match &config.kubeconfig {
-        Some(path) => {
+    let kube_config = match (&config.kubeconfig, &config.api_server) {
+        (Some(path), _) => {
             let file = kube::config::Kubeconfig::read_from(path)
                 .map_err(|e| format!("kubernetes.kubeconfig {}: {e}", path.display()))?;
             kube::Config::from_custom_kubeconfig(file, &Default::default())
                 .await
                 .map_err(|e| format!("kubernetes.kubeconfig {}: {e}", path.display()))?
         }
-        None => kube::Config::infer().await.map_err(|e| {
+        (None, Some(url)) => in_cluster_at(url)?,
+        (None, None) => kube::Config::infer().await.map_err(|e| {
             format!("no Kubernetes configuration (in-cluster or ~/.kube/config): {e}")
         })?,
     };
     Client::try_from(kube_config).map_err(|e| format!("kubernetes client: {e}"))
+}
+
+/// The in-cluster service account (token, CA, namespace under
+/// `/var/run/secrets/kubernetes.io/serviceaccount/`) with the API server at `url` instead of
+/// `KUBERNETES_SERVICE_HOST`/`_PORT`: on a node without kube-proxy that address is the
+/// `kubernetes` Service's ClusterIP, which nothing translates before this agent runs.
+/// (`incluster_dns` only differs from `incluster_env` in the URL, which is replaced here; it
+/// needs no environment.)
+fn in_cluster_at(url: &str) -> Result<kube::Config, String> {
+    let cluster_url = url
+        .parse()
+        .map_err(|e| format!("kubernetes.api_server {url}: {e}"))?;
+    let mut config = kube::Config::incluster_dns()
+        .map_err(|e| format!("kubernetes.api_server {url}: no in-cluster service account: {e}"))?;
+    config.cluster_url = cluster_url;
+    Ok(config)
 }
 
 /// Objects of either watched kind, so that all watches can share one loop.
@@ -138,9 +155,24 @@ fn watches(client: &Client, config: &KubernetesConfig) -> Vec<BoxStream<'static,
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
         };
+        // With a label selector, EndpointSlices are watched with the same selector: the
+        // EndpointSlice controller keeps a slice's labels equal to its Service's (all but
+        // `kubernetes.io/service-name`, `endpointslice.kubernetes.io/managed-by` and
+        // `service.kubernetes.io/headless`), so the API server sends the slices of the selected
+        // Services only, instead of every slice of the cluster to every node. The alternatives
+        // cost more: filtering here still transfers and decodes every slice; a watch per Service
+        // (`kubernetes.io/service-name=<name>`) multiplies watches by Services; a set-based
+        // `service-name in (...)` selector must be rewatched (relisted) whenever the set
+        // changes. The catch: a Service without a Pod selector has hand-made slices (or ones
+        // mirrored from Endpoints) that carry only the labels their author gave them; `stats`
+        // notes a selected Service of that kind without slices. Slices of Services that are
+        // not selected are ignored by `translate` in any case (the labels of a Service and its
+        // slices differ for a moment after a label change).
         let mut service_config = watcher::Config::default();
+        let mut slice_config = watcher::Config::default();
         if let Some(selector) = &config.label_selector {
             service_config = service_config.labels(selector);
+            slice_config = slice_config.labels(selector);
         }
         let index = streams.len();
         streams.push(
@@ -150,7 +182,7 @@ fn watches(client: &Client, config: &KubernetesConfig) -> Vec<BoxStream<'static,
                 .boxed(),
         );
         streams.push(
-            watcher(slices, watcher::Config::default())
+            watcher(slices, slice_config)
                 .default_backoff()
                 .map(move |r| {
                     (
@@ -165,6 +197,7 @@ fn watches(client: &Client, config: &KubernetesConfig) -> Vec<BoxStream<'static,
 }
 
 async fn run(config: KubernetesConfig, tx: mpsc::UnboundedSender<KubeEvent>) {
+    let options = Options::new(&config, std::env::var("NODE_NAME").ok());
     let mut backoff = Backoff::new(
         Duration::from_secs(1),
         Duration::from_secs(30),
@@ -210,7 +243,9 @@ async fn run(config: KubernetesConfig, tx: mpsc::UnboundedSender<KubeEvent>) {
                     Object::Slice(s) => Some(s.as_ref()),
                     Object::Service(_) => None,
                 });
-            let _ = tx.send(KubeEvent::Synced(translate::translate(services, slices)));
+            let _ = tx.send(KubeEvent::Synced(translate::translate(
+                services, slices, &options,
+            )));
         }
     }
 }
@@ -312,6 +347,19 @@ impl Kubernetes {
                 }
                 let reasons = t.notes.iter().take(MAX_REASONS).cloned().collect();
                 status.record_answer(t.services.len(), t.notes.len(), reasons);
+                if t.limits != status.limits {
+                    for hit in t.limits.iter().filter(|h| h.left_out > 0) {
+                        tracing::warn!(
+                            source = "kubernetes",
+                            "{} = {} leaves out {}: {}",
+                            hit.setting,
+                            hit.limit,
+                            hit.left_out,
+                            hit.examples.join(", ")
+                        );
+                    }
+                    status.limits = t.limits;
+                }
                 if t.notes != self.notes {
                     for note in &t.notes {
                         tracing::info!(source = "kubernetes", "{note}");
