@@ -262,7 +262,8 @@ pub struct KubernetesConfig {
     pub api_server: Option<String>,
     /// This node's name, for `internalTrafficPolicy: Local` and node hints; `None`: `$NODE_NAME`.
     pub node_name: Option<String>,
-    /// This node's zone, for zone hints; `None`: hints are not used.
+    /// This node's zone, for zone hints; `None`: the `topology.kubernetes.io/zone` label of
+    /// the node named by `node_name`/`$NODE_NAME` (read at each watch start), if any.
     pub zone: Option<String>,
     /// Services beyond this many (oldest first) are left out.
     pub max_services: usize,

@@ -11,11 +11,11 @@ use crate::sources::answer::MAX_REASONS;
 use crate::sources::backoff::Backoff;
 use crate::status::{SourceState, SourceStatus};
 use futures::stream::{self, BoxStream, StreamExt};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -25,6 +25,10 @@ use translate::{ClusterService, Options, Translation};
 const SETTLE: Duration = Duration::from_millis(50);
 /// However busy the watches are, a batch is applied this long after its first change.
 const MAX_BATCH_WAIT: Duration = Duration::from_millis(100);
+/// The node label that names its zone.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Reading this node's zone never holds the watches back for longer.
+const NODE_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 pub enum KubeEvent {
@@ -197,7 +201,7 @@ fn watches(client: &Client, config: &KubernetesConfig) -> Vec<BoxStream<'static,
 }
 
 async fn run(config: KubernetesConfig, tx: mpsc::UnboundedSender<KubeEvent>) {
-    let options = Options::new(&config, std::env::var("NODE_NAME").ok());
+    let mut options = Options::new(&config, std::env::var("NODE_NAME").ok());
     let mut backoff = Backoff::new(
         Duration::from_secs(1),
         Duration::from_secs(30),
@@ -212,6 +216,9 @@ async fn run(config: KubernetesConfig, tx: mpsc::UnboundedSender<KubeEvent>) {
             }
         }
     };
+    if let (None, Some(node)) = (&options.zone, &options.node_name) {
+        options.zone = node_zone(&client, node).await;
+    }
     let streams = watches(&client, &config);
     let mut views: Vec<View> = streams.iter().map(|_| View::default()).collect();
     let mut merged = stream::select_all(streams);
@@ -246,6 +253,37 @@ async fn run(config: KubernetesConfig, tx: mpsc::UnboundedSender<KubeEvent>) {
             let _ = tx.send(KubeEvent::Synced(translate::translate(
                 services, slices, &options,
             )));
+        }
+    }
+}
+
+/// This node's `topology.kubernetes.io/zone` label, read once per watch start (`get` on
+/// nodes). Without it zone hints are not used, which is always safe: every endpoint serves.
+async fn node_zone(client: &Client, node: &str) -> Option<String> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    match tokio::time::timeout(NODE_READ_TIMEOUT, nodes.get(node)).await {
+        Ok(Ok(n)) => {
+            let zone = n
+                .labels()
+                .get(ZONE_LABEL)
+                .filter(|z| !z.is_empty())
+                .cloned();
+            tracing::info!(node, zone = ?zone, "this node's zone (for topology hints)");
+            zone
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(
+                node,
+                "cannot read this node's zone label, zone hints unused: {e}"
+            );
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                node,
+                "reading this node's zone label timed out, zone hints unused"
+            );
+            None
         }
     }
 }
