@@ -446,6 +446,26 @@ mod tests {
         assert_eq!(rest[0], batch.len(), "an event was lost between batches");
     }
 
+    #[tokio::test]
+    async fn api_server_goes_with_the_in_cluster_service_account_only() {
+        if std::path::Path::new("/var/run/secrets/kubernetes.io/serviceaccount").exists() {
+            return; // in a pod: the account exists, so this cannot fail as below
+        }
+        let text = "[kubernetes]\napi_server = \"https://10.0.0.1:6443\"\n";
+        let config = crate::config::parse(text, "t").unwrap().kubernetes.unwrap();
+        // Not kube's inference ($KUBECONFIG, ~/.kube/config): the service account or nothing.
+        let e = client(&config)
+            .await
+            .err()
+            .expect("no service account here");
+        assert!(
+            e.starts_with(
+                "kubernetes.api_server https://10.0.0.1:6443: no in-cluster service account"
+            ),
+            "{e}"
+        );
+    }
+
     fn stream_of(n: usize, every: Duration) -> impl futures::Stream<Item = usize> {
         futures::stream::unfold(0, move |i| async move {
             if i == n {
