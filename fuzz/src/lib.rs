@@ -174,25 +174,56 @@ pub fn kubernetes(data: &[u8]) {
         .iter()
         .filter_map(|s| s.spec.as_ref()?.ports.as_ref().map(Vec::len))
         .sum();
-    let translation = translate::translate(&objects.services, &objects.slices);
-    assert!(
-        translation.services.len() <= ports,
-        "{} services from {ports} ports",
-        translation.services.len()
-    );
-    for s in &translation.services {
-        check_service_name(&s.name);
-        assert!(s.vip.port() != 0, "{}: vip with port 0", s.name);
+    let narrow = translate::Options {
+        node_name: Some("node-a".into()),
+        zone: Some("zone-a".into()),
+        max_services: 2,
+        max_endpoints_per_service: 3,
+        allow_loopback_backends: true,
+        label_selector: true,
+    };
+    for options in [translate::Options::default(), narrow] {
+        let translation = translate::translate(&objects.services, &objects.slices, &options);
         assert!(
-            s.backends.len() <= MAX_BACKENDS_PER_SERVICE,
-            "{}: {} backends",
-            s.name,
-            s.backends.len()
+            translation.services.len() <= ports,
+            "{} services from {ports} ports",
+            translation.services.len()
         );
-        for b in &s.backends {
-            check_backend(&s.name, b);
+        let max = options.max_endpoints_per_service;
+        for s in &translation.services {
+            check_service_name(&s.name);
+            assert!(s.vip.port() != 0, "{}: vip with port 0", s.name);
+            assert!(
+                s.backends.len() <= max,
+                "{}: {} backends",
+                s.name,
+                s.backends.len()
+            );
+            for b in &s.backends {
+                check_backend(&s.name, b);
+                assert!(
+                    options.allow_loopback_backends || !host_only(b.address.ip()),
+                    "{}: loopback or link-local backend {}",
+                    s.name,
+                    b.address
+                );
+            }
+            check_sorted_unique(&s.name, &s.backends);
         }
-        check_sorted_unique(&s.name, &s.backends);
+    }
+}
+
+/// 127/8, ::1, 169.254/16, fe80::/10, v4-mapped too (written apart from translate's).
+fn host_only(ip: std::net::IpAddr) -> bool {
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.octets()[0] == 127 || v4.octets()[..2] == [169, 254],
+        std::net::IpAddr::V6(v6) => {
+            v6 == std::net::Ipv6Addr::LOCALHOST || v6.segments()[0] >> 6 == 0xfe80 >> 6
+        }
     }
 }
 

@@ -65,6 +65,22 @@ pub struct SourceStatus {
     pub last_error: Option<String>,
     pub last_error_unix_ms: Option<u64>,
     pub consecutive_errors: u32,
+    /// The source's own limits and what they leave out (Kubernetes: `max_services`,
+    /// `max_endpoints_per_service`); each is listed, also when it leaves nothing out.
+    #[serde(default)]
+    pub limits: Vec<LimitHit>,
+}
+
+/// A limit of a source: its setting, and what it leaves out of the source's answer now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitHit {
+    /// The setting, such as `kubernetes.max_services`.
+    pub setting: String,
+    pub limit: usize,
+    /// Entries left out now (Services, or endpoints summed over service ports).
+    pub left_out: usize,
+    /// The first few of them, for people.
+    pub examples: Vec<String>,
 }
 
 impl SourceStatus {

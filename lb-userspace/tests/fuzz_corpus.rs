@@ -127,8 +127,9 @@ fn realistic_seeds_produce_backends() {
     assert_eq!(answer.backends.len(), 4, "{answer:?}");
     let kube = std::fs::read(fuzz_dir().join("corpus/kubernetes/small.json")).unwrap();
     let objects: harness::Objects = serde_json::from_slice(&kube).unwrap();
-    let translation =
-        lb_userspace::sources::kubernetes::translate::translate(&objects.services, &objects.slices);
+    use lb_userspace::sources::kubernetes::translate;
+    let options = translate::Options::default();
+    let translation = translate::translate(&objects.services, &objects.slices, &options);
     assert_eq!(translation.services.len(), 3, "{translation:?}");
     assert!(translation.services.iter().all(|s| !s.backends.is_empty()));
 }

@@ -55,17 +55,39 @@ fn web_slice(endpoints: &[Endpoint]) -> Value {
     )
 }
 
-/// A scenario with the mock running and an agent watching it, serving /readyz.
+/// A scenario with the mock running and an agent watching it, serving /readyz. The backends
+/// are on 127/8, so loopback endpoints are allowed.
 fn start(backends: &[&str], services: &[Value], slices: &[Value]) -> (Scenario, KubeMock) {
+    let options = |t: Table| t.set("allow_loopback_backends", true);
+    start_with(backends, services, slices, options)
+}
+
+/// `start` with the `[kubernetes]` table (kubeconfig set) shaped by `options`.
+fn start_with(
+    backends: &[&str],
+    services: &[Value],
+    slices: &[Value],
+    options: impl Fn(Table) -> Table,
+) -> (Scenario, KubeMock) {
     let mut s = Scenario::without_agent(backends, Proto::Tcp);
     let mock = KubeMock::start(&s.net);
     mock.set(services, slices);
-    let kubeconfig = mock.kubeconfig(s.config.parent().unwrap());
-    let source = Table::new().set("kubeconfig", kubeconfig.display().to_string());
-    s.write_config(Config::new().kubernetes(source));
+    s.write_config(kube_config(&s, &mock, options));
     s.agent_args = vec!["--http-listen".into(), HTTP.into()];
     s.start_agent();
     (s, mock)
+}
+
+fn kube_config(s: &Scenario, mock: &KubeMock, options: impl Fn(Table) -> Table) -> Config {
+    let kubeconfig = mock.kubeconfig(s.config.parent().unwrap());
+    let source = Table::new().set("kubeconfig", kubeconfig.display().to_string());
+    Config::new().kubernetes(options(source))
+}
+
+/// Sets `field` of endpoint `i` of a slice made by `slice`.
+fn with_endpoint_field(mut slice: Value, i: usize, field: &str, value: Value) -> Value {
+    slice["endpoints"][i][field] = value;
+    slice
 }
 
 /// `None` while `stats` fails or shows no Kubernetes source.
@@ -205,4 +227,235 @@ fn restart_without_the_api_keeps_pinned_services_until_the_first_sync() {
     wait_backends(&s.pins, WEB, &[B3], WAIT);
     assert!(wait_for(WAIT, || http_status(&s.net, HTTP, "/readyz") == Some(200)));
     s.assert_balanced(VIP, &[B3]);
+}
+
+#[test]
+fn loopback_endpoints_are_refused_unless_allowed() {
+    if !require_privileged() {
+        return;
+    }
+    let (mut s, mock) = start_with(&[B1], &[web()], &[web_slice(&[ready(B1)])], |t| t);
+    let refused = wait_for(WAIT, || {
+        agent_stats(&s.pins).is_some_and(|st| {
+            backend_set(&st, WEB).is_some_and(|b| b.is_empty())
+                && st.kubernetes.as_ref().is_some_and(|k| {
+                    k.skipped_reasons
+                        .iter()
+                        .any(|r| r.contains("loopback or link-local endpoint(s) refused"))
+                })
+        })
+    });
+    assert!(refused, "{:?}", agent_stats(&s.pins));
+    assert_eq!(s.client(VIP, 20, Proto::Tcp).failed("ECONNREFUSED"), 20);
+
+    // Allowed in the config (re-read on SIGHUP): the same endpoint is used.
+    s.write_config(kube_config(&s, &mock, |t| {
+        t.set("allow_loopback_backends", true)
+    }));
+    s.agent().sighup();
+    wait_backends(&s.pins, WEB, &[B1], WAIT);
+    s.assert_balanced(VIP, &[B1]);
+}
+
+#[test]
+fn internal_traffic_policy_local_keeps_to_this_nodes_endpoints_without_fallback() {
+    if !require_privileged() {
+        return;
+    }
+    let mut svc = web();
+    svc["spec"]["internalTrafficPolicy"] = json!("Local");
+    let on = |nodes: [&str; 3]| {
+        let mut sl = web_slice(&[ready(B1), ready(B2), ready(B3)]);
+        for (i, node) in nodes.iter().enumerate() {
+            sl = with_endpoint_field(sl, i, "nodeName", json!(node));
+        }
+        sl
+    };
+    let (s, mock) = start_with(
+        &[B1, B2, B3],
+        std::slice::from_ref(&svc),
+        &[on(["node-1", "node-2", "node-1"])],
+        |t| {
+            t.set("allow_loopback_backends", true)
+                .set("node_name", "node-1")
+        },
+    );
+    wait_backends(&s.pins, WEB, &[B1, B3], WAIT);
+    s.assert_balanced(VIP, &[B1, B3]);
+
+    // No endpoint on this node: no backends, although node-2 and node-3 have ready ones.
+    mock.set(
+        std::slice::from_ref(&svc),
+        &[on(["node-2", "node-2", "node-3"])],
+    );
+    assert!(wait_for(WAIT, || s.service_stats(WEB).slots == 0));
+    assert_eq!(s.client(VIP, 20, Proto::Tcp).failed("ECONNREFUSED"), 20);
+
+    // internalTrafficPolicy back to Cluster: every ready endpoint.
+    mock.set(&[web()], &[on(["node-2", "node-2", "node-3"])]);
+    wait_backends(&s.pins, WEB, &[B1, B2, B3], WAIT);
+    s.assert_balanced(VIP, &[B1, B2, B3]);
+}
+
+#[test]
+fn zone_hints_keep_to_this_zone_and_fall_back_to_all_when_incomplete() {
+    if !require_privileged() {
+        return;
+    }
+    let mut svc = web();
+    svc["spec"]["trafficDistribution"] = json!("PreferClose");
+    let hinted = |zones: [Option<&str>; 3]| {
+        let mut sl = web_slice(&[ready(B1), ready(B2), ready(B3)]);
+        for (i, zone) in zones.iter().enumerate() {
+            if let Some(zone) = zone {
+                let hints = json!({"forZones": [{"name": zone}]});
+                sl = with_endpoint_field(sl, i, "hints", hints);
+                sl = with_endpoint_field(sl, i, "zone", json!(zone));
+            }
+        }
+        sl
+    };
+    let (s, mock) = start_with(
+        &[B1, B2, B3],
+        std::slice::from_ref(&svc),
+        &[hinted([Some("zone-a"), Some("zone-b"), Some("zone-a")])],
+        |t| t.set("allow_loopback_backends", true).set("zone", "zone-a"),
+    );
+    wait_backends(&s.pins, WEB, &[B1, B3], WAIT);
+    s.assert_balanced(VIP, &[B1, B3]);
+
+    // One ready endpoint without a hint: all ready endpoints, as kube-proxy falls back.
+    mock.set(
+        std::slice::from_ref(&svc),
+        &[hinted([Some("zone-a"), Some("zone-b"), None])],
+    );
+    wait_backends(&s.pins, WEB, &[B1, B2, B3], WAIT);
+    s.assert_balanced(VIP, &[B1, B2, B3]);
+
+    // No endpoint hinted for this zone: all of them too.
+    mock.set(
+        std::slice::from_ref(&svc),
+        &[hinted([Some("zone-b"), Some("zone-b"), Some("zone-c")])],
+    );
+    wait_backends(&s.pins, WEB, &[B1, B2, B3], WAIT);
+    mock.set(
+        std::slice::from_ref(&svc),
+        &[hinted([Some("zone-b"), Some("zone-a"), Some("zone-c")])],
+    );
+    wait_backends(&s.pins, WEB, &[B2], WAIT);
+    s.assert_balanced(VIP, &[B2]);
+}
+
+#[test]
+fn caps_leave_the_newest_service_out_and_say_so_while_the_others_keep_updating() {
+    if !require_privileged() {
+        return;
+    }
+    let labelled = |mut v: Value, created: &str| {
+        v["metadata"]["labels"] = json!({"lb": "on"});
+        v["metadata"]["creationTimestamp"] = json!(created);
+        v
+    };
+    let web = labelled(web(), "2024-01-01T00:00:00Z");
+    let api = service(
+        "shop",
+        "api",
+        Some("10.96.0.11"),
+        &[("http", 80, "TCP", json!(8080))],
+    );
+    // Older than web, but not selected: it counts for nothing.
+    let unselected = service(
+        "a",
+        "old",
+        Some("10.96.0.12"),
+        &[("http", 80, "TCP", json!(8080))],
+    );
+    let unselected = {
+        let mut v = unselected;
+        v["metadata"]["creationTimestamp"] = json!("2020-01-01T00:00:00Z");
+        v
+    };
+    let api = labelled(api, "2025-01-01T00:00:00Z");
+    let slice_of = |name: &str, endpoints: &[Endpoint]| {
+        let mut sl = slice(
+            "shop",
+            &format!("{name}-abc"),
+            name,
+            endpoints,
+            &[("http", 8080, "TCP")],
+        );
+        sl["metadata"]["labels"]["lb"] = json!("on");
+        sl
+    };
+    let other_slice = slice(
+        "a",
+        "old-abc",
+        "old",
+        &[ready(B1)],
+        &[("http", 8080, "TCP")],
+    );
+    let services = [web.clone(), api.clone(), unselected.clone()];
+    let (s, mock) = start_with(
+        &[B1, B2, B3],
+        &services,
+        &[
+            slice_of("web", &[ready(B1), ready(B2), ready(B3)]),
+            slice_of("api", &[ready(B1)]),
+            other_slice.clone(),
+        ],
+        |t| {
+            t.set("allow_loopback_backends", true)
+                .set("label_selector", "lb=on")
+                .set("max_services", 1)
+                .set("max_endpoints_per_service", 2)
+        },
+    );
+    // web is the older selected Service; its first two endpoints by address.
+    wait_backends(&s.pins, WEB, &[B1, B2], WAIT);
+    s.assert_balanced(VIP, &[B1, B2]);
+    let stats = agent_stats(&s.pins).unwrap();
+    assert!(backend_set(&stats, "shop.api.http").is_none(), "{stats:?}");
+    assert!(backend_set(&stats, "a.old.http").is_none(), "{stats:?}");
+    let limits = &stats.kubernetes.as_ref().unwrap().limits;
+    let left_out: Vec<(&str, usize)> = limits
+        .iter()
+        .map(|l| (l.setting.as_str(), l.left_out))
+        .collect();
+    assert_eq!(
+        left_out,
+        [
+            ("kubernetes.max_services", 1),
+            ("kubernetes.max_endpoints_per_service", 1)
+        ]
+    );
+    assert_eq!(limits[0].examples, ["shop/api"]);
+    let (_, metrics) = lb_testkit::http_get(&s.net, "127.0.0.1:9902", "/metrics").unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("lb_source_left_out{") && l.contains("max_services"))
+        .unwrap_or_else(|| panic!("no lb_source_left_out: {metrics}"));
+    assert!(line.ends_with(" 1"), "{line}");
+
+    // The kept Service keeps following its endpoints.
+    mock.set(
+        &services,
+        &[
+            slice_of("web", &[not_ready(B1), ready(B2), ready(B3)]),
+            slice_of("api", &[ready(B1)]),
+            other_slice,
+        ],
+    );
+    wait_backends(&s.pins, WEB, &[B2, B3], WAIT);
+    s.assert_balanced(VIP, &[B2, B3]);
+
+    // EndpointSlices are listed and watched with the Services' selector only.
+    let slice_requests: Vec<String> = mock
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains("endpointslices"))
+        .collect();
+    assert!(!slice_requests.is_empty());
+    for r in &slice_requests {
+        assert!(r.contains("labelSelector=lb%3Don"), "{r}");
+    }
 }

@@ -187,7 +187,7 @@ fn every_document_is_a_known_kind_and_round_trips() {
 }
 
 #[test]
-fn cluster_role_is_read_only_on_services_and_endpointslices() {
+fn cluster_role_is_read_only_on_services_endpointslices_and_nodes() {
     let all = objects();
     assert_eq!(all.cluster_roles.len(), 1, "exactly one ClusterRole");
     let role = &all.cluster_roles[0];
@@ -229,6 +229,11 @@ fn cluster_role_is_read_only_on_services_and_endpointslices() {
         (
             ("discovery.k8s.io".to_string(), "endpointslices".to_string()),
             read,
+        ),
+        // Its own Node's zone label: get only.
+        (
+            ("".to_string(), "nodes".to_string()),
+            BTreeSet::from(["get".to_string()]),
         ),
     ]);
     assert_eq!(granted, expected, "ClusterRole rules must be exactly this");
@@ -446,6 +451,31 @@ fn daemonset_security_mounts_probes_and_wiring() {
     assert!(
         config.get("kubernetes").is_some_and(toml::Value::is_table),
         "{key} needs a [kubernetes] table"
+    );
+    // The agent accepts it, and reaches the API server without the `kubernetes` Service's
+    // ClusterIP, which nothing translates before the agent runs on a node without kube-proxy.
+    let env = lb_userspace::config::Env::default();
+    let agent_config = lb_userspace::config::parse_with_env(text, &key, env)
+        .unwrap_or_else(|e| panic!("{key} is not a valid agent config: {e}"));
+    let kubernetes = agent_config.kubernetes.expect("[kubernetes]");
+    assert!(
+        kubernetes.api_server.is_some(),
+        "{key}: [kubernetes] api_server"
+    );
+
+    // The node's name from the downward API (internalTrafficPolicy: Local, topology hints).
+    let node_name = c
+        .env
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|e| e.name == "NODE_NAME")
+        .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(
+        node_name,
+        Some("spec.nodeName"),
+        "NODE_NAME from spec.nodeName"
     );
 }
 

@@ -256,7 +256,25 @@ pub struct KubernetesConfig {
     pub namespaces: Vec<String>,
     /// Only Services matching this label selector (`k=v,k2!=v2,k3`) are balanced.
     pub label_selector: Option<String>,
+    /// `scheme://host:port` of the API server, reached with the in-cluster service account's
+    /// token and CA instead of `KUBERNETES_SERVICE_HOST`/`_PORT` (a ClusterIP that nothing
+    /// translates before the agent runs on a node without kube-proxy).
+    pub api_server: Option<String>,
+    /// This node's name, for `internalTrafficPolicy: Local` and node hints; `None`: `$NODE_NAME`.
+    pub node_name: Option<String>,
+    /// This node's zone, for zone hints; `None`: the `topology.kubernetes.io/zone` label of
+    /// the node named by `node_name`/`$NODE_NAME` (read at each watch start), if any.
+    pub zone: Option<String>,
+    /// Services beyond this many (oldest first) are left out.
+    pub max_services: usize,
+    /// Endpoints beyond this many per service port (lowest addresses first) are left out.
+    pub max_endpoints_per_service: usize,
+    /// Endpoints in 127/8, ::1, 169.254/16 or fe80::/10 are refused unless this is set.
+    pub allow_loopback_backends: bool,
 }
+
+/// `[kubernetes] max_services` when not given: Kubernetes' own tested scale.
+pub const DEFAULT_KUBE_MAX_SERVICES: usize = 10_000;
 
 #[cfg(test)]
 mod tests {

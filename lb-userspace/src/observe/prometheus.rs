@@ -260,6 +260,7 @@ fn agent_metrics(r: &mut Registry, report: &Report) {
     );
     let sources = Family::<Labels, Gauge>::default();
     let errors = Family::<Labels, Gauge>::default();
+    let left_out = Family::<Labels, Gauge>::default();
     let kube = report
         .kubernetes
         .iter()
@@ -280,6 +281,13 @@ fn agent_metrics(r: &mut Registry, report: &Report) {
         errors
             .get_or_create(&labels)
             .set(i64::from(d.consecutive_errors));
+        for limit in &d.limits {
+            let mut labels = labels.clone();
+            labels.push(("limit".into(), limit.setting.clone()));
+            left_out
+                .get_or_create(&labels)
+                .set(i64::try_from(limit.left_out).unwrap_or(i64::MAX));
+        }
     }
     r.register(
         "lb_source_up",
@@ -290,6 +298,12 @@ fn agent_metrics(r: &mut Registry, report: &Report) {
         "lb_source_consecutive_errors",
         "Failed queries in a row per source.",
         errors,
+    );
+    r.register(
+        "lb_source_left_out",
+        "Entries a source's limit leaves out now (Kubernetes: Services beyond max_services, \
+         endpoints beyond max_endpoints_per_service); 0 while under the limit.",
+        left_out,
     );
     let insns = Family::<Labels, Gauge>::default();
     for p in &report.programs {

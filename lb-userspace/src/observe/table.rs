@@ -16,6 +16,9 @@ pub fn render_table(report: &Report) -> String {
     }
     if let Some(k) = &report.kubernetes {
         let _ = writeln!(out, "{}", source_line(k));
+        for line in limit_lines(k) {
+            let _ = writeln!(out, "    {line}");
+        }
     }
     if report.services.is_empty() {
         out.push_str("no services installed\n");
@@ -209,6 +212,28 @@ fn source_line(s: &SourceStatus) -> String {
     line
 }
 
+/// A line per limit of the source that leaves something out now.
+fn limit_lines(s: &SourceStatus) -> Vec<String> {
+    s.limits
+        .iter()
+        .filter(|l| l.left_out > 0)
+        .map(|l| {
+            format!(
+                "LIMIT {} = {} reached: {} left out ({}{})",
+                l.setting,
+                l.limit,
+                l.left_out,
+                l.examples.join(", "),
+                if l.left_out > l.examples.len() && !l.examples.is_empty() {
+                    ", ..."
+                } else {
+                    ""
+                }
+            )
+        })
+        .collect()
+}
+
 fn health_cell(h: Option<&BackendHealth>) -> String {
     let Some(h) = h else {
         return String::new();
@@ -232,7 +257,27 @@ fn health_cell(h: Option<&BackendHealth>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::affinity_full;
+    use super::{affinity_full, limit_lines};
+    use crate::status::{LimitHit, SourceStatus};
+
+    #[test]
+    fn limits_that_leave_something_out_get_a_line() {
+        let mut s = SourceStatus::default();
+        let hit = |setting: &str, left_out, examples: &[&str]| LimitHit {
+            setting: setting.into(),
+            limit: 2,
+            left_out,
+            examples: examples.iter().map(|e| e.to_string()).collect(),
+        };
+        s.limits = vec![
+            hit("kubernetes.max_services", 3, &["a/x", "b/y"]),
+            hit("kubernetes.max_endpoints_per_service", 0, &[]),
+        ];
+        assert_eq!(
+            limit_lines(&s),
+            ["LIMIT kubernetes.max_services = 2 reached: 3 left out (a/x, b/y, ...)"]
+        );
+    }
 
     #[test]
     fn a_full_affinity_map_is_said_so() {

@@ -11,20 +11,24 @@ use crate::sources::answer::MAX_REASONS;
 use crate::sources::backoff::Backoff;
 use crate::status::{SourceState, SourceStatus};
 use futures::stream::{self, BoxStream, StreamExt};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use translate::{ClusterService, Translation};
+use translate::{ClusterService, Options, Translation};
 
 /// Changes arriving together (a rollout touches many slices) are translated once.
 const SETTLE: Duration = Duration::from_millis(50);
 /// However busy the watches are, a batch is applied this long after its first change.
 const MAX_BATCH_WAIT: Duration = Duration::from_millis(100);
+/// The node label that names its zone.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Reading this node's zone never holds the watches back for longer.
+const NODE_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 pub enum KubeEvent {
@@ -41,19 +45,36 @@ pub fn spawn(
 }
 
 async fn client(config: &KubernetesConfig) -> Result<Client, String> {
-    let kube_config = match &config.kubeconfig {
-        Some(path) => {
+    let kube_config = match (&config.kubeconfig, &config.api_server) {
+        (Some(path), _) => {
             let file = kube::config::Kubeconfig::read_from(path)
                 .map_err(|e| format!("kubernetes.kubeconfig {}: {e}", path.display()))?;
             kube::Config::from_custom_kubeconfig(file, &Default::default())
                 .await
                 .map_err(|e| format!("kubernetes.kubeconfig {}: {e}", path.display()))?
         }
-        None => kube::Config::infer().await.map_err(|e| {
+        (None, Some(url)) => in_cluster_at(url)?,
+        (None, None) => kube::Config::infer().await.map_err(|e| {
             format!("no Kubernetes configuration (in-cluster or ~/.kube/config): {e}")
         })?,
     };
     Client::try_from(kube_config).map_err(|e| format!("kubernetes client: {e}"))
+}
+
+/// The in-cluster service account (token, CA, namespace under
+/// `/var/run/secrets/kubernetes.io/serviceaccount/`) with the API server at `url` instead of
+/// `KUBERNETES_SERVICE_HOST`/`_PORT`: on a node without kube-proxy that address is the
+/// `kubernetes` Service's ClusterIP, which nothing translates before this agent runs.
+/// (`incluster_dns` only differs from `incluster_env` in the URL, which is replaced here; it
+/// needs no environment.)
+fn in_cluster_at(url: &str) -> Result<kube::Config, String> {
+    let cluster_url = url
+        .parse()
+        .map_err(|e| format!("kubernetes.api_server {url}: {e}"))?;
+    let mut config = kube::Config::incluster_dns()
+        .map_err(|e| format!("kubernetes.api_server {url}: no in-cluster service account: {e}"))?;
+    config.cluster_url = cluster_url;
+    Ok(config)
 }
 
 /// Objects of either watched kind, so that all watches can share one loop.
@@ -138,9 +159,24 @@ fn watches(client: &Client, config: &KubernetesConfig) -> Vec<BoxStream<'static,
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
         };
+        // With a label selector, EndpointSlices are watched with the same selector: the
+        // EndpointSlice controller keeps a slice's labels equal to its Service's (all but
+        // `kubernetes.io/service-name`, `endpointslice.kubernetes.io/managed-by` and
+        // `service.kubernetes.io/headless`), so the API server sends the slices of the selected
+        // Services only, instead of every slice of the cluster to every node. The alternatives
+        // cost more: filtering here still transfers and decodes every slice; a watch per Service
+        // (`kubernetes.io/service-name=<name>`) multiplies watches by Services; a set-based
+        // `service-name in (...)` selector must be rewatched (relisted) whenever the set
+        // changes. The catch: a Service without a Pod selector has hand-made slices (or ones
+        // mirrored from Endpoints) that carry only the labels their author gave them; `stats`
+        // notes a selected Service of that kind without slices. Slices of Services that are
+        // not selected are ignored by `translate` in any case (the labels of a Service and its
+        // slices differ for a moment after a label change).
         let mut service_config = watcher::Config::default();
+        let mut slice_config = watcher::Config::default();
         if let Some(selector) = &config.label_selector {
             service_config = service_config.labels(selector);
+            slice_config = slice_config.labels(selector);
         }
         let index = streams.len();
         streams.push(
@@ -150,7 +186,7 @@ fn watches(client: &Client, config: &KubernetesConfig) -> Vec<BoxStream<'static,
                 .boxed(),
         );
         streams.push(
-            watcher(slices, watcher::Config::default())
+            watcher(slices, slice_config)
                 .default_backoff()
                 .map(move |r| {
                     (
@@ -165,6 +201,7 @@ fn watches(client: &Client, config: &KubernetesConfig) -> Vec<BoxStream<'static,
 }
 
 async fn run(config: KubernetesConfig, tx: mpsc::UnboundedSender<KubeEvent>) {
+    let mut options = Options::new(&config, std::env::var("NODE_NAME").ok());
     let mut backoff = Backoff::new(
         Duration::from_secs(1),
         Duration::from_secs(30),
@@ -179,6 +216,9 @@ async fn run(config: KubernetesConfig, tx: mpsc::UnboundedSender<KubeEvent>) {
             }
         }
     };
+    if let (None, Some(node)) = (&options.zone, &options.node_name) {
+        options.zone = node_zone(&client, node).await;
+    }
     let streams = watches(&client, &config);
     let mut views: Vec<View> = streams.iter().map(|_| View::default()).collect();
     let mut merged = stream::select_all(streams);
@@ -210,7 +250,40 @@ async fn run(config: KubernetesConfig, tx: mpsc::UnboundedSender<KubeEvent>) {
                     Object::Slice(s) => Some(s.as_ref()),
                     Object::Service(_) => None,
                 });
-            let _ = tx.send(KubeEvent::Synced(translate::translate(services, slices)));
+            let _ = tx.send(KubeEvent::Synced(translate::translate(
+                services, slices, &options,
+            )));
+        }
+    }
+}
+
+/// This node's `topology.kubernetes.io/zone` label, read once per watch start (`get` on
+/// nodes). Without it zone hints are not used, which is always safe: every endpoint serves.
+async fn node_zone(client: &Client, node: &str) -> Option<String> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    match tokio::time::timeout(NODE_READ_TIMEOUT, nodes.get(node)).await {
+        Ok(Ok(n)) => {
+            let zone = n
+                .labels()
+                .get(ZONE_LABEL)
+                .filter(|z| !z.is_empty())
+                .cloned();
+            tracing::info!(node, zone = ?zone, "this node's zone (for topology hints)");
+            zone
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(
+                node,
+                "cannot read this node's zone label, zone hints unused: {e}"
+            );
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                node,
+                "reading this node's zone label timed out, zone hints unused"
+            );
+            None
         }
     }
 }
@@ -312,6 +385,19 @@ impl Kubernetes {
                 }
                 let reasons = t.notes.iter().take(MAX_REASONS).cloned().collect();
                 status.record_answer(t.services.len(), t.notes.len(), reasons);
+                if t.limits != status.limits {
+                    for hit in t.limits.iter().filter(|h| h.left_out > 0) {
+                        tracing::warn!(
+                            source = "kubernetes",
+                            "{} = {} leaves out {}: {}",
+                            hit.setting,
+                            hit.limit,
+                            hit.left_out,
+                            hit.examples.join(", ")
+                        );
+                    }
+                    status.limits = t.limits;
+                }
                 if t.notes != self.notes {
                     for note in &t.notes {
                         tracing::info!(source = "kubernetes", "{note}");
@@ -358,6 +444,26 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(rest[0], batch.len(), "an event was lost between batches");
+    }
+
+    #[tokio::test]
+    async fn api_server_goes_with_the_in_cluster_service_account_only() {
+        if std::path::Path::new("/var/run/secrets/kubernetes.io/serviceaccount").exists() {
+            return; // in a pod: the account exists, so this cannot fail as below
+        }
+        let text = "[kubernetes]\napi_server = \"https://10.0.0.1:6443\"\n";
+        let config = crate::config::parse(text, "t").unwrap().kubernetes.unwrap();
+        // Not kube's inference ($KUBECONFIG, ~/.kube/config): the service account or nothing.
+        let e = client(&config)
+            .await
+            .err()
+            .expect("no service account here");
+        assert!(
+            e.starts_with(
+                "kubernetes.api_server https://10.0.0.1:6443: no in-cluster service account"
+            ),
+            "{e}"
+        );
     }
 
     fn stream_of(n: usize, every: Duration) -> impl futures::Stream<Item = usize> {
