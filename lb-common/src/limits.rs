@@ -38,3 +38,11 @@ pub const MMAPABLE_FLAGS: u32 = 1 << 10;
 /// Flags of the hash maps the agent writes: `BPF_F_NO_PREALLOC` (see lb-ebpf's maps.rs for why).
 /// The agent checks adopted maps against it, so it lives here, once.
 pub const AGENT_HASH_FLAGS: u32 = 1;
+/// Cgroups `[dataplane] bypass` may list (each also covers everything below it).
+pub const MAX_BYPASS: u32 = 1_024;
+/// The key of `LB_BYPASS` present whenever some cgroup is bypassed, so that a connect costs
+/// one lookup while none is (cgroup ids start at 1).
+pub const BYPASS_ANY: u64 = 0;
+/// Cgroup levels a connect looks at for a bypassed ancestor: deeper than any hierarchy
+/// systemd, Kubernetes and container runtimes make (about 6).
+pub const MAX_CGROUP_DEPTH: i32 = 16;

@@ -10,6 +10,7 @@ pub const MAP_SERVICE_NAMES: &str = "LB_SVC_NAMES";
 pub const MAP_META: &str = "LB_META";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY";
 pub const MAP_SOCKETS: &str = "LB_SOCKETS";
+pub const MAP_BYPASS: &str = "LB_BYPASS";
 
 /// The folder under the pin folder that holds this layout's maps (`LB_META` says the same
 /// version inside). Each layout has its own, so that an agent of a new layout can build its
@@ -32,8 +33,9 @@ pub const LAYOUT2_MAPS: [&str; 10] = [
 ];
 
 /// All pinned maps, in the order `lb-agent detach` removes them.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_SERVICES,
+    MAP_BYPASS,
     MAP_AFFINITY,
     MAP_SOCKETS,
     MAP_SLOTS,

@@ -4,6 +4,7 @@
 //! socket and service). `recvmsg4/6` and `getpeername4/6` show the VIP instead of the backend.
 //! `sock_ops` counts each translated TCP connection's outcome and `cgroup_skb` its bytes, per
 //! backend. What a socket was translated to is kept in the socket's own storage (`socket.rs`).
+//! Processes in bypassed cgroups are left alone (`bypass.rs`).
 #![no_std]
 #![no_main]
 // Atomic adds (counters.rs): the eBPF target has no compare-and-swap, so only the intrinsic
@@ -13,6 +14,7 @@
 
 mod abi;
 mod affinity;
+mod bypass;
 mod client;
 mod counters;
 mod maps;
@@ -124,6 +126,9 @@ fn forward<const V6: bool, const SEND: bool>(ctx: &SockAddrContext) -> i32 {
         }
         return ALLOW;
     };
+    if bypass::bypassed() {
+        return ALLOW;
+    }
     // SAFETY: the map is not preallocated, so the element stays valid under RCU while we copy.
     let svc = unsafe { *svc };
     // Without storage (out of memory) the socket is still balanced; only its replies would

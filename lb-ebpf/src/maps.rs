@@ -16,7 +16,7 @@ use core::ffi::c_void;
 use lb_common::{
     AffinityKey, AffinityValue, BackendCounters, BackendValue, Meta, ServiceCounters, ServiceKey,
     ServiceName, ServiceValue, SocketState, AGENT_HASH_FLAGS, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_SERVICES, MAX_SLOTS, MMAPABLE_FLAGS, SLOTS_PER_ENTRY,
+    MAX_BYPASS, MAX_SERVICES, MAX_SLOTS, MMAPABLE_FLAGS, SLOTS_PER_ENTRY,
 };
 
 #[map]
@@ -89,6 +89,12 @@ pub static LB_SOCKETS: SocketStorage = SocketStorage {
 #[map]
 pub static LB_SVC_NAMES: HashMap<u32, ServiceName> =
     HashMap::pinned(MAX_SERVICES, AGENT_HASH_FLAGS);
+
+/// Cgroups whose processes are never translated (`[dataplane] bypass`): cgroup id → connects
+/// and datagrams left untranslated. Added to in place, like the counters; the agent writes
+/// only keys. `BYPASS_ANY` is present while any cgroup is listed.
+#[map]
+pub static LB_BYPASS: HashMap<u64, u64> = HashMap::pinned(MAX_BYPASS + 1, AGENT_HASH_FLAGS);
 
 /// Layout version of the pinned maps, checked by the agent before it adopts them.
 #[map]

@@ -20,6 +20,9 @@ pub struct StatusFile {
     /// Why the maps differ from the plan, while a failed reconcile waits for its retry.
     #[serde(default)]
     pub maps_out_of_date: Option<String>,
+    /// The cgroups `[dataplane] bypass` matches now, by cgroup id.
+    #[serde(default)]
+    pub bypass: BTreeMap<u64, String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -21,7 +21,7 @@ use crate::status;
 use crate::{config, plan};
 use anyhow::{Context, Result};
 use lb_common::ServiceKey;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
@@ -47,6 +47,9 @@ pub struct RunArgs {
 
 /// How often health state is published for `lb-agent stats`.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// How often `[dataplane] bypass` patterns are matched again, for cgroups created since (a
+/// cgroup created below a bypassed one needs no new match: the kernel checks ancestors).
+const BYPASS_RESCAN: Duration = Duration::from_secs(2);
 
 pub async fn run(args: RunArgs) -> Result<()> {
     // Validate before touching any kernel state: a bad config must not half-start the agent.
@@ -103,6 +106,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         by_name: HashMap::new(),
         vips: catalog::Vips::new(),
         watches_outliers: false,
+        cgroup_root: cgroup::cgroup2_root().ok(),
+        bypass: BTreeMap::new(),
+        bypass_problems: Vec::new(),
         pending: None,
         failing_open: BTreeSet::new(),
         dropped: Vec::new(),
@@ -112,6 +118,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     agent.discovery.sync(&agent.config);
     agent.kubernetes.sync(agent.config.kubernetes.as_ref());
+    agent.sync_bypass();
     agent
         .reconcile(Change::Everything)
         .context("initial reconcile failed")?;
@@ -128,6 +135,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut watch = tokio::time::interval(args.watch_interval.unwrap_or(Duration::from_secs(3600)));
     let mut status = tokio::time::interval(STATUS_INTERVAL);
     let mut outlier_check = tokio::time::interval(outlier::CHECK_EVERY);
+    let mut bypass_rescan = tokio::time::interval(BYPASS_RESCAN);
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -159,6 +167,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 agent.retry();
             }
             _ = outlier_check.tick(), if agent.watches_outliers => agent.check_outliers(),
+            _ = bypass_rescan.tick(), if !agent.config.dataplane.bypass.is_empty() => {
+                agent.sync_bypass();
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -284,6 +295,11 @@ struct Agent {
     vips: catalog::Vips,
     /// Some service has `[service.outlier]`.
     watches_outliers: bool,
+    /// The cgroup2 mount, where `[dataplane] bypass` patterns start.
+    cgroup_root: Option<PathBuf>,
+    /// The cgroups bypassed now, by id, and why some pattern matched nothing usable.
+    bypass: BTreeMap<u64, PathBuf>,
+    bypass_problems: Vec<String>,
     /// A failed reconcile waiting for its retry.
     pending: Option<Pending>,
     failing_open: BTreeSet<String>,
@@ -302,11 +318,12 @@ impl Agent {
         match config::load(path) {
             Err(e) => error!("config rejected, keeping the running state:\n{e}"),
             Ok(config) => {
-                if config.dataplane != self.config.dataplane {
+                if config.dataplane.count_bytes != self.config.dataplane.count_bytes {
                     // Programs are attached at start-up; a restart adopts the maps seamlessly.
-                    warn!("[dataplane] changed: it takes effect when the agent is restarted");
+                    warn!("dataplane.count_bytes changed: it takes effect when the agent is restarted");
                 }
                 self.config = config;
+                self.sync_bypass();
                 self.discovery.sync(&self.config);
                 self.kubernetes.sync(self.config.kubernetes.as_ref());
                 if let Err(e) = self.reconcile(Change::Everything) {
@@ -490,6 +507,43 @@ impl Agent {
         touched
     }
 
+    /// Matches `[dataplane] bypass` against the cgroups there are now and updates the map when
+    /// the set changed. Failures are logged and leave the map as it was.
+    fn sync_bypass(&mut self) {
+        let patterns = &self.config.dataplane.bypass;
+        let (found, problems) = match &self.cgroup_root {
+            Some(root) => cgroup::bypassed(root, patterns),
+            None if patterns.is_empty() => Default::default(),
+            None => (
+                BTreeMap::new(),
+                vec!["no cgroup2 mount found: [dataplane] bypass cannot be applied".to_owned()],
+            ),
+        };
+        if problems != self.bypass_problems {
+            problems.iter().for_each(|p| warn!("{p}"));
+            self.bypass_problems = problems;
+        }
+        if found == self.bypass {
+            return;
+        }
+        let ids = found.keys().copied().collect();
+        if let Err(e) = self.maps.set_bypass(&ids) {
+            return error!("cannot update the bypassed cgroups: {e:#}");
+        }
+        for (id, path) in found.iter().filter(|(id, _)| !self.bypass.contains_key(id)) {
+            info!(cgroup = %path.display(), id, "cgroup bypassed: its connects are not translated");
+        }
+        for path in self
+            .bypass
+            .iter()
+            .filter(|(id, _)| !found.contains_key(id))
+            .map(|e| e.1)
+        {
+            info!(cgroup = %path.display(), "cgroup no longer bypassed");
+        }
+        self.bypass = found;
+    }
+
     /// Logs what sources had left out, once per change; `only`: the notes of these services.
     fn note_dropped(&mut self, notes: Vec<catalog::Note>, only: Option<&BTreeSet<String>>) {
         for note in notes.iter().filter(|n| !self.dropped.contains(n)) {
@@ -569,7 +623,8 @@ impl Agent {
             && self.config.kubernetes.is_none()
             && kubernetes.is_none()
             && self.outliers.next_expiry().is_none()
-            && self.pending.is_none();
+            && self.pending.is_none()
+            && self.bypass.is_empty();
         if empty && self.published_empty {
             return;
         }
@@ -583,6 +638,7 @@ impl Agent {
             outliers: &self.outliers,
             pending: self.pending.as_ref().map(|p| p.reason.as_str()),
             failing_open: &self.failing_open,
+            bypass: &self.bypass,
         });
         if let Err(e) = status::write(&self.pin_dir, &file) {
             warn!("cannot publish health state: {e:#}");

@@ -23,6 +23,8 @@ pub struct Parts<'a> {
     /// Why the last reconcile failed, while its retry is pending.
     pub pending: Option<&'a str>,
     pub failing_open: &'a BTreeSet<String>,
+    /// The cgroups bypassed now, by id.
+    pub bypass: &'a BTreeMap<u64, std::path::PathBuf>,
 }
 
 pub fn assemble(parts: Parts) -> StatusFile {
@@ -31,6 +33,9 @@ pub fn assemble(parts: Parts) -> StatusFile {
         written_unix_ms: crate::clock::now_ms(),
         kubernetes: parts.kubernetes,
         maps_out_of_date: parts.pending.map(str::to_owned),
+        bypass: (parts.bypass.iter())
+            .map(|(id, path)| (*id, path.display().to_string()))
+            .collect(),
         ..StatusFile::default()
     };
     for (target, health) in parts.health {

@@ -55,7 +55,7 @@ use checker::{Checker, Section};
 use service::Seen;
 use std::path::Path;
 use toml::{Table, Value};
-use values::{check_bool, type_error};
+use values::{check_bool, check_text, show, type_error};
 
 /// Reads and validates a file. Errors name the file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -225,14 +225,56 @@ impl Checker {
         let Section::Valid(table) = self.table(None, "dataplane", raw) else {
             return d;
         };
-        self.unknown_keys(None, "dataplane.", table, &["count_bytes"]);
+        self.unknown_keys(None, "dataplane.", table, &["count_bytes", "bypass"]);
         if let Some(v) = table.get("count_bytes") {
             if let Some(b) = self.checked(None, "dataplane.count_bytes", check_bool(v)) {
                 d.count_bytes = b;
             }
         }
+        if let Some(v) = table.get("bypass") {
+            if let Some(patterns) = self.checked(None, "dataplane.bypass", check_bypass(v)) {
+                d.bypass = patterns;
+            }
+        }
         d
     }
+}
+
+/// Most patterns `[dataplane] bypass` may list (each matches any number of cgroups).
+const MAX_BYPASS_PATTERNS: usize = 64;
+
+/// Cgroup path patterns: glob syntax, no `..` (a pattern may not reach outside the cgroup
+/// tree), not the root itself.
+fn check_bypass(raw: &Value) -> Result<Vec<String>, String> {
+    let Value::Array(list) = raw else {
+        return Err(type_error("an array of cgroup path patterns", raw));
+    };
+    if list.len() > MAX_BYPASS_PATTERNS {
+        return Err(format!(
+            "lists {} patterns, at most {MAX_BYPASS_PATTERNS}",
+            list.len()
+        ));
+    }
+    let mut patterns: Vec<String> = Vec::with_capacity(list.len());
+    for (i, v) in list.iter().enumerate() {
+        let text = check_text(v).map_err(|m| format!("[{i}]: {m}"))?;
+        let problem = if text.trim_matches('/').is_empty() {
+            Some("names the root cgroup, which would bypass every process".to_owned())
+        } else if text.split('/').any(|part| part == "..") {
+            Some("contains \"..\"; name cgroups below the cgroup2 mount".to_owned())
+        } else if patterns.iter().any(|p| p == text) {
+            Some("is listed twice".to_owned())
+        } else {
+            glob::Pattern::new(text)
+                .err()
+                .map(|e| format!("is not a valid pattern: {}", e.msg))
+        };
+        if let Some(problem) = problem {
+            return Err(format!("[{i}]: {} {problem}", show(text)));
+        }
+        patterns.push(text.to_owned());
+    }
+    Ok(patterns)
 }
 
 #[cfg(test)]
@@ -550,5 +592,38 @@ mod tests {
             accepted > 0 && rejected > 0,
             "{accepted} accepted, {rejected} rejected"
         );
+    }
+
+    #[test]
+    fn bypass_patterns_are_checked_and_named() {
+        let ok = parse(
+            "[dataplane]\nbypass = [\"system.slice/mesh-*.service\", \"/sys/fs/cgroup/x\"]\n",
+            ORIGIN,
+        )
+        .unwrap();
+        assert_eq!(ok.dataplane.bypass.len(), 2);
+        for (value, problem) in [
+            ("\"mesh\"", "dataplane.bypass: expected an array"),
+            (
+                "[\"/\"]",
+                "dataplane.bypass: [0]: \"/\" names the root cgroup",
+            ),
+            (
+                "[\"a/../b\"]",
+                "dataplane.bypass: [0]: \"a/../b\" contains \"..\"",
+            ),
+            (
+                "[\"a\", \"a\"]",
+                "dataplane.bypass: [1]: \"a\" is listed twice",
+            ),
+            (
+                "[\"a[\"]",
+                "dataplane.bypass: [0]: \"a[\" is not a valid pattern",
+            ),
+            ("[\"\"]", "dataplane.bypass: [0]: must not be empty"),
+        ] {
+            let text = single(&format!("[dataplane]\nbypass = {value}\n"));
+            assert!(text.contains(problem), "{value}: {text}");
+        }
     }
 }

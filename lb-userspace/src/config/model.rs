@@ -21,16 +21,24 @@ pub struct Config {
 }
 
 /// `[dataplane]`: switches for the kernel programs themselves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataplaneConfig {
     /// Count bytes and packets per backend: a program runs for every packet of the cgroup, so
     /// hosts that need no traffic counters can turn it off (its cost is in bench/README.md).
+    /// Takes effect when the agent starts.
     pub count_bytes: bool,
+    /// Cgroups whose processes (and those of the cgroups below) are never translated: glob
+    /// patterns of paths relative to the cgroup2 mount, or absolute paths under it. Followed
+    /// live.
+    pub bypass: Vec<String>,
 }
 
 impl Default for DataplaneConfig {
     fn default() -> Self {
-        Self { count_bytes: true }
+        Self {
+            count_bytes: true,
+            bypass: Vec::new(),
+        }
     }
 }
 

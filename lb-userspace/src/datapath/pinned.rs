@@ -32,6 +32,7 @@ pub struct PinnedMaps {
     names: HashMap<MapData, u32, ServiceName>,
     meta: Array<MapData, Meta>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    bypass: HashMap<MapData, u64, u64>,
 }
 
 /// Expected kind, layout, capacity and flags of one pinned map, as lb-ebpf's maps.rs defines
@@ -66,8 +67,9 @@ const fn spec<K, V>(name: &'static str, kind: MapType, max_entries: u32) -> MapS
 type SlotPair = [u32; SLOTS_PER_ENTRY as usize];
 
 /// Every map of this layout as sized for `c`; the same sizes go to the loader for new maps.
-pub const fn specs(c: &Capacity) -> [MapSpec; 9] {
+pub const fn specs(c: &Capacity) -> [MapSpec; 10] {
     [
+        spec::<u64, u64>(MAP_BYPASS, MapType::Hash, MAX_BYPASS + 1),
         spec::<AffinityKey, AffinityValue>(MAP_AFFINITY, MapType::LruHash, c.affinity),
         // Keyed by a socket (its fd from user space); sized by the sockets, not max_entries.
         spec::<i32, SocketState>(MAP_SOCKETS, MapType::SkStorage, 0),
@@ -205,6 +207,7 @@ impl PinnedMaps {
             names: open(dir, MAP_SERVICE_NAMES, Map::HashMap)?.try_into()?,
             meta: open(dir, MAP_META, Map::Array)?.try_into()?,
             affinity: open(dir, MAP_AFFINITY, Map::LruHashMap)?.try_into()?,
+            bypass: open(dir, MAP_BYPASS, Map::HashMap)?.try_into()?,
         };
         Ok(maps)
     }
@@ -229,6 +232,35 @@ impl PinnedMaps {
     /// (What they keep per socket lives and dies with the socket.)
     pub fn affinity_entries(&self) -> usize {
         self.affinity.keys().count()
+    }
+
+    /// Bypassed cgroups by id, with the connects and datagrams left untranslated for each.
+    pub fn bypass_counts(&self) -> Result<BTreeMap<u64, u64>> {
+        let all = collect(&self.bypass)?;
+        Ok(all
+            .into_iter()
+            .filter(|(id, _)| *id != BYPASS_ANY)
+            .collect())
+    }
+
+    /// Makes `ids` the bypassed cgroups; a cgroup already listed keeps its count. `BYPASS_ANY`
+    /// goes in after the first and out before the last, so the programs look for a bypassed
+    /// cgroup exactly while there may be one.
+    pub fn set_bypass(&mut self, ids: &std::collections::BTreeSet<u64>) -> Result<()> {
+        let present = self.bypass_counts()?;
+        if ids.is_empty() {
+            absent_ok(self.bypass.remove(&BYPASS_ANY))?;
+        }
+        for id in ids.iter().filter(|id| !present.contains_key(id)) {
+            self.bypass.insert(id, 0, 0)?;
+        }
+        for id in present.keys().filter(|id| !ids.contains(id)) {
+            absent_ok(self.bypass.remove(id))?;
+        }
+        if !ids.is_empty() {
+            self.bypass.insert(BYPASS_ANY, 0, 0)?;
+        }
+        Ok(())
     }
 
     pub fn backend_counters(&self, id: u32) -> Result<BackendCounters> {

@@ -2,7 +2,10 @@
 //! on hybrid layouts), so it is read from mountinfo rather than assumed.
 
 use anyhow::{Context, Result};
-use std::path::PathBuf;
+use lb_common::MAX_BYPASS;
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 pub fn cgroup2_root() -> Result<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")
@@ -11,6 +14,47 @@ pub fn cgroup2_root() -> Result<PathBuf> {
         "no cgroup2 file system is mounted; mount one (mount -t cgroup2 none /sys/fs/cgroup) or \
          pass --cgroup",
     )
+}
+
+/// The cgroups `[dataplane] bypass` patterns match now, by cgroup id (a cgroup2 directory's
+/// inode number is the id the kernel's `bpf_get_current_cgroup_id` returns), and what could
+/// not be used. Relative patterns are taken from `root`, the cgroup2 mount; an absolute one
+/// must lie under it.
+pub fn bypassed(root: &Path, patterns: &[String]) -> (BTreeMap<u64, PathBuf>, Vec<String>) {
+    let mut found = BTreeMap::new();
+    let mut problems = Vec::new();
+    for pattern in patterns {
+        let given = Path::new(pattern);
+        if given.is_absolute() && !given.starts_with(root) {
+            problems.push(format!(
+                "bypass pattern {pattern:?} is not under the cgroup2 mount {}",
+                root.display()
+            ));
+            continue;
+        }
+        let full = root.join(given);
+        let Ok(paths) = glob::glob(&full.to_string_lossy()) else {
+            problems.push(format!("bypass pattern {pattern:?} is not a valid pattern"));
+            continue;
+        };
+        for path in paths.flatten() {
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if !meta.is_dir() || path == root {
+                continue;
+            }
+            if found.len() >= MAX_BYPASS as usize {
+                problems.push(format!(
+                    "bypass patterns match more than {MAX_BYPASS} cgroups; the rest are not \
+                     bypassed"
+                ));
+                return (found, problems);
+            }
+            found.insert(meta.ino(), path);
+        }
+    }
+    (found, problems)
 }
 
 /// mountinfo lines: `id parent maj:min root mountpoint opts [optional...] - fstype source sopts`.
@@ -50,6 +94,38 @@ fn unescape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bypass_patterns_match_directories_below_the_root_only() {
+        let root = std::env::temp_dir().join(format!("lb-cgroup-test-{}", std::process::id()));
+        for dir in ["mesh/a", "mesh/b", "apps/c"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        std::fs::write(root.join("mesh/file"), "").unwrap();
+        let outside = "/elsewhere/x".to_owned();
+        let absolute = root.join("apps/c").to_string_lossy().into_owned();
+        let patterns = ["mesh/*".to_owned(), absolute, outside];
+        let (found, problems) = bypassed(&root, &patterns);
+        let mut names: Vec<String> = found
+            .values()
+            .map(|p| {
+                p.strip_prefix(&root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        names.sort();
+        assert_eq!(names, ["apps/c", "mesh/a", "mesh/b"]);
+        let id = std::fs::metadata(root.join("mesh/a")).unwrap().ino();
+        assert_eq!(found[&id], root.join("mesh/a"));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("not under the cgroup2 mount"),
+            "{problems:?}"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn finds_hybrid_layout_mount() {

@@ -251,6 +251,16 @@ fn agent_metrics(r: &mut Registry, report: &Report) {
         "Kernel memory of each pinned map, as the kernel accounts it.",
         by_map(memory.map(|(m, n)| (m.clone(), *n as i64))),
     );
+    let bypassed = Family::<Labels, Counter>::default();
+    for b in &report.bypass {
+        let labels = vec![("cgroup".into(), b.cgroup.clone())];
+        bypassed.get_or_create(&labels).inc_by(b.connects);
+    }
+    r.register(
+        "lb_bypassed_connects",
+        "Connects and datagrams to services left untranslated, per bypassed cgroup.",
+        bypassed,
+    );
     let out_of_date = Gauge::<i64>::default();
     out_of_date.set(i64::from(report.maps_out_of_date.is_some()));
     r.register(

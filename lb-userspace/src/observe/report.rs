@@ -31,6 +31,18 @@ pub struct Report {
     pub memory: MapMemory,
     /// The programs attached through the pin folder, read from their link pins (`sample`).
     pub programs: Vec<crate::lifecycle::loader::ProgramSize>,
+    /// Cgroups left untranslated (`[dataplane] bypass`).
+    #[serde(default)]
+    pub bypass: Vec<BypassReport>,
+}
+
+/// A bypassed cgroup and the connects and datagrams of its processes left untranslated.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BypassReport {
+    /// Its path as the agent last published it ("?" without a running agent).
+    pub cgroup: String,
+    pub id: u64,
+    pub connects: u64,
 }
 
 /// Number of entries in each pinned hash map: every key present, whether or not a service
@@ -305,6 +317,17 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
             kernel_bytes: maps.kernel_memory(),
         },
         programs: Vec::new(),
+        bypass: maps
+            .bypass_counts()?
+            .into_iter()
+            .map(|(id, connects)| BypassReport {
+                cgroup: status
+                    .and_then(|s| s.bypass.get(&id).cloned())
+                    .unwrap_or_else(|| "?".into()),
+                id,
+                connects,
+            })
+            .collect(),
     })
 }
 

@@ -137,6 +137,13 @@ pub fn render_table(report: &Report) -> String {
         bytes(report.memory.total() as f64),
         parts.join(", ")
     );
+    for b in &report.bypass {
+        let _ = writeln!(
+            out,
+            "bypassed cgroup {} (id {}): {} connects untranslated",
+            b.cgroup, b.id, b.connects
+        );
+    }
     for p in &report.programs {
         let cost = match (p.runs_per_s, p.ns_per_run) {
             (Some(r), Some(ns)) => format!("  {r:.0} runs/s, {ns:.0} ns/run"),
