@@ -77,13 +77,14 @@ fn a_100_mib_token_file_is_refused_with_its_name_and_costs_no_memory() {
     s.write_config(consul_service(&consul, Some(&token)));
     s.start_agent();
     let baseline = s.agent.as_ref().expect("agent").reset_peak_rss();
-    let error = wait_error(&s, &["discovery.token_file", "larger than 64 KiB"]);
-    assert!(error.contains(&token.display().to_string()), "{error}");
     // Retried with backoff, each time refused the same way.
     let retried = wait_for(WAIT, || {
         source(&s).is_some_and(|src| src.consecutive_errors >= 3)
     });
     assert!(retried, "{:?}", source(&s));
+    let growth = peak_growth_kib(&s, baseline, "100 MiB token file");
+    let error = wait_error(&s, &["discovery.token_file", "larger than 64 KiB"]);
+    assert!(error.contains(&token.display().to_string()), "{error}");
     let table = std::process::Command::new(lb_testkit::paths::agent_bin())
         .args(["stats", "--pin-dir"])
         .arg(&s.pins.path)
@@ -94,7 +95,6 @@ fn a_100_mib_token_file_is_refused_with_its_name_and_costs_no_memory() {
         table.contains("source consul \"web\": syncing, not reached yet (discovery.token_file"),
         "{table}"
     );
-    let growth = peak_growth_kib(&s, baseline, "100 MiB token file");
     assert!(growth < PEAK_GROWTH_LIMIT_KIB, "peak grew by {growth} KiB");
     // No request left without its token.
     assert!(consul.requests().is_empty(), "{:?}", consul.requests());
