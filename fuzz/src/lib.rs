@@ -11,7 +11,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lb_userspace::config::{
     self, BackendConfig, Env, MAX_BACKENDS_PER_SERVICE, MAX_NAME_LEN, MAX_WEIGHT,
 };
-use lb_userspace::sources::answer::{Answer, MAX_REASONS};
+use lb_userspace::sources::answer::{is_loopback_or_link_local, Answer, MAX_REASONS};
 use lb_userspace::sources::kubernetes::translate;
 use lb_userspace::sources::{consul, etcd};
 use serde::Deserialize;
@@ -83,7 +83,7 @@ pub fn config(data: &[u8]) {
 
 /// Bytes → the parser of Consul's `/v1/health/service` answer.
 pub fn consul(data: &[u8]) {
-    let parsed = consul::parse(data);
+    let parsed = consul::parse(data, false);
     // The parser's only structural requirement: a JSON array, one entry per instance.
     let entries = match serde_json::from_slice::<serde_json::Value>(data) {
         Ok(serde_json::Value::Array(entries)) => Some(entries.len()),
@@ -106,7 +106,7 @@ pub const ETCD_PREFIX: &[u8] = b"/services/web/";
 /// Bytes → `(prefix, keys)` → etcd's `to_answer`. See [`decode_etcd`] for the format.
 pub fn etcd(data: &[u8]) {
     let (prefix, keys) = decode_etcd(data);
-    match etcd::to_answer(&prefix, &keys) {
+    match etcd::to_answer(&prefix, &keys, false) {
         Ok(answer) => check_answer(&answer, keys.len()),
         Err(e) => assert!(e.contains("usable instances"), "unexpected error: {e}"),
     }
@@ -279,6 +279,12 @@ fn check_answer(answer: &Answer, reported: usize) {
     );
     for b in &answer.backends {
         check_backend("answer", b);
+        // Parsed with allow_loopback_backends off.
+        assert!(
+            !is_loopback_or_link_local(b.address.ip()),
+            "answer: backend {} is loopback or link-local",
+            b.address
+        );
     }
     check_sorted_unique("answer", &answer.backends);
     assert!(

@@ -119,11 +119,11 @@ fn realistic_seeds_produce_backends() {
         }
     }
     let consul = std::fs::read(fuzz_dir().join("corpus/consul/answer.json")).unwrap();
-    let answer = lb_userspace::sources::consul::parse(&consul).unwrap();
+    let answer = lb_userspace::sources::consul::parse(&consul, false).unwrap();
     assert_eq!(answer.backends.len(), 3, "{answer:?}");
     let etcd = std::fs::read(fuzz_dir().join("corpus/etcd/registrations.bin")).unwrap();
     let (prefix, keys) = harness::decode_etcd(&etcd);
-    let answer = lb_userspace::sources::etcd::to_answer(&prefix, &keys).unwrap();
+    let answer = lb_userspace::sources::etcd::to_answer(&prefix, &keys, false).unwrap();
     assert_eq!(answer.backends.len(), 4, "{answer:?}");
     let kube = std::fs::read(fuzz_dir().join("corpus/kubernetes/small.json")).unwrap();
     let objects: harness::Objects = serde_json::from_slice(&kube).unwrap();

@@ -24,5 +24,8 @@ pub use pins::PinDir;
 pub use privilege::require_privileged;
 pub use procs::{Agent, Backends, ClientReport, Proto, ServeMode, SteadyClient};
 pub use scenario::Scenario;
-pub use servers::{http_get, http_status, ConsulMock, Dns, DnsRecords, Etcd, KeepAlive, SrvRecord};
+pub use servers::{
+    consul_raw, consul_state, http_get, http_status, ConsulMock, Dns, DnsRecords, Etcd, KeepAlive,
+    SrvRecord,
+};
 pub use stats::{agent_stats, wait_backends, wait_for};

@@ -414,6 +414,30 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Resets the agent's peak resident set size (VmHWM) to its current one, which it returns
+    /// in KiB: what a later `peak_rss_kib` is compared with.
+    pub fn reset_peak_rss(&self) -> u64 {
+        let clear_refs = format!("/proc/{}/clear_refs", self.pid());
+        // "5": reset the peak RSS (proc(5)).
+        std::fs::write(&clear_refs, "5").unwrap_or_else(|e| panic!("{clear_refs}: {e}"));
+        self.status_kib("VmRSS")
+    }
+
+    /// The agent's peak resident set size (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("the agent's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in the agent's /proc status"))
+    }
+
     /// The lines logged at WARN or ERROR (the level is the second word of a log line). A kernel
     /// that rejects the object's BTF, for one, makes the loader warn.
     pub fn complaints(&self) -> Vec<String> {

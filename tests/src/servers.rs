@@ -559,6 +559,26 @@ impl ConsulMock {
     }
 }
 
+/// A `ConsulMock` state: the instances of service "web" at `index`, each `(ip:port, status)`
+/// with tag "v1", registered with their node's address only (Consul's usual shape).
+pub fn consul_state(index: u64, instances: &[(&str, &str)]) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = instances
+        .iter()
+        .map(|(addr, status)| {
+            let (ip, port) = addr.split_once(':').expect("ip:port");
+            serde_json::json!({"node": format!("node-{ip}"), "node_address": ip, "address": "",
+                   "port": port.parse::<u16>().expect("port"), "weight": 1, "status": status,
+                   "tags": ["v1"]})
+        })
+        .collect();
+    serde_json::json!({"index": index, "services": {"web": list}, "raw_body": null, "raw_status": 200})
+}
+
+/// A `ConsulMock` state that answers `body` as is (status 200) at `index`.
+pub fn consul_raw(index: u64, body: &str) -> serde_json::Value {
+    serde_json::json!({"index": index, "services": {}, "raw_body": body, "raw_status": 200})
+}
+
 impl Drop for ConsulMock {
     fn drop(&mut self) {
         // Closing stdin tells the mock to exit, even with queries still blocked.

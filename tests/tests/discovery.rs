@@ -7,11 +7,11 @@ use lb_testkit::config::{Config, Service, Table};
 use lb_testkit::procs::Proto;
 use lb_testkit::stats::{agent_stats, backend, backend_set, find_backend};
 use lb_testkit::{
-    require_privileged, wait_backends, wait_for, ConsulMock, Dns, DnsRecords, Etcd, Scenario,
-    SrvRecord,
+    consul_raw, consul_state, require_privileged, wait_backends, wait_for, ConsulMock, Dns,
+    DnsRecords, Etcd, Scenario, SrvRecord,
 };
 use lb_userspace::status::{SourceState, SourceStatus};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::{Duration, Instant};
 
 const VIP: &str = "10.96.0.10:80";
@@ -23,11 +23,12 @@ const B4: &str = "127.0.0.23:9090";
 const WAIT: Duration = Duration::from_secs(15);
 
 /// A service whose backends come from `discovery`, retried fast so that a recovered source is
-/// noticed quickly.
+/// noticed quickly. The backends here listen on loopback, which discovery refuses by default.
 fn discovered(name: &str, vip: &str, discovery: Table) -> Service {
     let discovery = discovery
         .set("retry_initial", "100ms")
-        .set("retry_max", "1s");
+        .set("retry_max", "1s")
+        .set("allow_loopback_backends", true);
     Service::tcp(name, vip).discovery(discovery)
 }
 
@@ -256,23 +257,6 @@ fn dns_a_and_srv_records_refresh_on_their_ttl() {
     s.assert_balanced(VIP2, &[B3]);
 }
 
-fn consul_state(index: u64, instances: &[(&str, &str)]) -> Value {
-    let list: Vec<Value> = instances
-        .iter()
-        .map(|(addr, status)| {
-            let (ip, port) = addr.split_once(':').unwrap();
-            json!({"node": format!("node-{ip}"), "node_address": ip, "address": "",
-                   "port": port.parse::<u16>().unwrap(), "weight": 1, "status": status,
-                   "tags": ["v1"]})
-        })
-        .collect();
-    json!({"index": index, "services": {"web": list}, "raw_body": null, "raw_status": 200})
-}
-
-fn garbage(index: u64, body: &str) -> Value {
-    json!({"index": index, "services": {}, "raw_body": body, "raw_status": 200})
-}
-
 #[test]
 fn consul_blocking_queries_follow_the_index_and_survive_garbage() {
     if !require_privileged() {
@@ -351,7 +335,7 @@ fn consul_blocking_queries_follow_the_index_and_survive_garbage() {
         ),
         (22, ten_thousand_instances(), "10000 usable instances"),
     ] {
-        consul.set(&garbage(index, &body));
+        consul.set(&consul_raw(index, &body));
         let ok = wait_for(WAIT, || {
             source(&s, "web").is_some_and(|src| {
                 src.state == SourceState::Error
@@ -433,5 +417,49 @@ fn discovered_backends_go_through_health_checks() {
     let svc = s.service_stats("web");
     let b3 = backend(&svc, B3);
     assert_eq!(b3.health.as_ref().map(|h| h.healthy), Some(false), "{b3:?}");
+    s.assert_balanced(VIP, &[B1, B2]);
+}
+
+#[test]
+fn loopback_answers_need_allow_loopback_backends() {
+    if !require_privileged() {
+        return;
+    }
+    // An answer naming this node's own addresses would send clients to its local ports.
+    let mut s = Scenario::start(&[B1, B2], Proto::Tcp, Config::new());
+    let consul = ConsulMock::start(
+        &s.net,
+        &consul_state(3, &[(B1, "passing"), (B2, "passing")]),
+    );
+    let discovery = Table::new()
+        .set("kind", "consul")
+        .set("address", consul.addr.clone())
+        .set("service", "web")
+        .set("retry_initial", "100ms")
+        .set("retry_max", "1s");
+    let refusing = Config::new().service(Service::tcp("web", VIP).discovery(discovery.clone()));
+    apply(&mut s, &refusing);
+    let skipped = wait_for(WAIT, || {
+        source(&s, "web").is_some_and(|src| src.state == SourceState::Ok && src.skipped == 2)
+    });
+    let src = source(&s, "web");
+    assert!(skipped, "{src:?}");
+    let reasons = src.map(|src| src.skipped_reasons).unwrap_or_default();
+    assert!(
+        reasons[0].starts_with(&format!("{B1}: a loopback or link-local address"))
+            && reasons[0].contains("allow_loopback_backends = true"),
+        "{reasons:?}"
+    );
+    assert_eq!(s.service_stats("web").slots, 0);
+    let report = s.client(VIP, 10, Proto::Tcp);
+    assert_eq!(report.failed("ECONNREFUSED"), 10, "{report:?}");
+
+    // Allowed for this service: the same answer is used.
+    let allowing = discovery.set("allow_loopback_backends", true);
+    apply(
+        &mut s,
+        &Config::new().service(Service::tcp("web", VIP).discovery(allowing)),
+    );
+    wait_backends(&s.pins, "web", &[B1, B2], WAIT);
     s.assert_balanced(VIP, &[B1, B2]);
 }

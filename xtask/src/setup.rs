@@ -21,8 +21,9 @@ enum Probe {
 /// Tools the build, the privileged tests and the demo call: `ip` for netns set-up, `protoc`
 /// and the well-known `google/protobuf/*.proto` includes for etcd-client's generated gRPC code
 /// (the includes are only a recommendation of protobuf-compiler, so `--no-install-recommends`
-/// leaves them out), dnsmasq and etcdctl for the discovery tests.
-const RUNTIME_PACKAGES: [(Probe, &str); 5] = [
+/// leaves them out), dnsmasq and etcdctl for the discovery tests, openssl for the certificates
+/// the Consul https test makes.
+const RUNTIME_PACKAGES: [(Probe, &str); 6] = [
     (Probe::Command("ip"), "iproute2"),
     (Probe::Command("protoc"), "protobuf-compiler"),
     (
@@ -31,6 +32,7 @@ const RUNTIME_PACKAGES: [(Probe, &str); 5] = [
     ),
     (Probe::Command("dnsmasq"), "dnsmasq-base"),
     (Probe::Command("etcdctl"), "etcd-client"),
+    (Probe::Command("openssl"), "openssl"),
 ];
 /// What the side-by-side benchmark compares against (`cargo xtask bench` only).
 const BENCH_PACKAGES: [(Probe, &str); 3] = [

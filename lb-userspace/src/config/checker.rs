@@ -10,6 +10,8 @@ use toml::{Table, Value};
 pub struct Env {
     pub etcd_endpoints: Option<String>,
     pub consul_addr: Option<String>,
+    /// `CONSUL_HTTP_TOKEN` is set: a Consul source without `token_file` sends it.
+    pub consul_token_set: bool,
 }
 
 impl Env {
@@ -17,6 +19,7 @@ impl Env {
         Env {
             etcd_endpoints: std::env::var("ETCD_ENDPOINTS").ok(),
             consul_addr: std::env::var("CONSUL_HTTP_ADDR").ok(),
+            consul_token_set: std::env::var_os("CONSUL_HTTP_TOKEN").is_some(),
         }
     }
 }

@@ -177,6 +177,8 @@ pub struct DiscoveryConfig {
     /// Exponential backoff bounds between failed attempts.
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// Loopback and link-local addresses from the source are used (otherwise skipped).
+    pub allow_loopback_backends: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,8 +243,12 @@ pub struct EtcdConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsulConfig {
-    /// `http://host:port` of a Consul agent.
+    /// `http://host:port` or `https://host:port` of a Consul agent.
     pub address: String,
+    /// With https: the CA bundle (PEM) that the agent's certificate must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// With https: the name the certificate must carry, when not the address's host.
+    pub tls_server_name: Option<String>,
     pub service: String,
     pub datacenter: Option<String>,
     pub tag: Option<String>,

@@ -16,14 +16,16 @@ use std::time::{Duration, Instant};
 
 pub struct Resolver {
     config: DnsConfig,
+    allow_loopback: bool,
     /// Built on first use, so that an unreadable resolv.conf is a source error, retried.
     resolver: Option<TokioResolver>,
 }
 
 impl Resolver {
-    pub fn new(config: DnsConfig) -> Self {
+    pub fn new(config: DnsConfig, allow_loopback: bool) -> Self {
         Self {
             config,
+            allow_loopback,
             resolver: None,
         }
     }
@@ -37,6 +39,7 @@ impl Resolver {
 
     async fn resolve(&mut self) -> Result<(Answer, Instant), String> {
         let config = self.config.clone();
+        let allow_loopback = self.allow_loopback;
         let resolver = self.resolver()?;
         match config.record {
             DnsRecord::Address { port } => {
@@ -46,9 +49,10 @@ impl Resolver {
                     port,
                     weight: 1,
                 });
-                Ok((answer::build(reported, Answer::default())?, valid_until))
+                let answer = answer::build(reported, Answer::default(), allow_loopback)?;
+                Ok((answer, valid_until))
             }
-            DnsRecord::Srv => srv(resolver, &config.name).await,
+            DnsRecord::Srv => srv(resolver, &config.name, allow_loopback).await,
         }
     }
 }
@@ -118,7 +122,11 @@ async fn addresses(
 
 /// Uses the SRV records of the lowest priority value only (RFC 2782: higher values are
 /// fallbacks), resolving each target to its addresses.
-async fn srv(resolver: &TokioResolver, name: &str) -> Result<(Answer, Instant), String> {
+async fn srv(
+    resolver: &TokioResolver,
+    name: &str,
+    allow_loopback: bool,
+) -> Result<(Answer, Instant), String> {
     let lookup = match resolver.srv_lookup(name).await {
         Ok(lookup) => lookup,
         Err(e) if is_empty_answer(&e) => return Ok((Answer::default(), Instant::now())),
@@ -150,5 +158,8 @@ async fn srv(resolver: &TokioResolver, name: &str) -> Result<(Answer, Instant), 
             }
         }
     }
-    Ok((answer::build(reported, answer)?, valid_until))
+    Ok((
+        answer::build(reported, answer, allow_loopback)?,
+        valid_until,
+    ))
 }

@@ -30,9 +30,14 @@ enum End {
     Failed(String),
 }
 
-pub async fn run(config: EtcdConfig, mut backoff: Backoff, reporter: &Reporter) {
+pub async fn run(
+    config: EtcdConfig,
+    allow_loopback: bool,
+    mut backoff: Backoff,
+    reporter: &Reporter,
+) {
     loop {
-        match session(&config, reporter, &mut backoff).await {
+        match session(&config, allow_loopback, reporter, &mut backoff).await {
             End::Relist(why) => {
                 tracing::info!(prefix = %config.prefix, "etcd watch restarts with a new list: {why}")
             }
@@ -44,14 +49,20 @@ pub async fn run(config: EtcdConfig, mut backoff: Backoff, reporter: &Reporter) 
     }
 }
 
-async fn session(config: &EtcdConfig, reporter: &Reporter, backoff: &mut Backoff) -> End {
-    match watch(config, reporter, backoff).await {
+async fn session(
+    config: &EtcdConfig,
+    allow_loopback: bool,
+    reporter: &Reporter,
+    backoff: &mut Backoff,
+) -> End {
+    match watch(config, allow_loopback, reporter, backoff).await {
         Ok(end) | Err(end) => end,
     }
 }
 
 async fn watch(
     config: &EtcdConfig,
+    allow_loopback: bool,
     reporter: &Reporter,
     backoff: &mut Backoff,
 ) -> Result<End, End> {
@@ -80,7 +91,7 @@ async fn watch(
         .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
         .collect();
     within_caps(&keys).map_err(End::Failed)?;
-    reporter.answer(to_answer(&config.prefix, &keys).map_err(End::Failed)?);
+    reporter.answer(to_answer(&config.prefix, &keys, allow_loopback).map_err(End::Failed)?);
     backoff.reset();
     let options = WatchOptions::new()
         .with_prefix()
@@ -117,7 +128,7 @@ async fn watch(
             };
         }
         within_caps(&keys).map_err(End::Failed)?;
-        reporter.answer(to_answer(&config.prefix, &keys).map_err(End::Failed)?);
+        reporter.answer(to_answer(&config.prefix, &keys, allow_loopback).map_err(End::Failed)?);
     }
 }
 
@@ -194,7 +205,11 @@ fn read(path: &std::path::Path, field: &str) -> Result<String, End> {
     read_bounded_text(path, CERTIFICATE_LIMIT, &format!("discovery.{field}")).map_err(End::Failed)
 }
 
-pub fn to_answer(prefix: &str, keys: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Answer, String> {
+pub fn to_answer(
+    prefix: &str,
+    keys: &BTreeMap<Vec<u8>, Vec<u8>>,
+    allow_loopback: bool,
+) -> Result<Answer, String> {
     let mut answer = Answer::default();
     let mut reported = Vec::with_capacity(keys.len());
     for (key, value) in keys {
@@ -203,7 +218,7 @@ pub fn to_answer(prefix: &str, keys: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Answ
             Err(reason) => answer.skip(reason),
         }
     }
-    answer::build(reported, answer)
+    answer::build(reported, answer, allow_loopback)
 }
 
 /// One registration: the key names the instance, the value may carry its weight.
@@ -313,7 +328,7 @@ mod tests {
         .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
         .chain([(b"/services/web/\xff\xfe".to_vec(), Vec::new())])
         .collect();
-        let a = to_answer(PREFIX, &keys).unwrap();
+        let a = to_answer(PREFIX, &keys, false).unwrap();
         assert_eq!(a.backends.len(), 2);
         assert_eq!(a.skipped, 4, "{:?}", a.reasons);
     }

@@ -224,10 +224,17 @@ impl Drop for Discovery {
 async fn run_source(config: DiscoveryConfig, reporter: Reporter) {
     let seed = now_ms() ^ reporter.generation.rotate_left(32);
     let backoff = Backoff::new(config.retry_initial, config.retry_max, seed);
+    let allow_loopback = config.allow_loopback_backends;
     match config.source {
-        SourceConfig::Dns(dns) => poll_loop(backoff, &reporter, dns::Resolver::new(dns)).await,
-        SourceConfig::Consul(c) => poll_loop(backoff, &reporter, consul::Watch::new(c)).await,
-        SourceConfig::Etcd(e) => etcd::run(e, backoff, &reporter).await,
+        SourceConfig::Dns(d) => {
+            let resolver = dns::Resolver::new(d, allow_loopback);
+            poll_loop(backoff, &reporter, resolver).await
+        }
+        SourceConfig::Consul(c) => {
+            let watch = consul::Watch::new(c, allow_loopback);
+            poll_loop(backoff, &reporter, watch).await
+        }
+        SourceConfig::Etcd(e) => etcd::run(e, allow_loopback, backoff, &reporter).await,
     }
 }
 

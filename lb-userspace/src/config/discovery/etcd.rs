@@ -3,9 +3,7 @@
 use super::{check_http_url, TIMEOUT_RANGE};
 use crate::config::checker::Checker;
 use crate::config::model::EtcdConfig;
-use crate::config::values::{
-    check_duration_or, check_file_path, check_text, required, show, type_error,
-};
+use crate::config::values::{check_duration_or, check_text, required, show, type_error};
 use std::time::Duration;
 use toml::{Table, Value};
 
@@ -19,6 +17,7 @@ pub(super) const KEYS: &[&str] = &[
     "key_file",
     "timeout",
 ];
+const TLS_KEYS: &[&str] = &["ca_file", "cert_file", "key_file"];
 const MAX_ENDPOINTS: usize = 16;
 
 impl Checker {
@@ -51,19 +50,15 @@ impl Checker {
             .map(|v| check_text(v).map(str::to_owned))
             .transpose();
         let username = self.checked(scope, "discovery.username", username);
-        let password_file = table.get("password_file").map(check_file_path).transpose();
-        let password_file = self.checked(scope, "discovery.password_file", password_file);
+        let password_file = self.discovery_file(scope, table, "password_file");
         if let (Some(None), Some(Some(_))) = (&username, &password_file) {
             let message = "only valid together with discovery.username";
             self.report(scope, "discovery.password_file", message);
             return None;
         }
-        let ca_file = table.get("ca_file").map(check_file_path).transpose();
-        let ca_file = self.checked(scope, "discovery.ca_file", ca_file);
-        let cert_file = table.get("cert_file").map(check_file_path).transpose();
-        let cert_file = self.checked(scope, "discovery.cert_file", cert_file);
-        let key_file = table.get("key_file").map(check_file_path).transpose();
-        let key_file = self.checked(scope, "discovery.key_file", key_file);
+        let ca_file = self.discovery_file(scope, table, "ca_file");
+        let cert_file = self.discovery_file(scope, table, "cert_file");
+        let key_file = self.discovery_file(scope, table, "key_file");
         if let (Some(cert), Some(key)) = (&cert_file, &key_file) {
             if cert.is_some() != key.is_some() {
                 let message =
@@ -76,11 +71,9 @@ impl Checker {
         let timeout = check_duration_or(timeout, Duration::from_secs(5), TIMEOUT_RANGE);
         let timeout = self.checked(scope, "discovery.timeout", timeout);
         let endpoints: Vec<String> = endpoints?;
-        let tls_given = ca_file.as_ref().is_some_and(Option::is_some)
-            || cert_file.as_ref().is_some_and(Option::is_some);
-        if tls_given && !endpoints.iter().all(|e| e.starts_with("https://")) {
-            let message = "TLS files are given, so every endpoint must be https://";
-            self.report(scope, "discovery.endpoints", message);
+        let https = endpoints.iter().all(|e| e.starts_with("https://"));
+        let field = ("discovery.endpoints", "every endpoint");
+        if !self.tls_needs_https(scope, table, TLS_KEYS, https, field) {
             return None;
         }
         Some(EtcdConfig {
@@ -123,7 +116,7 @@ fn check_url_list(raw: &Value) -> Result<Vec<String>, String> {
     let urls = list
         .iter()
         .enumerate()
-        .map(|(i, v)| check_http_url(v, true).map_err(|m| format!("[{i}]: {m}")))
+        .map(|(i, v)| check_http_url(v, "http://127.0.0.1:2379").map_err(|m| format!("[{i}]: {m}")))
         .collect::<Result<Vec<_>, _>>()?;
     let secure = urls.iter().filter(|u| u.starts_with("https://")).count();
     if secure != 0 && secure != urls.len() {
@@ -158,7 +151,7 @@ mod tests {
     fn etcd_endpoints_come_from_the_environment_when_not_listed() {
         let env = Env {
             etcd_endpoints: Some("http://127.0.0.1:2379, http://127.0.0.2:2379".into()),
-            consul_addr: None,
+            ..Env::default()
         };
         let d = ok_with("kind = \"etcd\"\nprefix = \"/s/web/\"", env);
         let SourceConfig::Etcd(etcd) = d.source else {
@@ -170,7 +163,7 @@ mod tests {
         );
         let bad = Env {
             etcd_endpoints: Some("127.0.0.1:2379".into()),
-            consul_addr: None,
+            ..Env::default()
         };
         let e = parse_with_env(&service("kind = \"etcd\"\nprefix = \"/s/web/\""), "f", bad)
             .expect_err("bad env")
@@ -187,7 +180,7 @@ mod tests {
             ("kind = \"etcd\"\nendpoints = [\"http://a:1\"]\nprefix = \"/\"", "discovery.prefix: must not be \"/\""),
             ("kind = \"etcd\"\nendpoints = [\"http://a\"]\nprefix = \"/s/\"", "discovery.endpoints: [0]: expected an http:// or https:// URL"),
             ("kind = \"etcd\"\nendpoints = [\"http://a:1\", \"https://b:1\"]\nprefix = \"/s/\"", "discovery.endpoints: mixes http:// and https://"),
-            ("kind = \"etcd\"\nendpoints = [\"http://a:1\"]\nprefix = \"/s/\"\nca_file = \"/ca\"", "discovery.endpoints: TLS files are given"),
+            ("kind = \"etcd\"\nendpoints = [\"http://a:1\"]\nprefix = \"/s/\"\nca_file = \"/ca\"", "discovery.endpoints: TLS settings are given (discovery.ca_file), so every endpoint must be https://"),
             ("kind = \"etcd\"\nendpoints = [\"https://a:1\"]\nprefix = \"/s/\"\ncert_file = \"/c\"", "discovery.cert_file: discovery.cert_file and discovery.key_file go together"),
             ("kind = \"etcd\"\nendpoints = [\"http://a:1\"]\nprefix = \"/s/\"\npassword_file = \"/p\"", "discovery.password_file: only valid together with discovery.username"),
             ("kind = \"etcd\"\nendpoints = [\"http://a:1\"]\nprefix = \"/s/\"\nusername = \"u\"\npassword_file = \"p\"", "discovery.password_file: must be an absolute path"),

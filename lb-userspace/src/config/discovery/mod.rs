@@ -9,18 +9,25 @@ mod consul;
 use super::checker::{Checker, Section};
 use super::model::{DiscoveryConfig, SourceConfig};
 use super::values::{
-    check_choice, check_duration_or, check_str, one_of, required, show, show_duration,
+    check_bool, check_choice, check_duration_or, check_file_path, check_str, one_of, required,
+    show, show_duration,
 };
 use std::ops::RangeInclusive;
+use std::path::PathBuf;
 use std::time::Duration;
-use toml::Value;
+use toml::{Table, Value};
 
 const KINDS: &[(&str, Kind)] = &[
     ("dns", Kind::Dns),
     ("etcd", Kind::Etcd),
     ("consul", Kind::Consul),
 ];
-const COMMON_KEYS: &[&str] = &["kind", "retry_initial", "retry_max"];
+const COMMON_KEYS: &[&str] = &[
+    "kind",
+    "retry_initial",
+    "retry_max",
+    "allow_loopback_backends",
+];
 const TIMEOUT_RANGE: RangeInclusive<Duration> =
     Duration::from_millis(10)..=Duration::from_secs(300);
 const RETRY_RANGE: RangeInclusive<Duration> =
@@ -60,6 +67,10 @@ impl Checker {
             let retry_max = table.get("retry_max");
             let retry_max = check_duration_or(retry_max, Duration::from_secs(30), RETRY_RANGE);
             let retry_max = self.checked(scope, "discovery.retry_max", retry_max);
+            let allow_loopback = table.get("allow_loopback_backends");
+            let allow_loopback = allow_loopback.map_or(Ok(false), check_bool);
+            let allow_loopback =
+                self.checked(scope, "discovery.allow_loopback_backends", allow_loopback);
             let retry = [("retry_initial", retry_initial), ("retry_max", retry_max)];
             if !self.in_order(scope, retry) {
                 return None;
@@ -73,6 +84,7 @@ impl Checker {
                 source: source?,
                 retry_initial: retry_initial?,
                 retry_max: retry_max?,
+                allow_loopback_backends: allow_loopback?,
             })
         })
     }
@@ -96,17 +108,55 @@ impl Checker {
     }
 }
 
-/// `http://host:port` (or `https://` when allowed), with nothing after the authority.
-fn check_http_url(raw: &Value, https_allowed: bool) -> Result<String, String> {
+impl Checker {
+    /// An optional file named by `discovery.<key>`: `Some(None)` when absent, `None` when
+    /// invalid (reported).
+    fn discovery_file(
+        &mut self,
+        scope: Option<&str>,
+        table: &Table,
+        key: &str,
+    ) -> Option<Option<PathBuf>> {
+        let path = table.get(key).map(check_file_path).transpose();
+        self.checked(scope, &format!("discovery.{key}"), path)
+    }
+
+    /// TLS settings mean nothing over plain http: when any of `keys` is given and the source
+    /// is not reached over https, `field` (which decides the scheme) is reported, naming them.
+    /// True when fine.
+    fn tls_needs_https(
+        &mut self,
+        scope: Option<&str>,
+        table: &Table,
+        keys: &[&str],
+        https: bool,
+        (field, what): (&str, &str),
+    ) -> bool {
+        let given: Vec<String> = keys
+            .iter()
+            .filter(|key| table.contains_key(**key))
+            .map(|key| format!("discovery.{key}"))
+            .collect();
+        if https || given.is_empty() {
+            return true;
+        }
+        let message = format!(
+            "TLS settings are given ({}), so {what} must be https://",
+            given.join(", ")
+        );
+        self.report(scope, field, message);
+        false
+    }
+}
+
+/// `http://host:port` or `https://host:port`, with nothing after the authority; `example`
+/// shows one in the error.
+fn check_http_url(raw: &Value, example: &str) -> Result<String, String> {
     let url = check_str(raw)?;
-    let expected = if https_allowed {
-        "an http:// or https:// URL such as \"http://127.0.0.1:2379\""
-    } else {
-        "an http:// URL such as \"http://127.0.0.1:8500\" (https is not supported yet)"
-    };
+    let expected = format!("an http:// or https:// URL such as \"{example}\"");
     let rest = url
         .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://").filter(|_| https_allowed));
+        .or_else(|| url.strip_prefix("https://"));
     let Some(authority) = rest else {
         return Err(format!("expected {expected}, got {}", show(url)));
     };
@@ -131,6 +181,15 @@ fn check_http_url(raw: &Value, https_allowed: bool) -> Result<String, String> {
         "http"
     };
     Ok(format!("{scheme}://{authority}"))
+}
+
+/// The host of a URL `check_http_url` accepted, without brackets around an IPv6 address.
+fn url_host(url: &str) -> &str {
+    let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// Helpers for the tests of each kind of source too.
@@ -171,8 +230,17 @@ mod tests {
             ("name = \"web\"", "discovery.kind: required (\"dns\", \"etcd\" or \"consul\")"),
             ("kind = \"k8s\"", "discovery.kind: must be \"dns\", \"etcd\" or \"consul\""),
             ("kind = \"consul\"\nservice = \"w\"\nretry_initial = \"1m\"\nretry_max = \"1s\"", "discovery.retry_max: must not be shorter than discovery.retry_initial (1m), got 1s"),
+            ("kind = \"dns\"\nname = \"a\"\nport = 1\nallow_loopback_backends = \"yes\"", "discovery.allow_loopback_backends: expected a boolean"),
         ];
         assert_errors(&cases);
+    }
+
+    #[test]
+    fn loopback_backends_are_off_unless_allowed() {
+        let dns = "kind = \"dns\"\nname = \"web.test\"\nport = 80";
+        assert!(!ok(dns).allow_loopback_backends);
+        let allowed = ok(&format!("{dns}\nallow_loopback_backends = true"));
+        assert!(allowed.allow_loopback_backends);
     }
 
     #[test]

@@ -182,11 +182,20 @@ fn load(state: &Path) -> Result<Value, String> {
     serde_json::from_str(&text).map_err(|e| format!("parse state: {e}"))
 }
 
+/// Tells a replaced state file (a new file renamed over it) from the one read.
+fn file_version(path: &Path) -> Option<(u64, std::time::SystemTime, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.ino(), meta.modified().ok()?, meta.len()))
+}
+
 fn index_of(state: &Value) -> u64 {
     state["index"].as_u64().unwrap_or(0)
 }
 
 fn respond(service: &str, q: &Query, path: &Path) -> Reply {
+    // Taken before reading, so a replacement in between is read again below, never missed.
+    let mut version = file_version(path);
     let mut state = match load(path) {
         Ok(s) => s,
         Err(e) => return Reply::error(500, &e),
@@ -195,8 +204,13 @@ fn respond(service: &str, q: &Query, path: &Path) -> Reply {
     // (the index went backwards) is answered at once.
     if let Some(want) = q.index.filter(|&i| i > 0) {
         let deadline = Instant::now() + q.wait.unwrap_or(DEFAULT_WAIT);
+        // Read again only when replaced: a state may hold an answer of many MiB.
         while index_of(&state) == want && Instant::now() < deadline {
             std::thread::sleep(POLL);
+            if file_version(path) == version {
+                continue;
+            }
+            version = file_version(path);
             match load(path) {
                 Ok(s) => state = s,
                 Err(e) => return Reply::error(500, &e),
