@@ -16,6 +16,7 @@ pub struct AgentMetrics {
     pub reconciles: Family<Labels, Counter>,
     pub probe_seconds: Histogram,
     pub ejections: Family<Labels, Counter>,
+    pub terminated: Family<Labels, Counter>,
 }
 
 pub static AGENT: LazyLock<AgentMetrics> = LazyLock::new(|| AgentMetrics {
@@ -25,6 +26,7 @@ pub static AGENT: LazyLock<AgentMetrics> = LazyLock::new(|| AgentMetrics {
     // 100 µs .. ~1.6 s: loopback probes are fast, a timing-out one hits the top.
     probe_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
     ejections: Family::default(),
+    terminated: Family::default(),
 });
 
 impl AgentMetrics {
@@ -42,5 +44,13 @@ impl AgentMetrics {
             ("backend".into(), backend.into()),
         ];
         self.ejections.get_or_create(&labels).inc();
+    }
+
+    pub fn terminated(&self, service: &str, backend: &str, sockets: u64) {
+        let labels = vec![
+            ("service".into(), service.into()),
+            ("backend".into(), backend.into()),
+        ];
+        self.terminated.get_or_create(&labels).inc_by(sockets);
     }
 }

@@ -23,6 +23,9 @@ pub struct StatusFile {
     /// The cgroups `[dataplane] bypass` matches now, by cgroup id.
     #[serde(default)]
     pub bypass: BTreeMap<u64, String>,
+    /// Why sockets of removed backends cannot be terminated on this kernel, if they cannot.
+    #[serde(default)]
+    pub termination_unavailable: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -40,6 +43,9 @@ pub struct ServiceStatus {
     /// Backends ejected as outliers, by address.
     #[serde(default)]
     pub ejected: BTreeMap<String, Ejection>,
+    /// Sockets destroyed since the agent started because their backend left (by backend).
+    #[serde(default)]
+    pub terminated: BTreeMap<String, u64>,
 }
 
 /// Where a source stands.

@@ -282,16 +282,29 @@ impl SteadyClient {
         interval: Duration,
         max: Duration,
     ) -> Self {
-        let mut cmd = connect_cmd(net, Some(cgroup), to, Proto::Tcp);
-        cmd.args([
-            "--count",
-            "0",
-            "--interval-ms",
-            &interval.as_millis().to_string(),
-        ])
-        .args(["--max-seconds", &max.as_secs().to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
+        Self::start_with(net, cgroup, (to, Proto::Tcp), interval, max, &[])
+    }
+
+    /// `start` over `proto`, with further `lb-testkit connect` flags (e.g. `--persistent`).
+    pub fn start_with(
+        net: &TestNet,
+        cgroup: &TestCgroup,
+        (to, proto): (&str, Proto),
+        interval: Duration,
+        max: Duration,
+        extra: &[&str],
+    ) -> Self {
+        let mut cmd = connect_cmd(net, Some(cgroup), to, proto);
+        cmd.args(extra)
+            .args([
+                "--count",
+                "0",
+                "--interval-ms",
+                &interval.as_millis().to_string(),
+            ])
+            .args(["--max-seconds", &max.as_secs().to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
         Self {
             child: Some(cmd.spawn().expect("spawn steady client")),
         }

@@ -7,11 +7,14 @@ use crate::admission::health::runner::{self, HealthRunner};
 use crate::admission::outlier::{self, Outliers};
 use crate::catalog;
 use crate::codec::service_key;
+use crate::config::Terminate;
 use crate::datapath::apply::apply;
 use crate::datapath::capacity::{Capacity, Requested};
+use crate::datapath::maps::Maps;
 use crate::datapath::mirror::Mirror;
 use crate::datapath::pinned::PinnedMaps;
 use crate::datapath::reconcile::{reconcile, Scope, Summary};
+use crate::datapath::terminate::Terminator;
 use crate::lifecycle::loader::{self, LoadOptions};
 use crate::lifecycle::{cgroup, lock};
 use crate::observe::http::{self, Endpoints, Readiness};
@@ -72,6 +75,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(logger) = loaded.logger {
         tokio::spawn(drain_ebpf_logs(logger));
     }
+    let terminator = loaded
+        .maps
+        .sockets()
+        .and_then(|sockets| Terminator::load(&sockets))
+        .map_err(|e| format!("{e:#}"));
+    if let Err(why) = &terminator {
+        warn!("sockets of removed backends cannot be terminated on this kernel: {why}");
+    }
     let (transitions_tx, mut transitions) = mpsc::unbounded_channel();
     let (discovery, mut answers) = Discovery::new();
     let (kubernetes, mut kube_events) = Kubernetes::new();
@@ -113,6 +124,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         failing_open: BTreeSet::new(),
         dropped: Vec::new(),
         pin_dir: args.pin_dir.clone(),
+        cgroup: cgroup.clone(),
+        terminator,
+        policies: HashMap::new(),
+        terminated: BTreeMap::new(),
         published_empty: false,
         outliers,
     };
@@ -295,6 +310,14 @@ struct Agent {
     vips: catalog::Vips,
     /// Some service has `[service.outlier]`.
     watches_outliers: bool,
+    /// The cgroup the programs are attached to.
+    cgroup: PathBuf,
+    /// Destroys sockets of removed backends, or why it cannot on this kernel.
+    terminator: Result<Terminator, String>,
+    /// `terminate_on_removal` of the services that do not use the default.
+    policies: HashMap<ServiceKey, Terminate>,
+    /// Sockets destroyed so far, by service and backend.
+    terminated: BTreeMap<String, BTreeMap<String, u64>>,
     /// The cgroup2 mount, where `[dataplane] bypass` patterns start.
     cgroup_root: Option<PathBuf>,
     /// The cgroups bypassed now, by id, and why some pattern matched nothing usable.
@@ -439,6 +462,9 @@ impl Agent {
         };
         let plan = reconcile(&mirror.installed, &mut mirror.pools, &desired, scope)?;
         apply(&mut self.maps, &plan.ops)?;
+        if !plan.removed.is_empty() {
+            self.terminate(&plan.removed, &mirror);
+        }
         let summary = plan.summary.clone();
         mirror.record(plan.ops);
         self.mirror = Some(mirror);
@@ -457,6 +483,12 @@ impl Agent {
         self.note_dropped(notes, None);
         let touched = (!fresh).then(|| Touched::between(&self.wanted, &effective));
         self.wanted = effective;
+        // Kept from before too: a removed service's backends go by the policy it had.
+        self.policies.extend(
+            (self.config.services.iter())
+                .filter(|s| s.terminate != Terminate::default())
+                .map(|s| (service_key(s.vip, s.protocol), s.terminate)),
+        );
         self.watches_outliers = self.wanted.iter().any(|s| s.admission.outlier.is_some());
         let refreshable = |s: &config::ServiceConfig| {
             s.discovery.is_some() || s.health.is_some() || s.outlier.is_some()
@@ -505,6 +537,44 @@ impl Agent {
         }
         self.note_dropped(notes, Some(&touched.names));
         touched
+    }
+
+    /// Destroys the sockets translated to backends a plan just removed, as each service's
+    /// `terminate_on_removal` says, and logs once per backend what went.
+    fn terminate(&mut self, removed: &[(u32, ServiceKey)], mirror: &Mirror) {
+        let Ok(terminator) = &self.terminator else {
+            return;
+        };
+        let mut doomed = BTreeMap::new();
+        let mut names = BTreeMap::new();
+        for &(id, key) in removed {
+            let policy = self.policies.get(&key).copied().unwrap_or_default();
+            let Ok(generation) = self.maps.backend_generation(id) else {
+                continue;
+            };
+            doomed.insert(id, (generation, policy));
+            let service = mirror.installed.services.get(&key).map(|s| s.name.clone());
+            let backend = mirror.installed.backends.get(&id).map(|a| a.to_string());
+            names.insert(
+                id,
+                (service.unwrap_or_default(), backend.unwrap_or_default()),
+            );
+        }
+        match terminator.destroy_everywhere(&self.cgroup, &doomed) {
+            Err(e) => warn!("terminating sockets of removed backends failed: {e:#}"),
+            Ok(destroyed) => {
+                for (id, sockets) in destroyed {
+                    let (service, backend) = &names[&id];
+                    info!(
+                        service,
+                        backend, sockets, "terminated sockets of a removed backend"
+                    );
+                    crate::agent_metrics::AGENT.terminated(service, backend, sockets);
+                    let by_backend = self.terminated.entry(service.clone()).or_default();
+                    *by_backend.entry(backend.clone()).or_default() += sockets;
+                }
+            }
+        }
     }
 
     /// Matches `[dataplane] bypass` against the cgroups there are now and updates the map when
@@ -624,7 +694,9 @@ impl Agent {
             && kubernetes.is_none()
             && self.outliers.next_expiry().is_none()
             && self.pending.is_none()
-            && self.bypass.is_empty();
+            && self.bypass.is_empty()
+            && self.terminated.is_empty()
+            && self.terminator.is_ok();
         if empty && self.published_empty {
             return;
         }
@@ -639,6 +711,8 @@ impl Agent {
             pending: self.pending.as_ref().map(|p| p.reason.as_str()),
             failing_open: &self.failing_open,
             bypass: &self.bypass,
+            terminated: &self.terminated,
+            termination_unavailable: self.terminator.as_ref().err().map(String::as_str),
         });
         if let Err(e) = status::write(&self.pin_dir, &file) {
             warn!("cannot publish health state: {e:#}");

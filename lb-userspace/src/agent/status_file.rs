@@ -25,6 +25,9 @@ pub struct Parts<'a> {
     pub failing_open: &'a BTreeSet<String>,
     /// The cgroups bypassed now, by id.
     pub bypass: &'a BTreeMap<u64, std::path::PathBuf>,
+    /// Sockets destroyed so far, by service and backend.
+    pub terminated: &'a BTreeMap<String, BTreeMap<String, u64>>,
+    pub termination_unavailable: Option<&'a str>,
 }
 
 pub fn assemble(parts: Parts) -> StatusFile {
@@ -33,6 +36,7 @@ pub fn assemble(parts: Parts) -> StatusFile {
         written_unix_ms: crate::clock::now_ms(),
         kubernetes: parts.kubernetes,
         maps_out_of_date: parts.pending.map(str::to_owned),
+        termination_unavailable: parts.termination_unavailable.map(str::to_owned),
         bypass: (parts.bypass.iter())
             .map(|(id, path)| (*id, path.display().to_string()))
             .collect(),
@@ -64,6 +68,9 @@ pub fn assemble(parts: Parts) -> StatusFile {
         if !ejected.is_empty() {
             file.services.entry(svc.name.clone()).or_default().ejected = ejected;
         }
+    }
+    for (service, by_backend) in parts.terminated {
+        file.services.entry(service.clone()).or_default().terminated = by_backend.clone();
     }
     for (service, source) in parts.sources {
         let svc = file.services.entry(service.clone()).or_default();

@@ -265,6 +265,7 @@ mod tests {
             }),
             fail_open: false,
             panic_threshold: 50,
+            terminate: Default::default(),
             discovery: None,
             balancing: Default::default(),
             outlier: None,

@@ -46,7 +46,7 @@ pub use error::ConfigError;
 pub use model::{
     Algorithm, BackendConfig, Balancing, ClientKey, Config, ConsulConfig, DataplaneConfig,
     DiscoveryConfig, DnsConfig, DnsRecord, EtcdConfig, HealthConfig, InitialState,
-    KubernetesConfig, OutlierConfig, ProbeKind, Protocol, ServiceConfig, SourceConfig,
+    KubernetesConfig, OutlierConfig, ProbeKind, Protocol, ServiceConfig, SourceConfig, Terminate,
     DEFAULT_KUBE_MAX_SERVICES, MAX_BACKENDS_PER_SERVICE, MAX_NAME_LEN, MAX_SERVICES, MAX_WEIGHT,
 };
 pub use vip_clash::VipClash;

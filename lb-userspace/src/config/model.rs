@@ -42,6 +42,19 @@ impl Default for DataplaneConfig {
     }
 }
 
+/// `terminate_on_removal`: which sockets translated to a backend are destroyed when the backend
+/// leaves its service (removed, unhealthy or ejected).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Terminate {
+    /// Connected UDP sockets only: no handshake ever fails for them, so nothing else tells
+    /// their owner that the peer is gone (a DNS client would keep asking a deleted pod).
+    #[default]
+    Udp,
+    /// TCP connections too: they see ECONNABORTED and reconnect to a live backend at once.
+    All,
+    None,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
     pub name: String,
@@ -53,6 +66,8 @@ pub struct ServiceConfig {
     pub fail_open: bool,
     /// Percent 0..=100: fail open when the healthy share is below this (0 = only when no backend is healthy).
     pub panic_threshold: u8,
+    /// Which sockets translated to a backend are destroyed when it leaves the service.
+    pub terminate: Terminate,
     /// Where `backends` come from at run time; `None` = the static list above. Boxed: most
     /// services have none, and inline it would double every service's size (250,000 services
     /// of a file take 50 MB less).

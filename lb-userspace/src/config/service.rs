@@ -2,7 +2,7 @@
 //! each of its sections.
 
 use super::checker::Checker;
-use super::model::{Protocol, ServiceConfig, MAX_NAME_LEN};
+use super::model::{Protocol, ServiceConfig, Terminate, MAX_NAME_LEN};
 use super::values::{
     check_bool, check_choice, check_endpoint, check_integer, offenders, required, show, type_error,
 };
@@ -25,6 +25,12 @@ const KEYS: &[&str] = &[
     "affinity_timeout",
     "client_key",
     "outlier",
+    "terminate_on_removal",
+];
+const TERMINATE: &[(&str, Terminate)] = &[
+    ("udp", Terminate::Udp),
+    ("all", Terminate::All),
+    ("none", Terminate::None),
 ];
 const PROTOCOLS: &[(&str, Protocol)] = &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
 
@@ -106,6 +112,10 @@ impl Checker {
             .get("panic_threshold")
             .map_or(Ok(0), |v| check_integer(v, 0..=100));
         let panic_threshold = self.checked(scope, "panic_threshold", panic_threshold);
+        let terminate = table
+            .get("terminate_on_removal")
+            .map_or(Ok(Terminate::default()), |v| check_choice(v, TERMINATE));
+        let terminate = self.checked(scope, "terminate_on_removal", terminate);
         let health = self.health(scope, table.get("health"));
         let balancing = self.balancing(scope, table);
         let outlier = self.outlier(scope, table.get("outlier"), protocol);
@@ -121,6 +131,7 @@ impl Checker {
             health: health.setting()?,
             fail_open: fail_open?,
             panic_threshold: panic_threshold?,
+            terminate: terminate?,
             discovery: discovery.setting()?.map(Box::new),
             balancing: balancing?,
             outlier: outlier.setting()?,
@@ -202,6 +213,7 @@ mod tests {
                     health: None,
                     fail_open: true,
                     panic_threshold: 0,
+                    terminate: Default::default(),
                     discovery: None,
                     balancing: Default::default(),
                     outlier: None,
@@ -217,6 +229,7 @@ mod tests {
                     health: None,
                     fail_open: true,
                     panic_threshold: 0,
+                    terminate: Default::default(),
                     discovery: None,
                     balancing: Default::default(),
                     outlier: None,
@@ -255,7 +268,8 @@ mod tests {
             single(&text),
             "lb.toml: service \"web\" (service[0]): protocl: unknown key \
              (allowed: name, vip, protocol, backends, fail_open, panic_threshold, health, discovery, \
-             algorithm, maglev_table_size, affinity, affinity_timeout, client_key, outlier)"
+             algorithm, maglev_table_size, affinity, affinity_timeout, client_key, outlier, \
+             terminate_on_removal)"
         );
     }
 

@@ -154,6 +154,7 @@ mod tests {
                 health: None,
                 fail_open: false,
                 panic_threshold: 0,
+                terminate: Default::default(),
                 discovery: None,
                 balancing: Default::default(),
                 outlier: None,

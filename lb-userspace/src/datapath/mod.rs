@@ -1,9 +1,9 @@
 //! The maps, as the last stage of a change: how much they hold (`capacity`), their primitives
 //! (`maps`, implemented by the pinned BPF maps in `pinned`, whose large arrays `mapped` maps
 //! into memory), what they hold now (`installed`), the operations that change them (`ops`)
-//! and applying those (`apply`), the ids and slot ranges free (`free`), the diff from what is
-//! installed to the plan (`reconcile`), and what is installed kept in memory between
-//! reconciles (`mirror`).
+//! and applying those (`apply`), the ids and slot ranges free (`free`), what is installed
+//! kept in memory between reconciles (`mirror`), the diff from what is installed to the plan
+//! (`reconcile`), and ending the sockets of removed backends (`terminate`).
 
 pub mod capacity;
 pub mod maps;
@@ -11,7 +11,8 @@ pub mod installed;
 pub mod ops;
 pub mod apply;
 pub mod free;
-pub mod reconcile;
 pub mod mirror;
+pub mod reconcile;
+pub mod terminate;
 pub mod mapped;
 pub mod pinned;

@@ -234,6 +234,12 @@ impl PinnedMaps {
         self.affinity.keys().count()
     }
 
+    /// `LB_SOCKETS`, for the socket terminator's programs.
+    pub fn sockets(&self) -> Result<MapData> {
+        let path = self.dir.join(MAP_SOCKETS);
+        MapData::from_pin(&path).with_context(|| format!("cannot open {}", path.display()))
+    }
+
     /// Bypassed cgroups by id, with the connects and datagrams left untranslated for each.
     pub fn bypass_counts(&self) -> Result<BTreeMap<u64, u64>> {
         let all = collect(&self.bypass)?;

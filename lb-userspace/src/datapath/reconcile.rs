@@ -32,6 +32,9 @@ pub struct Summary {
 pub struct Plan {
     pub ops: Vec<Op>,
     pub summary: Summary,
+    /// Backend ids a service stops using, with the service: their sockets may be terminated
+    /// once the plan is applied (`terminate`).
+    pub removed: Vec<(u32, ServiceKey)>,
 }
 
 /// Which services a plan looks at. A change names the services it touched; everything else
@@ -57,13 +60,17 @@ pub fn reconcile(
 ) -> Result<Plan, CapacityError> {
     let mut ops = Vec::new();
     let mut summary = Summary::default();
+    let mut removed = Vec::new();
     for (key, want) in desired {
         match installed.services.get(key) {
             Some(have) => {
-                if update_service(installed, *key, have, want, pools, &mut ops)? {
-                    summary.updated += 1;
-                } else {
-                    summary.unchanged += 1;
+                let dropped = update_service(installed, *key, have, want, pools, &mut ops)?;
+                match dropped {
+                    Some(ids) => {
+                        summary.updated += 1;
+                        removed.extend(ids.into_iter().map(|id| (id, *key)));
+                    }
+                    None => summary.unchanged += 1,
                 }
             }
             None => {
@@ -80,6 +87,7 @@ pub fn reconcile(
         for id in have.backend_ids() {
             ops.push(Op::DeleteBackend(id));
             pools.backend_ids.release(id);
+            removed.push((id, *key));
         }
         summary.removed += 1;
     };
@@ -108,7 +116,11 @@ pub fn reconcile(
         }
     }
     summary.map_ops = ops.len();
-    Ok(Plan { ops, summary })
+    Ok(Plan {
+        ops,
+        summary,
+        removed,
+    })
 }
 
 fn add_service(
@@ -129,7 +141,7 @@ fn add_service(
     Ok(())
 }
 
-/// Returns whether anything changed.
+/// Returns `None` when nothing changed, else the backend ids the service no longer uses.
 fn update_service(
     installed: &Installed,
     key: ServiceKey,
@@ -137,7 +149,7 @@ fn update_service(
     want: &DesiredService,
     pools: &mut Pools,
     ops: &mut Vec<Op>,
-) -> Result<bool, CapacityError> {
+) -> Result<Option<Vec<u32>>, CapacityError> {
     let owned: BTreeMap<SocketAddr, u32> = have
         .backend_ids()
         .filter_map(|id| installed.backends.get(&id).map(|addr| (*addr, id)))
@@ -153,18 +165,19 @@ fn update_service(
     let slots = assign_backends(have.id, &owned, want, &mut pools.backend_ids, ops)?;
     if have.complete && slots == have.slots && have.mode == want.mode {
         ops.truncate(mark);
-        return Ok(renamed);
+        return Ok(renamed.then(Vec::new));
     }
     let keep: BTreeSet<u32> = slots.iter().copied().collect();
     let base = pools.ranges.take(slots.len() as u32)?;
     pools.ranges.release(have.slot_base, have.slot_count);
     let revision = have.revision.wrapping_add(1);
     write_table(key, (have.id, revision, base), want.mode, slots, ops);
-    for id in have.backend_ids().filter(|id| !keep.contains(id)) {
-        ops.push(Op::DeleteBackend(id));
-        pools.backend_ids.release(id);
+    let dropped: Vec<u32> = have.backend_ids().filter(|id| !keep.contains(id)).collect();
+    for id in &dropped {
+        ops.push(Op::DeleteBackend(*id));
+        pools.backend_ids.release(*id);
     }
-    Ok(true)
+    Ok(Some(dropped))
 }
 
 /// Backend ids for each slot: a backend the service already has keeps its id (and so its

@@ -219,6 +219,12 @@ fn agent_metrics(r: &mut Registry, report: &Report) {
         a.probe_seconds.clone(),
     );
     r.register(
+        "lb_terminated_sockets",
+        "Sockets destroyed because their backend left the service (terminate_on_removal), \
+         since the agent started.",
+        a.terminated.clone(),
+    );
+    r.register(
         "lb_outlier_ejections",
         "Backends ejected as outliers since the agent started.",
         a.ejections.clone(),

@@ -34,6 +34,9 @@ pub struct Report {
     /// Cgroups left untranslated (`[dataplane] bypass`).
     #[serde(default)]
     pub bypass: Vec<BypassReport>,
+    /// Why sockets of removed backends cannot be terminated on this kernel, if they cannot.
+    #[serde(default)]
+    pub termination_unavailable: Option<String>,
 }
 
 /// A bypassed cgroup and the connects and datagrams of its processes left untranslated.
@@ -115,6 +118,9 @@ pub struct ServiceReport {
     pub source: String,
     /// Open connections over all backends.
     pub active: u64,
+    /// Sockets destroyed because their backend left, by backend, since the agent started.
+    #[serde(default)]
+    pub terminated: BTreeMap<String, u64>,
     /// Per second over the sampling interval; `None` when sampled once.
     pub rates: Option<Rates>,
     pub backends: Vec<BackendReport>,
@@ -302,6 +308,7 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
                 })
                 .unwrap_or_else(|| "static".into()),
             active: backends.iter().map(|b| b.active).sum(),
+            terminated: svc_status.map(|s| s.terminated.clone()).unwrap_or_default(),
             rates: None,
             backends,
         });
@@ -310,6 +317,7 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
     Ok(Report {
         kubernetes: status.and_then(|s| s.kubernetes.clone()),
         maps_out_of_date: status.and_then(|s| s.maps_out_of_date.clone()),
+        termination_unavailable: status.and_then(|s| s.termination_unavailable.clone()),
         services,
         map_entries: MapEntries::count(maps)?,
         memory: MapMemory {

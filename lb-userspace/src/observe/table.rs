@@ -14,6 +14,9 @@ pub fn render_table(report: &Report) -> String {
             "MAPS OUT OF DATE: the last reconcile failed and is being retried ({why})"
         );
     }
+    if let Some(why) = &report.termination_unavailable {
+        let _ = writeln!(out, "SOCKET TERMINATION UNAVAILABLE on this kernel ({why})");
+    }
     if let Some(k) = &report.kubernetes {
         let _ = writeln!(out, "{}", source_line(k));
         for line in limit_lines(k) {
@@ -29,6 +32,12 @@ pub fn render_table(report: &Report) -> String {
             "{:<20} {:>21}/{:<3}  connects {:>10}  active {:>6}  no-backend {:>8}  races {:>4}  rev {}",
             s.name, s.vip, s.protocol, s.connects, s.active, s.no_backend, s.update_races, s.revision
         );
+        for (backend, n) in &s.terminated {
+            let _ = writeln!(
+                out,
+                "    terminated {n} sockets of removed backend {backend}"
+            );
+        }
         if let Some(r) = &s.rates {
             let _ = writeln!(
                 out,

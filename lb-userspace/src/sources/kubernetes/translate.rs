@@ -30,6 +30,7 @@ use crate::config::{
     BackendConfig, Balancing, KubernetesConfig, Protocol, AFFINITY_TIMEOUT_RANGE,
     DEFAULT_AFFINITY_TIMEOUT, DEFAULT_KUBE_MAX_SERVICES, MAX_BACKENDS_PER_SERVICE, MAX_NAME_LEN,
 };
+use crate::sources::answer::is_loopback_or_link_local;
 use crate::status::LimitHit;
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
@@ -211,9 +212,10 @@ pub fn translate<'a>(
                 label.push_str(".ipv6");
             }
             let candidates = candidates(slices, vip.is_ipv6(), port_name, protocol);
-            let (allowed, refused): (Vec<Candidate>, Vec<Candidate>) = candidates
-                .into_iter()
-                .partition(|c| options.allow_loopback_backends || !host_only(c.address.ip()));
+            let (allowed, refused): (Vec<Candidate>, Vec<Candidate>) =
+                candidates.into_iter().partition(|c| {
+                    options.allow_loopback_backends || !is_loopback_or_link_local(c.address.ip())
+                });
             if let Some(first) = refused.first() {
                 out.notes.push(format!(
                     "{ns}/{name}: port {label}: {} loopback or link-local endpoint(s) refused, \
@@ -421,20 +423,6 @@ fn choose(candidates: &[Candidate], node_local: bool, options: &Options) -> BTre
         return pick(&|c| c.ready && for_zone(c));
     }
     pick(&|c| c.ready)
-}
-
-/// Loopback and link-local addresses (IPv4, IPv6 and v4-mapped): an endpoint there would be
-/// this node itself or its link, never a pod, so one in an EndpointSlice is refused unless
-/// allowed (`allow_loopback_backends`).
-fn host_only(ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    };
-    match ip {
-        IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
-        IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xffc0) == 0xfe80,
-    }
 }
 
 fn protocol_name(p: Protocol) -> &'static str {
@@ -842,7 +830,11 @@ mod tests {
             ("::ffff:10.0.0.1", false),
             ("fd00::1", false),
         ] {
-            assert_eq!(host_only(ip.parse().unwrap()), refused, "{ip}");
+            assert_eq!(
+                is_loopback_or_link_local(ip.parse().unwrap()),
+                refused,
+                "{ip}"
+            );
         }
     }
 

@@ -54,6 +54,10 @@ enum Cmd {
         /// UDP: one unconnected socket sends every datagram with sendto().
         #[arg(long)]
         unconnected: bool,
+        /// UDP: one connected socket for every exchange, replaced after a failed one (what a
+        /// resolver does), instead of a new socket per exchange.
+        #[arg(long, conflicts_with = "unconnected")]
+        persistent: bool,
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
         #[arg(long, default_value_t = 60)]
@@ -151,9 +155,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             count,
             proto,
             unconnected,
+            persistent,
             interval_ms,
             max_seconds,
-        } => net::connect(to, count, proto, unconnected, interval_ms, max_seconds),
+        } => {
+            let mode = match (unconnected, persistent) {
+                (true, _) => net::UdpMode::Unconnected,
+                (_, true) => net::UdpMode::Persistent,
+                _ => net::UdpMode::PerExchange,
+            };
+            net::connect(to, count, proto, mode, interval_ms, max_seconds)
+        }
         Cmd::HoldConnections { to, count, pending } => net::hold_connections(to, count, pending),
         Cmd::UdpChurn { to, count } => net::udp_churn(to, count),
         Cmd::Exec { argv } => join::exec(&argv),

@@ -176,6 +176,7 @@ fn errno_name(e: &std::io::Error) -> String {
         Some(libc::EAGAIN) => "ETIMEDOUT",
         Some(libc::EPERM) => "EPERM",
         Some(libc::ECONNRESET) => "ECONNRESET",
+        Some(libc::ECONNABORTED) => "ECONNABORTED",
         Some(libc::EINPROGRESS) => "EINPROGRESS",
         Some(n) => return format!("errno {n}"),
         None if e.kind() == std::io::ErrorKind::TimedOut => "ETIMEDOUT",
@@ -238,6 +239,29 @@ fn exchange(
         ));
     }
     Ok((reply.to_string(), peer))
+}
+
+/// An exchange on the one connected socket, made (through `to`) when there is none; a failed
+/// exchange drops it, so the next makes a new one.
+fn persistent_exchange(
+    to: SocketAddr,
+    socket: &mut Option<UdpSocket>,
+) -> std::io::Result<(String, SocketAddr)> {
+    let s = match socket.take() {
+        Some(s) => s,
+        None => {
+            let s = udp_socket(to)?;
+            s.connect(to)?;
+            s
+        }
+    };
+    s.send(b"hi")?;
+    let mut buf = [0u8; 512];
+    let n = s.recv(&mut buf)?;
+    let reply = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+    let peer = s.peer_addr()?;
+    *socket = Some(s);
+    Ok((reply, peer))
 }
 
 /// Opens `count` TCP connections to `to` and keeps them open until stdin closes, then closes
@@ -319,21 +343,33 @@ pub fn udp_churn(to: SocketAddr, count: u64) -> Result<()> {
     Ok(())
 }
 
-/// `unconnected`: UDP only, one socket sends every datagram with `sendto()` (as DNS clients
-/// do); otherwise each exchange uses a fresh connected socket.
+/// How a UDP client's exchanges use sockets.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum UdpMode {
+    /// A fresh connected socket each.
+    PerExchange,
+    /// One unconnected socket sends every datagram with `sendto()` (as DNS clients do).
+    Unconnected,
+    /// One connected socket for all, replaced after an exchange fails.
+    Persistent,
+}
+
 pub fn connect(
     to: SocketAddr,
     count: u64,
     proto: Proto,
-    unconnected: bool,
+    mode: UdpMode,
     interval_ms: u64,
     max_seconds: u64,
 ) -> Result<()> {
-    let shared = match (proto, unconnected) {
-        (Proto::Udp, true) => Some(udp_socket(to)?),
-        (Proto::Tcp, true) => anyhow::bail!("--unconnected is for udp"),
+    if proto == Proto::Tcp && mode != UdpMode::PerExchange {
+        anyhow::bail!("--unconnected and --persistent are for udp");
+    }
+    let shared = match mode {
+        UdpMode::Unconnected => Some(udp_socket(to)?),
         _ => None,
     };
+    let mut persistent: Option<UdpSocket> = None;
     // In steady mode (count 0) the caller stops us by closing stdin.
     let stop = Arc::new(AtomicBool::new(false));
     if count == 0 {
@@ -354,7 +390,12 @@ pub fn connect(
         && Instant::now() < deadline
     {
         attempts += 1;
-        match exchange(to, proto, shared.as_ref()) {
+        let result = if mode == UdpMode::Persistent {
+            persistent_exchange(to, &mut persistent)
+        } else {
+            exchange(to, proto, shared.as_ref())
+        };
+        match result {
             Ok((backend, peer)) => {
                 ok += 1;
                 *by_backend.entry(backend).or_default() += 1;
