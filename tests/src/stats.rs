@@ -20,6 +20,16 @@ pub fn agent_stats(pins: &PinDir) -> Option<Report> {
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
+/// `lb-agent stats` as an operator reads it (one sample, no rates).
+pub fn stats_table(pins: &PinDir) -> String {
+    let out = Command::new(agent_bin())
+        .args(["stats", "--interval", "0", "--pin-dir"])
+        .arg(&pins.path)
+        .output()
+        .expect("run lb-agent stats");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {

@@ -351,12 +351,7 @@ fn consul_blocking_queries_follow_the_index_and_survive_garbage() {
         assert_eq!(backend_set(&stats, "web").unwrap(), [B1], "{stats:?}");
     }
     s.assert_balanced(VIP, &[B1]);
-    let table = std::process::Command::new(lb_testkit::paths::agent_bin())
-        .args(["stats", "--pin-dir"])
-        .arg(&s.pins.path)
-        .output()
-        .expect("lb-agent stats");
-    let table = String::from_utf8_lossy(&table.stdout);
+    let table = lb_testkit::stats::stats_table(&s.pins);
     assert!(
         table.contains("source consul \"web\": ERROR x")
             && table.contains("serving the last known set"),

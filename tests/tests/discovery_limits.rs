@@ -85,12 +85,7 @@ fn a_100_mib_token_file_is_refused_with_its_name_and_costs_no_memory() {
     let growth = peak_growth_kib(&s, baseline, "100 MiB token file");
     let error = wait_error(&s, &["discovery.token_file", "larger than 64 KiB"]);
     assert!(error.contains(&token.display().to_string()), "{error}");
-    let table = std::process::Command::new(lb_testkit::paths::agent_bin())
-        .args(["stats", "--pin-dir"])
-        .arg(&s.pins.path)
-        .output()
-        .expect("lb-agent stats");
-    let table = String::from_utf8_lossy(&table.stdout);
+    let table = lb_testkit::stats::stats_table(&s.pins);
     assert!(
         table.contains("source consul \"web\": syncing, not reached yet (discovery.token_file"),
         "{table}"

@@ -27,12 +27,7 @@ fn too_big() -> String {
 }
 
 fn stats_table(s: &Scenario) -> String {
-    let out = std::process::Command::new(lb_testkit::paths::agent_bin())
-        .args(["stats", "--interval", "0", "--pin-dir"])
-        .arg(&s.pins.path)
-        .output()
-        .expect("lb-agent stats");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    lb_testkit::stats::stats_table(&s.pins)
 }
 
 #[test]

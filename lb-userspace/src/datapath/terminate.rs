@@ -434,7 +434,7 @@ struct IterCreate {
     flags: u32,
 }
 
-fn bpf<T>(cmd: u32, attr: &mut T) -> Result<OwnedFd, std::io::Error> {
+fn sys_bpf<T>(cmd: u32, attr: &mut T) -> Result<i64, std::io::Error> {
     // SAFETY: `attr` is a live, properly laid out `union bpf_attr` prefix of the size given.
     let r = unsafe {
         libc::syscall(
@@ -447,24 +447,18 @@ fn bpf<T>(cmd: u32, attr: &mut T) -> Result<OwnedFd, std::io::Error> {
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(r)
+}
+
+/// A command that returns a new descriptor.
+fn bpf<T>(cmd: u32, attr: &mut T) -> Result<OwnedFd, std::io::Error> {
+    let fd = sys_bpf(cmd, attr)?;
     // SAFETY: these commands return a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 fn bpf_no_fd<T>(cmd: u32, attr: &mut T) -> Result<(), std::io::Error> {
-    // SAFETY: as in `bpf`; these commands return 0, not a descriptor.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut libc::c_void,
-            size_of::<T>(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    sys_bpf(cmd, attr).map(drop)
 }
 
 fn map_create(map_type: u32, key_size: u32, value_size: u32, max_entries: u32) -> Result<OwnedFd> {
