@@ -61,6 +61,10 @@ enum Command {
         /// them [default: 65,536]; when full, the least recently used is forgotten.
         #[arg(long)]
         max_affinity: Option<u32>,
+        /// Crash tests only: after applying this many operations of a plan other than the
+        /// first, SIGKILL itself (an agent killed in the middle of an apply).
+        #[arg(long, hide = true)]
+        crash_after_ops: Option<usize>,
     },
     /// Validate a config file without root and without touching the kernel.
     CheckConfig { file: PathBuf },
@@ -122,6 +126,7 @@ fn dispatch(command: Command) -> Result<()> {
             max_backends,
             max_slots,
             max_affinity,
+            crash_after_ops,
         } => {
             let args = agent::RunArgs {
                 config,
@@ -138,6 +143,7 @@ fn dispatch(command: Command) -> Result<()> {
                 bpf_log,
                 http_listen,
                 metrics_listen: metrics_listen.0,
+                crash_after_ops,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

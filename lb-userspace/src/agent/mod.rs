@@ -12,6 +12,7 @@ use crate::datapath::apply::apply;
 use crate::datapath::capacity::{Capacity, Requested};
 use crate::datapath::maps::Maps;
 use crate::datapath::mirror::Mirror;
+use crate::datapath::ops::Op;
 use crate::datapath::pinned::PinnedMaps;
 use crate::datapath::reconcile::{reconcile, Scope, Summary};
 use crate::datapath::terminate::Terminator;
@@ -46,6 +47,8 @@ pub struct RunArgs {
     pub http_listen: Option<std::net::SocketAddr>,
     /// Where `/metrics` is served; `None` = not at all.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Crash tests: SIGKILL itself this many operations into a plan after the first.
+    pub crash_after_ops: Option<usize>,
 }
 
 /// How often health state is published for `lb-agent stats`.
@@ -128,6 +131,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         terminator,
         policies: HashMap::new(),
         terminated: BTreeMap::new(),
+        crash_after_ops: args.crash_after_ops,
         published_empty: false,
         outliers,
     };
@@ -318,6 +322,8 @@ struct Agent {
     policies: HashMap<ServiceKey, Terminate>,
     /// Sockets destroyed so far, by service and backend.
     terminated: BTreeMap<String, BTreeMap<String, u64>>,
+    /// `RunArgs::crash_after_ops`, armed once the first plan is applied.
+    crash_after_ops: Option<usize>,
     /// The cgroup2 mount, where `[dataplane] bypass` patterns start.
     cgroup_root: Option<PathBuf>,
     /// The cgroups bypassed now, by id, and why some pattern matched nothing usable.
@@ -461,6 +467,7 @@ impl Agent {
             Some(t) => Scope::Keys(&t.keys),
         };
         let plan = reconcile(&mirror.installed, &mut mirror.pools, &desired, scope)?;
+        self.crash_test(&plan.ops, fresh);
         apply(&mut self.maps, &plan.ops)?;
         if !plan.removed.is_empty() {
             self.terminate(&plan.removed, &mirror);
@@ -537,6 +544,23 @@ impl Agent {
         }
         self.note_dropped(notes, Some(&touched.names));
         touched
+    }
+
+    /// `--crash-after-ops`: applies that much of a plan (not the first: the agent must have
+    /// started) and dies as a SIGKILL would leave it, in the middle of the apply.
+    fn crash_test(&mut self, ops: &[Op], first: bool) {
+        let Some(k) = self.crash_after_ops.filter(|k| !first && ops.len() > *k) else {
+            return;
+        };
+        let done = apply(&mut self.maps, &ops[..k]);
+        warn!(
+            applied = k,
+            of = ops.len(),
+            ?done,
+            "crash test: SIGKILL in the middle of an apply"
+        );
+        // SAFETY: raising a signal at ourselves.
+        unsafe { libc::raise(libc::SIGKILL) };
     }
 
     /// Destroys the sockets translated to backends a plan just removed, as each service's

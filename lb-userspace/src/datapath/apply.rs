@@ -5,13 +5,41 @@ use crate::codec::backend_value;
 use crate::datapath::maps::Maps;
 use crate::datapath::ops::Op;
 use anyhow::{Context, Result};
-use lb_common::ServiceName;
+use lb_common::{ServiceKey, ServiceName, ServiceValue};
 
 /// Applies operations in order and stops at the first failure; see `reconcile` for why any
-/// prefix leaves a consistent data plane.
+/// prefix leaves a consistent data plane. A run of service entries or of names is written as
+/// one batch (in order, so a failure still leaves a prefix).
 pub fn apply(dp: &mut impl Maps, ops: &[Op]) -> Result<()> {
-    for op in ops {
-        apply_one(dp, op).with_context(|| format!("applying {op:?}"))?;
+    let mut rest = ops;
+    while let Some(op) = rest.first() {
+        let services: Vec<(ServiceKey, ServiceValue)> = rest
+            .iter()
+            .map_while(|op| match op {
+                Op::PutService { key, value } => Some((*key, *value)),
+                _ => None,
+            })
+            .collect();
+        let names: Vec<(u32, ServiceName)> = rest
+            .iter()
+            .map_while(|op| match op {
+                Op::PutName { service_id, name } => Some((*service_id, ServiceName::new(name))),
+                _ => None,
+            })
+            .collect();
+        let done = if services.len() > 1 {
+            dp.put_services(&services)
+                .with_context(|| format!("writing {} service entries", services.len()))?;
+            services.len()
+        } else if names.len() > 1 {
+            dp.put_names(&names)
+                .with_context(|| format!("writing {} service names", names.len()))?;
+            names.len()
+        } else {
+            apply_one(dp, op).with_context(|| format!("applying {op:?}"))?;
+            1
+        };
+        rest = &rest[done..];
     }
     Ok(())
 }

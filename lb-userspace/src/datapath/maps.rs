@@ -16,6 +16,11 @@ pub trait Maps {
     fn names(&self) -> Result<Vec<(u32, ServiceName)>>;
 
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()>;
+    /// Many at once, in order (the pinned maps use one syscall per few thousand); a failure
+    /// leaves a prefix written.
+    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<()> {
+        entries.iter().try_for_each(|(k, v)| self.put_service(k, v))
+    }
     /// Deleting an absent entry is not an error: cleanups are retried after interruptions.
     fn delete_service(&mut self, key: &ServiceKey) -> Result<()>;
     /// Writes a table at `base..base + backends.len()` of the slot array.
@@ -23,6 +28,10 @@ pub trait Maps {
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<()>;
     fn delete_backend(&mut self, id: u32) -> Result<()>;
     fn put_name(&mut self, id: u32, name: &ServiceName) -> Result<()>;
+    /// Many at once, like `put_services`.
+    fn put_names(&mut self, entries: &[(u32, ServiceName)]) -> Result<()> {
+        entries.iter().try_for_each(|(id, n)| self.put_name(*id, n))
+    }
     fn delete_name(&mut self, id: u32) -> Result<()>;
     fn reset_service_counters(&mut self, id: u32) -> Result<()>;
     /// The generation of the backend id's current owner.

@@ -13,6 +13,7 @@ pub mod apply;
 pub mod free;
 pub mod mirror;
 pub mod reconcile;
+pub mod sys;
 pub mod terminate;
 pub mod mapped;
 pub mod pinned;

@@ -6,14 +6,16 @@ use crate::admission::outlier::Observation;
 use crate::datapath::capacity::Capacity;
 use crate::datapath::mapped::MappedArray;
 use crate::datapath::maps::Maps;
+use crate::datapath::sys::update_batch;
 use anyhow::{bail, Context, Result};
-use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, MapType};
+use aya::maps::{Array, HashMap, IterableMap, Map, MapData, MapError, MapInfo, MapType};
 use aya::Pod;
 use lb_common::names::*;
 use lb_common::*;
 use std::collections::BTreeMap;
 use std::mem::size_of;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 /// Where this layout's maps are pinned under `pin_dir` (`MAPS_FOLDER`).
@@ -345,6 +347,14 @@ impl Maps for PinnedMaps {
 
     fn delete_service(&mut self, key: &ServiceKey) -> Result<()> {
         absent_ok(self.services.remove(key))
+    }
+
+    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<()> {
+        update_batch(self.services.map().fd().as_fd(), entries)
+    }
+
+    fn put_names(&mut self, entries: &[(u32, ServiceName)]) -> Result<()> {
+        update_batch(self.names.map().fd().as_fd(), entries)
     }
 
     fn put_slots(&mut self, base: u32, backends: &[u32]) -> Result<()> {

@@ -115,6 +115,10 @@ pub fn reconcile(
             }
         }
     }
+    // Every service's own order holds (its backends and table, then its entry, then what it
+    // no longer uses), and no id or range is both freed and taken in one plan, so the
+    // services' steps may be interleaved by phase: the entries then flip in one batch.
+    ops.sort_by_key(phase);
     summary.map_ops = ops.len();
     Ok(Plan {
         ops,
@@ -178,6 +182,17 @@ fn update_service(
         pools.backend_ids.release(*id);
     }
     Ok(Some(dropped))
+}
+
+/// Writes before flips before removals; names (read only by `stats`) together, so that they
+/// go in batches too.
+fn phase(op: &Op) -> u8 {
+    match op {
+        Op::ResetServiceCounters(_) | Op::PutBackend { .. } | Op::PutSlots { .. } => 0,
+        Op::PutName { .. } => 1,
+        Op::PutService { .. } => 2,
+        Op::DeleteService(_) | Op::DeleteName(_) | Op::DeleteBackend(_) => 3,
+    }
 }
 
 /// Backend ids for each slot: a backend the service already has keeps its id (and so its

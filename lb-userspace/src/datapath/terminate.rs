@@ -12,13 +12,16 @@
 //! agent then reports termination as unavailable and balances as before.
 
 use crate::config::Terminate;
+use crate::datapath::sys::{
+    bpf, map_create, map_delete, map_lookup, map_update, BPF_MAP_TYPE_HASH,
+};
 use anyhow::{bail, Context, Result};
 use aya::maps::MapData;
 use aya_obj::btf::{Btf, BtfKind};
 use lb_common::{SocketPeer, SocketState, SOCKET_CONNECTED};
 use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 /// The protocols' bits in a doomed entry.
@@ -358,38 +361,13 @@ fn program(protocol: u32, sockets: RawFd, doomed: RawFd, destroy_btf_id: u32) ->
     a.finish()
 }
 
-// ---- bpf(2) ---------------------------------------------------------------------------------
+// ---- loading and running them ----------------------------------------------------------------
 
-const BPF_MAP_CREATE: u32 = 0;
-const BPF_MAP_LOOKUP_ELEM: u32 = 1;
-const BPF_MAP_UPDATE_ELEM: u32 = 2;
-const BPF_MAP_DELETE_ELEM: u32 = 3;
 const BPF_PROG_LOAD: u32 = 5;
 const BPF_ITER_CREATE: u32 = 33;
 const BPF_LINK_CREATE: u32 = 28;
-const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_PROG_TYPE_TRACING: u32 = 26;
 const BPF_TRACE_ITER: u32 = 28;
-
-#[repr(C)]
-#[derive(Default)]
-struct MapCreate {
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    map_flags: u32,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct MapElem {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
 
 #[repr(C)]
 #[derive(Default)]
@@ -432,71 +410,6 @@ struct LinkCreate {
 struct IterCreate {
     link_fd: u32,
     flags: u32,
-}
-
-fn sys_bpf<T>(cmd: u32, attr: &mut T) -> Result<i64, std::io::Error> {
-    // SAFETY: `attr` is a live, properly laid out `union bpf_attr` prefix of the size given.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut libc::c_void,
-            size_of::<T>(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(r)
-}
-
-/// A command that returns a new descriptor.
-fn bpf<T>(cmd: u32, attr: &mut T) -> Result<OwnedFd, std::io::Error> {
-    let fd = sys_bpf(cmd, attr)?;
-    // SAFETY: these commands return a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-fn bpf_no_fd<T>(cmd: u32, attr: &mut T) -> Result<(), std::io::Error> {
-    sys_bpf(cmd, attr).map(drop)
-}
-
-fn map_create(map_type: u32, key_size: u32, value_size: u32, max_entries: u32) -> Result<OwnedFd> {
-    let mut attr = MapCreate {
-        map_type,
-        key_size,
-        value_size,
-        max_entries,
-        map_flags: 0,
-    };
-    Ok(bpf(BPF_MAP_CREATE, &mut attr)?)
-}
-
-fn elem<K, V>(map: &OwnedFd, key: &K, value: *const V) -> MapElem {
-    MapElem {
-        map_fd: map.as_raw_fd() as u32,
-        key: key as *const K as u64,
-        value: value as u64,
-        ..MapElem::default()
-    }
-}
-
-fn map_update<K, V>(map: &OwnedFd, key: &K, value: &V) -> Result<()> {
-    Ok(bpf_no_fd(BPF_MAP_UPDATE_ELEM, &mut elem(map, key, value))?)
-}
-
-fn map_lookup<K, V>(map: &OwnedFd, key: &K, value: &mut V) -> Result<()> {
-    Ok(bpf_no_fd(
-        BPF_MAP_LOOKUP_ELEM,
-        &mut elem(map, key, value as *mut V),
-    )?)
-}
-
-fn map_delete<K>(map: &OwnedFd, key: &K) -> Result<()> {
-    Ok(bpf_no_fd(
-        BPF_MAP_DELETE_ELEM,
-        &mut elem::<K, u8>(map, key, std::ptr::null()),
-    )?)
 }
 
 fn prog_load(insns: &[Insn], attach_btf_id: u32) -> Result<OwnedFd> {
