@@ -257,7 +257,11 @@ fn next_index(previous: u64, answered: u64) -> u64 {
 /// read one at a time into the few fields used and everything else is skipped unkept, so the
 /// memory taken stays near the body's size whatever the answer holds.
 pub fn parse(body: &[u8], allow_loopback: bool) -> Result<Answer, String> {
-    let Lenient(instances) = serde_json::from_slice::<Lenient<Instances>>(body)
+    // Skipped fields are not decoded, so invalid UTF-8 in one would otherwise pass: JSON
+    // is UTF-8 throughout, and an answer that is not is not Consul's.
+    let text = std::str::from_utf8(body)
+        .map_err(|e| format!("answer is not valid JSON: not UTF-8 ({e})"))?;
+    let Lenient(instances) = serde_json::from_str::<Lenient<Instances>>(text)
         .map_err(|e| format!("answer is not valid JSON: {e}"))?;
     let Instances::Array(reported, answer) = instances else {
         return Err("answer is not a JSON array of instances".to_owned());
@@ -982,5 +986,15 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Found by fuzzing: a skipped field is not decoded, so its invalid UTF-8 went unseen.
+    #[test]
+    fn invalid_utf8_anywhere_is_not_json() {
+        let mut body = format!("[{}]", entry("10.0.0.1", "", 8080, 1)).into_bytes();
+        let at = body.windows(4).position(|w| w == b"\"n\",").unwrap() + 1;
+        body[at] = 0xaf;
+        let e = parse(&body, false).unwrap_err();
+        assert!(e.contains("not UTF-8"), "{e}");
     }
 }
