@@ -1,13 +1,13 @@
-//! What is compared, each installed into the client namespace with `n` services (every
-//! service over the same backends) and removed again before the next one. With one service,
+//! What is compared, each installed into its own client namespace with `n` services (every
+//! service over the same backends) and removed again after that size. With one service,
 //! each contender also gets that service over UDP and an IPv6 service (`vip6(0)`) where it
 //! can.
 
-use super::topo::{run_in, vip, vip6, Topology};
+use super::topo::{run_in, vip, vip6, ClientSide, Topology};
 use super::Case;
 use anyhow::{bail, Context, Result};
 use lb_testkit::paths::testkit_bin;
-use lb_testkit::{Agent, ConsulMock, PinDir, TestCgroup};
+use lb_testkit::{Agent, ConsulMock, PinDir};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Contender {
-    /// Straight to the backends, from the reference namespace (nothing installed there).
+    /// Straight to the backends (nothing installed in its namespace).
     Direct,
-    /// Straight to the backends from the contenders' namespace while nothing is installed
-    /// there: against `Direct`, the noise floor of a comparison (the same path measured twice).
-    DirectHere,
+    /// The same as `Direct` from another namespace: against `Direct`, the noise floor of a
+    /// comparison (the same path measured twice).
+    DirectTwin,
     Lb,
     /// lb with `[dataplane] count_bytes = false`: the per-packet cost of byte counting is the
     /// difference to `Lb`.
@@ -32,7 +32,7 @@ pub enum Contender {
 impl Contender {
     pub const ALL: [Contender; 7] = [
         Contender::Direct,
-        Contender::DirectHere,
+        Contender::DirectTwin,
         Contender::Lb,
         Contender::LbNoBytes,
         Contender::Nftables,
@@ -43,7 +43,7 @@ impl Contender {
     pub fn name(self) -> &'static str {
         match self {
             Contender::Direct => "direct",
-            Contender::DirectHere => "direct, contenders' namespace",
+            Contender::DirectTwin => "direct again (A/A check)",
             Contender::Lb => "lb (this project)",
             Contender::LbNoBytes => "lb, byte counting off",
             Contender::Nftables => "nftables DNAT",
@@ -56,7 +56,7 @@ impl Contender {
     pub fn short(self) -> &'static str {
         match self {
             Contender::Direct => "direct",
-            Contender::DirectHere => "direct-here",
+            Contender::DirectTwin => "direct-twin",
             Contender::Lb => "lb",
             Contender::LbNoBytes => "lb-nobytes",
             Contender::Nftables => "nftables",
@@ -69,7 +69,7 @@ impl Contender {
     pub fn color(self) -> (u8, u8, u8) {
         match self {
             Contender::Direct => (0x55, 0x55, 0x55),
-            Contender::DirectHere => (0xaa, 0xaa, 0xaa),
+            Contender::DirectTwin => (0xaa, 0xaa, 0xaa),
             Contender::Lb => (0x2b, 0x8c, 0xbe),
             Contender::LbNoBytes => (0x9e, 0xca, 0xe1),
             Contender::Nftables => (0xe6, 0x55, 0x0d),
@@ -80,7 +80,7 @@ impl Contender {
 
     /// Connects straight to the backends (no VIP).
     pub fn is_direct(self) -> bool {
-        matches!(self, Contender::Direct | Contender::DirectHere)
+        matches!(self, Contender::Direct | Contender::DirectTwin)
     }
 
     /// Why this contender is not measured under `case`, if it is not.
@@ -89,8 +89,6 @@ impl Contender {
             (Contender::Haproxy, Case::Udp | Case::UdpConnected) => {
                 Some("HAProxy has no UDP proxy mode (its UDP is QUIC only)")
             }
-            // The last VIP is a VIP's position in a table: direct has no VIP.
-            (c, Case::ShortEnd) if c.is_direct() => Some("no VIP"),
             _ => None,
         }
     }
@@ -146,11 +144,11 @@ fn temp_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Runs `argv` in the client namespace, killing it if it outlasts `budget`.
-fn run_bounded(topo: &Topology, argv: &[&str], budget: Duration) -> Result<Option<Duration>> {
+/// Runs `argv` in a client namespace, killing it if it outlasts `budget`.
+fn run_bounded(side: &ClientSide, argv: &[&str], budget: Duration) -> Result<Option<Duration>> {
     let t0 = Instant::now();
     let mut child = Command::new(testkit_bin())
-        .args(["--netns", &topo.client.ns_path, "exec", "--"])
+        .args(["--netns", &side.net.ns_path, "exec", "--"])
         .args(argv)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -174,10 +172,11 @@ fn run_bounded(topo: &Topology, argv: &[&str], budget: Duration) -> Result<Optio
     }
 }
 
+/// Installs `c` into its client side `side`; temporary files go to `dir`.
 pub fn install(
     c: Contender,
     topo: &Topology,
-    cgroup: &TestCgroup,
+    side: &ClientSide,
     n: usize,
     dir: &Path,
     budget: Duration,
@@ -185,8 +184,10 @@ pub fn install(
     let backends = &topo.backends;
     // UDP and IPv6 are measured with one service only.
     let extra = n == 1;
+    let dir = &dir.join(c.short());
+    std::fs::create_dir_all(dir)?;
     match c {
-        Contender::Direct | Contender::DirectHere => Ok(Outcome::Ready(Installed {
+        Contender::Direct | Contender::DirectTwin => Ok(Outcome::Ready(Installed {
             load: Duration::ZERO,
             rss_kib: None,
             kernel_kib: None,
@@ -199,10 +200,10 @@ pub fn install(
                 ruleset += &nft_ruleset(1, &topo.backends6, false, true);
             }
             let file = temp_file(dir, "bench.nft", &ruleset)?;
-            topo.route_vips(true)?;
-            let loaded = run_bounded(topo, &["nft", "-f", file.to_str().unwrap()], budget);
+            side.route_vips(true)?;
+            let loaded = run_bounded(side, &["nft", "-f", file.to_str().unwrap()], budget);
             // The client namespace holds no other nftables table.
-            ready_or_not(topo, loaded, budget, &["nft", "flush", "ruleset"])
+            ready_or_not(side, loaded, budget, &["nft", "flush", "ruleset"])
         }
         Contender::Iptables => {
             let rules = iptables_rules(n, backends, extra, false);
@@ -216,10 +217,10 @@ pub fn install(
                 )?;
                 script += &format!(" && ip6tables-restore --noflush < {}", file6.display());
             }
-            topo.route_vips(true)?;
-            let loaded = run_bounded(topo, &["sh", "-c", &script], budget);
+            side.route_vips(true)?;
+            let loaded = run_bounded(side, &["sh", "-c", &script], budget);
             ready_or_not(
-                topo,
+                side,
                 loaded,
                 budget,
                 &[
@@ -235,11 +236,11 @@ pub fn install(
             let front6 = vip6(0);
             let ip6 = host_of(&front6).to_string();
             run_in(
-                &topo.client,
+                &side.net,
                 &["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"],
             )?;
             run_in(
-                &topo.client,
+                &side.net,
                 &[
                     "ip",
                     "-6",
@@ -260,7 +261,7 @@ pub fn install(
             let mut child = Command::new(testkit_bin())
                 .args([
                     "--netns",
-                    &topo.client.ns_path,
+                    &side.net.ns_path,
                     "exec",
                     "--",
                     "haproxy",
@@ -272,9 +273,9 @@ pub fn install(
                 .stderr(Stdio::null())
                 .spawn()
                 .context("start haproxy")?;
-            let up = wait_listening(topo, &front, budget) && wait_listening(topo, &front6, budget);
+            let up = wait_listening(side, &front, budget) && wait_listening(side, &front6, budget);
             let load = t0.elapsed();
-            let ns = topo.client.ns_path.clone();
+            let ns = side.net.ns_path.clone();
             let mut undo = move || {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -307,18 +308,18 @@ pub fn install(
                 agent: None,
             }))
         }
-        Contender::Lb => install_lb(topo, cgroup, n, dir, budget, true),
-        Contender::LbNoBytes => install_lb(topo, cgroup, n, dir, budget, false),
+        Contender::Lb => install_lb(topo, side, n, dir, budget, true),
+        Contender::LbNoBytes => install_lb(topo, side, n, dir, budget, false),
     }
 }
 
 fn ready_or_not(
-    topo: &Topology,
+    side: &ClientSide,
     loaded: Result<Option<Duration>>,
     budget: Duration,
     undo_argv: &[&str],
 ) -> Result<Outcome> {
-    let ns = topo.client.ns_path.clone();
+    let ns = side.net.ns_path.clone();
     let argv: Vec<String> = undo_argv.iter().map(|s| s.to_string()).collect();
     let undo = move || {
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
@@ -363,11 +364,11 @@ fn exec_quietly(ns: &str, argv: &[&str]) {
         .status();
 }
 
-fn wait_listening(topo: &Topology, addr: &str, budget: Duration) -> bool {
+fn wait_listening(side: &ClientSide, addr: &str, budget: Duration) -> bool {
     let t0 = Instant::now();
     while t0.elapsed() < budget {
         let probe = Command::new(super::bench_bin())
-            .args(["--netns", &topo.client.ns_path, "load", "--to", addr])
+            .args(["--netns", &side.net.ns_path, "load", "--to", addr])
             .args(["--workload", "short", "--seconds", "0.1", "--clients", "1"])
             .output();
         if let Ok(out) = probe {
@@ -467,7 +468,7 @@ fn consul_state(index: u64, backends: &[String]) -> serde_json::Value {
 
 fn install_lb(
     topo: &Topology,
-    cgroup: &TestCgroup,
+    side: &ClientSide,
     n: usize,
     dir: &Path,
     budget: Duration,
@@ -480,10 +481,10 @@ fn install_lb(
     };
     let text = lb_config(setup, &topo.backends, &topo.backends6, false);
     let config = temp_file(dir, "lb.toml", &text)?;
-    let consul = ConsulMock::start(&topo.client, &consul_state(1, &topo.backends));
+    let consul = ConsulMock::start(&side.net, &consul_state(1, &topo.backends));
     let pins = PinDir::new();
     let t0 = Instant::now();
-    let mut agent = Agent::start(&topo.client, cgroup, &pins, &config, 0, &[]);
+    let mut agent = Agent::start(&side.net, &side.cgroup, &pins, &config, 0, &[]);
     let ready = lb_testkit::wait_for(budget, || {
         agent.log().contains(" ready services=") || !agent.is_running()
     });

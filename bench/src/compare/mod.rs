@@ -1,7 +1,8 @@
 //! `cargo xtask bench`'s side-by-side comparison: the same clients, backends and network for
 //! direct connects, this project, nftables and iptables DNAT (kube-proxy's layouts) and HAProxy,
-//! interleaved in one run (every repeat runs every contender, in a rotated order), at several
-//! numbers of installed services. Prints and writes markdown tables and SVG charts; nothing
+//! interleaved in one run (each contender in its own client namespace, all installed at once;
+//! every repeat runs every contender per workload, in a rotated order), at several numbers of
+//! installed services. Prints and writes markdown tables and SVG charts; nothing
 //! here asserts on speed.
 
 mod contenders;
@@ -12,7 +13,6 @@ mod topo;
 
 use anyhow::{Context, Result};
 use contenders::{install, lb_changes, Contender, Outcome};
-use lb_testkit::TestCgroup;
 use load::Workload;
 use report::{ProgramCost, Run, Summary};
 use std::path::Path;
@@ -28,11 +28,9 @@ pub fn bench_bin() -> std::path::PathBuf {
 pub struct Plan {
     pub scales: Vec<usize>,
     pub seconds: f64,
-    /// Every repeat runs every contender once (in an order rotated by one per repeat).
+    /// Every repeat runs every contender once per workload, in an order rotated by one per
+    /// repeat.
     pub repeats: usize,
-    /// Sizes below this are installed again for every repeat; from it on, each contender is
-    /// installed once and its runs alternate with direct ones while it stays installed.
-    pub reinstall_below: usize,
     pub budget: Duration,
     pub clients: usize,
     /// Discovery changes timed per size (lb).
@@ -50,7 +48,6 @@ impl Plan {
                 scales: vec![1, 1_000],
                 seconds: 0.5,
                 repeats: 2,
-                reinstall_below: 10_000,
                 budget: Duration::from_secs(20),
                 clients: 32,
                 changes: 20,
@@ -62,7 +59,6 @@ impl Plan {
                 scales: vec![1, 1_000, 10_000, 250_000],
                 seconds: 2.0,
                 repeats: 5,
-                reinstall_below: 10_000,
                 budget: Duration::from_secs(90),
                 clients: 32,
                 changes: 100,
@@ -78,7 +74,8 @@ impl Plan {
 pub enum Case {
     /// Short TCP connections to the middle one of the installed VIPs.
     Short,
-    /// Short TCP connections to the last installed VIP (the end of iptables' chain).
+    /// Short TCP connections to the last installed VIP (the end of iptables' chain); direct
+    /// runs its short connections again, so each ratio has a direct run next to it.
     ShortEnd,
     Persistent,
     Bulk,
@@ -117,14 +114,6 @@ impl Case {
             Case::Bulk => Workload::Bulk,
             Case::Udp => Workload::Udp,
             Case::UdpConnected => Workload::UdpConnected,
-        }
-    }
-
-    /// The direct measurement a ratio is taken against (direct has no last VIP).
-    pub fn reference(self) -> Case {
-        match self {
-            Case::ShortEnd => Case::Short,
-            c => c,
         }
     }
 
@@ -171,11 +160,10 @@ fn targets(c: Contender, case: Case, n: usize, topo: &Topology) -> Vec<String> {
     }
 }
 
-/// The client cgroups: the balanced one (lb's programs are attached to it) and the
-/// reference namespace's own.
-struct Cgroups {
-    balanced: TestCgroup,
-    reference: TestCgroup,
+/// `c`'s own client namespace and cgroup.
+fn side(topo: &Topology, c: Contender) -> &topo::ClientSide {
+    let k = Contender::ALL.iter().position(|&x| x == c).unwrap_or(0);
+    &topo.clients[k]
 }
 
 const BACKENDS: usize = 4;
@@ -196,15 +184,11 @@ pub fn run(quick: bool, out_dir: &Path, scales: &[usize], only: &[String]) -> Re
     plan.only = only.to_vec();
     let started = std::time::Instant::now();
     let load_before = report::loadavg();
-    let topo = Topology::build(BACKENDS)?;
+    let topo = Topology::build(BACKENDS, Contender::ALL.len())?;
     let _servers = start_backends(&topo)?;
-    let cgroups = Cgroups {
-        balanced: TestCgroup::new(),
-        reference: TestCgroup::new(),
-    };
     let dir = std::env::temp_dir().join(lb_testkit::paths::unique_name());
     std::fs::create_dir_all(&dir)?;
-    let result = measure(&plan, &topo, &cgroups, &dir);
+    let result = measure(&plan, &topo, &dir);
     let _ = std::fs::remove_dir_all(&dir);
     let mut summary = result?;
     summary.duration = started.elapsed();
@@ -259,11 +243,10 @@ fn start_backends(topo: &Topology) -> Result<Servers> {
     Ok(Servers(child))
 }
 
-/// One `lb-bench load` run: `c`'s clients (the reference namespace for direct, the balanced
-/// cgroup in the contenders' namespace otherwise) against `c`'s targets.
+/// One `lb-bench load` run: `c`'s clients (in its namespace and cgroup) against `c`'s
+/// targets.
 fn load(
     topo: &Topology,
-    cgroups: &Cgroups,
     c: Contender,
     case: Case,
     n: usize,
@@ -272,14 +255,10 @@ fn load(
 ) -> Result<load::LoadReport> {
     let w = case.workload();
     let clients = if w == Workload::Bulk { 1 } else { plan.clients };
-    let (net, cgroup) = if c == Contender::Direct {
-        (&topo.reference, &cgroups.reference)
-    } else {
-        (&topo.client, &cgroups.balanced)
-    };
+    let side = side(topo, c);
     let mut cmd = Command::new(bench_bin());
-    cmd.args(["--netns", &net.ns_path, "--cgroup"])
-        .arg(&cgroup.path)
+    cmd.args(["--netns", &side.net.ns_path, "--cgroup"])
+        .arg(&side.cgroup.path)
         .arg("load");
     for t in targets(c, case, n, topo) {
         cmd.args(["--to", &t]);
@@ -323,14 +302,7 @@ fn try_install(
         summary.not_loaded.push((c, n, why));
         return Ok(None);
     }
-    match install(
-        c,
-        ctx.topo,
-        &ctx.cgroups.balanced,
-        n,
-        ctx.dir,
-        ctx.plan.budget,
-    )? {
+    match install(c, ctx.topo, side(ctx.topo, c), n, ctx.dir, ctx.plan.budget)? {
         Outcome::Ready(i) => {
             summary.loads.push(report::Load {
                 contender: c,
@@ -370,7 +342,6 @@ fn hopeless(c: Contender, n: usize, loads: &[report::Load], budget: Duration) ->
 struct Ctx<'a> {
     plan: &'a Plan,
     topo: &'a Topology,
-    cgroups: &'a Cgroups,
     dir: &'a Path,
 }
 
@@ -382,37 +353,22 @@ impl Ctx<'_> {
         case: Case,
         n: usize,
         repeat: usize,
-        with: Option<Contender>,
     ) -> Result<()> {
-        let report = load(
-            self.topo,
-            self.cgroups,
-            c,
-            case,
-            n,
-            self.plan.seconds,
-            self.plan,
-        )?;
+        let report = load(self.topo, c, case, n, self.plan.seconds, self.plan)?;
         summary.runs.push(Run {
             contender: c,
             services: n,
             case,
             repeat,
-            with,
             report,
         });
         Ok(())
     }
 }
 
-fn measure(plan: &Plan, topo: &Topology, cgroups: &Cgroups, dir: &Path) -> Result<Summary> {
+fn measure(plan: &Plan, topo: &Topology, dir: &Path) -> Result<Summary> {
     let mut summary = Summary::default();
-    let ctx = Ctx {
-        plan,
-        topo,
-        cgroups,
-        dir,
-    };
+    let ctx = Ctx { plan, topo, dir };
     let chosen = |c: &Contender| plan.only.is_empty() || plan.only.iter().any(|o| o == c.short());
     for c in Contender::ALL.into_iter().filter(chosen) {
         for case in Case::ONE_SERVICE {
@@ -427,80 +383,42 @@ fn measure(plan: &Plan, topo: &Topology, cgroups: &Cgroups, dir: &Path) -> Resul
             .filter(chosen)
             .filter(|&c| n == 1 || c.scales() || c == Contender::Direct)
             .collect();
-        if n < plan.reinstall_below {
-            reinstalled(&ctx, &mut summary, &here, n)?;
-        } else {
-            installed_once(&ctx, &mut summary, &here, n)?;
+        // Every contender in its own namespace: all stay installed for this size.
+        let mut installed = Vec::new();
+        for &c in &here {
+            eprintln!("bench: {n} services: installing {}", c.name());
+            if let Some(i) = try_install(c, n, &ctx, &mut summary)? {
+                installed.push((c, i));
+            }
         }
-        if n == 1 {
-            for c in [Contender::Lb, Contender::LbNoBytes] {
-                if here.contains(&c) {
-                    program_costs(&ctx, &mut summary, c)?;
+        let ready: Vec<Contender> = installed.iter().map(|(c, _)| *c).collect();
+        for r in 0..plan.repeats {
+            eprintln!("bench: {n} services: repeat {}/{}", r + 1, plan.repeats);
+            for (i, &case) in Case::at(n).iter().enumerate() {
+                let who: Vec<Contender> = ready
+                    .iter()
+                    .copied()
+                    .filter(|c| c.skips(case).is_none())
+                    .collect();
+                // Each workload's block starts one further, too, so no contender is always
+                // first after a change of workload.
+                for c in rotated(&who, r + i) {
+                    ctx.run(&mut summary, c, case, n, r)?;
                 }
+            }
+        }
+        for (c, i) in &installed {
+            if n == 1 && matches!(c, Contender::Lb | Contender::LbNoBytes) {
+                program_costs(&ctx, &mut summary, *c, i)?;
+            }
+        }
+        for (c, i) in &mut installed {
+            if *c == Contender::Lb {
+                changes(&ctx, &mut summary, i, n);
             }
         }
     }
     Ok(summary)
-}
-
-/// Small sizes: every repeat installs each contender in turn (in the repeat's rotated order),
-/// runs all its workloads and removes it.
-fn reinstalled(ctx: &Ctx, summary: &mut Summary, here: &[Contender], n: usize) -> Result<()> {
-    let repeats = ctx.plan.repeats;
-    for r in 0..repeats {
-        for c in rotated(here, r) {
-            let Some(mut installed) = try_install(c, n, ctx, summary)? else {
-                continue;
-            };
-            eprintln!(
-                "bench: {n} services, repeat {}/{repeats}: {}",
-                r + 1,
-                c.name()
-            );
-            for &case in Case::at(n) {
-                if c.skips(case).is_none() {
-                    ctx.run(summary, c, case, n, r, None)?;
-                }
-            }
-            if c == Contender::Lb && r + 1 == repeats {
-                changes(ctx, summary, &mut installed, n);
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Large sizes, where installing takes seconds to minutes: each contender is installed once;
-/// every repeat then runs direct (from the reference namespace, untouched by what is
-/// installed) and the contender's workloads, in an order rotated by one per repeat.
-fn installed_once(ctx: &Ctx, summary: &mut Summary, here: &[Contender], n: usize) -> Result<()> {
-    let repeats = ctx.plan.repeats;
-    let direct = here.contains(&Contender::Direct);
-    for &c in here.iter().filter(|c| !c.is_direct()) {
-        let Some(mut installed) = try_install(c, n, ctx, summary)? else {
-            continue;
-        };
-        eprintln!("bench: {n} services: {} ({repeats} repeats)", c.name());
-        let mut steps: Vec<(Contender, Case)> = Vec::new();
-        if direct {
-            steps.push((Contender::Direct, Case::Short));
-        }
-        steps.extend(Case::at(n).iter().map(|&case| (c, case)));
-        for r in 0..repeats {
-            for (x, case) in rotated(&steps, r) {
-                ctx.run(summary, x, case, n, r, Some(c))?;
-            }
-        }
-        if c == Contender::Lb {
-            changes(ctx, summary, &mut installed, n);
-        }
-    }
-    if direct && here.len() == 1 {
-        for r in 0..repeats {
-            ctx.run(summary, Contender::Direct, Case::Short, n, r, None)?;
-        }
-    }
-    Ok(())
 }
 
 fn changes(ctx: &Ctx, summary: &mut Summary, installed: &mut contenders::Installed, n: usize) {
@@ -519,11 +437,13 @@ fn changes(ctx: &Ctx, summary: &mut Summary, installed: &mut contenders::Install
 
 /// lb at one service, once more per workload with `lb-agent stats --interval` sampling BPF
 /// run-time statistics inside the run (these runs are not in the rate tables: the
-/// statistics add to every program run).
-fn program_costs(ctx: &Ctx, summary: &mut Summary, c: Contender) -> Result<()> {
-    let Some(installed) = try_install(c, 1, ctx, summary)? else {
-        return Ok(());
-    };
+/// statistics add to every program run; they are global, so nothing else runs meanwhile).
+fn program_costs(
+    ctx: &Ctx,
+    summary: &mut Summary,
+    c: Contender,
+    installed: &contenders::Installed,
+) -> Result<()> {
     let Some(lb) = installed.agent.as_ref() else {
         return Ok(());
     };
@@ -536,7 +456,7 @@ fn program_costs(ctx: &Ctx, summary: &mut Summary, c: Contender) -> Result<()> {
                 std::thread::sleep(Duration::from_secs_f64(lead));
                 sample_programs(&lb.pins, seconds - 2.0 * lead)
             });
-            let run = load(ctx.topo, ctx.cgroups, c, case, 1, seconds, ctx.plan);
+            let run = load(ctx.topo, c, case, 1, seconds, ctx.plan);
             let costs = sampler.join().unwrap_or_default();
             run.map(|_| costs)
         })?;

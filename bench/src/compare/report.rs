@@ -17,9 +17,6 @@ pub struct Run {
     pub services: usize,
     pub case: Case,
     pub repeat: usize,
-    /// Large sizes: the contender installed during this run (direct runs are paired with the
-    /// contender's runs of the same repeat); `None` where each repeat installs anew.
-    pub with: Option<Contender>,
     pub report: LoadReport,
 }
 
@@ -142,14 +139,13 @@ impl Summary {
             .collect()
     }
 
-    /// The direct run `run`'s ratio is taken against: same size, repeat and pairing.
+    /// The direct run `run`'s ratio is taken against: same size, workload and repeat.
     fn reference(&self, run: &Run) -> Option<&Run> {
         self.runs.iter().find(|d| {
             d.contender == Contender::Direct
                 && d.services == run.services
-                && d.case == run.case.reference()
+                && d.case == run.case
                 && d.repeat == run.repeat
-                && d.with == run.with
         })
     }
 
@@ -181,7 +177,7 @@ impl Summary {
 
     /// Direct's spread for a size and case, when it is over `NOISY`.
     pub fn noisy(&self, n: usize, case: Case) -> Option<f64> {
-        let d = self.cell(Contender::Direct, n, case.reference())?;
+        let d = self.cell(Contender::Direct, n, case)?;
         let rel = d.rate.relative();
         (rel > NOISY).then_some(rel)
     }
@@ -329,12 +325,12 @@ fn ceiling_note(s: &Summary) -> String {
         parts.join("; ")
     );
     if let Some(aa) = s
-        .cell(Contender::DirectHere, 1, Case::Short)
+        .cell(Contender::DirectTwin, 1, Case::Short)
         .and_then(|c| c.ratio)
     {
         let _ = write!(
             t,
-            " The same direct path measured from the contenders' namespace gave {} of it for \
+            " The same direct path measured again from another namespace (A/A check) gave {} of it for \
              short connections: differences of that size between contenders are noise.",
             ratio_text(&aa)
         );
@@ -346,7 +342,7 @@ fn flagged_note(s: &Summary, sizes: &[usize], cases: &[Case]) -> String {
     let mut flagged = Vec::new();
     for &n in sizes {
         for &case in cases {
-            if case == Case::ShortEnd {
+            if n == 1 && case == Case::ShortEnd {
                 continue;
             }
             if let Some(rel) = s.noisy(n, case) {
@@ -375,23 +371,22 @@ pub fn markdown(s: &Summary, plan: &Plan, quick: bool, stem: &str) -> String {
     let _ = writeln!(t, "# Side-by-side benchmark ({mode} run)\n");
     let _ = writeln!(
         t,
-        "Machine: {}; 1-minute load average {:.1} before and {:.1} after (the benchmark itself \
-         loads both cores; anything else running adds noise). Whole comparison: {:.0} s. {} repeats of {} s per measurement. Every \
-         repeat runs every contender once, in an order rotated by one per repeat (sizes under \
-         {}: each contender installed anew per repeat; larger sizes: each contender installed \
-         once, its runs alternating with direct runs in a rotated order). A ratio is taken per \
-         repeat against that repeat's own direct run; tables show the median ratio with \
+        "Machine: {}; 1-minute load average {:.1} before and {:.1} after (the benchmark \
+         itself loads both cores; anything else running adds noise). Whole comparison: {:.0} s.\n\n\
+         Method: every contender has its own client namespace and cgroup (joined to the \
+         backends' namespace by its own veth pair), so all are installed at once for a size \
+         and none sees another's rules or programs. {} repeats of {} s per measurement; every \
+         repeat runs each workload for every contender, one after another, in an order rotated \
+         by one per repeat (and per workload). A ratio is taken per repeat against that \
+         repeat's own direct run of the same workload; tables show the median ratio with \
          [lowest–highest] over repeats. {} connections at once in closed loops (1 for bulk) on \
-         an event-driven client, 4 event-driven backends, clients and backends in separate \
-         namespaces joined by veth pairs; direct runs from a twin client namespace where \
-         nothing is installed.\n",
+         an event-driven client, 4 event-driven backends.\n",
         machine(),
         s.loadavg.0,
         s.loadavg.1,
         s.duration.as_secs_f64(),
         plan.repeats,
         plan.seconds,
-        plan.reinstall_below,
         plan.clients
     );
     let _ = writeln!(t, "{}", ceiling_note(s));
@@ -511,7 +506,7 @@ fn many_services(t: &mut String, s: &Summary) {
         "\n## Short connections with many services installed: ratio to direct\n\n\
          The measured VIP is the middle one of those installed, or the last one (the end of \
          iptables' chain). With one service both are the same VIP. Direct's row is its own \
-         rate; the absolute rates are in the next table.\n"
+         rate (run again next to the last-VIP runs); the absolute rates are in the next table.\n"
     );
     let mut header = String::from("| contender |");
     let mut line = String::from("|---|");
@@ -524,33 +519,29 @@ fn many_services(t: &mut String, s: &Summary) {
         let mut row = format!("| {} |", c.name());
         for &n in &sizes {
             let end = if n == 1 { Case::Short } else { Case::ShortEnd };
-            let last = if c == Contender::Direct {
-                "—".to_string()
-            } else {
-                ratio_cell(s, c, n, end)
-            };
+            let last = ratio_cell(s, c, n, end);
             let _ = write!(row, " {} | {last} |", ratio_cell(s, c, n, Case::Short));
         }
         let _ = writeln!(t, "{row}");
     }
-    let _ = write!(t, "{}", flagged_note(s, &sizes, &[Case::Short]));
+    let _ = write!(
+        t,
+        "{}",
+        flagged_note(s, &sizes, &[Case::Short, Case::ShortEnd])
+    );
     let _ = writeln!(
         t,
         "\n| contender | services | middle VIP conn/s | p99 µs | last VIP conn/s | p99 µs |\n|---|---|---|---|---|---|"
     );
     for &c in &scaling {
         for &n in &sizes {
-            let end = if n == 1 || c == Contender::Direct {
-                Case::Short
-            } else {
-                Case::ShortEnd
-            };
+            let end = if n == 1 { Case::Short } else { Case::ShortEnd };
             let (Some(mid), last) = (s.cell(c, n, Case::Short), s.cell(c, n, end)) else {
                 continue;
             };
-            let (last_rate, last_p99) = match (&last, c == Contender::Direct) {
-                (_, true) | (None, _) => ("—".to_string(), "—".to_string()),
-                (Some(l), false) => (rate_text(end, &l.rate), l.p99_us.to_string()),
+            let (last_rate, last_p99) = match &last {
+                None => ("—".to_string(), "—".to_string()),
+                Some(l) => (rate_text(end, &l.rate), l.p99_us.to_string()),
             };
             let _ = writeln!(
                 t,
@@ -724,7 +715,6 @@ mod tests {
             services: n,
             case,
             repeat,
-            with: None,
             report: LoadReport {
                 ops_per_sec: rate,
                 bytes_per_sec: rate * 1e6,
@@ -778,25 +768,25 @@ mod tests {
     }
 
     #[test]
-    fn the_last_vip_and_large_sizes_pair_with_their_own_direct_run() {
+    fn the_last_vip_pairs_with_the_direct_run_next_to_it() {
         let mut s = Summary::default();
-        for (with, d) in [(Contender::Nftables, 100.0), (Contender::Iptables, 50.0)] {
-            let mut direct = run(Contender::Direct, 10_000, Case::Short, 0, d);
-            direct.with = Some(with);
-            let mut mine = run(with, 10_000, Case::ShortEnd, 0, 40.0);
-            mine.with = Some(with);
-            s.runs.push(direct);
-            s.runs.push(mine);
-        }
-        let r = |c| {
-            s.cell(c, 10_000, Case::ShortEnd)
+        s.runs
+            .push(run(Contender::Direct, 10_000, Case::Short, 0, 100.0));
+        s.runs
+            .push(run(Contender::Direct, 10_000, Case::ShortEnd, 0, 50.0));
+        s.runs
+            .push(run(Contender::Iptables, 10_000, Case::Short, 0, 40.0));
+        s.runs
+            .push(run(Contender::Iptables, 10_000, Case::ShortEnd, 0, 40.0));
+        let r = |case| {
+            s.cell(Contender::Iptables, 10_000, case)
                 .unwrap()
                 .ratio
                 .unwrap()
                 .median
         };
-        assert_eq!(r(Contender::Nftables), 0.4);
-        assert_eq!(r(Contender::Iptables), 0.8);
+        assert_eq!(r(Case::Short), 0.4);
+        assert_eq!(r(Case::ShortEnd), 0.8);
     }
 
     #[test]

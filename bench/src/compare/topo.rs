@@ -1,12 +1,12 @@
-//! The benchmark's network: a client namespace and a backend namespace joined by a veth pair,
-//! and a twin of the client namespace (the reference, where direct connects run) joined to the
-//! same backend namespace by a second pair; no other interface and no route out. Backends live
-//! on 10.200.1.x and fd00:201::x in the backend namespace; clients reach them over the veths.
-//! Nothing is attached to the host's network.
+//! The benchmark's network: a backend namespace, and one client namespace per contender, each
+//! joined to the backend namespace by its own veth pair; no other interface and no route out.
+//! Backends live on 10.200.1.x and fd00:201::x in the backend namespace. With a namespace
+//! (and a client cgroup) each, contenders do not see each other's rules or programs, so all
+//! can stay installed while their runs alternate. Nothing is attached to the host's network.
 
 use anyhow::{bail, Context, Result};
 use lb_testkit::paths::testkit_bin;
-use lb_testkit::TestNet;
+use lb_testkit::{TestCgroup, TestNet};
 use std::process::Command;
 
 pub const BACKEND_PORT: u16 = 8080;
@@ -15,34 +15,19 @@ pub const BACKEND_PORT: u16 = 8080;
 pub const VIP_RANGE: &str = "10.96.0.0/15";
 pub const VIP6_RANGE: &str = "fd00:96::/64";
 
-/// One client namespace's link to the backend namespace.
-struct Link {
-    /// Interface name prefixes (client side, backend side) and the subnets' distinct parts.
-    names: (&'static str, &'static str),
-    v4: &'static str,
-    v6: &'static str,
+/// One contender's side: its client namespace (10.200.(10+k).1 and fd00:200:k::1 on the veth,
+/// the backend namespace's end .2 and ::2) and the cgroup its clients run in.
+pub struct ClientSide {
+    pub net: TestNet,
+    pub cgroup: TestCgroup,
+    gw4: String,
+    gw6: String,
 }
 
-/// The contenders' client namespace: 10.200.0.1 ↔ .2 and fd00:200::1 ↔ ::2.
-const CLIENT_LINK: Link = Link {
-    names: ("lbbc", "lbbs"),
-    v4: "10.200.0",
-    v6: "fd00:200:",
-};
-/// The reference namespace: 10.200.2.1 ↔ .2 and fd00:202::1 ↔ ::2.
-const REFERENCE_LINK: Link = Link {
-    names: ("lbbr", "lbbt"),
-    v4: "10.200.2",
-    v6: "fd00:202:",
-};
-
 pub struct Topology {
-    /// Where the contenders are installed and their clients run.
-    pub client: TestNet,
-    /// The same setup with nothing installed: direct connects run here, so they can run
-    /// between a contender's runs while that contender stays installed.
-    pub reference: TestNet,
     pub server: TestNet,
+    /// One per contender, in `Contender::ALL`'s order.
+    pub clients: Vec<ClientSide>,
     /// Backend addresses, IPv4 (`10.200.1.k:8080`) and IPv6 (`[fd00:201::k]:8080`).
     pub backends: Vec<String>,
     pub backends6: Vec<String>,
@@ -79,14 +64,15 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// A veth pair from `client` to `server` with both address families, and the client's routes
-/// to the backends over it.
-fn link(client: &TestNet, server: &TestNet, l: &Link) -> Result<()> {
+/// The `k`-th client namespace, joined to `server` by a veth pair with both address
+/// families, with its routes to the backends and its sysctls.
+fn client_side(server: &TestNet, k: usize) -> Result<ClientSide> {
+    let net = TestNet::new(&[]);
     // Short unique names (15 bytes max); the pair disappears with the namespaces.
     let id = std::process::id() % 100_000;
-    let (c, s) = (format!("{}{id}", l.names.0), format!("{}{id}", l.names.1));
+    let (c, s) = (format!("lbc{k}x{id}"), format!("lbs{k}x{id}"));
     ip(&["link", "add", &c, "type", "veth", "peer", "name", &s])?;
-    let moved = ip(&["link", "set", &c, "netns", holder_pid(client)?])
+    let moved = ip(&["link", "set", &c, "netns", holder_pid(&net)?])
         .and_then(|_| ip(&["link", "set", &s, "netns", holder_pid(server)?]));
     if let Err(e) = moved {
         // Whatever end is still in the host namespace takes its peer with it.
@@ -94,36 +80,54 @@ fn link(client: &TestNet, server: &TestNet, l: &Link) -> Result<()> {
         let _ = Command::new("ip").args(["link", "del", &s]).status();
         return Err(e);
     }
-    for (net, dev, host) in [(client, &c, 1), (server, &s, 2)] {
-        let v4 = format!("{}.{host}/24", l.v4);
-        run_in(net, &["ip", "addr", "add", &v4, "dev", dev])?;
+    let (v4, v6) = (format!("10.200.{}", 10 + k), format!("fd00:200:{k:x}:"));
+    for (ns, dev, host) in [(&net, &c, 1), (server, &s, 2)] {
+        let a4 = format!("{v4}.{host}/24");
+        run_in(ns, &["ip", "addr", "add", &a4, "dev", dev])?;
         // nodad: usable at once, not after duplicate address detection.
-        let v6 = format!("{}:{host}/64", l.v6);
-        run_in(net, &["ip", "-6", "addr", "add", &v6, "dev", dev, "nodad"])?;
-        run_in(net, &["ip", "link", "set", dev, "up"])?;
+        let a6 = format!("{v6}:{host}/64");
+        run_in(ns, &["ip", "-6", "addr", "add", &a6, "dev", dev, "nodad"])?;
+        run_in(ns, &["ip", "link", "set", dev, "up"])?;
     }
-    let gw4 = format!("{}.2", l.v4);
-    let gw6 = format!("{}:2", l.v6);
+    let (gw4, gw6) = (format!("{v4}.2"), format!("{v6}:2"));
+    run_in(&net, &["ip", "route", "add", "10.200.1.0/24", "via", &gw4])?;
     run_in(
-        client,
-        &["ip", "route", "add", "10.200.1.0/24", "via", &gw4],
-    )?;
-    run_in(
-        client,
+        &net,
         &["ip", "-6", "route", "add", "fd00:201::/64", "via", &gw6],
     )?;
     // Short connections at full speed: reuse TIME_WAIT ports on the client side.
-    run_in(client, &["sh", "-c", "echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse; echo '1024 65000' > /proc/sys/net/ipv4/ip_local_port_range"])?;
-    Ok(())
+    run_in(&net, &["sh", "-c", "echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse; echo '1024 65000' > /proc/sys/net/ipv4/ip_local_port_range"])?;
+    Ok(ClientSide {
+        net,
+        cgroup: TestCgroup::new(),
+        gw4,
+        gw6,
+    })
+}
+
+impl ClientSide {
+    /// Routes the VIP ranges (both families) to the backend namespace, or removes the routes.
+    pub fn route_vips(&self, on: bool) -> Result<()> {
+        let verb = if on { "add" } else { "del" };
+        run_in(
+            &self.net,
+            &["ip", "route", verb, VIP_RANGE, "via", &self.gw4],
+        )?;
+        run_in(
+            &self.net,
+            &["ip", "-6", "route", verb, VIP6_RANGE, "via", &self.gw6],
+        )
+        .map(|_| ())
+    }
 }
 
 impl Topology {
-    pub fn build(backends: usize) -> Result<Self> {
-        let client = TestNet::new(&[]);
-        let reference = TestNet::new(&[]);
+    pub fn build(backends: usize, clients: usize) -> Result<Self> {
         let server = TestNet::new(&[]);
-        link(&client, &server, &CLIENT_LINK)?;
-        link(&reference, &server, &REFERENCE_LINK)?;
+        let mut sides = Vec::new();
+        for k in 0..clients {
+            sides.push(client_side(&server, k)?);
+        }
         let (mut v4, mut v6) = (Vec::new(), Vec::new());
         for i in 1..=backends {
             let a4 = format!("10.200.1.{i}");
@@ -149,27 +153,11 @@ impl Topology {
             v6.push(format!("[{a6}]:{BACKEND_PORT}"));
         }
         Ok(Self {
-            client,
-            reference,
             server,
+            clients: sides,
             backends: v4,
             backends6: v6,
         })
-    }
-
-    /// Routes the VIP ranges (both families) to the backend namespace, or removes the routes.
-    pub fn route_vips(&self, on: bool) -> Result<()> {
-        let verb = if on { "add" } else { "del" };
-        let (gw4, gw6) = (
-            format!("{}.2", CLIENT_LINK.v4),
-            format!("{}:2", CLIENT_LINK.v6),
-        );
-        run_in(&self.client, &["ip", "route", verb, VIP_RANGE, "via", &gw4])?;
-        run_in(
-            &self.client,
-            &["ip", "-6", "route", verb, VIP6_RANGE, "via", &gw6],
-        )
-        .map(|_| ())
     }
 }
 
