@@ -36,15 +36,15 @@ enum Cmd {
     Compare {
         #[arg(long)]
         quick: bool,
-        /// Where the markdown table and SVG chart are written.
+        /// Where the markdown tables and SVG charts are written.
         #[arg(long)]
         out: PathBuf,
         /// Numbers of services instead of the plan's (e.g. `100,100000`); the results then go
         /// to `partial.md`.
         #[arg(long, value_delimiter = ',')]
         scales: Vec<usize>,
-        /// Only these contenders (by short name: direct, lb, lb-nobytes, nftables, iptables,
-        /// haproxy); the results then go to `partial.md`.
+        /// Only these contenders (by short name: direct, direct-twin, lb, lb-nobytes, nftables,
+        /// iptables, haproxy; ratios need direct); the results then go to `partial.md`.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

@@ -1,10 +1,13 @@
-//! What is compared, each installed into the client namespace with `n` services (every
-//! service over the same backends) and removed again before the next one.
+//! What is compared, each installed into its own client namespace with `n` services (every
+//! service over the same backends) and removed again after that size. With one service,
+//! each contender also gets that service over UDP and an IPv6 service (`vip6(0)`) where it
+//! can.
 
-use super::topo::{run_in, vip, Topology};
+use super::topo::{run_in, vip, vip6, ClientSide, Topology};
+use super::Case;
 use anyhow::{bail, Context, Result};
 use lb_testkit::paths::testkit_bin;
-use lb_testkit::{Agent, ConsulMock, PinDir, TestCgroup};
+use lb_testkit::{Agent, ConsulMock, PinDir};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -12,7 +15,11 @@ use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Contender {
+    /// Straight to the backends (nothing installed in its namespace).
     Direct,
+    /// The same as `Direct` from another namespace: against `Direct`, the noise floor of a
+    /// comparison (the same path measured twice).
+    DirectTwin,
     Lb,
     /// lb with `[dataplane] count_bytes = false`: the per-packet cost of byte counting is the
     /// difference to `Lb`.
@@ -23,8 +30,9 @@ pub enum Contender {
 }
 
 impl Contender {
-    pub const ALL: [Contender; 6] = [
+    pub const ALL: [Contender; 7] = [
         Contender::Direct,
+        Contender::DirectTwin,
         Contender::Lb,
         Contender::LbNoBytes,
         Contender::Nftables,
@@ -35,6 +43,7 @@ impl Contender {
     pub fn name(self) -> &'static str {
         match self {
             Contender::Direct => "direct",
+            Contender::DirectTwin => "direct again (A/A check)",
             Contender::Lb => "lb (this project)",
             Contender::LbNoBytes => "lb, byte counting off",
             Contender::Nftables => "nftables DNAT",
@@ -47,6 +56,7 @@ impl Contender {
     pub fn short(self) -> &'static str {
         match self {
             Contender::Direct => "direct",
+            Contender::DirectTwin => "direct-twin",
             Contender::Lb => "lb",
             Contender::LbNoBytes => "lb-nobytes",
             Contender::Nftables => "nftables",
@@ -55,15 +65,31 @@ impl Contender {
         }
     }
 
-    /// Bar colour in the chart: one per contender, so adding one cannot run out of colours.
-    pub fn color(self) -> &'static str {
+    /// Colour in the charts: one per contender, so adding one cannot run out of colours.
+    pub fn color(self) -> (u8, u8, u8) {
         match self {
-            Contender::Direct => "#888888",
-            Contender::Lb => "#2b8cbe",
-            Contender::LbNoBytes => "#a6bddb",
-            Contender::Nftables => "#e6550d",
-            Contender::Iptables => "#756bb1",
-            Contender::Haproxy => "#31a354",
+            Contender::Direct => (0x55, 0x55, 0x55),
+            Contender::DirectTwin => (0xaa, 0xaa, 0xaa),
+            Contender::Lb => (0x2b, 0x8c, 0xbe),
+            Contender::LbNoBytes => (0x9e, 0xca, 0xe1),
+            Contender::Nftables => (0xe6, 0x55, 0x0d),
+            Contender::Iptables => (0x75, 0x6b, 0xb1),
+            Contender::Haproxy => (0x31, 0xa3, 0x54),
+        }
+    }
+
+    /// Connects straight to the backends (no VIP).
+    pub fn is_direct(self) -> bool {
+        matches!(self, Contender::Direct | Contender::DirectTwin)
+    }
+
+    /// Why this contender is not measured under `case`, if it is not.
+    pub fn skips(self, case: Case) -> Option<&'static str> {
+        match (self, case) {
+            (Contender::Haproxy, Case::Udp | Case::UdpConnected) => {
+                Some("HAProxy has no UDP proxy mode (its UDP is QUIC only)")
+            }
+            _ => None,
         }
     }
 
@@ -93,6 +119,7 @@ pub struct LbAgent {
     pub agent: Agent,
     pub pins: PinDir,
     config: PathBuf,
+    setup: LbSetup,
     consul: ConsulMock,
 }
 
@@ -117,11 +144,11 @@ fn temp_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Runs `argv` in the client namespace, killing it if it outlasts `budget`.
-fn run_bounded(topo: &Topology, argv: &[&str], budget: Duration) -> Result<Option<Duration>> {
+/// Runs `argv` in a client namespace, killing it if it outlasts `budget`.
+fn run_bounded(side: &ClientSide, argv: &[&str], budget: Duration) -> Result<Option<Duration>> {
     let t0 = Instant::now();
     let mut child = Command::new(testkit_bin())
-        .args(["--netns", &topo.client.ns_path, "exec", "--"])
+        .args(["--netns", &side.net.ns_path, "exec", "--"])
         .args(argv)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -145,17 +172,22 @@ fn run_bounded(topo: &Topology, argv: &[&str], budget: Duration) -> Result<Optio
     }
 }
 
+/// Installs `c` into its client side `side`; temporary files go to `dir`.
 pub fn install(
     c: Contender,
     topo: &Topology,
-    cgroup: &TestCgroup,
+    side: &ClientSide,
     n: usize,
     dir: &Path,
     budget: Duration,
 ) -> Result<Outcome> {
     let backends = &topo.backends;
+    // UDP and IPv6 are measured with one service only.
+    let extra = n == 1;
+    let dir = &dir.join(c.short());
+    std::fs::create_dir_all(dir)?;
     match c {
-        Contender::Direct => Ok(Outcome::Ready(Installed {
+        Contender::Direct | Contender::DirectTwin => Ok(Outcome::Ready(Installed {
             load: Duration::ZERO,
             rss_kib: None,
             kernel_kib: None,
@@ -163,50 +195,73 @@ pub fn install(
             agent: None,
         })),
         Contender::Nftables => {
-            let ruleset = nft_ruleset(n, backends);
+            let mut ruleset = nft_ruleset(n, backends, extra, false);
+            if extra {
+                ruleset += &nft_ruleset(1, &topo.backends6, false, true);
+            }
             let file = temp_file(dir, "bench.nft", &ruleset)?;
-            topo.route_vips(true)?;
-            let loaded = run_bounded(topo, &["nft", "-f", file.to_str().unwrap()], budget);
-            ready_or_not(
-                topo,
-                loaded,
-                budget,
-                &["nft", "delete", "table", "ip", "lbbench"],
-            )
+            side.route_vips(true)?;
+            let loaded = run_bounded(side, &["nft", "-f", file.to_str().unwrap()], budget);
+            // The client namespace holds no other nftables table.
+            ready_or_not(side, loaded, budget, &["nft", "flush", "ruleset"])
         }
         Contender::Iptables => {
-            let rules = iptables_rules(n, backends);
+            let rules = iptables_rules(n, backends, extra, false);
             let file = temp_file(dir, "bench.iptables", &rules)?;
-            topo.route_vips(true)?;
-            let loaded = run_bounded(
-                topo,
+            let mut script = format!("iptables-restore --noflush < {}", file.display());
+            if extra {
+                let file6 = temp_file(
+                    dir,
+                    "bench.ip6tables",
+                    &iptables_rules(1, &topo.backends6, false, true),
+                )?;
+                script += &format!(" && ip6tables-restore --noflush < {}", file6.display());
+            }
+            side.route_vips(true)?;
+            let loaded = run_bounded(side, &["sh", "-c", &script], budget);
+            ready_or_not(
+                side,
+                loaded,
+                budget,
                 &[
                     "sh",
                     "-c",
-                    &format!("iptables-restore --noflush < {}", file.display()),
+                    "iptables -t nat -F; iptables -t nat -X; ip6tables -t nat -F; ip6tables -t nat -X",
                 ],
-                budget,
-            );
-            ready_or_not(
-                topo,
-                loaded,
-                budget,
-                &["sh", "-c", "iptables -t nat -F && iptables -t nat -X"],
             )
         }
         Contender::Haproxy => {
             let front = vip(0);
             let ip = front.split(':').next().unwrap().to_string();
+            let front6 = vip6(0);
+            let ip6 = host_of(&front6).to_string();
             run_in(
-                &topo.client,
+                &side.net,
                 &["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"],
             )?;
-            let cfg = temp_file(dir, "haproxy.cfg", &haproxy_config(&front, backends))?;
+            run_in(
+                &side.net,
+                &[
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{ip6}/128"),
+                    "dev",
+                    "lo",
+                    "nodad",
+                ],
+            )?;
+            let cfg = temp_file(
+                dir,
+                "haproxy.cfg",
+                &haproxy_config(&front, backends, &front6, &topo.backends6),
+            )?;
             let t0 = Instant::now();
             let mut child = Command::new(testkit_bin())
                 .args([
                     "--netns",
-                    &topo.client.ns_path,
+                    &side.net.ns_path,
                     "exec",
                     "--",
                     "haproxy",
@@ -218,15 +273,27 @@ pub fn install(
                 .stderr(Stdio::null())
                 .spawn()
                 .context("start haproxy")?;
-            let up = wait_listening(topo, &front, budget);
+            let up = wait_listening(side, &front, budget) && wait_listening(side, &front6, budget);
             let load = t0.elapsed();
-            let ns = topo.client.ns_path.clone();
+            let ns = side.net.ns_path.clone();
             let mut undo = move || {
                 let _ = child.kill();
                 let _ = child.wait();
                 exec_quietly(
                     &ns,
                     &["ip", "addr", "del", &format!("{ip}/32"), "dev", "lo"],
+                );
+                exec_quietly(
+                    &ns,
+                    &[
+                        "ip",
+                        "-6",
+                        "addr",
+                        "del",
+                        &format!("{ip6}/128"),
+                        "dev",
+                        "lo",
+                    ],
                 );
             };
             if !up {
@@ -241,23 +308,24 @@ pub fn install(
                 agent: None,
             }))
         }
-        Contender::Lb => install_lb(topo, cgroup, n, dir, budget, true),
-        Contender::LbNoBytes => install_lb(topo, cgroup, n, dir, budget, false),
+        Contender::Lb => install_lb(topo, side, n, dir, budget, true),
+        Contender::LbNoBytes => install_lb(topo, side, n, dir, budget, false),
     }
 }
 
 fn ready_or_not(
-    topo: &Topology,
+    side: &ClientSide,
     loaded: Result<Option<Duration>>,
     budget: Duration,
     undo_argv: &[&str],
 ) -> Result<Outcome> {
-    let ns = topo.client.ns_path.clone();
+    let ns = side.net.ns_path.clone();
     let argv: Vec<String> = undo_argv.iter().map(|s| s.to_string()).collect();
     let undo = move || {
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         exec_quietly(&ns, &argv);
         exec_quietly(&ns, &["ip", "route", "del", super::topo::VIP_RANGE]);
+        exec_quietly(&ns, &["ip", "-6", "route", "del", super::topo::VIP6_RANGE]);
     };
     match loaded {
         Ok(Some(load)) => Ok(Outcome::Ready(Installed {
@@ -296,11 +364,11 @@ fn exec_quietly(ns: &str, argv: &[&str]) {
         .status();
 }
 
-fn wait_listening(topo: &Topology, addr: &str, budget: Duration) -> bool {
+fn wait_listening(side: &ClientSide, addr: &str, budget: Duration) -> bool {
     let t0 = Instant::now();
     while t0.elapsed() < budget {
         let probe = Command::new(super::bench_bin())
-            .args(["--netns", &topo.client.ns_path, "load", "--to", addr])
+            .args(["--netns", &side.net.ns_path, "load", "--to", addr])
             .args(["--workload", "short", "--seconds", "0.1", "--clients", "1"])
             .output();
         if let Ok(out) = probe {
@@ -314,10 +382,47 @@ fn wait_listening(topo: &Topology, addr: &str, budget: Duration) -> bool {
     false
 }
 
-pub fn lb_config(n: usize, backends: &[String], drop_last_of_first: bool, bytes: bool) -> String {
+/// What lb is configured with: `n` TCP services over the IPv4 backends, the discovered
+/// service `CHANGED`, and with one service (`extra`) the same VIP over UDP and an IPv6 service.
+#[derive(Clone, Copy)]
+pub struct LbSetup {
+    pub n: usize,
+    pub count_bytes: bool,
+    pub extra: bool,
+}
+
+pub fn lb_config(
+    setup: LbSetup,
+    backends: &[String],
+    backends6: &[String],
+    drop_last_of_first: bool,
+) -> String {
+    let LbSetup {
+        n,
+        count_bytes: bytes,
+        extra,
+    } = setup;
     let mut text = String::with_capacity(n * 120);
     if !bytes {
         text += "[dataplane]\ncount_bytes = false\n\n";
+    }
+    let quoted = |list: &[String]| -> String {
+        list.iter()
+            .map(|b| format!("\"{b}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if extra {
+        text += &format!(
+            "[[service]]\nname = \"udp0\"\nvip = \"{}\"\nprotocol = \"udp\"\nbackends = [{}]\n",
+            vip(0),
+            quoted(backends)
+        );
+        text += &format!(
+            "[[service]]\nname = \"v6-0\"\nvip = \"{}\"\nbackends = [{}]\n",
+            vip6(0),
+            quoted(backends6)
+        );
     }
     for i in 0..n {
         let list: Vec<String> = backends
@@ -363,18 +468,23 @@ fn consul_state(index: u64, backends: &[String]) -> serde_json::Value {
 
 fn install_lb(
     topo: &Topology,
-    cgroup: &TestCgroup,
+    side: &ClientSide,
     n: usize,
     dir: &Path,
     budget: Duration,
     count_bytes: bool,
 ) -> Result<Outcome> {
-    let text = lb_config(n, &topo.backends, false, count_bytes);
+    let setup = LbSetup {
+        n,
+        count_bytes,
+        extra: n == 1,
+    };
+    let text = lb_config(setup, &topo.backends, &topo.backends6, false);
     let config = temp_file(dir, "lb.toml", &text)?;
-    let consul = ConsulMock::start(&topo.client, &consul_state(1, &topo.backends));
+    let consul = ConsulMock::start(&side.net, &consul_state(1, &topo.backends));
     let pins = PinDir::new();
     let t0 = Instant::now();
-    let mut agent = Agent::start(&topo.client, cgroup, &pins, &config, 0, &[]);
+    let mut agent = Agent::start(&side.net, &side.cgroup, &pins, &config, 0, &[]);
     let ready = lb_testkit::wait_for(budget, || {
         agent.log().contains(" ready services=") || !agent.is_running()
     });
@@ -410,6 +520,7 @@ fn install_lb(
             agent,
             pins,
             config,
+            setup,
             consul,
         })),
     }))
@@ -444,7 +555,7 @@ pub struct Changes {
 pub fn lb_changes(
     lb: &mut LbAgent,
     backends: &[String],
-    n: usize,
+    backends6: &[String],
     count: usize,
     budget: Duration,
 ) -> Changes {
@@ -475,7 +586,8 @@ pub fn lb_changes(
         changes.missed = count;
     }
     let before = reconciles(&lb.agent);
-    if std::fs::write(&lb.config, lb_config(n, backends, true, true)).is_ok() {
+    let edited = lb_config(lb.setup, backends, backends6, true);
+    if std::fs::write(&lb.config, edited).is_ok() {
         let t0 = Instant::now();
         lb.agent.sighup();
         changes.reload =
@@ -493,14 +605,34 @@ fn last_reconcile_micros(log: &str) -> Option<u64> {
     field.parse().ok()
 }
 
+/// `host:port` or `[host]:port` → host.
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+fn port_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or("", |(_, p)| p)
+}
+
 /// kube-proxy's nftables layout: a verdict map from VIP and port to a service chain that picks
-/// an endpoint chain at random, which DNATs.
-fn nft_ruleset(n: usize, backends: &[String]) -> String {
+/// an endpoint chain at random, which DNATs. `udp`: VIP 0 over UDP too (the same service
+/// chain); `v6`: the IPv6 table (`vip6`) instead of the IPv4 one (`vip`).
+fn nft_ruleset(n: usize, backends: &[String], udp: bool, v6: bool) -> String {
+    let (family, addr_type, daddr) = if v6 {
+        ("ip6", "ipv6_addr", "ip6 daddr")
+    } else {
+        ("ip", "ipv4_addr", "ip daddr")
+    };
+    let vip_at = |i: usize| if v6 { vip6(i) } else { vip(i) };
     let mut t = String::with_capacity(n * 200);
-    t += "table ip lbbench {\n";
+    t += &format!("table {family} lbbench {{\n");
     for (k, b) in backends.iter().enumerate() {
-        let (ip, port) = b.split_once(':').unwrap();
-        t += &format!("  chain ep{k} {{\n    meta l4proto tcp dnat to {ip}:{port}\n  }}\n");
+        t += &format!("  chain ep{k} {{\n    meta l4proto tcp dnat to {b}\n");
+        if udp {
+            t += &format!("    meta l4proto udp dnat to {b}\n");
+        }
+        t += "  }\n";
     }
     let picks: Vec<String> = (0..backends.len())
         .map(|k| format!("{k} : goto ep{k}"))
@@ -512,27 +644,41 @@ fn nft_ruleset(n: usize, backends: &[String]) -> String {
             picks.join(", ")
         );
     }
-    t += "  map services {\n    type ipv4_addr . inet_proto . inet_service : verdict\n";
+    t +=
+        &format!("  map services {{\n    type {addr_type} . inet_proto . inet_service : verdict\n");
     if n > 0 {
         t += "    elements = {\n";
         for i in 0..n {
-            let v = vip(i);
-            let (ip, port) = v.split_once(':').unwrap();
-            t += &format!("      {ip} . tcp . {port} : goto svc{i},\n");
+            let v = vip_at(i);
+            t += &format!(
+                "      {} . tcp . {} : goto svc{i},\n",
+                host_of(&v),
+                port_of(&v)
+            );
+        }
+        if udp {
+            let v = vip_at(0);
+            t += &format!(
+                "      {} . udp . {} : goto svc0,\n",
+                host_of(&v),
+                port_of(&v)
+            );
         }
         t += "    }\n";
     }
     t += "  }\n";
     t += "  chain output {\n    type nat hook output priority -100; policy accept;\n";
-    t += "    ip daddr . meta l4proto . th dport vmap @services\n  }\n";
+    t += &format!("    {daddr} . meta l4proto . th dport vmap @services\n  }}\n");
     t += "}\n";
     t
 }
 
 /// kube-proxy's iptables layout: one rule per service in a services chain (matched in order),
 /// a service chain choosing an endpoint with `statistic --mode random`, an endpoint chain
-/// that DNATs.
-fn iptables_rules(n: usize, backends: &[String]) -> String {
+/// that DNATs. `udp` and `v6` as for `nft_ruleset` (`v6`: for ip6tables-restore).
+fn iptables_rules(n: usize, backends: &[String], udp: bool, v6: bool) -> String {
+    let vip_at = |i: usize| if v6 { vip6(i) } else { vip(i) };
+    let prefix = if v6 { 128 } else { 32 };
     let mut t = String::with_capacity(n * 400);
     t += "*nat\n:LBB-SERVICES - [0:0]\n";
     for k in 0..backends.len() {
@@ -542,14 +688,23 @@ fn iptables_rules(n: usize, backends: &[String]) -> String {
         t += &format!(":LBB-SVC-{i} - [0:0]\n");
     }
     t += "-A OUTPUT -j LBB-SERVICES\n";
+    let protocols: &[&str] = if udp { &["tcp", "udp"] } else { &["tcp"] };
     for (k, b) in backends.iter().enumerate() {
-        t += &format!("-A LBB-EP-{k} -p tcp -j DNAT --to-destination {b}\n");
+        for p in protocols {
+            t += &format!("-A LBB-EP-{k} -p {p} -j DNAT --to-destination {b}\n");
+        }
     }
     let m = backends.len();
+    let rule = |t: &mut String, i: usize, p: &str| {
+        let v = vip_at(i);
+        *t += &format!(
+            "-A LBB-SERVICES -d {}/{prefix} -p {p} --dport {} -j LBB-SVC-{i}\n",
+            host_of(&v),
+            port_of(&v)
+        );
+    };
     for i in 0..n {
-        let v = vip(i);
-        let (ip, port) = v.split_once(':').unwrap();
-        t += &format!("-A LBB-SERVICES -d {ip}/32 -p tcp --dport {port} -j LBB-SVC-{i}\n");
+        rule(&mut t, i, "tcp");
         for k in 0..m {
             if k + 1 < m {
                 let p = 1.0 / (m - k) as f64;
@@ -561,17 +716,109 @@ fn iptables_rules(n: usize, backends: &[String]) -> String {
             }
         }
     }
+    if udp && n > 0 {
+        // After the TCP rules: the UDP service is the chain's last.
+        rule(&mut t, 0, "udp");
+    }
     t += "COMMIT\n";
     t
 }
 
-fn haproxy_config(front: &str, backends: &[String]) -> String {
+/// Two TCP frontends, the IPv4 VIP 0 and the IPv6 VIP 0, each over its family's backends.
+fn haproxy_config(front: &str, backends: &[String], front6: &str, backends6: &[String]) -> String {
     let mut t = String::from(
         "global\n  maxconn 8000\n\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\n",
     );
-    t += &format!("frontend bench\n  bind {front}\n  default_backend pool\n\nbackend pool\n  balance random\n");
+    // HAProxy's IPv6 syntax: `ipv6@ADDR:PORT`, the port after the last colon, no brackets.
+    let v6 = |a: &str| format!("ipv6@{}:{}", host_of(a), port_of(a));
+    t += &format!("frontend bench\n  bind {front}\n  default_backend pool\n\n");
+    t += &format!(
+        "frontend bench6\n  bind {}\n  default_backend pool6\n\n",
+        v6(front6)
+    );
+    t += "backend pool\n  balance random\n";
     for (k, b) in backends.iter().enumerate() {
         t += &format!("  server b{k} {b}\n");
     }
+    t += "\nbackend pool6\n  balance random\n";
+    for (k, b) in backends6.iter().enumerate() {
+        t += &format!("  server b{k} {}\n", v6(b));
+    }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn four(v6: bool) -> Vec<String> {
+        (1..=4)
+            .map(|k| {
+                if v6 {
+                    format!("[fd00:201::{k}]:8080")
+                } else {
+                    format!("10.200.1.{k}:8080")
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn addresses_split_into_host_and_port() {
+        assert_eq!(host_of("10.96.0.1:80"), "10.96.0.1");
+        assert_eq!(host_of("[fd00:96::1]:80"), "fd00:96::1");
+        assert_eq!(port_of("[fd00:96::1]:80"), "80");
+    }
+
+    #[test]
+    fn nft_ruleset_maps_udp_and_ipv6() {
+        let t = nft_ruleset(2, &four(false), true, false);
+        assert!(t.starts_with("table ip lbbench {"));
+        assert!(t.contains("10.96.0.2 . tcp . 80 : goto svc1,"));
+        assert!(t.contains("10.96.0.1 . udp . 80 : goto svc0,"));
+        assert!(t.contains("meta l4proto udp dnat to 10.200.1.4:8080"));
+        let t6 = nft_ruleset(1, &four(true), false, true);
+        assert!(t6.starts_with("table ip6 lbbench {"));
+        assert!(t6.contains("fd00:96::1 . tcp . 80 : goto svc0,"));
+        assert!(t6.contains("dnat to [fd00:201::1]:8080"));
+        assert!(t6.contains("ip6 daddr . meta l4proto . th dport vmap @services"));
+        assert!(!t6.contains(" udp "));
+    }
+
+    #[test]
+    fn iptables_services_are_in_vip_order_with_udp_last() {
+        let t = iptables_rules(3, &four(false), true, false);
+        let services: Vec<&str> = t
+            .lines()
+            .filter(|l| l.starts_with("-A LBB-SERVICES"))
+            .collect();
+        assert_eq!(services.len(), 4);
+        assert!(services[2].contains("-d 10.96.0.3/32 -p tcp"));
+        assert!(services[3].contains("-d 10.96.0.1/32 -p udp --dport 80 -j LBB-SVC-0"));
+        let t6 = iptables_rules(1, &four(true), false, true);
+        assert!(t6.contains("-d fd00:96::1/128 -p tcp --dport 80 -j LBB-SVC-0"));
+        assert!(t6.contains("--to-destination [fd00:201::2]:8080"));
+    }
+
+    #[test]
+    fn haproxy_writes_ipv6_without_brackets() {
+        let t = haproxy_config("10.96.0.1:80", &four(false), "[fd00:96::1]:80", &four(true));
+        assert!(t.contains("bind ipv6@fd00:96::1:80"));
+        assert!(t.contains("server b3 ipv6@fd00:201::4:8080"));
+        assert!(t.contains("server b0 10.200.1.1:8080"));
+    }
+
+    #[test]
+    fn lb_config_adds_udp_and_ipv6_with_one_service() {
+        let setup = LbSetup {
+            n: 1,
+            count_bytes: false,
+            extra: true,
+        };
+        let t = lb_config(setup, &four(false), &four(true), false);
+        assert!(t.starts_with("[dataplane]\ncount_bytes = false"));
+        assert!(t.contains("protocol = \"udp\""));
+        assert!(t.contains("vip = \"[fd00:96::1]:80\""));
+        assert_eq!(t.matches("[[service]]").count(), 4);
+    }
 }

@@ -1,6 +1,7 @@
 //! The benchmark's traffic: `lb-bench serve` (backends) and `lb-bench load` (clients), both run inside
 //! the benchmark's namespaces. One tiny protocol serves every workload: a request is echoed
-//! back, and a request starting with `B` makes the server stream data until the client closes.
+//! back (TCP and UDP on every address), and a TCP request starting with `B` makes the server
+//! stream data until the client closes.
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -12,8 +13,15 @@ const REQUEST: &[u8] = b"ping";
 const CHUNK: usize = 64 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// How long a UDP client waits for its answer before counting an error and sending the next
+/// request (a lost datagram must not stop a closed loop).
+const UDP_TIMEOUT: Duration = Duration::from_millis(200);
+/// The latency distribution a report carries: the latency at quantile `i / CDF_STEPS` for
+/// `i` in `0..=CDF_STEPS`.
+pub const CDF_STEPS: usize = 200;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Workload {
     /// connect, one request, close: connections per second and their latency.
     Short,
@@ -21,6 +29,11 @@ pub enum Workload {
     Persistent,
     /// one connection per client streaming data: bytes per second.
     Bulk,
+    /// UDP request/response with `sendto()` on an unconnected socket per client (each
+    /// request to the next target in turn): requests per second and their latency.
+    Udp,
+    /// UDP request/response on a socket per client connected once to its target.
+    UdpConnected,
 }
 
 /// Serves until stdin closes, from one event-driven thread for every listener (no thread or
@@ -34,20 +47,40 @@ pub fn serve(listen: &[SocketAddr]) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let listeners = runtime.block_on(async {
-        let mut bound = Vec::new();
+    let (listeners, datagrams) = runtime.block_on(async {
+        let (mut tcp, mut udp) = (Vec::new(), Vec::new());
         for addr in listen {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
-                .with_context(|| format!("bind {addr}"))?;
-            bound.push(l);
+                .with_context(|| format!("bind tcp {addr}"))?;
+            tcp.push(l);
+            let u = tokio::net::UdpSocket::bind(addr)
+                .await
+                .with_context(|| format!("bind udp {addr}"))?;
+            udp.push(u);
         }
-        anyhow::Ok(bound)
+        anyhow::Ok((tcp, udp))
     })?;
     for l in listeners {
         runtime.spawn(async move {
             while let Ok((conn, _)) = l.accept().await {
                 tokio::spawn(answer(conn));
+            }
+        });
+    }
+    // One task per UDP socket echoes every datagram from that socket (so the answer leaves
+    // from the address it was sent to): nothing is spawned per request.
+    for u in datagrams {
+        runtime.spawn(async move {
+            let mut buf = [0u8; 512];
+            loop {
+                match u.recv_from(&mut buf).await {
+                    Ok((n, from)) => {
+                        let _ = u.send_to(&buf[..n], from).await;
+                    }
+                    // An error queued on the socket (none is expected): do not spin on it.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                }
             }
         });
     }
@@ -115,6 +148,21 @@ pub struct LoadReport {
     pub bytes_per_sec: f64,
     pub errors: u64,
     pub first_error: Option<String>,
+    /// Latency (µs) at quantile `i / CDF_STEPS`, `i` in `0..=CDF_STEPS`; empty without
+    /// answers.
+    #[serde(default)]
+    pub cdf_us: Vec<u32>,
+}
+
+/// The latency at quantiles `0, 1/steps, ..., 1` of `sorted`.
+pub fn cdf(sorted: &[u32], steps: usize) -> Vec<u32> {
+    if sorted.is_empty() || steps == 0 {
+        return Vec::new();
+    }
+    let last = sorted.len() - 1;
+    (0..=steps)
+        .map(|i| sorted[(last as f64 * i as f64 / steps as f64).round() as usize])
+        .collect()
 }
 
 /// `connections` closed loops at once for `seconds`, spreading over `targets` in turn, on an
@@ -172,6 +220,11 @@ pub fn load(
         bytes_per_sec: results.iter().map(|w| w.bytes).sum::<u64>() as f64 / elapsed,
         errors: results.iter().map(|w| w.errors).sum(),
         first_error: results.iter().find_map(|w| w.first_error.clone()),
+        cdf_us: if workload == Workload::Bulk {
+            Vec::new()
+        } else {
+            cdf(&lat, CDF_STEPS)
+        },
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
@@ -310,6 +363,96 @@ async fn worker(
                 w.latencies.push(0);
             }
         },
+        Workload::Udp | Workload::UdpConnected => {
+            let first = next();
+            let connected = workload == Workload::UdpConnected;
+            let sock = match udp_socket(first, connected).await {
+                Ok(s) => s,
+                Err(e) => {
+                    w.failed(e).await;
+                    return w;
+                }
+            };
+            let mut to = first;
+            let mut seq = index as u32 * 1_000_003;
+            while running() {
+                seq = seq.wrapping_add(1);
+                let t0 = Instant::now();
+                let asked =
+                    tokio::time::timeout(UDP_TIMEOUT, udp_exchange(&sock, to, connected, seq));
+                match asked.await {
+                    Ok(Ok(())) => w.latencies.push(micros(t0.elapsed())),
+                    Ok(Err(e)) => w.failed(e).await,
+                    Err(_) => {
+                        w.failed(format!("no UDP answer within {UDP_TIMEOUT:?}"))
+                            .await
+                    }
+                }
+                if !connected {
+                    to = next();
+                }
+            }
+        }
     }
     w
+}
+
+async fn udp_socket(to: SocketAddr, connect: bool) -> std::io::Result<tokio::net::UdpSocket> {
+    let any: SocketAddr = if to.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = tokio::net::UdpSocket::bind(any).await?;
+    if connect {
+        sock.connect(to).await?;
+    }
+    Ok(sock)
+}
+
+/// One request (a sequence number) and its echo. Answers to earlier requests that timed out
+/// are skipped; an unconnected socket's answer must come from the address it was sent to
+/// (the VIP, for a balancer).
+async fn udp_exchange(
+    sock: &tokio::net::UdpSocket,
+    to: SocketAddr,
+    connected: bool,
+    seq: u32,
+) -> std::io::Result<()> {
+    let req = seq.to_be_bytes();
+    let mut buf = [0u8; 64];
+    if connected {
+        sock.send(&req).await?;
+    } else {
+        sock.send_to(&req, to).await?;
+    }
+    loop {
+        let (n, from) = if connected {
+            (sock.recv(&mut buf).await?, to)
+        } else {
+            sock.recv_from(&mut buf).await?
+        };
+        if from != to {
+            return Err(std::io::Error::other(format!(
+                "answer from {from}, sent to {to}"
+            )));
+        }
+        if buf[..n] == req {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cdf_takes_evenly_spaced_quantiles() {
+        let sorted: Vec<u32> = (1..=101).collect();
+        let c = cdf(&sorted, 4);
+        assert_eq!(c, vec![1, 26, 51, 76, 101]);
+        assert!(cdf(&[], 4).is_empty());
+        assert_eq!(cdf(&[7], 2), vec![7, 7, 7]);
+    }
 }
