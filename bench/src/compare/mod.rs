@@ -56,7 +56,7 @@ impl Plan {
             }
         } else {
             Plan {
-                scales: vec![1, 1_000, 10_000, 250_000],
+                scales: vec![1, 1_000, 10_000, 100_000, 250_000],
                 seconds: 2.0,
                 repeats: 5,
                 budget: Duration::from_secs(90),
