@@ -25,7 +25,7 @@ use crate::status;
 use crate::{config, plan};
 use anyhow::{Context, Result};
 use lb_common::ServiceKey;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
@@ -130,6 +130,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         cgroup: cgroup.clone(),
         terminator,
         policies: HashMap::new(),
+        departed: HashMap::new(),
         terminated: BTreeMap::new(),
         crash_after_ops: args.crash_after_ops,
         published_empty: false,
@@ -261,6 +262,35 @@ impl Change {
     }
 }
 
+/// `terminate_on_removal` by service key for the file's services that do not use the default,
+/// and the `previous` policies of services no longer wanted: a removed service's backends go
+/// by the policy it had, while a service changed back to the default gets the default.
+fn policies(
+    config: &config::Config,
+    wanted: &[catalog::Service],
+    previous: HashMap<ServiceKey, Terminate>,
+) -> (
+    HashMap<ServiceKey, Terminate>,
+    HashMap<ServiceKey, Terminate>,
+) {
+    let current = (config.services.iter())
+        .filter(|s| s.terminate != Terminate::default())
+        .map(|s| (service_key(s.vip, s.protocol), s.terminate))
+        .collect();
+    if previous.is_empty() {
+        return (current, HashMap::new());
+    }
+    let still: HashSet<ServiceKey> = wanted
+        .iter()
+        .map(|s| service_key(s.vip, s.protocol))
+        .collect();
+    let departed = previous
+        .into_iter()
+        .filter(|(key, _)| !still.contains(key))
+        .collect();
+    (current, departed)
+}
+
 /// The services a change touched, by name and by key (a service whose VIP moved has two),
 /// and where those still wanted are in `Agent::wanted`.
 #[derive(Default)]
@@ -320,6 +350,9 @@ struct Agent {
     terminator: Result<Terminator, String>,
     /// `terminate_on_removal` of the services that do not use the default.
     policies: HashMap<ServiceKey, Terminate>,
+    /// The policies of services the last config or Kubernetes change removed, for their
+    /// backends' sockets.
+    departed: HashMap<ServiceKey, Terminate>,
     /// Sockets destroyed so far, by service and backend.
     terminated: BTreeMap<String, BTreeMap<String, u64>>,
     /// `RunArgs::crash_after_ops`, armed once the first plan is applied.
@@ -391,11 +424,11 @@ impl Agent {
         self.readiness.reconciling(true);
         let result = self.reconcile_once(change);
         self.readiness.reconciling(false);
-        let seconds = start.elapsed().as_secs_f64();
-        crate::agent_metrics::AGENT.reconciled(seconds, result.is_ok());
+        // From the change reaching the agent to the maps holding it.
+        let elapsed = start.elapsed();
+        crate::agent_metrics::AGENT.reconciled(elapsed.as_secs_f64(), result.is_ok());
         if let Ok(s) = &result {
-            // From the change reaching the agent to the maps holding it.
-            let micros = start.elapsed().as_micros() as u64;
+            let micros = elapsed.as_micros() as u64;
             info!(
                 added = s.added,
                 updated = s.updated,
@@ -490,12 +523,8 @@ impl Agent {
         self.note_dropped(notes, None);
         let touched = (!fresh).then(|| Touched::between(&self.wanted, &effective));
         self.wanted = effective;
-        // Kept from before too: a removed service's backends go by the policy it had.
-        self.policies.extend(
-            (self.config.services.iter())
-                .filter(|s| s.terminate != Terminate::default())
-                .map(|s| (service_key(s.vip, s.protocol), s.terminate)),
-        );
+        let previous = std::mem::take(&mut self.policies);
+        (self.policies, self.departed) = policies(&self.config, &self.wanted, previous);
         self.watches_outliers = self.wanted.iter().any(|s| s.admission.outlier.is_some());
         let refreshable = |s: &config::ServiceConfig| {
             s.discovery.is_some() || s.health.is_some() || s.outlier.is_some()
@@ -572,7 +601,8 @@ impl Agent {
         let mut doomed = BTreeMap::new();
         let mut names = BTreeMap::new();
         for &(id, key) in removed {
-            let policy = self.policies.get(&key).copied().unwrap_or_default();
+            let policy = self.policies.get(&key).or(self.departed.get(&key));
+            let policy = policy.copied().unwrap_or_default();
             let Ok(generation) = self.maps.backend_generation(id) else {
                 continue;
             };
@@ -860,5 +890,39 @@ mod tests {
             ["*"]
         );
         assert_eq!(names(Change::merge(None, None)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_removed_service_keeps_its_policy_and_a_changed_one_takes_the_new() {
+        let file = |services: &[(&str, &str, &str)]| {
+            let text: String = services
+                .iter()
+                .map(|(name, vip, t)| {
+                    format!(
+                        "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nbackends = []\n\
+                         terminate_on_removal = \"{t}\"\n"
+                    )
+                })
+                .collect();
+            crate::config::parse(&text, "t").unwrap()
+        };
+        let before = file(&[
+            ("a", "10.96.0.1:80", "all"),
+            ("b", "10.96.0.2:80", "none"),
+            ("c", "10.96.0.3:80", "udp"),
+        ]);
+        let (current, departed) = policies(&before, &catalog::listed(&before), HashMap::new());
+        assert_eq!(current.len(), 2);
+        assert_eq!(current[&key("10.96.0.1:80")], Terminate::All);
+        assert!(departed.is_empty());
+        // a goes back to the default, b is removed, c stays.
+        let after = file(&[("a", "10.96.0.1:80", "udp"), ("c", "10.96.0.3:80", "udp")]);
+        let (current, departed) = policies(&after, &catalog::listed(&after), current);
+        assert!(current.is_empty(), "{current:?}");
+        assert_eq!(departed.len(), 1, "{departed:?}");
+        assert_eq!(departed[&key("10.96.0.2:80")], Terminate::None);
+        // The next change forgets b.
+        let (_, departed) = policies(&after, &catalog::listed(&after), current);
+        assert!(departed.is_empty());
     }
 }
