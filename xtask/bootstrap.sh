@@ -35,4 +35,7 @@ if [ -z "$minor" ] || [ "$minor" -lt "$MIN_RUST_MINOR" ]; then
   exit 1
 fi
 
+# A newcomer builds once: incremental state would only add gigabytes to the target folder.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 exec cargo xtask "$@"

@@ -192,6 +192,9 @@ fn build(src: &Path, target: &Path, rev: &str) -> Result<()> {
             "lb-agent",
         ])
         .env("CARGO_TARGET_DIR", target)
+        // Built once and only run: debug info and incremental state would be gigabytes of disk.
+        .env("CARGO_PROFILE_DEV_DEBUG", "false")
+        .env("CARGO_INCREMENTAL", "0")
         // Would embed another eBPF object than the revision's committed one (build.rs).
         .env_remove("LB_EBPF_OBJECT")
         // Would move the binary to target/<triple>/debug.
