@@ -17,6 +17,7 @@ pub struct AgentMetrics {
     pub probe_seconds: Histogram,
     pub ejections: Family<Labels, Counter>,
     pub terminated: Family<Labels, Counter>,
+    pub rebalanced: Family<Labels, Counter>,
 }
 
 pub static AGENT: LazyLock<AgentMetrics> = LazyLock::new(|| AgentMetrics {
@@ -27,6 +28,7 @@ pub static AGENT: LazyLock<AgentMetrics> = LazyLock::new(|| AgentMetrics {
     probe_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
     ejections: Family::default(),
     terminated: Family::default(),
+    rebalanced: Family::default(),
 });
 
 impl AgentMetrics {
@@ -39,18 +41,24 @@ impl AgentMetrics {
     }
 
     pub fn ejected(&self, service: &str, backend: &str) {
-        let labels = vec![
-            ("service".into(), service.into()),
-            ("backend".into(), backend.into()),
-        ];
-        self.ejections.get_or_create(&labels).inc();
+        self.ejections.get_or_create(&of(service, backend)).inc();
     }
 
     pub fn terminated(&self, service: &str, backend: &str, sockets: u64) {
-        let labels = vec![
-            ("service".into(), service.into()),
-            ("backend".into(), backend.into()),
-        ];
+        let labels = of(service, backend);
         self.terminated.get_or_create(&labels).inc_by(sockets);
     }
+
+    pub fn rebalanced(&self, service: &str, backend: &str, reason: &str) {
+        let mut labels = of(service, backend);
+        labels.push(("reason".into(), reason.into()));
+        self.rebalanced.get_or_create(&labels).inc();
+    }
+}
+
+fn of(service: &str, backend: &str) -> Labels {
+    vec![
+        ("service".into(), service.into()),
+        ("backend".into(), backend.into()),
+    ]
 }

@@ -33,6 +33,8 @@ pub mod admission;
 pub mod plan;
 /// The maps: their primitives, reading what is installed, the diff, applying it.
 pub mod datapath;
+/// The connections in use → the idle ones to close, by age and by skew, so clients spread.
+pub mod rebalance;
 /// Loading and attaching the programs, the pin folder's lock, cgroups, detaching.
 pub mod lifecycle;
 /// Reading the maps back for people: reports, `stats` tables, `/metrics`, `top`, HTTP.

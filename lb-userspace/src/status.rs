@@ -26,6 +26,9 @@ pub struct StatusFile {
     /// Why sockets of removed backends cannot be terminated on this kernel, if they cannot.
     #[serde(default)]
     pub termination_unavailable: Option<String>,
+    /// Why idle connections cannot be rebalanced on this kernel, when a service asks for it.
+    #[serde(default)]
+    pub rebalance_unavailable: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -46,6 +49,9 @@ pub struct ServiceStatus {
     /// Sockets destroyed since the agent started because their backend left (by backend).
     #[serde(default)]
     pub terminated: BTreeMap<String, u64>,
+    /// Idle connections closed since the agent started by `[service.rebalance]` (by backend).
+    #[serde(default)]
+    pub rebalanced: BTreeMap<String, u64>,
 }
 
 /// Where a source stands.

@@ -124,6 +124,10 @@ impl Service {
         self.table("outlier", table)
     }
 
+    pub fn rebalance(self, table: Table) -> Self {
+        self.table("rebalance", table)
+    }
+
     fn table(mut self, name: &'static str, table: Table) -> Self {
         self.tables.push((name, table));
         self

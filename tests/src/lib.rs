@@ -10,6 +10,7 @@ pub mod kube_mock;
 pub mod netns;
 pub mod paths;
 pub mod pins;
+pub mod pooled;
 pub mod previous;
 pub mod privilege;
 pub mod procs;

@@ -84,7 +84,7 @@ pub fn wait_or_kill(child: &mut Child) {
 }
 
 /// Closes the child's stdin (its signal to stop), then parses the JSON line it prints.
-fn finish<T: for<'a> Deserialize<'a>>(mut child: Child, what: &str) -> T {
+pub(crate) fn finish<T: for<'a> Deserialize<'a>>(mut child: Child, what: &str) -> T {
     drop(child.stdin.take());
     let mut out = String::new();
     child
@@ -121,6 +121,8 @@ pub enum ServeMode {
     Http(u16),
     /// Accept and never answer (a hung backend).
     Hang,
+    /// HTTP/1.1 keep-alive, answering every request with 200 and its own address.
+    KeepAlive,
 }
 
 /// CLOCK_MONOTONIC in microseconds: the clock `lb-testkit serve --accept-log` stamps accepts
@@ -181,8 +183,21 @@ impl Backends {
     }
 
     pub fn start_mode(net: &TestNet, addrs: &[&str], proto: Proto, mode: ServeMode) -> Self {
+        Self::spawn(net, addrs, proto, mode, None)
+    }
+
+    fn spawn(
+        net: &TestNet,
+        addrs: &[&str],
+        proto: Proto,
+        mode: ServeMode,
+        accept_log: Option<&Path>,
+    ) -> Self {
         let mut cmd = net.testkit(None);
         cmd.args(["serve", "--proto", proto.as_str()]);
+        if let Some(log) = accept_log {
+            cmd.arg("--accept-log").arg(log);
+        }
         match mode {
             ServeMode::Answer => {}
             ServeMode::Http(status) => {
@@ -190,6 +205,9 @@ impl Backends {
             }
             ServeMode::Hang => {
                 cmd.arg("--hang");
+            }
+            ServeMode::KeepAlive => {
+                cmd.arg("--keep-alive");
             }
         }
         for a in addrs {
@@ -203,16 +221,17 @@ impl Backends {
     /// Like `start`, and each accepted connection (or datagram) is appended to `accept_log` as
     /// it happens; read it with `read_accept_log`.
     pub fn start_logged(net: &TestNet, addrs: &[&str], proto: Proto, accept_log: &Path) -> Self {
-        let mut cmd = net.testkit(None);
-        cmd.args(["serve", "--proto", proto.as_str()])
-            .arg("--accept-log")
-            .arg(accept_log);
-        for a in addrs {
-            cmd.args(["--listen", a]);
-        }
-        Self {
-            child: Some(spawn_ready(cmd, "backends")),
-        }
+        Self::spawn(net, addrs, proto, ServeMode::Answer, Some(accept_log))
+    }
+
+    /// `start_logged` of TCP backends that answer as `mode` says.
+    pub fn start_logged_mode(
+        net: &TestNet,
+        addrs: &[&str],
+        accept_log: &Path,
+        mode: ServeMode,
+    ) -> Self {
+        Self::spawn(net, addrs, Proto::Tcp, mode, Some(accept_log))
     }
 
     /// Stops the listeners and returns what each accepted.

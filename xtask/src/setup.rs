@@ -22,8 +22,9 @@ enum Probe {
 /// and the well-known `google/protobuf/*.proto` includes for etcd-client's generated gRPC code
 /// (the includes are only a recommendation of protobuf-compiler, so `--no-install-recommends`
 /// leaves them out), dnsmasq and etcdctl for the discovery tests, openssl for the certificates
-/// the Consul https test makes.
-const RUNTIME_PACKAGES: [(Probe, &str); 6] = [
+/// the Consul https test makes, and Go and Python's urllib3 for the pooled clients of the
+/// rebalance tests (Debian's own, at fixed paths: another `go` or `python3` may differ).
+const RUNTIME_PACKAGES: [(Probe, &str); 8] = [
     (Probe::Command("ip"), "iproute2"),
     (Probe::Command("protoc"), "protobuf-compiler"),
     (
@@ -33,6 +34,11 @@ const RUNTIME_PACKAGES: [(Probe, &str); 6] = [
     (Probe::Command("dnsmasq"), "dnsmasq-base"),
     (Probe::Command("etcdctl"), "etcd-client"),
     (Probe::Command("openssl"), "openssl"),
+    (Probe::File("/usr/bin/go"), "golang-go"),
+    (
+        Probe::File("/usr/lib/python3/dist-packages/urllib3/__init__.py"),
+        "python3-urllib3",
+    ),
 ];
 /// What the side-by-side benchmark compares against (`cargo xtask bench` only).
 const BENCH_PACKAGES: [(Probe, &str); 3] = [

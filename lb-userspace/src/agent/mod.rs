@@ -32,6 +32,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+mod rebalancing;
 mod status_file;
 
 pub struct RunArgs {
@@ -86,6 +87,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Err(why) = &terminator {
         warn!("sockets of removed backends cannot be terminated on this kernel: {why}");
     }
+    let rebalancing = rebalancing::Rebalancing::load(loaded.maps.sockets(), &config);
     let (transitions_tx, mut transitions) = mpsc::unbounded_channel();
     let (discovery, mut answers) = Discovery::new();
     let (kubernetes, mut kube_events) = Kubernetes::new();
@@ -132,6 +134,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         policies: HashMap::new(),
         departed: HashMap::new(),
         terminated: BTreeMap::new(),
+        rebalancing,
+        rebalances: false,
         crash_after_ops: args.crash_after_ops,
         published_empty: false,
         outliers,
@@ -156,6 +160,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut status = tokio::time::interval(STATUS_INTERVAL);
     let mut outlier_check = tokio::time::interval(outlier::CHECK_EVERY);
     let mut bypass_rescan = tokio::time::interval(BYPASS_RESCAN);
+    let mut rebalance = tokio::time::interval(rebalancing::EVERY);
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -189,6 +194,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = outlier_check.tick(), if agent.watches_outliers => agent.check_outliers(),
             _ = bypass_rescan.tick(), if !agent.config.dataplane.bypass.is_empty() => {
                 agent.sync_bypass();
+            }
+            _ = rebalance.tick(), if agent.rebalances => {
+                let mirror = agent.mirror.as_ref();
+                agent.rebalancing.pass(&agent.config, mirror, &agent.maps, &agent.cgroup);
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -355,6 +364,10 @@ struct Agent {
     departed: HashMap<ServiceKey, Terminate>,
     /// Sockets destroyed so far, by service and backend.
     terminated: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Closing idle connections of services with `[service.rebalance]`.
+    rebalancing: rebalancing::Rebalancing,
+    /// Some service has `[service.rebalance]`.
+    rebalances: bool,
     /// `RunArgs::crash_after_ops`, armed once the first plan is applied.
     crash_after_ops: Option<usize>,
     /// The cgroup2 mount, where `[dataplane] bypass` patterns start.
@@ -526,6 +539,7 @@ impl Agent {
         let previous = std::mem::take(&mut self.policies);
         (self.policies, self.departed) = policies(&self.config, &self.wanted, previous);
         self.watches_outliers = self.wanted.iter().any(|s| s.admission.outlier.is_some());
+        self.rebalances = self.config.services.iter().any(|s| s.rebalance.is_some());
         let refreshable = |s: &config::ServiceConfig| {
             s.discovery.is_some() || s.health.is_some() || s.outlier.is_some()
         };
@@ -750,6 +764,7 @@ impl Agent {
             && self.pending.is_none()
             && self.bypass.is_empty()
             && self.terminated.is_empty()
+            && self.rebalancing.closed.is_empty()
             && self.terminator.is_ok();
         if empty && self.published_empty {
             return;
@@ -767,6 +782,8 @@ impl Agent {
             bypass: &self.bypass,
             terminated: &self.terminated,
             termination_unavailable: self.terminator.as_ref().err().map(String::as_str),
+            rebalanced: &self.rebalancing.closed,
+            rebalance_unavailable: self.rebalancing.unavailable(&self.config),
         });
         if let Err(e) = status::write(&self.pin_dir, &file) {
             warn!("cannot publish health state: {e:#}");

@@ -28,6 +28,9 @@ pub struct Parts<'a> {
     /// Sockets destroyed so far, by service and backend.
     pub terminated: &'a BTreeMap<String, BTreeMap<String, u64>>,
     pub termination_unavailable: Option<&'a str>,
+    /// Idle connections closed so far by the rebalance, by service and backend.
+    pub rebalanced: &'a BTreeMap<String, BTreeMap<String, u64>>,
+    pub rebalance_unavailable: Option<&'a str>,
 }
 
 pub fn assemble(parts: Parts) -> StatusFile {
@@ -37,6 +40,7 @@ pub fn assemble(parts: Parts) -> StatusFile {
         kubernetes: parts.kubernetes,
         maps_out_of_date: parts.pending.map(str::to_owned),
         termination_unavailable: parts.termination_unavailable.map(str::to_owned),
+        rebalance_unavailable: parts.rebalance_unavailable.map(str::to_owned),
         bypass: (parts.bypass.iter())
             .map(|(id, path)| (*id, path.display().to_string()))
             .collect(),
@@ -71,6 +75,9 @@ pub fn assemble(parts: Parts) -> StatusFile {
     }
     for (service, by_backend) in parts.terminated {
         file.services.entry(service.clone()).or_default().terminated = by_backend.clone();
+    }
+    for (service, by_backend) in parts.rebalanced {
+        file.services.entry(service.clone()).or_default().rebalanced = by_backend.clone();
     }
     for (service, source) in parts.sources {
         let svc = file.services.entry(service.clone()).or_default();

@@ -269,6 +269,7 @@ mod tests {
             discovery: None,
             balancing: Default::default(),
             outlier: None,
+            rebalance: None,
         };
         assert_eq!(config.services[1], expected);
     }

@@ -31,6 +31,8 @@ mod discovery;
 mod health;
 /// `[service.outlier]`.
 mod outlier;
+/// `[service.rebalance]`.
+mod rebalance;
 /// A service's `backends` list.
 mod backends;
 /// One `[[service]]`, made of the sections above.
@@ -46,8 +48,9 @@ pub use error::ConfigError;
 pub use model::{
     Algorithm, BackendConfig, Balancing, ClientKey, Config, ConsulConfig, DataplaneConfig,
     DiscoveryConfig, DnsConfig, DnsRecord, EtcdConfig, HealthConfig, InitialState,
-    KubernetesConfig, OutlierConfig, ProbeKind, Protocol, ServiceConfig, SourceConfig, Terminate,
-    DEFAULT_KUBE_MAX_SERVICES, MAX_BACKENDS_PER_SERVICE, MAX_NAME_LEN, MAX_SERVICES, MAX_WEIGHT,
+    KubernetesConfig, OutlierConfig, ProbeKind, Protocol, RebalanceConfig, ServiceConfig,
+    SourceConfig, Terminate, DEFAULT_KUBE_MAX_SERVICES, MAX_BACKENDS_PER_SERVICE, MAX_NAME_LEN,
+    MAX_SERVICES, MAX_WEIGHT,
 };
 pub use vip_clash::VipClash;
 

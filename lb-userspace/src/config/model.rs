@@ -75,6 +75,8 @@ pub struct ServiceConfig {
     pub balancing: Balancing,
     /// Passive outlier detection from kernel-observed connect outcomes.
     pub outlier: Option<OutlierConfig>,
+    /// Closing idle pooled connections, so that they reconnect elsewhere.
+    pub rebalance: Option<RebalanceConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -182,6 +184,28 @@ pub struct OutlierConfig {
     pub base_ejection_time: Duration,
     pub max_ejection_time: Duration,
     pub max_ejection_percent: u8,
+}
+
+/// `[service.rebalance]`: the agent closes idle connections a service's clients keep open, so
+/// that they reconnect through the VIP: those older than `max_connection_age` (each with its
+/// own jitter), and, with `on_skew`, those of backends holding more than their share while
+/// another holds less. A connection is closed only when idle (see `datapath::survey`); its
+/// client sees it as closed by the server, as pooled clients expect of keep-alive
+/// connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebalanceConfig {
+    pub max_connection_age: Option<Duration>,
+    /// Each connection's age limit is moved by up to this much, so that connections opened
+    /// together are not closed together.
+    pub age_jitter: Duration,
+    pub on_skew: bool,
+    /// Percent of a backend's fair share its count may differ by (at least one connection)
+    /// before the skew is corrected.
+    pub tolerance: u8,
+    /// How long a connection must have carried no data, either way, to be closed.
+    pub idle_after: Duration,
+    /// Per service: a bound on the reconnects the rebalance causes.
+    pub max_closes_per_second: u32,
 }
 
 /// `[service.discovery]`: where a service's backends come from when they are not listed in

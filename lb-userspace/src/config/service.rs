@@ -26,6 +26,7 @@ const KEYS: &[&str] = &[
     "client_key",
     "outlier",
     "terminate_on_removal",
+    "rebalance",
 ];
 const TERMINATE: &[(&str, Terminate)] = &[
     ("udp", Terminate::Udp),
@@ -119,6 +120,7 @@ impl Checker {
         let health = self.health(scope, table.get("health"));
         let balancing = self.balancing(scope, table);
         let outlier = self.outlier(scope, table.get("outlier"), protocol);
+        let rebalance = self.rebalance(scope, table.get("rebalance"), protocol);
         if let (Some(vip), Some(backends)) = (vip, &backends) {
             self.same_family(scope, vip, backends);
         }
@@ -135,6 +137,7 @@ impl Checker {
             discovery: discovery.setting()?.map(Box::new),
             balancing: balancing?,
             outlier: outlier.setting()?,
+            rebalance: rebalance.setting()?,
         })
     }
 }
@@ -217,6 +220,7 @@ mod tests {
                     discovery: None,
                     balancing: Default::default(),
                     outlier: None,
+                    rebalance: None,
                 },
                 ServiceConfig {
                     name: "dns.kube-system_1".into(),
@@ -233,6 +237,7 @@ mod tests {
                     discovery: None,
                     balancing: Default::default(),
                     outlier: None,
+                    rebalance: None,
                 },
             ],
             kubernetes: None,
@@ -269,7 +274,7 @@ mod tests {
             "lb.toml: service \"web\" (service[0]): protocl: unknown key \
              (allowed: name, vip, protocol, backends, fail_open, panic_threshold, health, discovery, \
              algorithm, maglev_table_size, affinity, affinity_timeout, client_key, outlier, \
-             terminate_on_removal)"
+             terminate_on_removal, rebalance)"
         );
     }
 

@@ -158,6 +158,7 @@ mod tests {
                 discovery: None,
                 balancing: Default::default(),
                 outlier: None,
+                rebalance: None,
             })
             .collect();
         crate::config::Config {

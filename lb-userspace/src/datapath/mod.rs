@@ -3,7 +3,9 @@
 //! into memory), what they hold now (`installed`), the operations that change them (`ops`)
 //! and applying those (`apply`), the ids and slot ranges free (`free`), what is installed
 //! kept in memory between reconciles (`mirror`), the diff from what is installed to the plan
-//! (`reconcile`), and ending the sockets of removed backends (`terminate`).
+//! (`reconcile`), the socket iterators (`iter`, reading kernel structs at offsets from
+//! `btf_offsets`), ending the sockets of removed backends (`terminate`), and surveying and
+//! closing idle connections (`survey`).
 
 pub mod capacity;
 pub mod maps;
@@ -14,6 +16,9 @@ pub mod free;
 pub mod mirror;
 pub mod reconcile;
 pub mod sys;
+pub mod btf_offsets;
+pub mod iter;
 pub mod terminate;
+pub mod survey;
 pub mod mapped;
 pub mod pinned;

@@ -225,6 +225,12 @@ fn agent_metrics(r: &mut Registry, report: &Report) {
         a.terminated.clone(),
     );
     r.register(
+        "lb_rebalanced_connections",
+        "Idle connections closed so that their clients reconnect elsewhere ([service.rebalance]), \
+         by reason (age, skew), since the agent started.",
+        a.rebalanced.clone(),
+    );
+    r.register(
         "lb_outlier_ejections",
         "Backends ejected as outliers since the agent started.",
         a.ejections.clone(),

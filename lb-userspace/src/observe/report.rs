@@ -37,6 +37,9 @@ pub struct Report {
     /// Why sockets of removed backends cannot be terminated on this kernel, if they cannot.
     #[serde(default)]
     pub termination_unavailable: Option<String>,
+    /// Why idle connections cannot be rebalanced on this kernel, when a service asks for it.
+    #[serde(default)]
+    pub rebalance_unavailable: Option<String>,
 }
 
 /// A bypassed cgroup and the connects and datagrams of its processes left untranslated.
@@ -121,6 +124,9 @@ pub struct ServiceReport {
     /// Sockets destroyed because their backend left, by backend, since the agent started.
     #[serde(default)]
     pub terminated: BTreeMap<String, u64>,
+    /// Idle connections closed by `[service.rebalance]`, by backend, since the agent started.
+    #[serde(default)]
+    pub rebalanced: BTreeMap<String, u64>,
     /// Per second over the sampling interval; `None` when sampled once.
     pub rates: Option<Rates>,
     pub backends: Vec<BackendReport>,
@@ -309,6 +315,7 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
                 .unwrap_or_else(|| "static".into()),
             active: backends.iter().map(|b| b.active).sum(),
             terminated: svc_status.map(|s| s.terminated.clone()).unwrap_or_default(),
+            rebalanced: svc_status.map(|s| s.rebalanced.clone()).unwrap_or_default(),
             rates: None,
             backends,
         });
@@ -318,6 +325,7 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
         kubernetes: status.and_then(|s| s.kubernetes.clone()),
         maps_out_of_date: status.and_then(|s| s.maps_out_of_date.clone()),
         termination_unavailable: status.and_then(|s| s.termination_unavailable.clone()),
+        rebalance_unavailable: status.and_then(|s| s.rebalance_unavailable.clone()),
         services,
         map_entries: MapEntries::count(maps)?,
         memory: MapMemory {

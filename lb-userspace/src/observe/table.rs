@@ -17,6 +17,9 @@ pub fn render_table(report: &Report) -> String {
     if let Some(why) = &report.termination_unavailable {
         let _ = writeln!(out, "SOCKET TERMINATION UNAVAILABLE on this kernel ({why})");
     }
+    if let Some(why) = &report.rebalance_unavailable {
+        let _ = writeln!(out, "REBALANCE UNAVAILABLE on this kernel ({why})");
+    }
     if let Some(k) = &report.kubernetes {
         let _ = writeln!(out, "{}", source_line(k));
         for line in limit_lines(k) {
@@ -36,6 +39,12 @@ pub fn render_table(report: &Report) -> String {
             let _ = writeln!(
                 out,
                 "    terminated {n} sockets of removed backend {backend}"
+            );
+        }
+        for (backend, n) in &s.rebalanced {
+            let _ = writeln!(
+                out,
+                "    rebalanced {n} idle connections away from backend {backend}"
             );
         }
         if let Some(r) = &s.rates {

@@ -37,6 +37,9 @@ enum Cmd {
         /// Accept connections and never answer.
         #[arg(long)]
         hang: bool,
+        /// Serve HTTP/1.1 keep-alive: answer every request with 200 and the listen address.
+        #[arg(long, conflicts_with_all = ["hang", "http"])]
+        keep_alive: bool,
         /// Append one line per accepted connection (or datagram) to this file:
         /// `<unix µs> <CLOCK_MONOTONIC µs> <listen address>`.
         #[arg(long)]
@@ -141,12 +144,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             proto,
             http,
             hang,
+            keep_alive,
             accept_log,
         } => {
-            let mode = match (http, hang) {
-                (Some(status), _) => net::Mode::Http(status),
-                (None, true) => net::Mode::Hang,
-                (None, false) => net::Mode::Answer,
+            let mode = match (http, hang, keep_alive) {
+                (Some(status), _, _) => net::Mode::Http(status),
+                (None, true, _) => net::Mode::Hang,
+                (None, false, true) => net::Mode::KeepAlive,
+                (None, false, false) => net::Mode::Answer,
             };
             net::serve(&listen, proto, mode, accept_log.as_deref())
         }

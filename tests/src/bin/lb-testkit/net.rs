@@ -26,6 +26,9 @@ pub enum Mode {
     Http(u16),
     /// Accept and never answer (a hung backend).
     Hang,
+    /// HTTP/1.1 keep-alive: every request on a connection is answered with 200 and the listen
+    /// address, until the client closes it (what pooled clients talk to).
+    KeepAlive,
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -137,11 +140,38 @@ fn serve_tcp(l: TcpListener, count: &AtomicU64, reply: &str, mode: Mode, log: &A
             }
             // Kept open and silent until the process exits; bounded by the test's lifetime.
             Mode::Hang => hung.push(conn),
+            // A thread per connection: the tests hold at most a few dozen.
+            Mode::KeepAlive => {
+                let addr = addr.to_owned();
+                std::thread::spawn(move || keep_alive(conn, &addr));
+            }
         }
     }
 }
 
 /// Reads until the blank line ending an HTTP request head (bounded in size and time).
+fn keep_alive(mut conn: TcpStream, addr: &str) {
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{addr}",
+        addr.len()
+    );
+    let mut pending = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            pending.drain(..end + 4);
+            if conn.write_all(response.as_bytes()).is_err() {
+                return;
+            }
+        }
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) if pending.len() + n > 64 * 1024 => return,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
 fn read_request_head(conn: &mut TcpStream) -> std::io::Result<()> {
     conn.set_read_timeout(Some(REPLY_TIMEOUT))?;
     let mut head = Vec::new();

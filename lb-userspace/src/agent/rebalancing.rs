@@ -1,0 +1,144 @@
+//! The agent's side of `[service.rebalance]`: every `EVERY`, a walk of the sockets reports the
+//! connections, the rebalance chooses from them, and, when it chose some, a second walk closes
+//! those that are still idle (the kernel checks again at that moment).
+
+use crate::codec::service_key;
+use crate::config::Config;
+use crate::datapath::maps::Maps;
+use crate::datapath::mirror::Mirror;
+use crate::datapath::survey::Surveyor;
+use crate::rebalance::{Policy, Rebalancer};
+use aya::maps::MapData;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+pub const EVERY: Duration = Duration::from_millis(500);
+
+pub struct Rebalancing {
+    /// Surveys and closes connections, or why it cannot on this kernel.
+    surveyor: Result<Surveyor, String>,
+    rebalancer: Rebalancer,
+    /// Connections closed so far, by service and backend.
+    pub closed: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+impl Rebalancing {
+    pub fn load(sockets: anyhow::Result<MapData>, config: &Config) -> Self {
+        let surveyor = sockets
+            .and_then(|sockets| Surveyor::load(&sockets))
+            .map_err(|e| format!("{e:#}"));
+        if let Err(why) = &surveyor {
+            if wanted(config) {
+                warn!("connections cannot be rebalanced on this kernel: {why}");
+            }
+        }
+        Self {
+            surveyor,
+            rebalancer: Rebalancer::default(),
+            closed: BTreeMap::new(),
+        }
+    }
+
+    /// Why rebalancing cannot work here, when some service asks for it.
+    pub fn unavailable(&self, config: &Config) -> Option<&str> {
+        let why = self.surveyor.as_ref().err()?;
+        wanted(config).then_some(why.as_str())
+    }
+
+    /// One pass. `mirror` says which backends each service has now; without it (a failed
+    /// reconcile awaiting its retry) the pass waits.
+    pub fn pass(
+        &mut self,
+        config: &Config,
+        mirror: Option<&Mirror>,
+        maps: &impl Maps,
+        cgroup: &Path,
+    ) {
+        let (Ok(surveyor), Some(mirror)) = (&self.surveyor, mirror) else {
+            return;
+        };
+        let (names, policies) = policies(config, mirror, maps);
+        if policies.is_empty() {
+            return;
+        }
+        let seen = match surveyor.pass(cgroup, &BTreeMap::new()) {
+            Ok(pass) => pass.connections,
+            Err(e) => {
+                warn!("surveying connections for the rebalance failed: {e:#}");
+                return;
+            }
+        };
+        let chosen = self.rebalancer.choose(Instant::now(), &seen, &policies);
+        if chosen.is_empty() {
+            return;
+        }
+        let close = (chosen.iter())
+            .map(|(cookie, one)| (*cookie, one.idle_after))
+            .collect();
+        let closed = match surveyor.pass(cgroup, &close) {
+            Ok(pass) => pass.closed,
+            Err(e) => {
+                warn!("closing connections for the rebalance failed: {e:#}");
+                return;
+            }
+        };
+        let mut logged: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for one in closed.iter().filter_map(|cookie| chosen.get(cookie)) {
+            let service = names.get(&one.service_id).copied().unwrap_or_default();
+            let backend = (mirror.installed.backends.get(&one.backend_id))
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            crate::agent_metrics::AGENT.rebalanced(service, &backend, one.reason.as_str());
+            let by_backend = self.closed.entry(service.to_owned()).or_default();
+            *by_backend.entry(backend).or_default() += 1;
+            *logged.entry((service, one.reason.as_str())).or_default() += 1;
+        }
+        for ((service, reason), n) in logged {
+            info!(
+                service,
+                reason,
+                connections = n,
+                "closed idle connections so that they reconnect"
+            );
+        }
+    }
+}
+
+/// The services with `[service.rebalance]` that are installed, by service id: their names,
+/// and their settings with their backends weighted by their share of the slot table.
+fn policies<'c>(
+    config: &'c Config,
+    mirror: &Mirror,
+    maps: &impl Maps,
+) -> (HashMap<u32, &'c str>, HashMap<u32, Policy>) {
+    let mut names = HashMap::new();
+    let mut policies = HashMap::new();
+    for svc in &config.services {
+        let Some(rebalance) = svc.rebalance else {
+            continue;
+        };
+        let key = service_key(svc.vip, svc.protocol);
+        let Some(installed) = mirror.installed.services.get(&key) else {
+            continue;
+        };
+        let mut backends = BTreeMap::new();
+        for id in &installed.slots {
+            if let Ok(generation) = maps.backend_generation(*id) {
+                *backends.entry((*id, generation)).or_default() += 1;
+            }
+        }
+        names.insert(installed.id, svc.name.as_str());
+        let policy = Policy {
+            config: rebalance,
+            backends,
+        };
+        policies.insert(installed.id, policy);
+    }
+    (names, policies)
+}
+
+fn wanted(config: &Config) -> bool {
+    config.services.iter().any(|s| s.rebalance.is_some())
+}
