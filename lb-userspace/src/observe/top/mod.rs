@@ -31,13 +31,35 @@ pub fn run(pin_dir: &Path, refresh: Duration) -> Result<()> {
             let rates = age.map_or("rates from the next refresh".into(), |s| {
                 format!("rates over {s:.1}s")
             });
-            let header = format!("pins {}  {agent}  {rates}", pin_dir.display());
+            let header = format!(
+                "pins {}  {agent}  {rates}{}",
+                pin_dir.display(),
+                lifecycle(&report)
+            );
             let state = view(&report, header);
             previous = Some((now, report));
             Ok(state)
         },
         refresh,
     )
+}
+
+/// What the agent did to connections since it started, when it did anything: sockets of
+/// removed backends terminated, idle connections rebalanced, connects left untranslated.
+fn lifecycle(report: &Report) -> String {
+    let sum = |f: fn(&report::ServiceReport) -> u64| report.services.iter().map(f).sum::<u64>();
+    let terminated = sum(|s| s.terminated.values().sum());
+    let rebalanced = sum(|s| s.rebalanced.values().sum());
+    let bypassed: u64 = report.bypass.iter().map(|b| b.connects).sum();
+    let parts = [
+        ("terminated", terminated),
+        ("rebalanced", rebalanced),
+        ("bypassed", bypassed),
+    ];
+    (parts.iter())
+        .filter(|(_, n)| *n > 0)
+        .map(|(what, n)| format!("  {what} {n}"))
+        .collect()
 }
 
 /// The report as the UI shows it.
