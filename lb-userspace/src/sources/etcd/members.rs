@@ -1,10 +1,9 @@
 //! Which etcd services share a connection and a watch, and which services a key belongs to.
 //! Pure, so the grouping and the demultiplexing are unit-tested without a server.
 
-use crate::config::{DiscoveryConfig, SourceConfig};
+use crate::config::{DiscoveryConfig, EtcdConfig, SourceConfig};
 use crate::sources::Reporter;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// What makes services' etcd sources one cluster, reached over one connection: their whole
@@ -14,14 +13,9 @@ use std::time::Duration;
 /// cluster retries as one. Two services that differ in any of these get two connections.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ClusterKey {
-    /// Sorted and without repeats: the same servers listed in another order are one cluster.
-    pub endpoints: Vec<String>,
-    pub username: Option<String>,
-    pub password_file: Option<PathBuf>,
-    pub ca_file: Option<PathBuf>,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    pub timeout: Duration,
+    /// The service's etcd settings with an empty prefix and the endpoints sorted, without
+    /// repeats: the same servers listed in another order are one cluster.
+    pub etcd: EtcdConfig,
     pub retry_initial: Duration,
     pub retry_max: Duration,
 }
@@ -55,13 +49,11 @@ pub fn membership(config: &DiscoveryConfig, reporter: &Reporter) -> Option<(Clus
     endpoints.sort();
     endpoints.dedup();
     let key = ClusterKey {
-        endpoints,
-        username: etcd.username.clone(),
-        password_file: etcd.password_file.clone(),
-        ca_file: etcd.ca_file.clone(),
-        cert_file: etcd.cert_file.clone(),
-        key_file: etcd.key_file.clone(),
-        timeout: etcd.timeout,
+        etcd: EtcdConfig {
+            endpoints,
+            prefix: String::new(),
+            ..etcd.clone()
+        },
         retry_initial: config.retry_initial,
         retry_max: config.retry_max,
     };
@@ -151,12 +143,11 @@ impl Demux {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::config::EtcdConfig;
     use tokio::sync::mpsc;
 
-    fn reporter(service: &str, generation: u64) -> Reporter {
+    pub(crate) fn reporter(service: &str, generation: u64) -> Reporter {
         let (tx, _rx) = mpsc::unbounded_channel();
         Reporter {
             service: service.to_owned(),
@@ -165,7 +156,7 @@ mod tests {
         }
     }
 
-    fn etcd(endpoints: &[&str], prefix: &str) -> DiscoveryConfig {
+    pub(crate) fn etcd(endpoints: &[&str], prefix: &str) -> DiscoveryConfig {
         DiscoveryConfig {
             source: SourceConfig::Etcd(EtcdConfig {
                 endpoints: endpoints.iter().map(|e| e.to_string()).collect(),

@@ -74,39 +74,15 @@ impl Drop for Clusters {
 
 #[cfg(test)]
 mod tests {
+    use super::members::tests::{etcd, reporter};
     use super::*;
-    use crate::config::{DiscoveryConfig, EtcdConfig, SourceConfig};
-    use crate::sources::Reporter;
-    use std::time::Duration;
-    use tokio::sync::mpsc;
 
     fn service(name: &str, endpoint: &str, prefix: &str) -> (String, ClusterKey, Member) {
-        let config = DiscoveryConfig {
-            source: SourceConfig::Etcd(EtcdConfig {
-                // Nothing listens on port 1: the tasks only retry until the test ends.
-                endpoints: vec![endpoint.to_owned()],
-                prefix: prefix.to_owned(),
-                username: None,
-                password_file: None,
-                ca_file: None,
-                cert_file: None,
-                key_file: None,
-                timeout: Duration::from_secs(1),
-            }),
-            retry_initial: Duration::from_secs(60),
-            retry_max: Duration::from_secs(60),
-            allow_loopback_backends: false,
-        };
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let reporter = Reporter {
-            service: name.to_owned(),
-            generation: 1,
-            tx,
-        };
-        let (cluster, member) = membership(&config, &reporter).expect("etcd");
+        // Nothing listens on port 1: the tasks only retry until the test ends.
+        let config = etcd(&[endpoint], prefix);
+        let (cluster, member) = membership(&config, &reporter(name, 1)).expect("etcd");
         (name.to_owned(), cluster, member)
     }
-
     fn members(clusters: &Clusters) -> Vec<Vec<String>> {
         let mut found: Vec<Vec<String>> = clusters
             .running

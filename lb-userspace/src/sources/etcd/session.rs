@@ -11,6 +11,7 @@
 use super::members::{covered, roots, ClusterKey, Demux, Member, Members};
 use super::registrations::{to_answer, within_caps, MAX_KEYS};
 use crate::clock::now_ms;
+use crate::config::EtcdConfig;
 use crate::private_files::{read_bounded_text, CERTIFICATE_LIMIT};
 use crate::sources::backoff::Backoff;
 use etcd_client::{
@@ -41,13 +42,13 @@ enum End {
 /// Runs a cluster until its task is aborted (its last member left). `members` follows the
 /// config: services joining and leaving the cluster.
 pub async fn run(cluster: ClusterKey, mut members: watch::Receiver<Members>) {
-    let seed = now_ms() ^ cluster.endpoints.len() as u64;
+    let seed = now_ms() ^ cluster.etcd.endpoints.len() as u64;
     let mut backoff = Backoff::new(cluster.retry_initial, cluster.retry_max, seed);
     let mut client = None;
     loop {
         match session(&cluster, &mut client, &mut members, &mut backoff).await {
             End::Relist(why) => {
-                tracing::info!(endpoints = %cluster.endpoints.join(","), "etcd watch restarts with a new list: {why}")
+                tracing::info!(endpoints = %cluster.etcd.endpoints.join(","), "etcd watch restarts with a new list: {why}")
             }
             End::Failed(error) => {
                 client = None;
@@ -68,7 +69,7 @@ async fn session(
 ) -> End {
     let client = match client {
         Some(client) => client,
-        None => match within(cluster.timeout, "connect", connect(cluster)).await {
+        None => match within(cluster.etcd.timeout, "connect", connect(&cluster.etcd)).await {
             Ok(Ok(connected)) => client.insert(connected),
             Ok(Err(end)) | Err(end) => return end,
         },
@@ -102,7 +103,7 @@ async fn watch(
     backoff.reset();
     let watched = roots(wanted.values().map(|m| m.prefix.as_str()));
     let mut stream = shared.watch(&watched, first + 1).await?;
-    tracing::info!(endpoints = %cluster.endpoints.join(","), services = wanted.len(),
+    tracing::info!(endpoints = %cluster.etcd.endpoints.join(","), services = wanted.len(),
                    roots = %watched.join(","), "etcd services share one connection and watch");
     loop {
         let retry_at = shared.next_retry();
@@ -181,7 +182,7 @@ impl<'a> Shared<'a> {
     /// Lists a member's prefix, reports its answer and follows it from then on; the list's
     /// revision.
     async fn join(&mut self, service: &str, member: &Member) -> Result<i64, End> {
-        let timeout = self.cluster.timeout;
+        let timeout = self.cluster.etcd.timeout;
         let options = GetOptions::new()
             .with_prefix()
             .with_limit(MAX_KEYS as i64 + 1);
@@ -215,7 +216,7 @@ impl<'a> Shared<'a> {
     /// One watch stream with a watch per root, all from `start`.
     async fn watch(&mut self, roots: &[String], start: i64) -> Result<WatchStream, End> {
         let options = || Some(WatchOptions::new().with_prefix().with_start_revision(start));
-        let timeout = self.cluster.timeout;
+        let timeout = self.cluster.etcd.timeout;
         let (first, rest) = roots
             .split_first()
             .ok_or_else(|| End::Failed("no prefix to watch".into()))?;
@@ -367,25 +368,25 @@ async fn within<T>(
         .map_err(|_| End::Failed(format!("{what}: no answer within {limit:?}")))
 }
 
-async fn connect(cluster: &ClusterKey) -> Result<Client, End> {
+async fn connect(config: &EtcdConfig) -> Result<Client, End> {
     let mut options = ConnectOptions::new()
-        .with_connect_timeout(cluster.timeout)
-        .with_timeout(cluster.timeout)
-        .with_keep_alive(KEEP_ALIVE, cluster.timeout);
-    if let Some(user) = &cluster.username {
+        .with_connect_timeout(config.timeout)
+        .with_timeout(config.timeout)
+        .with_keep_alive(KEEP_ALIVE, config.timeout);
+    if let Some(user) = &config.username {
         // Read at each connect so that a rotated password is picked up.
-        let password = match &cluster.password_file {
+        let password = match &config.password_file {
             Some(path) => read(path, "password_file")?.trim().to_owned(),
             None => std::env::var("ETCD_PASSWORD").unwrap_or_default(),
         };
         options = options.with_user(user, password);
     }
-    if cluster.endpoints.iter().any(|e| e.starts_with("https://")) {
+    if config.endpoints.iter().any(|e| e.starts_with("https://")) {
         let mut tls = TlsOptions::new();
-        if let Some(ca) = &cluster.ca_file {
+        if let Some(ca) = &config.ca_file {
             tls = tls.ca_certificate(Certificate::from_pem(read(ca, "ca_file")?));
         }
-        if let (Some(cert), Some(key)) = (&cluster.cert_file, &cluster.key_file) {
+        if let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) {
             tls = tls.identity(Identity::from_pem(
                 read(cert, "cert_file")?,
                 read(key, "key_file")?,
@@ -393,9 +394,9 @@ async fn connect(cluster: &ClusterKey) -> Result<Client, End> {
         }
         options = options.with_tls(tls);
     }
-    Client::connect(&cluster.endpoints, Some(options))
+    Client::connect(&config.endpoints, Some(options))
         .await
-        .map_err(|e| End::Failed(format!("connect {}: {e}", cluster.endpoints.join(","))))
+        .map_err(|e| End::Failed(format!("connect {}: {e}", config.endpoints.join(","))))
 }
 
 fn read(path: &std::path::Path, field: &str) -> Result<String, End> {
