@@ -2,7 +2,7 @@
 
 use crate::{paths::agent_bin, PinDir, TestCgroup, TestNet};
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -406,6 +406,36 @@ impl Agent {
 
     pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// The agent's established TCP connections to `port` on any address, read from its own
+    /// file descriptors and its network namespace's socket tables.
+    pub fn connections_to(&self, port: u16) -> usize {
+        let proc = PathBuf::from(format!("/proc/{}", self.pid()));
+        let sockets: HashSet<String> = std::fs::read_dir(proc.join("fd"))
+            .expect("read the agent's fds")
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .filter_map(|link| {
+                let link = link.to_string_lossy().into_owned();
+                Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+            })
+            .collect();
+        let remote_port = format!(":{port:04X}");
+        ["tcp", "tcp6"]
+            .iter()
+            .filter_map(|table| std::fs::read_to_string(proc.join("net").join(table)).ok())
+            .flat_map(|text| text.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+            .filter(|line| {
+                // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                const ESTABLISHED: &str = "01";
+                fields.len() > 9
+                    && fields[2].ends_with(&remote_port)
+                    && fields[3] == ESTABLISHED
+                    && sockets.contains(fields[9])
+            })
+            .count()
     }
 
     fn signal(&self, sig: i32) {

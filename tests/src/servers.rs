@@ -227,6 +227,23 @@ impl Etcd {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The sum of etcd's Prometheus samples whose line starts with `series`, e.g.
+    /// `etcd_debugging_mvcc_watcher_total` or `grpc_server_started_total{grpc_method="Watch"`
+    /// (etcd sorts labels by name). Panics when etcd does not serve /metrics.
+    pub fn metric(&self, series: &str) -> f64 {
+        let addr = self.endpoint.trim_start_matches("http://");
+        let (status, body) = http_get_in(&self.ns_path, addr, "/metrics")
+            .unwrap_or_else(|| panic!("etcd /metrics on {addr} does not answer"));
+        assert_eq!(status, 200, "etcd /metrics: {status}");
+        body.lines()
+            .filter(|line| {
+                line.strip_prefix(series)
+                    .is_some_and(|rest| rest.starts_with([' ', '{', ',']))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
 }
 
 impl Drop for Etcd {
@@ -467,8 +484,12 @@ pub fn http_status(net: &TestNet, addr: &str, path: &str) -> Option<u16> {
 /// Status and body of `GET path` on `addr` inside the test's namespace (a plain HTTP/1.0
 /// request, so no client library is needed); `None` when nothing answers.
 pub fn http_get(net: &TestNet, addr: &str, path: &str) -> Option<(u16, String)> {
+    http_get_in(&net.ns_path, addr, path)
+}
+
+fn http_get_in(ns_path: &str, addr: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    in_netns(&net.ns_path, || {
+    in_netns(ns_path, || {
         let mut stream = std::net::TcpStream::connect(addr)?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;

@@ -5,7 +5,7 @@
 
 use lb_testkit::config::{Config, Service, Table};
 use lb_testkit::procs::Proto;
-use lb_testkit::stats::{agent_stats, backend, backend_set, find_backend};
+use lb_testkit::stats::{agent_stats, backend, backend_set, find_backend, service};
 use lb_testkit::{
     consul_raw, consul_state, require_privileged, wait_backends, wait_for, ConsulMock, Dns,
     DnsRecords, Etcd, Scenario, SrvRecord,
@@ -125,6 +125,106 @@ fn etcd_registrations_leases_and_outages_reach_the_data_plane() {
     assert!(emptied, "{:?}", s.service_stats("web"));
     let report = s.client(VIP, 20, Proto::Tcp);
     assert_eq!(report.failed("ECONNREFUSED"), 20, "{report:?}");
+}
+
+/// A config of services discovered from `etcd`, each `(name, vip, prefix)`.
+fn etcd_services(etcd: &Etcd, services: &[(&str, &str, &str)]) -> Config {
+    services
+        .iter()
+        .fold(Config::new(), |config, (name, vip, prefix)| {
+            let discovery = Table::new()
+                .set("kind", "etcd")
+                .set("endpoints", vec![etcd.endpoint.clone()])
+                .set("prefix", *prefix)
+                .set("timeout", "1s");
+            config.service(discovered(name, vip, discovery))
+        })
+}
+
+/// What etcd and the agent see of the agent's reading: connections from the agent to etcd's
+/// client port, watchers etcd holds, and watch streams etcd has opened since it started.
+fn etcd_reading(s: &mut Scenario, etcd: &Etcd) -> (usize, f64, f64) {
+    let port = etcd
+        .endpoint
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok());
+    let connections = s.agent().connections_to(port.expect("etcd endpoint port"));
+    let watchers = etcd.metric("etcd_debugging_mvcc_watcher_total");
+    let streams = etcd.metric("grpc_server_started_total{grpc_method=\"Watch\"");
+    (connections, watchers, streams)
+}
+
+#[test]
+fn etcd_services_of_one_cluster_share_one_connection_and_one_watch() {
+    if !require_privileged() {
+        return;
+    }
+    let mut s = Scenario::start(&[B1, B2, B3], Proto::Tcp, Config::new());
+    let etcd = Etcd::start(&s.net);
+    let watched_before = etcd.metric("grpc_server_started_total{grpc_method=\"Watch\"");
+    let services = [
+        ("svc0", "10.96.0.20:80", "/services/svc0/", vec![B1]),
+        ("svc1", "10.96.0.21:80", "/services/svc1/", vec![B2]),
+        ("svc2", "10.96.0.22:80", "/services/svc2/", vec![B3]),
+        ("svc3", "10.96.0.23:80", "/services/svc3/", vec![B1, B2]),
+        ("svc4", "10.96.0.24:80", "/services/svc4/", vec![B2, B3]),
+        ("svc5", "10.96.0.25:80", "/services/svc5/", vec![B1, B3]),
+    ];
+    for (_, _, prefix, backends) in &services {
+        for b in backends {
+            etcd.put(&format!("{prefix}{b}"), "", None);
+        }
+    }
+    // Not any service's: read by the shared watch on /services/ and given to nobody.
+    etcd.put(&format!("/services/unused/{B1}"), "", None);
+    let config = |names: &[&str]| {
+        let listed: Vec<(&str, &str, &str)> = services
+            .iter()
+            .filter(|(name, ..)| names.contains(name))
+            .map(|(name, vip, prefix, _)| (*name, *vip, *prefix))
+            .collect();
+        etcd_services(&etcd, &listed)
+    };
+    apply(&mut s, &config(&["svc0", "svc1", "svc2", "svc3", "svc4"]));
+    for (name, _, _, backends) in &services[..5] {
+        wait_backends(&s.pins, name, backends, WAIT);
+    }
+    let (connections, watchers, streams) = etcd_reading(&mut s, &etcd);
+    assert_eq!(connections, 1, "connections from the agent to etcd");
+    assert_eq!(watchers, 1.0, "watchers etcd holds");
+    assert_eq!(streams - watched_before, 1.0, "watch streams etcd opened");
+
+    // A change reaches its own service and no other.
+    etcd.put(&format!("/services/svc0/{B3}"), "", None);
+    etcd.del(&format!("/services/svc4/{B2}"));
+    wait_backends(&s.pins, "svc0", &[B1, B3], WAIT);
+    wait_backends(&s.pins, "svc4", &[B3], WAIT);
+    s.assert_balanced("10.96.0.20:80", &[B1, B3]);
+    for (name, _, _, backends) in &services[1..4] {
+        wait_backends(&s.pins, name, backends, WAIT);
+    }
+
+    // One service leaves and one joins under the watched root: the joiner is listed on the
+    // same connection and watch, the leaver is dropped from the maps.
+    apply(&mut s, &config(&["svc0", "svc1", "svc2", "svc3", "svc5"]));
+    wait_backends(&s.pins, "svc5", &[B1, B3], WAIT);
+    let gone = wait_for(WAIT, || {
+        agent_stats(&s.pins).is_some_and(|stats| service(&stats, "svc4").is_none())
+    });
+    assert!(gone, "svc4 still installed");
+    etcd.put(&format!("/services/svc5/{B2}"), "", None);
+    wait_backends(&s.pins, "svc5", &[B1, B2, B3], WAIT);
+    let (connections, watchers, streams) = etcd_reading(&mut s, &etcd);
+    assert_eq!(connections, 1, "connections after the config change");
+    assert_eq!(watchers, 1.0, "watchers after the config change");
+    assert_eq!(
+        streams - watched_before,
+        1.0,
+        "the watch was not opened again"
+    );
+    let src = source(&s, "svc5").expect("discovery state of svc5");
+    assert_eq!((src.state, src.skipped), (SourceState::Ok, 0), "{src:?}");
 }
 
 #[test]

@@ -266,7 +266,8 @@ pub enum DnsRecord {
     Srv,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `Hash`: services with equal settings but for the prefix share a connection (`sources::etcd`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EtcdConfig {
     /// `http://` or `https://` URLs. Empty in the file means "from `ETCD_ENDPOINTS`", which
     /// `load` resolves, so this is never empty in a loaded config.

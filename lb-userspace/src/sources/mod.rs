@@ -1,5 +1,6 @@
-//! Discovery sources: one task per discovered service asks its source (DNS, etcd, Consul) and
-//! reports answers and errors; `Discovery` keeps the last good answer of each service and its
+//! Discovery sources: one task per discovered service asks its source (DNS, Consul), one task
+//! per etcd cluster reads for all the services it serves (`etcd`), and they report answers and
+//! errors per service; `Discovery` keeps the last good answer of each service and its
 //! source's state. The catalog merges those answers into the config and sends the result
 //! down the same reconcile path as a static config.
 //!
@@ -77,8 +78,9 @@ impl Reporter {
 
 struct Running {
     config: DiscoveryConfig,
-    generation: u64,
-    task: JoinHandle<()>,
+    reporter: Reporter,
+    /// `None` for an etcd service: it is a member of its cluster's task (`Discovery::etcd`).
+    task: Option<JoinHandle<()>>,
 }
 
 struct Known {
@@ -90,6 +92,7 @@ struct Known {
 pub struct Discovery {
     tx: mpsc::UnboundedSender<Update>,
     running: HashMap<String, Running>,
+    etcd: etcd::Clusters,
     known: BTreeMap<String, Known>,
     next_generation: u64,
 }
@@ -100,6 +103,7 @@ impl Discovery {
         let discovery = Self {
             tx,
             running: HashMap::new(),
+            etcd: etcd::Clusters::default(),
             known: BTreeMap::new(),
             next_generation: 0,
         };
@@ -116,8 +120,8 @@ impl Discovery {
             .collect();
         self.running.retain(|name, running| {
             let keep = wanted.get(name.as_str()) == Some(&&running.config);
-            if !keep {
-                running.task.abort();
+            if let (false, Some(task)) = (keep, &running.task) {
+                task.abort();
             }
             keep
         });
@@ -142,21 +146,27 @@ impl Discovery {
             known.status.state = SourceState::Syncing;
             known.status.consecutive_errors = 0;
             info!(service = name, source = config.source.kind(), target = %config.source.target(), "discovery started");
-            let task = tokio::spawn(run_source(config.clone(), reporter));
-            self.running.insert(
-                name.to_owned(),
-                Running {
-                    config: config.clone(),
-                    generation: self.next_generation,
-                    task,
-                },
-            );
+            let task = start(config, &reporter);
+            let running = Running {
+                config: config.clone(),
+                reporter,
+                task,
+            };
+            self.running.insert(name.to_owned(), running);
         }
+        self.etcd
+            .sync(self.running.iter().filter_map(|(name, running)| {
+                let (cluster, member) = etcd::membership(&running.config, &running.reporter)?;
+                Some((name.clone(), cluster, member))
+            }));
     }
 
     /// Records a task's message; true when the service's backend set changed.
     pub fn apply(&mut self, update: Update) -> bool {
-        let current = self.running.get(&update.service).map(|r| r.generation);
+        let current = self
+            .running
+            .get(&update.service)
+            .map(|r| r.reporter.generation);
         if current != Some(update.generation) {
             return false;
         }
@@ -215,27 +225,30 @@ impl Discovery {
 
 impl Drop for Discovery {
     fn drop(&mut self) {
-        for running in self.running.values() {
-            running.task.abort();
+        for task in self.running.values().filter_map(|r| r.task.as_ref()) {
+            task.abort();
         }
     }
 }
 
-async fn run_source(config: DiscoveryConfig, reporter: Reporter) {
+/// A task of its own for a polled source; `None` for etcd, whose services join their cluster's.
+fn start(config: &DiscoveryConfig, reporter: &Reporter) -> Option<JoinHandle<()>> {
     let seed = now_ms() ^ reporter.generation.rotate_left(32);
     let backoff = Backoff::new(config.retry_initial, config.retry_max, seed);
     let allow_loopback = config.allow_loopback_backends;
-    match config.source {
+    let reporter = reporter.clone();
+    let task = match &config.source {
         SourceConfig::Dns(d) => {
-            let resolver = dns::Resolver::new(d, allow_loopback);
-            poll_loop(backoff, &reporter, resolver).await
+            let resolver = dns::Resolver::new(d.clone(), allow_loopback);
+            tokio::spawn(poll_loop(backoff, reporter, resolver))
         }
         SourceConfig::Consul(c) => {
-            let watch = consul::Watch::new(c, allow_loopback);
-            poll_loop(backoff, &reporter, watch).await
+            let watch = consul::Watch::new(c.clone(), allow_loopback);
+            tokio::spawn(poll_loop(backoff, reporter, watch))
         }
-        SourceConfig::Etcd(e) => etcd::run(e, allow_loopback, backoff, &reporter).await,
-    }
+        SourceConfig::Etcd(_) => return None,
+    };
+    Some(task)
 }
 
 /// A source that is asked again and again (DNS on the TTL, Consul with blocking queries).
@@ -244,7 +257,7 @@ trait Poll {
     fn poll(&mut self) -> impl Future<Output = Result<(Answer, Duration), String>> + Send;
 }
 
-async fn poll_loop(mut backoff: Backoff, reporter: &Reporter, mut source: impl Poll) {
+async fn poll_loop(mut backoff: Backoff, reporter: Reporter, mut source: impl Poll) {
     loop {
         let pause = match source.poll().await {
             Ok((answer, next)) => {
