@@ -1,6 +1,7 @@
 // Go net/http clients with keep-alive connection pools, as Go services use them: `workers`
 // goroutines, each with its own http.Client (so each keeps one connection), send GET requests
-// to `target` until `seconds` pass, pausing `every` seconds between requests. Prints
+// to `target` (at an optional fifth argument's path, default "/") until `seconds` pass,
+// pausing `every` seconds between requests. Prints
 // {"ok": N, "failed": N, "errors": [...]} as JSON. Only the standard library, so it builds
 // with any Go.
 package main
@@ -17,11 +18,15 @@ import (
 )
 
 func main() {
-	if len(os.Args) != 5 {
-		fmt.Fprintln(os.Stderr, "usage: pooled <host:port> <workers> <seconds> <every-seconds>")
+	if len(os.Args) != 5 && len(os.Args) != 6 {
+		fmt.Fprintln(os.Stderr, "usage: pooled <host:port> <workers> <seconds> <every-seconds> [path]")
 		os.Exit(2)
 	}
 	target := os.Args[1]
+	path := "/"
+	if len(os.Args) == 6 {
+		path = os.Args[5]
+	}
 	workers, err1 := strconv.Atoi(os.Args[2])
 	seconds, err2 := strconv.ParseFloat(os.Args[3], 64)
 	every, err3 := strconv.ParseFloat(os.Args[4], 64)
@@ -41,7 +46,7 @@ func main() {
 			transport := &http.Transport{MaxIdleConnsPerHost: 1, IdleConnTimeout: 90 * time.Second}
 			client := &http.Client{Transport: transport, Timeout: 5 * time.Second}
 			for time.Now().Before(deadline) {
-				resp, err := client.Get("http://" + target + "/")
+				resp, err := client.Get("http://" + target + path)
 				if err == nil {
 					_, err = io.ReadAll(resp.Body)
 					resp.Body.Close()

@@ -1,8 +1,9 @@
 """Python urllib3 clients with keep-alive connection pools, as `requests` uses them: `workers`
 threads, each with its own pool (so each keeps one connection), send GET requests to `target`
 until `seconds` pass, pausing `every` seconds between requests, with urllib3's default
-retries. Prints {"ok": N, "failed": N, "errors": [...]}
-as JSON. Works with urllib3 1.26 (Debian 12) and 2.x."""
+retries, or none with a sixth argument `no-retries` (the fifth is the path, default `/`).
+Prints {"ok": N, "failed": N, "errors": [...]} as JSON. Works with urllib3 1.26 (Debian 12)
+and 2.x."""
 
 import json
 import sys
@@ -13,10 +14,15 @@ import urllib3
 
 
 def main():
-    if len(sys.argv) != 5:
-        sys.exit("usage: pooled.py <host:port> <workers> <seconds> <every-seconds>")
+    if len(sys.argv) not in (5, 6, 7):
+        sys.exit(
+            "usage: pooled.py <host:port> <workers> <seconds> <every-seconds> [path] [no-retries]"
+        )
     host, port = sys.argv[1].rsplit(":", 1)
     workers, seconds, every = int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+    path = sys.argv[5] if len(sys.argv) > 5 else "/"
+    # urllib3's default (Retry(3)) unless told otherwise: False makes any failure count.
+    retries = False if sys.argv[6:] == ["no-retries"] else urllib3.Retry.DEFAULT
     lock = threading.Lock()
     counts = {"ok": 0, "failed": 0, "errors": []}
     deadline = time.monotonic() + seconds
@@ -26,7 +32,7 @@ def main():
         pool = urllib3.HTTPConnectionPool(host, int(port), maxsize=1, timeout=timeout)
         while time.monotonic() < deadline:
             try:
-                pool.request("GET", "/").data
+                pool.request("GET", path, retries=retries).data
                 outcome = None
             except Exception as e:  # every failure counts; the test reads them
                 outcome = repr(e)

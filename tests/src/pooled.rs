@@ -28,6 +28,31 @@ pub struct PooledReport {
     pub errors: Vec<String>,
 }
 
+/// What a client asks, how often and for how long.
+#[derive(Clone, Debug)]
+pub struct Load {
+    /// Concurrent requesters, each with its own pool (so one keep-alive connection each).
+    pub workers: u32,
+    pub run: Duration,
+    /// The pause between one requester's requests.
+    pub every: Duration,
+    pub path: String,
+    /// The library's default retries (false: none, Python only, so every failure counts).
+    pub retries: bool,
+}
+
+impl Default for Load {
+    fn default() -> Self {
+        Self {
+            workers: 8,
+            run: Duration::from_secs(10),
+            every: Duration::from_millis(300),
+            path: "/".into(),
+            retries: true,
+        }
+    }
+}
+
 /// A running client; `wait` returns its report.
 pub struct PooledClient {
     child: Option<Child>,
@@ -35,17 +60,8 @@ pub struct PooledClient {
 }
 
 impl PooledClient {
-    /// `workers` concurrent requesters, each with its own pool (so one keep-alive connection
-    /// each), sending a GET to `to` every `every`, for `run`.
-    pub fn start(
-        kind: Pooled,
-        net: &TestNet,
-        cgroup: &TestCgroup,
-        to: &str,
-        workers: u32,
-        run: Duration,
-        every: Duration,
-    ) -> Self {
+    /// Starts requesting from `to` as `load` says.
+    pub fn start(kind: Pooled, net: &TestNet, cgroup: &TestCgroup, to: &str, load: &Load) -> Self {
         let program: Vec<String> = match kind {
             Pooled::Go => vec![go_client().display().to_string()],
             Pooled::Python => vec![
@@ -56,13 +72,18 @@ impl PooledClient {
         let mut cmd = net.testkit(Some(cgroup));
         cmd.args(["exec", "--"])
             .args(program)
-            .args([to, &workers.to_string()])
-            .args([
-                run.as_secs_f64().to_string(),
-                every.as_secs_f64().to_string(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped());
+            .args([to, &load.workers.to_string()])
+            .args([load.run.as_secs_f64(), load.every.as_secs_f64()].map(|s| s.to_string()))
+            .arg(&load.path);
+        if !load.retries {
+            assert_eq!(
+                kind,
+                Pooled::Python,
+                "only the Python client can turn retries off"
+            );
+            cmd.arg("no-retries");
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped());
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting the {kind:?} client: {e}"));

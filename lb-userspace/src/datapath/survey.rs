@@ -8,8 +8,14 @@
 //! "Idle" is read from the kernel's own `struct tcp_sock`, at offsets from the kernel's BTF:
 //! - nothing sent is unacknowledged (`snd_una == write_seq`) and nothing received is unread
 //!   (`rcv_nxt == copied_seq`);
-//! - the last data went *to* the client (`icsk_ack.lrcvtime` is not older than `lsndtime`):
-//!   a request whose answer has not come yet is never idle, however long the server takes;
+//! - the last data went *to* the client, so a request whose answer has not come yet is never
+//!   idle, however long the server takes. Two signs say a request is waiting: the last data
+//!   sent is newer than the last received (`lsndtime` after `icsk_ack.lrcvtime`), or the
+//!   peer's last acknowledgement of our data came on a segment without data (`snd_wl1`, the
+//!   sequence number of the segment that last moved `snd_una`, equals `rcv_nxt`). The
+//!   second is needed because those times are in jiffies: a client that sends its next
+//!   request within the same tick as it received the last answer shows equal times. A
+//!   connection that never carried data also counts as waiting;
 //! - "quiet" is the time since the last data either way (jiffies; the agent measures the
 //!   kernel's tick rate once at load).
 //!
@@ -21,8 +27,8 @@ use crate::datapath::iter::{
     in_each_namespace, insn, kernel_func, load_iterator, run_iterator, Asm, Insn, ADD_K, AND_K,
     CALL, CTX_META, CTX_SOCKET, HELPER_GET_SOCKET_COOKIE, HELPER_JIFFIES64, HELPER_KTIME_GET_NS,
     HELPER_MAP_LOOKUP, HELPER_SEQ_WRITE, HELPER_SKC_TO_TCP_SOCK, HELPER_SK_STORAGE_GET, JA, JEQ_K,
-    JEQ_X, JLT_X, JNE_K, JSLT32_K, LDX_B, LDX_DW, LDX_W, MOV_K, MOV_X, PSEUDO_KFUNC_CALL, STX_DW,
-    STX_W, ST_DW, ST_W, SUB32_X,
+    JEQ_X, JLT_X, JNE_K, JNE_X, JSLT32_K, LDX_B, LDX_DW, LDX_W, MOV_K, MOV_X, PSEUDO_KFUNC_CALL,
+    STX_DW, STX_W, ST_DW, ST_W, SUB32_X,
 };
 use crate::datapath::sys::{map_create, map_delete, map_lookup, map_update, BPF_MAP_TYPE_HASH};
 use anyhow::{ensure, Context, Result};
@@ -93,6 +99,7 @@ struct TcpOffsets {
     copied_seq: i16,
     lsndtime: i16,
     lrcvtime: i16,
+    snd_wl1: i16,
 }
 
 impl TcpOffsets {
@@ -108,6 +115,7 @@ impl TcpOffsets {
             copied_seq: at(&["copied_seq"])?,
             lsndtime: at(&["lsndtime"])?,
             lrcvtime: at(&["inet_conn", "icsk_ack", "lrcvtime"])?,
+            snd_wl1: at(&["snd_wl1"])?,
         })
     }
 }
@@ -234,7 +242,8 @@ fn parse(out: &[u8], hz: u32) -> (Vec<Connection>, Option<(u64, u64)>) {
 /// state = bpf_sk_storage_get(LB_SOCKETS, tp, 0, 0); if !state: done  (never translated)
 /// if !(state.flags & CONNECTED) or state.flags & DONE: done
 /// record = {cookie, service, backend, generation}
-/// awaiting = snd_una != write_seq or rcv_nxt != copied_seq or lsndtime after lrcvtime
+/// awaiting = snd_una != write_seq or rcv_nxt != copied_seq or snd_wl1 == rcv_nxt
+///            or lsndtime after lrcvtime
 /// quiet = jiffies - (the later of lsndtime and lrcvtime)
 /// c = cull[cookie]; if c and !awaiting and quiet >= c.quiet_min:
 ///     c.closed = 1; bpf_sock_destroy(sk); done
@@ -298,6 +307,11 @@ fn program(sockets: RawFd, cull: RawFd, destroy_btf_id: u32, tcp: TcpOffsets) ->
         a.push(insn(ST_W, 10, 0, awaiting, 1));
         a.land(same);
     }
+    a.push(insn(LDX_W, 1, 8, tcp.snd_wl1, 0));
+    a.push(insn(LDX_W, 2, 8, tcp.rcv_nxt, 0));
+    let data_acked_us = a.jump(JNE_X, 1, 2, 0);
+    a.push(insn(ST_W, 10, 0, awaiting, 1));
+    a.land(data_acked_us);
     a.push(insn(LDX_W, 2, 8, tcp.lsndtime, 0));
     a.push(insn(LDX_W, 3, 8, tcp.lrcvtime, 0));
     a.push(insn(MOV_X, 1, 3, 0, 0));
@@ -363,6 +377,7 @@ mod tests {
             copied_seq: 112,
             lsndtime: 116,
             lrcvtime: 120,
+            snd_wl1: 124,
         }
     }
 

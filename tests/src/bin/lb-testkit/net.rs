@@ -27,7 +27,8 @@ pub enum Mode {
     /// Accept and never answer (a hung backend).
     Hang,
     /// HTTP/1.1 keep-alive: every request on a connection is answered with 200 and the listen
-    /// address, until the client closes it (what pooled clients talk to).
+    /// address, until the client closes it (what pooled clients talk to). A request for
+    /// `/slow/<ms>` is answered that long after it arrived (at most 10 s).
     KeepAlive,
 }
 
@@ -159,7 +160,10 @@ fn keep_alive(mut conn: TcpStream, addr: &str) {
     let mut buf = [0u8; 4096];
     loop {
         while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-            pending.drain(..end + 4);
+            let head: Vec<u8> = pending.drain(..end + 4).collect();
+            if let Some(delay) = slow(&head) {
+                std::thread::sleep(delay);
+            }
             if conn.write_all(response.as_bytes()).is_err() {
                 return;
             }
@@ -170,6 +174,14 @@ fn keep_alive(mut conn: TcpStream, addr: &str) {
             Ok(n) => pending.extend_from_slice(&buf[..n]),
         }
     }
+}
+
+/// The delay a `GET /slow/<ms>` asks for.
+fn slow(head: &[u8]) -> Option<Duration> {
+    let line = head.split(|b| *b == b'\r').next()?;
+    let path = std::str::from_utf8(line).ok()?.split(' ').nth(1)?;
+    let ms: u64 = path.strip_prefix("/slow/")?.parse().ok()?;
+    Some(Duration::from_millis(ms.min(10_000)))
 }
 
 fn read_request_head(conn: &mut TcpStream) -> std::io::Result<()> {
