@@ -3,7 +3,7 @@
 //! a connected UDP client stops talking to the removed backend and pooled TCP connections
 //! reconnect to live ones. What the backends received is read from their accept logs.
 
-use lb_testkit::config::{Config, Service};
+use lb_testkit::config::{Config, Service, Table};
 use lb_testkit::procs::{monotonic_micros, read_accept_log, Backends, HeldConnections, Proto};
 use lb_testkit::stats::service;
 use lb_testkit::{agent_stats, require_privileged, wait_for, Scenario, SteadyClient};
@@ -135,4 +135,52 @@ fn idle_tcp_connections_to_a_removed_backend_are_closed_with_all() {
     // Their owners reconnect through the VIP, to the live backend.
     let again = s.client(VIP_TCP, 20, Proto::Tcp);
     assert_eq!(again.from(b), 20, "{again:?}");
+}
+
+/// `[dataplane] max_terminations_per_second` spreads the terminations of a removed backend's
+/// connections over passes a second apart, so its clients do not all reconnect at once.
+#[test]
+fn terminations_are_bounded_per_second() {
+    if !require_privileged() {
+        return;
+    }
+    const VIP_TCP: &str = "10.96.0.10:80";
+    let (a, b) = ("127.0.0.21:8080", "127.0.0.22:8080");
+    let web = |backend: &str| {
+        Config::new()
+            .dataplane(Table::new().set("max_terminations_per_second", 5))
+            .service(
+                Service::tcp("web", VIP_TCP)
+                    .set("terminate_on_removal", "all")
+                    .backends(&[backend]),
+            )
+    };
+    let mut s = Scenario::without_agent(&[a, b], Proto::Tcp);
+    s.write_config(web(a));
+    s.start_agent();
+    let held = HeldConnections::open(&s.net, &s.cgroup, VIP_TCP, 20);
+    assert_eq!(held.held, 20, "{:?}", held.peers);
+    s.write_config(web(b));
+    s.agent().sighup();
+    let all = wait_for(Duration::from_secs(4) + WAIT, || {
+        agent_stats(&s.pins)
+            .as_ref()
+            .and_then(|r| service(r, "web"))
+            .is_some_and(|w| w.terminated.get(a) == Some(&20))
+    });
+    let log = s.agent().log();
+    assert!(all, "not all 20 terminated:\n{log}");
+    let passes: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("terminated sockets of a removed backend"))
+        .filter_map(|l| l.split("sockets=").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    // Passes a second apart, each within the 5 tokens refilled since the last.
+    let (most, total) = (passes.iter().max(), passes.iter().sum::<u64>());
+    assert!(
+        most == Some(&5) && total == 20 && passes.len() >= 4,
+        "sockets per pass {passes:?}:\n{log}"
+    );
+    let peers = held.close();
+    assert_eq!(peers.get("ECONNABORTED").copied(), Some(20), "{peers:?}");
 }

@@ -15,7 +15,6 @@ use crate::datapath::mirror::Mirror;
 use crate::datapath::ops::Op;
 use crate::datapath::pinned::PinnedMaps;
 use crate::datapath::reconcile::{reconcile, Scope, Summary};
-use crate::datapath::terminate::Terminator;
 use crate::lifecycle::loader::{self, LoadOptions};
 use crate::lifecycle::{cgroup, lock};
 use crate::observe::http::{self, Endpoints, Readiness};
@@ -33,6 +32,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 mod rebalancing;
+mod terminating;
 mod status_file;
 
 pub struct RunArgs {
@@ -79,14 +79,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(logger) = loaded.logger {
         tokio::spawn(drain_ebpf_logs(logger));
     }
-    let terminator = loaded
-        .maps
-        .sockets()
-        .and_then(|sockets| Terminator::load(&sockets))
-        .map_err(|e| format!("{e:#}"));
-    if let Err(why) = &terminator {
-        warn!("sockets of removed backends cannot be terminated on this kernel: {why}");
-    }
+    let terminating = terminating::Terminating::load(loaded.maps.sockets());
     let rebalancing = rebalancing::Rebalancing::load(loaded.maps.sockets(), &config);
     let (transitions_tx, mut transitions) = mpsc::unbounded_channel();
     let (discovery, mut answers) = Discovery::new();
@@ -130,10 +123,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         dropped: Vec::new(),
         pin_dir: args.pin_dir.clone(),
         cgroup: cgroup.clone(),
-        terminator,
+        terminating,
         policies: HashMap::new(),
         departed: HashMap::new(),
-        terminated: BTreeMap::new(),
         rebalancing,
         rebalances: false,
         crash_after_ops: args.crash_after_ops,
@@ -161,6 +153,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut outlier_check = tokio::time::interval(outlier::CHECK_EVERY);
     let mut bypass_rescan = tokio::time::interval(BYPASS_RESCAN);
     let mut rebalance = tokio::time::interval(rebalancing::EVERY);
+    let mut terminate_more = tokio::time::interval(terminating::EVERY);
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -194,6 +187,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = outlier_check.tick(), if agent.watches_outliers => agent.check_outliers(),
             _ = bypass_rescan.tick(), if !agent.config.dataplane.bypass.is_empty() => {
                 agent.sync_bypass();
+            }
+            _ = terminate_more.tick(), if agent.terminating.pending() => {
+                let rate = agent.config.dataplane.max_terminations_per_second;
+                agent.terminating.pass(rate, &agent.cgroup);
             }
             _ = rebalance.tick(), if agent.rebalances => {
                 let mirror = agent.mirror.as_ref();
@@ -355,15 +352,13 @@ struct Agent {
     watches_outliers: bool,
     /// The cgroup the programs are attached to.
     cgroup: PathBuf,
-    /// Destroys sockets of removed backends, or why it cannot on this kernel.
-    terminator: Result<Terminator, String>,
+    /// Destroys sockets of removed backends, within the rate bound.
+    terminating: terminating::Terminating,
     /// `terminate_on_removal` of the services that do not use the default.
     policies: HashMap<ServiceKey, Terminate>,
     /// The policies of services the last config or Kubernetes change removed, for their
     /// backends' sockets.
     departed: HashMap<ServiceKey, Terminate>,
-    /// Sockets destroyed so far, by service and backend.
-    terminated: BTreeMap<String, BTreeMap<String, u64>>,
     /// Closing idle connections of services with `[service.rebalance]`.
     rebalancing: rebalancing::Rebalancing,
     /// Some service has `[service.rebalance]`.
@@ -607,42 +602,29 @@ impl Agent {
     }
 
     /// Destroys the sockets translated to backends a plan just removed, as each service's
-    /// `terminate_on_removal` says, and logs once per backend what went.
+    /// `terminate_on_removal` says (within the rate bound; the rest follows on the tick).
     fn terminate(&mut self, removed: &[(u32, ServiceKey)], mirror: &Mirror) {
-        let Ok(terminator) = &self.terminator else {
+        if self.terminating.terminator.is_err() {
             return;
-        };
+        }
         let mut doomed = BTreeMap::new();
-        let mut names = BTreeMap::new();
         for &(id, key) in removed {
             let policy = self.policies.get(&key).or(self.departed.get(&key));
-            let policy = policy.copied().unwrap_or_default();
             let Ok(generation) = self.maps.backend_generation(id) else {
                 continue;
             };
-            doomed.insert(id, (generation, policy));
             let service = mirror.installed.services.get(&key).map(|s| s.name.clone());
             let backend = mirror.installed.backends.get(&id).map(|a| a.to_string());
-            names.insert(
-                id,
-                (service.unwrap_or_default(), backend.unwrap_or_default()),
-            );
+            let one = terminating::Doomed {
+                generation,
+                policy: policy.copied().unwrap_or_default(),
+                service: service.unwrap_or_default(),
+                backend: backend.unwrap_or_default(),
+            };
+            doomed.insert(id, one);
         }
-        match terminator.destroy_everywhere(&self.cgroup, &doomed) {
-            Err(e) => warn!("terminating sockets of removed backends failed: {e:#}"),
-            Ok(destroyed) => {
-                for (id, sockets) in destroyed {
-                    let (service, backend) = &names[&id];
-                    info!(
-                        service,
-                        backend, sockets, "terminated sockets of a removed backend"
-                    );
-                    crate::agent_metrics::AGENT.terminated(service, backend, sockets);
-                    let by_backend = self.terminated.entry(service.clone()).or_default();
-                    *by_backend.entry(backend.clone()).or_default() += sockets;
-                }
-            }
-        }
+        let rate = self.config.dataplane.max_terminations_per_second;
+        self.terminating.add(doomed, rate, &self.cgroup);
     }
 
     /// Matches `[dataplane] bypass` against the cgroups there are now and updates the map when
@@ -763,9 +745,9 @@ impl Agent {
             && self.outliers.next_expiry().is_none()
             && self.pending.is_none()
             && self.bypass.is_empty()
-            && self.terminated.is_empty()
+            && self.terminating.terminated.is_empty()
             && self.rebalancing.closed.is_empty()
-            && self.terminator.is_ok();
+            && self.terminating.terminator.is_ok();
         if empty && self.published_empty {
             return;
         }
@@ -780,8 +762,9 @@ impl Agent {
             pending: self.pending.as_ref().map(|p| p.reason.as_str()),
             failing_open: &self.failing_open,
             bypass: &self.bypass,
-            terminated: &self.terminated,
-            termination_unavailable: self.terminator.as_ref().err().map(String::as_str),
+            terminated: &self.terminating.terminated,
+            termination_unavailable: (self.terminating.terminator.as_ref().err())
+                .map(String::as_str),
             rebalanced: &self.rebalancing.closed,
             rebalance_unavailable: self.rebalancing.unavailable(&self.config),
         });

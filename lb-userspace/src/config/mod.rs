@@ -58,7 +58,7 @@ use checker::{Checker, Section};
 use service::Seen;
 use std::path::Path;
 use toml::{Table, Value};
-use values::{check_bool, check_text, show, type_error};
+use values::{check_bool, check_integer, check_text, show, type_error};
 
 /// Reads and validates a file. Errors name the file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -228,7 +228,8 @@ impl Checker {
         let Section::Valid(table) = self.table(None, "dataplane", raw) else {
             return d;
         };
-        self.unknown_keys(None, "dataplane.", table, &["count_bytes", "bypass"]);
+        let keys = ["count_bytes", "bypass", "max_terminations_per_second"];
+        self.unknown_keys(None, "dataplane.", table, &keys);
         if let Some(v) = table.get("count_bytes") {
             if let Some(b) = self.checked(None, "dataplane.count_bytes", check_bool(v)) {
                 d.count_bytes = b;
@@ -237,6 +238,13 @@ impl Checker {
         if let Some(v) = table.get("bypass") {
             if let Some(patterns) = self.checked(None, "dataplane.bypass", check_bypass(v)) {
                 d.bypass = patterns;
+            }
+        }
+        if let Some(v) = table.get("max_terminations_per_second") {
+            let rate = check_integer(v, 1..=1_000_000);
+            let key = "dataplane.max_terminations_per_second";
+            if let Some(rate) = self.checked(None, key, rate) {
+                d.max_terminations_per_second = rate;
             }
         }
         d
@@ -627,6 +635,28 @@ mod tests {
         ] {
             let text = single(&format!("[dataplane]\nbypass = {value}\n"));
             assert!(text.contains(problem), "{value}: {text}");
+        }
+    }
+
+    #[test]
+    fn termination_rate_defaults_to_a_thousand_and_is_checked() {
+        assert_eq!(
+            parse("", ORIGIN)
+                .unwrap()
+                .dataplane
+                .max_terminations_per_second,
+            1000
+        );
+        let set = parse("[dataplane]\nmax_terminations_per_second = 5\n", ORIGIN).unwrap();
+        assert_eq!(set.dataplane.max_terminations_per_second, 5);
+        for value in ["0", "1000001", "\"5\""] {
+            let text = single(&format!(
+                "[dataplane]\nmax_terminations_per_second = {value}\n"
+            ));
+            assert!(
+                text.contains("dataplane.max_terminations_per_second:"),
+                "{value}: {text}"
+            );
         }
     }
 }

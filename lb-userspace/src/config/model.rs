@@ -31,6 +31,8 @@ pub struct DataplaneConfig {
     /// patterns of paths relative to the cgroup2 mount, or absolute paths under it. Followed
     /// live.
     pub bypass: Vec<String>,
+    /// Sockets of removed backends destroyed per second at most, node-wide.
+    pub max_terminations_per_second: u32,
 }
 
 impl Default for DataplaneConfig {
@@ -38,6 +40,7 @@ impl Default for DataplaneConfig {
         Self {
             count_bytes: true,
             bypass: Vec::new(),
+            max_terminations_per_second: 1000,
         }
     }
 }

@@ -48,6 +48,8 @@ pub const JA: u8 = 0x05;
 pub const JEQ_K: u8 = 0x15;
 pub const JNE_K: u8 = 0x55;
 pub const JNE_X: u8 = 0x5d;
+/// 64-bit signed `<=` against an immediate.
+pub const JSLE_K: u8 = 0xd5;
 pub const JLT_X: u8 = 0xad;
 pub const JEQ_X: u8 = 0x1d;
 /// 32-bit signed `<` against an immediate (BPF_JMP32 | BPF_JSLT | BPF_K).
@@ -56,6 +58,8 @@ pub const CALL: u8 = 0x85;
 pub const EXIT: u8 = 0x95;
 pub const LD_IMM64: u8 = 0x18;
 pub const ATOMIC_ADD_DW: u8 = 0xdb;
+/// `imm` of [`ATOMIC_ADD_DW`] that also returns the old value in the source register.
+pub const ATOMIC_FETCH: i32 = 1;
 pub const PSEUDO_MAP_FD: u8 = 1;
 pub const PSEUDO_KFUNC_CALL: u8 = 2;
 pub const HELPER_MAP_LOOKUP: i32 = 1;
@@ -93,6 +97,11 @@ impl Asm {
     pub fn exit_if_nonzero(&mut self, reg: u8) {
         self.to_exit.push(self.insns.len());
         self.push(insn(JNE_K, reg, 0, 0, 0));
+    }
+    /// `if (s64) reg <= 0 goto exit`.
+    pub fn exit_if_not_positive(&mut self, reg: u8) {
+        self.to_exit.push(self.insns.len());
+        self.push(insn(JSLE_K, reg, 0, 0, 0));
     }
     pub fn exit_if_ne(&mut self, a: u8, b: u8) {
         self.to_exit.push(self.insns.len());

@@ -14,6 +14,7 @@ const BPF_MAP_DELETE_ELEM: u32 = 3;
 const BPF_MAP_UPDATE_BATCH: u32 = 26;
 const BPF_MAP_DELETE_BATCH: u32 = 27;
 pub const BPF_MAP_TYPE_HASH: u32 = 1;
+pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
 
 #[repr(C)]
 #[derive(Default)]

@@ -10,10 +10,12 @@
 use crate::config::Terminate;
 use crate::datapath::iter::{
     in_each_namespace, insn, kernel_func, load_iterator, run_iterator, Asm, Insn, ADD_K, AND_K,
-    ATOMIC_ADD_DW, CALL, CTX_SOCKET, HELPER_MAP_LOOKUP, HELPER_SKC_TO_TCP_SOCK,
-    HELPER_SK_STORAGE_GET, LDX_B, LDX_DW, LDX_W, MOV_K, MOV_X, PSEUDO_KFUNC_CALL, STX_W,
+    ATOMIC_ADD_DW, ATOMIC_FETCH, CALL, CTX_SOCKET, HELPER_MAP_LOOKUP, HELPER_SKC_TO_TCP_SOCK,
+    HELPER_SK_STORAGE_GET, LDX_B, LDX_DW, LDX_W, MOV_K, MOV_X, PSEUDO_KFUNC_CALL, STX_W, ST_W,
 };
-use crate::datapath::sys::{map_create, map_delete, map_lookup, map_update, BPF_MAP_TYPE_HASH};
+use crate::datapath::sys::{
+    map_create, map_delete, map_lookup, map_update, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH,
+};
 use anyhow::{Context, Result};
 use aya::maps::MapData;
 use aya_obj::btf::Btf;
@@ -49,14 +51,24 @@ struct Doomed {
     destroyed: u64,
 }
 
-/// The loaded iterator programs and their map of doomed backends.
+/// The loaded iterator programs, their map of doomed backends, and the budget of sockets a
+/// pass may still destroy.
 pub struct Terminator {
     doomed: OwnedFd,
+    budget: OwnedFd,
     links: Vec<OwnedFd>,
 }
 
 /// What a pass destroyed, per backend id.
 pub type Destroyed = BTreeMap<u32, u64>;
+
+/// What one pass did.
+#[derive(Debug, Default)]
+pub struct Pass {
+    pub destroyed: Destroyed,
+    /// The budget ran out: sockets of these backends may remain, for a later pass.
+    pub exhausted: bool,
+}
 
 impl Terminator {
     /// Loads both programs against the pinned `LB_SOCKETS`. Fails on kernels without the
@@ -71,20 +83,35 @@ impl Terminator {
             MAX_DOOMED,
         )
         .context("creating the doomed backends map")?;
-        let sockets = sockets.fd().as_fd().as_raw_fd();
+        let budget = map_create(BPF_MAP_TYPE_ARRAY, 4, size_of::<i64>() as u32, 1)
+            .context("creating the termination budget map")?;
+        let maps = Maps {
+            sockets: sockets.fd().as_fd().as_raw_fd(),
+            doomed: doomed.as_raw_fd(),
+            budget: budget.as_raw_fd(),
+        };
         let mut links = Vec::new();
         for (target, protocol) in [("bpf_iter_udp", UDP), ("bpf_iter_tcp", TCP)] {
-            let insns = program(protocol, sockets, doomed.as_raw_fd(), destroy);
+            let insns = program(protocol, maps, destroy);
             let link = load_iterator(&insns, kernel_func(&btf, target)?, "lb_terminator")
                 .with_context(|| format!("loading the {target} socket terminator"))?;
             links.push(link);
         }
-        Ok(Self { doomed, links })
+        Ok(Self {
+            doomed,
+            budget,
+            links,
+        })
     }
 
-    /// Destroys the sockets translated to `backends` (id → generation, policy) in the
-    /// network namespace of the calling thread; returns what each lost.
-    pub fn destroy(&self, backends: &BTreeMap<u32, (u32, Terminate)>) -> Result<Destroyed> {
+    /// Destroys at most `budget` sockets translated to `backends` (id → generation, policy),
+    /// in every network namespace that holds balanced processes ([`in_each_namespace`]).
+    pub fn destroy_everywhere(
+        &self,
+        cgroup: &Path,
+        backends: &BTreeMap<u32, (u32, Terminate)>,
+        budget: u64,
+    ) -> Result<Pass> {
         let doomed: Vec<(u32, Doomed)> = backends
             .iter()
             .filter(|(_, (_, t))| *t != Terminate::None)
@@ -98,44 +125,44 @@ impl Terminator {
                 (*id, value)
             })
             .collect();
-        if doomed.is_empty() {
-            return Ok(Destroyed::new());
+        if doomed.is_empty() || budget == 0 {
+            let exhausted = !doomed.is_empty();
+            return Ok(Pass {
+                exhausted,
+                ..Pass::default()
+            });
         }
         for (id, value) in &doomed {
             map_update(&self.doomed, id, value)?;
         }
-        let result = self
-            .links
-            .iter()
-            .try_for_each(|l| run_iterator(l).map(drop));
-        let mut destroyed = Destroyed::new();
+        let start = i64::try_from(budget).unwrap_or(i64::MAX);
+        map_update(&self.budget, &0u32, &start)?;
+        let walked = in_each_namespace(cgroup, || {
+            self.links
+                .iter()
+                .try_for_each(|l| run_iterator(l).map(drop))
+        });
+        let mut pass = Pass::default();
         for (id, _) in &doomed {
             let mut value = Doomed::default();
             if map_lookup(&self.doomed, id, &mut value).is_ok() && value.destroyed > 0 {
-                destroyed.insert(*id, value.destroyed);
+                pass.destroyed.insert(*id, value.destroyed);
             }
             let _ = map_delete(&self.doomed, id);
         }
-        result.map(|()| destroyed)
+        let mut left = 0i64;
+        map_lookup(&self.budget, &0u32, &mut left)?;
+        pass.exhausted = left <= 0;
+        walked.map(|_| pass)
     }
 }
 
-impl Terminator {
-    /// `destroy` in every network namespace that holds balanced processes
-    /// ([`in_each_namespace`]).
-    pub fn destroy_everywhere(
-        &self,
-        cgroup: &Path,
-        backends: &BTreeMap<u32, (u32, Terminate)>,
-    ) -> Result<Destroyed> {
-        let mut total = Destroyed::new();
-        for destroyed in in_each_namespace(cgroup, || self.destroy(backends))? {
-            for (id, n) in destroyed {
-                *total.entry(id).or_default() += n;
-            }
-        }
-        Ok(total)
-    }
+/// The maps the programs use, by descriptor.
+#[derive(Clone, Copy)]
+struct Maps {
+    sockets: RawFd,
+    doomed: RawFd,
+    budget: RawFd,
 }
 
 /// The iterator program for `protocol`:
@@ -148,9 +175,10 @@ impl Terminator {
 /// d = LB_DOOMED[state.peers[0].backend_id]; if !d: done
 /// if d.generation != state.peers[0].generation: done                 (the id's earlier or later owner)
 /// if !(d.protocols & protocol): done
+/// if fetch_add(budget, -1) <= 0: done                                (the pass's bound)
 /// bpf_sock_destroy(sk); d.destroyed += 1 (atomic)
 /// ```
-fn program(protocol: u32, sockets: RawFd, doomed: RawFd, destroy_btf_id: u32) -> Vec<Insn> {
+fn program(protocol: u32, maps: Maps, destroy_btf_id: u32) -> Vec<Insn> {
     let peer = offset_of!(SocketState, peers) as i16;
     let backend_id = peer + offset_of!(SocketPeer, backend_id) as i16;
     let generation = peer + offset_of!(SocketPeer, generation) as i16;
@@ -166,7 +194,7 @@ fn program(protocol: u32, sockets: RawFd, doomed: RawFd, destroy_btf_id: u32) ->
     } else {
         a.push(insn(MOV_X, 2, 6, 0, 0));
     }
-    a.ld_map(1, sockets);
+    a.ld_map(1, maps.sockets);
     a.push(insn(MOV_K, 3, 0, 0, 0));
     a.push(insn(MOV_K, 4, 0, 0, 0));
     a.push(insn(CALL, 0, 0, 0, HELPER_SK_STORAGE_GET));
@@ -177,7 +205,7 @@ fn program(protocol: u32, sockets: RawFd, doomed: RawFd, destroy_btf_id: u32) ->
     a.exit_if_zero(1);
     a.push(insn(LDX_W, 1, 7, backend_id, 0));
     a.push(insn(STX_W, 10, 1, -4, 0));
-    a.ld_map(1, doomed);
+    a.ld_map(1, maps.doomed);
     a.push(insn(MOV_X, 2, 10, 0, 0));
     a.push(insn(ADD_K, 2, 0, 0, -4));
     a.push(insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP));
@@ -189,6 +217,15 @@ fn program(protocol: u32, sockets: RawFd, doomed: RawFd, destroy_btf_id: u32) ->
     a.push(insn(LDX_W, 1, 8, offset_of!(Doomed, protocols) as i16, 0));
     a.push(insn(AND_K, 1, 0, 0, protocol as i32));
     a.exit_if_zero(1);
+    a.push(insn(ST_W, 10, 0, -8, 0));
+    a.ld_map(1, maps.budget);
+    a.push(insn(MOV_X, 2, 10, 0, 0));
+    a.push(insn(ADD_K, 2, 0, 0, -8));
+    a.push(insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP));
+    a.exit_if_zero(0);
+    a.push(insn(MOV_K, 1, 0, 0, -1));
+    a.push(insn(ATOMIC_ADD_DW, 0, 1, 0, ATOMIC_FETCH));
+    a.exit_if_not_positive(1);
     a.push(insn(MOV_X, 1, 6, 0, 0));
     a.push(insn(CALL, 0, PSEUDO_KFUNC_CALL, 0, destroy_btf_id as i32));
     a.push(insn(MOV_K, 1, 0, 0, 1));
@@ -205,7 +242,12 @@ mod tests {
     #[test]
     fn every_jump_lands_on_the_exit_and_the_kfunc_is_called() {
         for protocol in [UDP, TCP] {
-            let p = program(protocol, 3, 4, 99);
+            let maps = Maps {
+                sockets: 3,
+                doomed: 4,
+                budget: 5,
+            };
+            let p = program(protocol, maps, 99);
             check_jumps(&p);
             let kfunc = p
                 .iter()
