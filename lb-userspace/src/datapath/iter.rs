@@ -7,7 +7,9 @@
 use crate::datapath::sys::bpf;
 use anyhow::{bail, Context, Result};
 use aya_obj::btf::{Btf, BtfKind};
+use lb_common::{SocketState, SOCKET_CONNECTED};
 use std::collections::BTreeMap;
+use std::mem::offset_of;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
@@ -120,6 +122,28 @@ impl Asm {
     /// Points the jump at `from` to the next instruction pushed.
     pub fn land(&mut self, from: usize) {
         self.insns[from].off = (self.insns.len() - from - 1) as i16;
+    }
+    /// `r0 = bpf_map_lookup_elem(map, fp + key)`.
+    pub fn lookup(&mut self, map: RawFd, key: i16) {
+        self.ld_map(1, map);
+        self.push(insn(MOV_X, 2, 10, 0, 0));
+        self.push(insn(ADD_K, 2, 0, 0, key.into()));
+        self.push(insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP));
+    }
+    /// `r7 = bpf_sk_storage_get(sockets, r<sk>, 0, 0)`, the socket's state in `LB_SOCKETS`;
+    /// done unless the socket was connected through a VIP.
+    pub fn connected_state(&mut self, sockets: RawFd, sk: u8) {
+        self.ld_map(1, sockets);
+        self.push(insn(MOV_X, 2, sk, 0, 0));
+        self.push(insn(MOV_K, 3, 0, 0, 0));
+        self.push(insn(MOV_K, 4, 0, 0, 0));
+        self.push(insn(CALL, 0, 0, 0, HELPER_SK_STORAGE_GET));
+        self.exit_if_zero(0);
+        self.push(insn(MOV_X, 7, 0, 0, 0));
+        let flags = offset_of!(SocketState, flags) as i16;
+        self.push(insn(LDX_B, 1, 7, flags, 0));
+        self.push(insn(AND_K, 1, 0, 0, i32::from(SOCKET_CONNECTED)));
+        self.exit_if_zero(1);
     }
     /// Appends `return 0`, where every exit jump lands.
     pub fn finish(mut self) -> Vec<Insn> {

@@ -26,15 +26,14 @@ use crate::datapath::btf_offsets::KernelTypes;
 use crate::datapath::iter::{
     in_each_namespace, insn, kernel_func, load_iterator, run_iterator, Asm, Insn, ADD_K, AND_K,
     CALL, CTX_META, CTX_SOCKET, HELPER_GET_SOCKET_COOKIE, HELPER_JIFFIES64, HELPER_KTIME_GET_NS,
-    HELPER_MAP_LOOKUP, HELPER_SEQ_WRITE, HELPER_SKC_TO_TCP_SOCK, HELPER_SK_STORAGE_GET, JA, JEQ_K,
-    JEQ_X, JLT_X, JNE_K, JNE_X, JSLT32_K, LDX_B, LDX_DW, LDX_W, MOV_K, MOV_X, PSEUDO_KFUNC_CALL,
-    STX_DW, STX_W, ST_DW, ST_W, SUB32_X,
+    HELPER_SEQ_WRITE, HELPER_SKC_TO_TCP_SOCK, JA, JEQ_K, JEQ_X, JLT_X, JNE_K, JNE_X, JSLT32_K,
+    LDX_B, LDX_DW, LDX_W, MOV_K, MOV_X, PSEUDO_KFUNC_CALL, STX_DW, STX_W, ST_DW, ST_W, SUB32_X,
 };
 use crate::datapath::sys::{map_create, map_delete, map_lookup, map_update, BPF_MAP_TYPE_HASH};
 use anyhow::{ensure, Context, Result};
 use aya::maps::MapData;
 use aya_obj::btf::Btf;
-use lb_common::{SocketPeer, SocketState, SOCKET_CONNECTED, SOCKET_DONE};
+use lb_common::{SocketPeer, SocketState, SOCKET_DONE};
 use std::collections::{BTreeMap, BTreeSet};
 use std::mem::{offset_of, size_of};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -262,16 +261,7 @@ fn program(sockets: RawFd, cull: RawFd, destroy_btf_id: u32, tcp: TcpOffsets) ->
     a.push(insn(CALL, 0, 0, 0, HELPER_SKC_TO_TCP_SOCK));
     a.exit_if_zero(0);
     a.push(insn(MOV_X, 8, 0, 0, 0));
-    a.ld_map(1, sockets);
-    a.push(insn(MOV_X, 2, 8, 0, 0));
-    a.push(insn(MOV_K, 3, 0, 0, 0));
-    a.push(insn(MOV_K, 4, 0, 0, 0));
-    a.push(insn(CALL, 0, 0, 0, HELPER_SK_STORAGE_GET));
-    a.exit_if_zero(0);
-    a.push(insn(MOV_X, 7, 0, 0, 0));
-    a.push(insn(LDX_B, 1, 7, flags, 0));
-    a.push(insn(AND_K, 1, 0, 0, i32::from(SOCKET_CONNECTED)));
-    a.exit_if_zero(1);
+    a.connected_state(sockets, 8);
     a.push(insn(LDX_B, 1, 7, flags, 0));
     a.push(insn(AND_K, 1, 0, 0, i32::from(SOCKET_DONE)));
     a.exit_if_nonzero(1);
@@ -324,10 +314,7 @@ fn program(sockets: RawFd, cull: RawFd, destroy_btf_id: u32, tcp: TcpOffsets) ->
     a.push(insn(SUB32_X, 7, 2, 0, 0));
     a.land(quiet_known);
     a.push(insn(STX_W, 10, 7, rec(offset_of!(Record, quiet)), 0));
-    a.ld_map(1, cull);
-    a.push(insn(MOV_X, 2, 10, 0, 0));
-    a.push(insn(ADD_K, 2, 0, 0, rec(offset_of!(Record, cookie)).into()));
-    a.push(insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP));
+    a.lookup(cull, rec(offset_of!(Record, cookie)));
     let not_chosen = a.jump(JEQ_K, 0, 0, 0);
     a.push(insn(LDX_W, 1, 10, awaiting, 0));
     let busy = a.jump(JNE_K, 1, 0, 0);

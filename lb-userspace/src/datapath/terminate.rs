@@ -9,9 +9,9 @@
 
 use crate::config::Terminate;
 use crate::datapath::iter::{
-    in_each_namespace, insn, kernel_func, load_iterator, run_iterator, Asm, Insn, ADD_K, AND_K,
-    ATOMIC_ADD_DW, ATOMIC_FETCH, CALL, CTX_SOCKET, HELPER_MAP_LOOKUP, HELPER_SKC_TO_TCP_SOCK,
-    HELPER_SK_STORAGE_GET, LDX_B, LDX_DW, LDX_W, MOV_K, MOV_X, PSEUDO_KFUNC_CALL, STX_W, ST_W,
+    in_each_namespace, insn, kernel_func, load_iterator, run_iterator, Asm, Insn, AND_K,
+    ATOMIC_ADD_DW, ATOMIC_FETCH, CALL, CTX_SOCKET, HELPER_SKC_TO_TCP_SOCK, LDX_DW, LDX_W, MOV_K,
+    MOV_X, PSEUDO_KFUNC_CALL, STX_W, ST_W,
 };
 use crate::datapath::sys::{
     map_create, map_delete, map_lookup, map_update, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH,
@@ -19,7 +19,7 @@ use crate::datapath::sys::{
 use anyhow::{Context, Result};
 use aya::maps::MapData;
 use aya_obj::btf::Btf;
-use lb_common::{SocketPeer, SocketState, SOCKET_CONNECTED};
+use lb_common::{SocketPeer, SocketState};
 use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -182,7 +182,6 @@ fn program(protocol: u32, maps: Maps, destroy_btf_id: u32) -> Vec<Insn> {
     let peer = offset_of!(SocketState, peers) as i16;
     let backend_id = peer + offset_of!(SocketPeer, backend_id) as i16;
     let generation = peer + offset_of!(SocketPeer, generation) as i16;
-    let flags = offset_of!(SocketState, flags) as i16;
     let mut a = Asm::default();
     a.push(insn(LDX_DW, 6, 1, CTX_SOCKET, 0));
     a.exit_if_zero(6);
@@ -194,21 +193,10 @@ fn program(protocol: u32, maps: Maps, destroy_btf_id: u32) -> Vec<Insn> {
     } else {
         a.push(insn(MOV_X, 2, 6, 0, 0));
     }
-    a.ld_map(1, maps.sockets);
-    a.push(insn(MOV_K, 3, 0, 0, 0));
-    a.push(insn(MOV_K, 4, 0, 0, 0));
-    a.push(insn(CALL, 0, 0, 0, HELPER_SK_STORAGE_GET));
-    a.exit_if_zero(0);
-    a.push(insn(MOV_X, 7, 0, 0, 0));
-    a.push(insn(LDX_B, 1, 7, flags, 0));
-    a.push(insn(AND_K, 1, 0, 0, i32::from(SOCKET_CONNECTED)));
-    a.exit_if_zero(1);
+    a.connected_state(maps.sockets, 2);
     a.push(insn(LDX_W, 1, 7, backend_id, 0));
     a.push(insn(STX_W, 10, 1, -4, 0));
-    a.ld_map(1, maps.doomed);
-    a.push(insn(MOV_X, 2, 10, 0, 0));
-    a.push(insn(ADD_K, 2, 0, 0, -4));
-    a.push(insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP));
+    a.lookup(maps.doomed, -4);
     a.exit_if_zero(0);
     a.push(insn(MOV_X, 8, 0, 0, 0));
     a.push(insn(LDX_W, 1, 8, offset_of!(Doomed, generation) as i16, 0));
@@ -218,10 +206,7 @@ fn program(protocol: u32, maps: Maps, destroy_btf_id: u32) -> Vec<Insn> {
     a.push(insn(AND_K, 1, 0, 0, protocol as i32));
     a.exit_if_zero(1);
     a.push(insn(ST_W, 10, 0, -8, 0));
-    a.ld_map(1, maps.budget);
-    a.push(insn(MOV_X, 2, 10, 0, 0));
-    a.push(insn(ADD_K, 2, 0, 0, -8));
-    a.push(insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP));
+    a.lookup(maps.budget, -8);
     a.exit_if_zero(0);
     a.push(insn(MOV_K, 1, 0, 0, -1));
     a.push(insn(ATOMIC_ADD_DW, 0, 1, 0, ATOMIC_FETCH));
