@@ -4,7 +4,7 @@
 
 use lb_testkit::config::{Config, Table};
 use lb_testkit::kube_mock::{pod, service, slice, Endpoint};
-use lb_testkit::procs::{run_client, Proto};
+use lb_testkit::procs::Proto;
 use lb_testkit::stats::{agent_stats, backend_set};
 use lb_testkit::{
     http_status, require_privileged, wait_backends, wait_for, KubeMock, Scenario, TestCgroup,
@@ -462,12 +462,9 @@ fn caps_leave_the_newest_service_out_and_say_so_while_the_others_keep_updating()
     }
 }
 
-/// Connects from `cgroup` to the VIP: (answered by a backend, failed with ENETUNREACH, which
-/// an untranslated VIP gets in the test namespace).
+/// Connects from `cgroup` to the VIP: (answered by a backend, left untranslated).
 fn outcome(s: &Scenario, cgroup: &TestCgroup, count: u64) -> (u64, u64) {
-    let r = run_client(&s.net, Some(cgroup), VIP, count, Proto::Tcp);
-    assert_eq!(r.ok + r.failed("ENETUNREACH"), count, "{r:?}");
-    (r.ok, r.failed("ENETUNREACH"))
+    s.reached_or_untranslated(cgroup, VIP, count)
 }
 
 #[test]
@@ -544,12 +541,7 @@ fn a_pod_annotated_bypass_reaches_the_vip_untranslated_until_the_annotation_goes
 
     // The annotation removed: the pod is balanced again.
     mock.set_pods(&pods(&[]));
-    assert!(
-        wait_for(WAIT, || agent_stats(&s.pins)
-            .is_some_and(|r| r.bypass.is_empty())),
-        "the pod stayed bypassed:\n{}",
-        s.agent().log()
-    );
+    s.assert_bypass_ends(WAIT, "the pod stayed bypassed");
     assert_eq!(outcome(&s, &proxy, 10), (10, 0), "no longer bypassed");
     assert_eq!(outcome(&s, &container, 10), (10, 0));
 
@@ -557,12 +549,7 @@ fn a_pod_annotated_bypass_reaches_the_vip_untranslated_until_the_annotation_goes
     mock.set_pods(&pods(&[(ANNOTATION, "true")]));
     assert!(wait_for(WAIT, || bypassed(&s).is_some()), "re-annotated");
     mock.set_pods(&pods(&[(ANNOTATION, "true")])[1..]);
-    assert!(
-        wait_for(WAIT, || agent_stats(&s.pins)
-            .is_some_and(|r| r.bypass.is_empty())),
-        "the deleted pod stayed bypassed:\n{}",
-        s.agent().log()
-    );
+    s.assert_bypass_ends(WAIT, "the deleted pod stayed bypassed");
     assert_eq!(outcome(&s, &proxy, 10), (10, 0), "deleted pod");
     let requests = mock.requests();
     assert!(
