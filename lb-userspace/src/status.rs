@@ -20,9 +20,12 @@ pub struct StatusFile {
     /// Why the maps differ from the plan, while a failed reconcile waits for its retry.
     #[serde(default)]
     pub maps_out_of_date: Option<String>,
-    /// The cgroups `[dataplane] bypass` matches now, by cgroup id.
+    /// The cgroups bypassed now (`[dataplane] bypass` or a pod's annotation), by cgroup id.
     #[serde(default)]
     pub bypass: BTreeMap<u64, String>,
+    /// The pod (`namespace/name`) of each cgroup bypassed by its annotation, by cgroup id.
+    #[serde(default)]
+    pub bypass_pods: BTreeMap<u64, String>,
     /// Why sockets of removed backends cannot be terminated on this kernel, if they cannot.
     #[serde(default)]
     pub termination_unavailable: Option<String>,

@@ -28,7 +28,13 @@ impl TestCgroup {
     /// A cgroup below this one: the parent's programs apply to it too, but its id differs
     /// (drop it before the parent).
     pub fn child(&self) -> Self {
-        let path = self.path.join(unique_name());
+        self.child_named(&unique_name())
+    }
+
+    /// `child` with a name of the test's choosing (kubelet's for a pod, say): only ever below
+    /// a cgroup the test made, so the name cannot clash with the host's.
+    pub fn child_named(&self, name: &str) -> Self {
+        let path = self.path.join(name);
         std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
         Self { path }
     }

@@ -100,12 +100,17 @@ pub fn netns(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Only cgroups the harness created (`lbtest-*`) are ever joined.
+/// Only cgroups the harness created (`lbtest-*`), or that a test made below one (named as
+/// kubelet names a pod's, say), are ever joined; a `..` could climb out of one, so none is
+/// allowed.
 pub fn cgroup(dir: &Path) -> Result<()> {
-    let ours = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with("lbtest-"));
+    use std::path::Component;
+    let climbs = dir.components().any(|c| c == Component::ParentDir);
+    let below_ours = dir.components().any(|c| match c {
+        Component::Normal(n) => n.to_str().is_some_and(|n| n.starts_with("lbtest-")),
+        _ => false,
+    });
+    let ours = below_ours && !climbs;
     if !ours {
         bail!(
             "refusing to join {}: not a cgroup the test harness created",

@@ -1,6 +1,6 @@
 //! `lb-testkit kube-mock`: a Kubernetes API server stand-in on 127.0.0.1:6443 inside the test
-//! namespace, serving list and watch of Services and EndpointSlices (cluster-wide and per
-//! namespace) over plain HTTP without authentication, from a JSON state file this wrapper
+//! namespace, serving list and watch of Services, EndpointSlices and Pods (cluster-wide and
+//! per namespace) over plain HTTP without authentication, from a JSON state file this wrapper
 //! rewrites atomically. See `src/bin/lb-testkit/kube.rs` for the protocol details.
 //!
 //! Objects are given without `resourceVersion`: the mock assigns one (a global counter) to each
@@ -40,7 +40,7 @@ impl KubeMock {
             log: dir.join("kube-mock.log"),
             dir,
             state: Mutex::new(json!({
-                "services": [], "endpointslices": [], "disconnect": 0, "compact": 0,
+                "services": [], "endpointslices": [], "pods": [], "disconnect": 0, "compact": 0,
             })),
             child: None,
             stdin: None,
@@ -65,6 +65,11 @@ impl KubeMock {
             s["services"] = json!(services);
             s["endpointslices"] = json!(slices);
         });
+    }
+
+    /// Serves these pods from now on (Services and EndpointSlices stay as they are).
+    pub fn set_pods(&self, pods: &[Value]) {
+        self.update(|s| s["pods"] = json!(pods));
     }
 
     /// Drops every watch open now, without a proper end of response.
@@ -212,5 +217,21 @@ pub fn slice(
         "addressType": "IPv4",
         "endpoints": endpoints,
         "ports": ports,
+    })
+}
+
+/// A Pod on `node` with this `uid` (served as given, as kubelet names the pod's cgroup after
+/// it) and these annotations.
+pub fn pod(ns: &str, name: &str, uid: &str, node: &str, annotations: &[(&str, &str)]) -> Value {
+    let annotations: serde_json::Map<String, Value> = annotations
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "uid": uid, "annotations": annotations},
+        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "example"}]},
+        "status": {"phase": "Running"},
     })
 }

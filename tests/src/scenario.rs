@@ -158,6 +158,25 @@ impl Scenario {
         assert_eq!(landed, 120, "connects outside {expected:?}: {report:?}");
     }
 
+    /// `count` TCP connects to `to` from `cgroup` (the balanced one or below it): (answered by
+    /// a backend, failed with ENETUNREACH, which an untranslated VIP gets in the test
+    /// namespace). Any other outcome fails the test.
+    pub fn reached_or_untranslated(&self, cgroup: &TestCgroup, to: &str, count: u64) -> (u64, u64) {
+        let r = run_client(&self.net, Some(cgroup), to, count, Proto::Tcp);
+        assert_eq!(r.ok + r.failed("ENETUNREACH"), count, "{r:?}");
+        (r.ok, r.failed("ENETUNREACH"))
+    }
+
+    /// Waits until `stats` lists no bypassed cgroup; fails the test with `why` and the agent's
+    /// log otherwise.
+    pub fn assert_bypass_ends(&mut self, wait: Duration, why: &str) {
+        let pins = &self.pins;
+        let ended = crate::wait_for(wait, || {
+            crate::agent_stats(pins).is_some_and(|r| r.bypass.is_empty())
+        });
+        assert!(ended, "{why}:\n{}", self.agent().log());
+    }
+
     /// A client in the same namespace but outside the balanced cgroup.
     pub fn outside_client(&self, to: &str, count: u64, proto: Proto) -> ClientReport {
         run_client(&self.net, None, to, count, proto)

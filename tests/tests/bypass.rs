@@ -4,8 +4,8 @@
 //! is counted per cgroup and follows config reloads.
 
 use lb_testkit::config::{Config, Service, Table};
-use lb_testkit::procs::{run_client, Proto};
-use lb_testkit::{agent_stats, require_privileged, wait_for, Scenario, TestCgroup};
+use lb_testkit::procs::Proto;
+use lb_testkit::{agent_stats, require_privileged, Scenario, TestCgroup};
 use std::time::Duration;
 
 const VIP: &str = "10.96.0.10:80";
@@ -21,9 +21,7 @@ fn config(bypass: &[String]) -> Config {
 
 /// Connects from `cgroup`: (answered by a backend, failed with ENETUNREACH).
 fn outcome(s: &Scenario, cgroup: &TestCgroup, count: u64) -> (u64, u64) {
-    let r = run_client(&s.net, Some(cgroup), VIP, count, Proto::Tcp);
-    assert_eq!(r.ok + r.failed("ENETUNREACH"), count, "{r:?}");
-    (r.ok, r.failed("ENETUNREACH"))
+    s.reached_or_untranslated(cgroup, VIP, count)
 }
 
 /// What `stats` counts for the bypassed cgroup at `path`.
@@ -70,12 +68,7 @@ fn bypassed_cgroups_and_those_below_reach_the_vip_untranslated_siblings_are_bala
     // Dropping the pattern takes effect on reload: the cgroup is balanced again.
     s.write_config(config(&[]));
     s.agent().sighup();
-    assert!(
-        wait_for(WAIT, || agent_stats(&s.pins)
-            .is_some_and(|r| r.bypass.is_empty())),
-        "the bypass entry stayed after the reload:\n{}",
-        s.agent().log()
-    );
+    s.assert_bypass_ends(WAIT, "the bypass entry stayed after the reload");
     assert_eq!(outcome(&s, &mesh, 10), (10, 0), "no longer bypassed");
     assert_eq!(outcome(&s, &sibling, 10), (10, 0));
 }

@@ -1,12 +1,14 @@
 //! Privileged end-to-end tests of the Kubernetes source: the real agent with its real kube-rs
-//! client against `lb-testkit kube-mock` (the list/watch protocol for Services and
-//! EndpointSlices; no API server can be installed here), checked with real connects.
+//! client against `lb-testkit kube-mock` (the list/watch protocol for Services, EndpointSlices
+//! and Pods; no API server can be installed here), checked with real connects.
 
 use lb_testkit::config::{Config, Table};
-use lb_testkit::kube_mock::{service, slice, Endpoint};
+use lb_testkit::kube_mock::{pod, service, slice, Endpoint};
 use lb_testkit::procs::Proto;
 use lb_testkit::stats::{agent_stats, backend_set};
-use lb_testkit::{http_status, require_privileged, wait_backends, wait_for, KubeMock, Scenario};
+use lb_testkit::{
+    http_status, require_privileged, wait_backends, wait_for, KubeMock, Scenario, TestCgroup,
+};
 use lb_userspace::status::SourceState;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -458,4 +460,103 @@ fn caps_leave_the_newest_service_out_and_say_so_while_the_others_keep_updating()
     for r in &slice_requests {
         assert!(r.contains("labelSelector=lb%3Don"), "{r}");
     }
+}
+
+/// Connects from `cgroup` to the VIP: (answered by a backend, left untranslated).
+fn outcome(s: &Scenario, cgroup: &TestCgroup, count: u64) -> (u64, u64) {
+    s.reached_or_untranslated(cgroup, VIP, count)
+}
+
+#[test]
+fn a_pod_annotated_bypass_reaches_the_vip_untranslated_until_the_annotation_goes() {
+    if !require_privileged() {
+        return;
+    }
+    const NODE: &str = "node-a";
+    const PROXY: &str = "6a1c2f3e-0b4d-4e5f-8a9b-0c1d2e3f4a5b";
+    const SIBLING: &str = "11111111-2222-4333-8444-555555555555";
+    const ELSEWHERE: &str = "21111111-2222-4333-8444-555555555555";
+    const ANNOTATION: &str = "lb-agent/bypass";
+    let (mut s, mock) = start_with(
+        &[B1, B2],
+        &[web()],
+        &[web_slice(&[ready(B1), ready(B2)])],
+        |t| {
+            t.set("allow_loopback_backends", true)
+                .set("node_name", NODE)
+        },
+    );
+    wait_backends(&s.pins, WEB, &[B1, B2], WAIT);
+    // Pod cgroups as kubelet names them, below the test's own cgroup (which the agent is
+    // attached to and searches): the systemd driver's for the annotated pod, with a
+    // container's cgroup below it, the cgroupfs driver's for the others.
+    let systemd_name =
+        |uid: &str| format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_"));
+    let proxy = s.cgroup.child_named(&systemd_name(PROXY));
+    let container = proxy.child();
+    let sibling = s.cgroup.child_named(&format!("pod{SIBLING}"));
+    let elsewhere = s.cgroup.child_named(&format!("pod{ELSEWHERE}"));
+    let pods = |proxy_annotations: &[(&str, &str)]| {
+        vec![
+            pod("shop", "proxy", PROXY, NODE, proxy_annotations),
+            // A value that is neither "true" nor "false": warned about once, not bypassed.
+            pod("shop", "sibling", SIBLING, NODE, &[(ANNOTATION, "yes")]),
+            // Annotated, but another node's pod: the agent never sees it.
+            pod(
+                "shop",
+                "elsewhere",
+                ELSEWHERE,
+                "node-b",
+                &[(ANNOTATION, "true")],
+            ),
+        ]
+    };
+    mock.set_pods(&pods(&[(ANNOTATION, "true")]));
+    let proxy_path = proxy.path.display().to_string();
+    // The proxy's entry in `stats`: (pod, connects left untranslated).
+    let bypassed = |s: &Scenario| {
+        let stats = agent_stats(&s.pins)?;
+        let entry = stats.bypass.iter().find(|b| b.cgroup == proxy_path)?;
+        Some((entry.pod.clone(), entry.connects))
+    };
+    assert!(
+        wait_for(WAIT, || bypassed(&s).is_some()),
+        "the annotated pod's cgroup was not bypassed:\n{}",
+        s.agent().log()
+    );
+
+    assert_eq!(outcome(&s, &proxy, 20), (0, 20), "the annotated pod");
+    assert_eq!(outcome(&s, &container, 10), (0, 10), "its container");
+    assert_eq!(outcome(&s, &sibling, 20), (20, 0), "the sibling pod");
+    assert_eq!(outcome(&s, &elsewhere, 20), (20, 0), "another node's pod");
+    assert_eq!(bypassed(&s), Some((Some("shop/proxy".to_owned()), 30)));
+    assert_eq!(agent_stats(&s.pins).unwrap().bypass.len(), 1);
+    let log = s.agent().log();
+    let warned = log
+        .lines()
+        .filter(|l| l.contains(r#"lb-agent/bypass is "yes""#));
+    let warned: Vec<&str> = warned.collect();
+    assert_eq!(warned.len(), 1, "warned once:\n{log}");
+    assert!(warned[0].contains("shop/sibling"), "{}", warned[0]);
+
+    // The annotation removed: the pod is balanced again.
+    mock.set_pods(&pods(&[]));
+    s.assert_bypass_ends(WAIT, "the pod stayed bypassed");
+    assert_eq!(outcome(&s, &proxy, 10), (10, 0), "no longer bypassed");
+    assert_eq!(outcome(&s, &container, 10), (10, 0));
+
+    // Annotated again, then the pod deleted: bypassed, then not.
+    mock.set_pods(&pods(&[(ANNOTATION, "true")]));
+    assert!(wait_for(WAIT, || bypassed(&s).is_some()), "re-annotated");
+    mock.set_pods(&pods(&[(ANNOTATION, "true")])[1..]);
+    s.assert_bypass_ends(WAIT, "the deleted pod stayed bypassed");
+    assert_eq!(outcome(&s, &proxy, 10), (10, 0), "deleted pod");
+    let requests = mock.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.contains("/api/v1/pods?")
+                && r.contains("fieldSelector=spec.nodeName%3Dnode-a")),
+        "{requests:?}"
+    );
 }

@@ -187,7 +187,7 @@ fn every_document_is_a_known_kind_and_round_trips() {
 }
 
 #[test]
-fn cluster_role_is_read_only_on_services_endpointslices_and_nodes() {
+fn cluster_role_is_read_only_on_services_endpointslices_pods_and_nodes() {
     let all = objects();
     assert_eq!(all.cluster_roles.len(), 1, "exactly one ClusterRole");
     let role = &all.cluster_roles[0];
@@ -229,6 +229,11 @@ fn cluster_role_is_read_only_on_services_endpointslices_and_nodes() {
         (
             ("discovery.k8s.io".to_string(), "endpointslices".to_string()),
             read,
+        ),
+        // Its own node's pods, for the bypass annotation: list and watch only.
+        (
+            ("".to_string(), "pods".to_string()),
+            BTreeSet::from(["list".to_string(), "watch".to_string()]),
         ),
         // Its own Node's zone label: get only.
         (

@@ -16,7 +16,7 @@ use crate::datapath::ops::Op;
 use crate::datapath::pinned::PinnedMaps;
 use crate::datapath::reconcile::{reconcile, Scope, Summary};
 use crate::lifecycle::loader::{self, LoadOptions};
-use crate::lifecycle::{cgroup, lock};
+use crate::lifecycle::{cgroup, lock, pod_cgroups};
 use crate::observe::http::{self, Endpoints, Readiness};
 use crate::sources::kubernetes::Kubernetes;
 use crate::sources::Discovery;
@@ -54,8 +54,9 @@ pub struct RunArgs {
 
 /// How often health state is published for `lb-agent stats`.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
-/// How often `[dataplane] bypass` patterns are matched again, for cgroups created since (a
-/// cgroup created below a bypassed one needs no new match: the kernel checks ancestors).
+/// How often `[dataplane] bypass` patterns and annotated pods are matched again, for cgroups
+/// created since (a cgroup created below a bypassed one needs no new match: the kernel checks
+/// ancestors).
 const BYPASS_RESCAN: Duration = Duration::from_secs(2);
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -175,6 +176,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 agent.absorb(event, &mut kube_events, "kubernetes", |a, e| {
                     a.kubernetes.apply(e).then_some(Change::Everything)
                 });
+                if agent.kubernetes.take_pods_changed() {
+                    agent.sync_bypass();
+                }
             }
             Some(service) = transitions.recv() => {
                 // A transition always changes what the maps should hold.
@@ -185,7 +189,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 agent.retry();
             }
             _ = outlier_check.tick(), if agent.watches_outliers => agent.check_outliers(),
-            _ = bypass_rescan.tick(), if !agent.config.dataplane.bypass.is_empty() => {
+            _ = bypass_rescan.tick(), if !agent.config.dataplane.bypass.is_empty()
+                || !agent.kubernetes.bypassed_pods().is_empty() => {
                 agent.sync_bypass();
             }
             _ = terminate_more.tick(), if agent.terminating.pending() => {
@@ -367,8 +372,8 @@ struct Agent {
     crash_after_ops: Option<usize>,
     /// The cgroup2 mount, where `[dataplane] bypass` patterns start.
     cgroup_root: Option<PathBuf>,
-    /// The cgroups bypassed now, by id, and why some pattern matched nothing usable.
-    bypass: BTreeMap<u64, PathBuf>,
+    /// The cgroups bypassed now, by id, and why some pattern or pod matched nothing usable.
+    bypass: BTreeMap<u64, cgroup::Bypassed>,
     bypass_problems: Vec<String>,
     /// A failed reconcile waiting for its retry.
     pending: Option<Pending>,
@@ -627,11 +632,12 @@ impl Agent {
         self.terminating.add(doomed, rate, &self.cgroup);
     }
 
-    /// Matches `[dataplane] bypass` against the cgroups there are now and updates the map when
-    /// the set changed. Failures are logged and leave the map as it was.
+    /// Matches `[dataplane] bypass` and the pods annotated to be bypassed against the cgroups
+    /// there are now and updates the map when the set changed. Failures are logged and leave
+    /// the map as it was.
     fn sync_bypass(&mut self) {
         let patterns = &self.config.dataplane.bypass;
-        let (found, problems) = match &self.cgroup_root {
+        let (mut found, mut problems) = match &self.cgroup_root {
             Some(root) => cgroup::bypassed(root, patterns),
             None if patterns.is_empty() => Default::default(),
             None => (
@@ -639,6 +645,13 @@ impl Agent {
                 vec!["no cgroup2 mount found: [dataplane] bypass cannot be applied".to_owned()],
             ),
         };
+        // Below the cgroup the programs are attached to, not the mount: only its processes are
+        // translated, and in a container the mount may be the container's own cgroup namespace
+        // while `--cgroup` names the host's tree.
+        let pods = self.kubernetes.bypassed_pods();
+        if !pods.is_empty() {
+            pod_cgroups::add(&self.cgroup, pods, &mut found, &mut problems);
+        }
         if problems != self.bypass_problems {
             problems.iter().for_each(|p| warn!("{p}"));
             self.bypass_problems = problems;
@@ -650,16 +663,15 @@ impl Agent {
         if let Err(e) = self.maps.set_bypass(&ids) {
             return error!("cannot update the bypassed cgroups: {e:#}");
         }
-        for (id, path) in found.iter().filter(|(id, _)| !self.bypass.contains_key(id)) {
-            info!(cgroup = %path.display(), id, "cgroup bypassed: its connects are not translated");
+        for (id, b) in found.iter().filter(|(id, _)| !self.bypass.contains_key(id)) {
+            let cgroup = b.path.display();
+            info!(%cgroup, id, pod = b.pod, "cgroup bypassed: its connects are not translated");
         }
-        for path in self
-            .bypass
-            .iter()
+        for b in (self.bypass.iter())
             .filter(|(id, _)| !found.contains_key(id))
             .map(|e| e.1)
         {
-            info!(cgroup = %path.display(), "cgroup no longer bypassed");
+            info!(cgroup = %b.path.display(), pod = b.pod, "cgroup no longer bypassed");
         }
         self.bypass = found;
     }

@@ -24,7 +24,7 @@ pub struct Parts<'a> {
     pub pending: Option<&'a str>,
     pub failing_open: &'a BTreeSet<String>,
     /// The cgroups bypassed now, by id.
-    pub bypass: &'a BTreeMap<u64, std::path::PathBuf>,
+    pub bypass: &'a BTreeMap<u64, crate::lifecycle::cgroup::Bypassed>,
     /// Sockets destroyed so far, by service and backend.
     pub terminated: &'a BTreeMap<String, BTreeMap<String, u64>>,
     pub termination_unavailable: Option<&'a str>,
@@ -42,7 +42,10 @@ pub fn assemble(parts: Parts) -> StatusFile {
         termination_unavailable: parts.termination_unavailable.map(str::to_owned),
         rebalance_unavailable: parts.rebalance_unavailable.map(str::to_owned),
         bypass: (parts.bypass.iter())
-            .map(|(id, path)| (*id, path.display().to_string()))
+            .map(|(id, b)| (*id, b.path.display().to_string()))
+            .collect(),
+        bypass_pods: (parts.bypass.iter())
+            .filter_map(|(id, b)| Some((*id, b.pod.clone()?)))
             .collect(),
         ..StatusFile::default()
     };

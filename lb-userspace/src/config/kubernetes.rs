@@ -155,10 +155,15 @@ fn dns_name(host: &str) -> bool {
         })
 }
 
-/// A Node's name is a DNS subdomain: lowercase RFC 1123 labels.
+/// A Node's name is a DNS subdomain: lowercase RFC 1123 labels. Also what `$NODE_NAME` must
+/// be before it goes into a field selector, where a comma would add a term of its own.
+pub fn is_node_name(name: &str) -> bool {
+    dns_name(name) && !name.bytes().any(|b| b.is_ascii_uppercase())
+}
+
 fn check_node_name(raw: &Value) -> Result<String, String> {
     let name = check_str(raw)?;
-    if !dns_name(name) || name.bytes().any(|b| b.is_ascii_uppercase()) {
+    if !is_node_name(name) {
         return Err(format!(
             "{} is not a node name (lowercase DNS labels: a-z, 0-9, '-', dots between)",
             show(name)

@@ -45,6 +45,7 @@ pub use balancing::{
 };
 pub use checker::Env;
 pub use error::ConfigError;
+pub use kubernetes::is_node_name;
 pub use model::{
     Algorithm, BackendConfig, Balancing, ClientKey, Config, ConsulConfig, DataplaneConfig,
     DiscoveryConfig, DnsConfig, DnsRecord, EtcdConfig, HealthConfig, InitialState,

@@ -1,5 +1,6 @@
-//! Finding the cgroup v2 mount. Hosts differ (`/sys/fs/cgroup` on pure v2, `/sys/fs/cgroup/unified`
-//! on hybrid layouts), so it is read from mountinfo rather than assumed.
+//! Finding the cgroup v2 mount, and the cgroups `[dataplane] bypass` patterns match. Hosts
+//! differ (`/sys/fs/cgroup` on pure v2, `/sys/fs/cgroup/unified` on hybrid layouts), so the
+//! mount is read from mountinfo rather than assumed.
 
 use anyhow::{Context, Result};
 use lb_common::MAX_BYPASS;
@@ -16,11 +17,19 @@ pub fn cgroup2_root() -> Result<PathBuf> {
     )
 }
 
+/// A cgroup left untranslated: its path, and the pod (`namespace/name`) whose annotation asked
+/// for it, when it was not a `[dataplane] bypass` pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bypassed {
+    pub path: PathBuf,
+    pub pod: Option<String>,
+}
+
 /// The cgroups `[dataplane] bypass` patterns match now, by cgroup id (a cgroup2 directory's
 /// inode number is the id the kernel's `bpf_get_current_cgroup_id` returns), and what could
 /// not be used. Relative patterns are taken from `root`, the cgroup2 mount; an absolute one
 /// must lie under it.
-pub fn bypassed(root: &Path, patterns: &[String]) -> (BTreeMap<u64, PathBuf>, Vec<String>) {
+pub fn bypassed(root: &Path, patterns: &[String]) -> (BTreeMap<u64, Bypassed>, Vec<String>) {
     let mut found = BTreeMap::new();
     let mut problems = Vec::new();
     for pattern in patterns {
@@ -51,7 +60,7 @@ pub fn bypassed(root: &Path, patterns: &[String]) -> (BTreeMap<u64, PathBuf>, Ve
                 ));
                 return (found, problems);
             }
-            found.insert(meta.ino(), path);
+            found.insert(meta.ino(), Bypassed { path, pod: None });
         }
     }
     (found, problems)
@@ -108,8 +117,9 @@ mod tests {
         let (found, problems) = bypassed(&root, &patterns);
         let mut names: Vec<String> = found
             .values()
-            .map(|p| {
-                p.strip_prefix(&root)
+            .map(|b| {
+                b.path
+                    .strip_prefix(&root)
                     .unwrap()
                     .to_string_lossy()
                     .into_owned()
@@ -118,7 +128,7 @@ mod tests {
         names.sort();
         assert_eq!(names, ["apps/c", "mesh/a", "mesh/b"]);
         let id = std::fs::metadata(root.join("mesh/a")).unwrap().ino();
-        assert_eq!(found[&id], root.join("mesh/a"));
+        assert_eq!(found[&id].path, root.join("mesh/a"));
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(
             problems[0].contains("not under the cgroup2 mount"),

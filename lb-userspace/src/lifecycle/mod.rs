@@ -1,9 +1,11 @@
 //! Getting the programs into the kernel and out again: one agent per pin folder (`lock`), the
-//! cgroup they attach to (`cgroup`), an earlier layout's pins (`previous`), loading, pinning
-//! and attaching (`loader`), and removing it all (`detach`).
+//! cgroup they attach to and those left untranslated (`cgroup`, `pod_cgroups`), an earlier
+//! layout's pins (`previous`), loading, pinning and attaching (`loader`), and removing it all
+//! (`detach`).
 
 pub mod lock;
 pub mod cgroup;
+pub mod pod_cgroups;
 pub mod previous;
 pub mod loader;
 pub mod detach;

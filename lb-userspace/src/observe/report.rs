@@ -47,6 +47,9 @@ pub struct Report {
 pub struct BypassReport {
     /// Its path as the agent last published it ("?" without a running agent).
     pub cgroup: String,
+    /// The pod (`namespace/name`) whose annotation asked for it, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
     pub id: u64,
     pub connects: u64,
 }
@@ -340,6 +343,7 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
                 cgroup: status
                     .and_then(|s| s.bypass.get(&id).cloned())
                     .unwrap_or_else(|| "?".into()),
+                pod: status.and_then(|s| s.bypass_pods.get(&id).cloned()),
                 id,
                 connects,
             })

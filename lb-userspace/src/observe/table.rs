@@ -156,9 +156,14 @@ pub fn render_table(report: &Report) -> String {
         parts.join(", ")
     );
     for b in &report.bypass {
+        let pod = b
+            .pod
+            .as_ref()
+            .map(|p| format!(", pod {p}"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "bypassed cgroup {} (id {}): {} connects untranslated",
+            "bypassed cgroup {} (id {}{pod}): {} connects untranslated",
             b.cgroup, b.id, b.connects
         );
     }

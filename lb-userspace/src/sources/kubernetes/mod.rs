@@ -2,14 +2,17 @@
 //! list's resourceVersion, relisting on 410 Gone, reconnecting with backoff: kube-rs's
 //! `watcher`) and reports the translated services to the agent. Until every watch has finished
 //! its first list, nothing is reported, so the agent keeps the pinned state; after that, a
-//! broken watch leaves the last known objects in place.
+//! broken watch leaves the last known objects in place. With a node name it also follows this
+//! node's pods for the bypass annotation (`bypass_pods`), which never holds the services back.
 
 pub mod translate;
+pub mod bypass_pods;
 
 use crate::config::KubernetesConfig;
 use crate::sources::answer::MAX_REASONS;
 use crate::sources::backoff::Backoff;
 use crate::status::{SourceState, SourceStatus};
+use bypass_pods::{BypassedPods, PodUid};
 use futures::stream::{self, BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -34,6 +37,9 @@ const NODE_READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum KubeEvent {
     /// Every watch has listed: the complete set of services.
     Synced(Translation),
+    /// The pods of this node that ask to be bypassed, once their watch has listed and after
+    /// each change.
+    Pods(BypassedPods),
     Error(String),
 }
 
@@ -83,23 +89,55 @@ enum Object {
     Slice(Box<EndpointSlice>),
 }
 
+/// (namespace, name)
 type Key = (String, String);
 
+/// What a watch keeps of its objects, by namespace and name.
+trait Keyed {
+    fn key(&self) -> Key;
+}
+
+impl Keyed for Object {
+    fn key(&self) -> Key {
+        let meta = match self {
+            Object::Service(s) => s.meta(),
+            Object::Slice(s) => s.meta(),
+        };
+        meta_key(meta)
+    }
+}
+
+fn meta_key(meta: &kube::api::ObjectMeta) -> Key {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
 /// One watch's view: what is live, and what a relist in progress has collected so far.
-#[derive(Default)]
-struct View {
-    live: BTreeMap<Key, Object>,
-    relisting: Option<BTreeMap<Key, Object>>,
+struct View<T> {
+    live: BTreeMap<Key, T>,
+    relisting: Option<BTreeMap<Key, T>>,
     listed: bool,
 }
 
-impl View {
-    fn apply(&mut self, event: Event<Object>) {
+impl<T> Default for View<T> {
+    fn default() -> Self {
+        Self {
+            live: BTreeMap::new(),
+            relisting: None,
+            listed: false,
+        }
+    }
+}
+
+impl<T: Keyed> View<T> {
+    fn apply(&mut self, event: Event<T>) {
         match event {
             Event::Init => self.relisting = Some(BTreeMap::new()),
             Event::InitApply(obj) => {
                 if let Some(buffer) = &mut self.relisting {
-                    buffer.insert(key(&obj), obj);
+                    buffer.insert(obj.key(), obj);
                 }
             }
             // A relist replaces the whole view at once: objects deleted while the watch was
@@ -111,27 +149,16 @@ impl View {
                 self.listed = true;
             }
             Event::Apply(obj) => {
-                self.live.insert(key(&obj), obj);
+                self.live.insert(obj.key(), obj);
             }
             Event::Delete(obj) => {
-                self.live.remove(&key(&obj));
+                self.live.remove(&obj.key());
             }
         }
     }
 }
 
-fn key(obj: &Object) -> Key {
-    let meta = match obj {
-        Object::Service(s) => s.meta(),
-        Object::Slice(s) => s.meta(),
-    };
-    (
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
-    )
-}
-
-fn wrap<K>(event: Event<K>, into: impl Fn(K) -> Object) -> Event<Object> {
+fn wrap<K, T>(event: Event<K>, into: impl Fn(K) -> T) -> Event<T> {
     match event {
         Event::Apply(k) => Event::Apply(into(k)),
         Event::Delete(k) => Event::Delete(into(k)),
@@ -219,8 +246,20 @@ async fn run(config: KubernetesConfig, tx: mpsc::UnboundedSender<KubeEvent>) {
     if let (None, Some(node)) = (&options.zone, &options.node_name) {
         options.zone = node_zone(&client, node).await;
     }
-    let streams = watches(&client, &config);
-    let mut views: Vec<View> = streams.iter().map(|_| View::default()).collect();
+    let pods = bypass_pods::follow(client.clone(), options.node_name.clone(), tx.clone());
+    tokio::join!(follow_services(&client, &config, &options, &tx), pods);
+}
+
+/// Lists and watches Services and EndpointSlices, and sends the translated set once every
+/// watch has listed and after each batch of changes.
+async fn follow_services(
+    client: &Client,
+    config: &KubernetesConfig,
+    options: &Options,
+    tx: &mpsc::UnboundedSender<KubeEvent>,
+) {
+    let streams = watches(client, config);
+    let mut views: Vec<View<Object>> = streams.iter().map(|_| View::default()).collect();
     let mut merged = stream::select_all(streams);
     while let Some(batch) = next_batch(&mut merged, SETTLE, MAX_BATCH_WAIT).await {
         let mut changed = false;
@@ -251,7 +290,7 @@ async fn run(config: KubernetesConfig, tx: mpsc::UnboundedSender<KubeEvent>) {
                     Object::Service(_) => None,
                 });
             let _ = tx.send(KubeEvent::Synced(translate::translate(
-                services, slices, &options,
+                services, slices, options,
             )));
         }
     }
@@ -315,6 +354,11 @@ pub struct Kubernetes {
     services: Option<Vec<ClusterService>>,
     notes: Vec<String>,
     pub status: SourceStatus,
+    /// The last pods of this node the watch reported as asking to be bypassed; kept while a
+    /// restarted watch lists again, so a bypassed pod is not translated in between.
+    bypassed_pods: BypassedPods,
+    /// `bypassed_pods` changed since `take_pods_changed` was last asked.
+    pods_changed: bool,
 }
 
 impl Kubernetes {
@@ -326,6 +370,8 @@ impl Kubernetes {
             services: None,
             notes: Vec::new(),
             status: SourceStatus::default(),
+            bypassed_pods: BypassedPods::new(),
+            pods_changed: false,
         };
         (k, rx)
     }
@@ -341,6 +387,10 @@ impl Kubernetes {
         }
         self.services = None;
         self.status = SourceStatus::default();
+        if config.is_none() && !self.bypassed_pods.is_empty() {
+            self.bypassed_pods.clear();
+            self.pods_changed = true;
+        }
         if let Some(config) = config {
             tracing::info!(namespaces = ?config.namespaces, selector = ?config.label_selector, "kubernetes watch started");
             self.status.kind = "kubernetes".into();
@@ -363,6 +413,16 @@ impl Kubernetes {
         self.running.is_none() || self.services.is_some()
     }
 
+    /// This node's pods annotated to be bypassed: their uid and `namespace/name`.
+    pub fn bypassed_pods(&self) -> &BTreeMap<PodUid, String> {
+        &self.bypassed_pods
+    }
+
+    /// Whether `bypassed_pods` changed since the last call.
+    pub fn take_pods_changed(&mut self) -> bool {
+        std::mem::take(&mut self.pods_changed)
+    }
+
     /// Records an event; true when the set of services changed.
     pub fn apply(&mut self, event: KubeEvent) -> bool {
         let status = &mut self.status;
@@ -373,6 +433,13 @@ impl Kubernetes {
                     "watch failed, keeping the last known services: {error}"
                 );
                 status.record_error(error, self.services.is_some());
+                false
+            }
+            KubeEvent::Pods(pods) => {
+                if pods != self.bypassed_pods {
+                    self.bypassed_pods = pods;
+                    self.pods_changed = true;
+                }
                 false
             }
             KubeEvent::Synced(t) => {

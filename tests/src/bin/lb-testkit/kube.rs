@@ -1,22 +1,27 @@
-//! A stand-in for the Kubernetes API server's list and watch of Services and EndpointSlices,
-//! answering from a JSON state file the test rewrites (see `lb_testkit::KubeMock`). Plain HTTP,
+//! A stand-in for the Kubernetes API server's list and watch of Services, EndpointSlices and
+//! Pods, answering from a JSON state file the test rewrites (see `lb_testkit::KubeMock`). Plain HTTP,
 //! no authentication, one request per connection.
 //!
-//! Collections, cluster-wide and per namespace: `/api/v1[/namespaces/NS]/services` and
-//! `/apis/discovery.k8s.io/v1[/namespaces/NS]/endpointslices`. Contract followed (Kubernetes
-//! "API concepts": efficient detection of changes, retrieving large results in chunks):
+//! Collections, cluster-wide and per namespace: `/api/v1[/namespaces/NS]/services`,
+//! `/api/v1[/namespaces/NS]/pods` and `/apis/discovery.k8s.io/v1[/namespaces/NS]/endpointslices`.
+//! Contract followed (Kubernetes "API concepts": efficient detection of changes, retrieving
+//! large results in chunks, receiving resources as metadata only):
 //!
-//! - The state file is `{"services": [..], "endpointslices": [..], "disconnect": N,
-//!   "compact": N}`. Each time its content changes, objects (keyed by kind, namespace, name) are
+//! - The state file is `{"services": [..], "endpointslices": [..], "pods": [..],
+//!   "disconnect": N, "compact": N}`. Each time its content changes, objects (keyed by kind, namespace, name) are
 //!   diffed against the previous set; every added, changed or removed one takes the next global
 //!   resourceVersion (integers, as strings) and an ADDED/MODIFIED/DELETED event is logged. The
 //!   server fills in `kind`, `apiVersion`, `metadata.namespace` (`default` if absent), `uid`
-//!   and `resourceVersion`.
+//!   (unless the object names its own, as a test of pods' cgroups needs) and
+//!   `resourceVersion`.
 //! - A list answers the current objects; `resourceVersion` is the current global one. `limit`
 //!   pages with a `continue` token (later pages come from the state at the time they are asked
 //!   for, with the first page's resourceVersion). `labelSelector` takes `k=v`, `k==v`, `k!=v`,
-//!   `k`, `!k` terms joined by commas; `fieldSelector` honours `metadata.name` and
-//!   `metadata.namespace` and ignores other fields.
+//!   `k`, `!k` terms joined by commas; `fieldSelector` honours `metadata.name`,
+//!   `metadata.namespace` and, for pods, `spec.nodeName`, and ignores other fields.
+//! - `Accept: application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1` (or `as=
+//!   PartialObjectMetadata` for a watch) answers each object as a `meta.k8s.io/v1`
+//!   `PartialObjectMetadata`: its metadata alone.
 //! - A watch (`watch=true|1`) streams one JSON event per line in a chunked response: every event
 //!   after the requested `resourceVersion`, then new ones as they happen, until `timeoutSeconds`
 //!   (default 30 min) passes, at which point the response ends properly. Without a
@@ -52,27 +57,41 @@ const WATCH_TICK: Duration = Duration::from_millis(500);
 enum Kind {
     Service,
     EndpointSlice,
+    Pod,
 }
 
 impl Kind {
+    const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Pod];
+
     fn name(self) -> &'static str {
         match self {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::Pod => "Pod",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
-            Kind::Service => "v1",
+            Kind::Service | Kind::Pod => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
         }
     }
 
+    /// The collection's name, in paths and in the state file.
     fn state_field(self) -> &'static str {
         match self {
             Kind::Service => "services",
             Kind::EndpointSlice => "endpointslices",
+            Kind::Pod => "pods",
+        }
+    }
+
+    /// Field selectors this kind honours beyond `metadata.name` and `metadata.namespace`.
+    fn own_fields(self) -> &'static [&'static str] {
+        match self {
+            Kind::Pod => &["spec.nodeName"],
+            _ => &[],
         }
     }
 }
@@ -178,7 +197,7 @@ fn refresh(shared: &Shared) {
 
 fn apply(store: &mut Store, state: &Value) {
     let mut new: BTreeMap<Key, Value> = BTreeMap::new();
-    for kind in [Kind::Service, Kind::EndpointSlice] {
+    for kind in Kind::ALL {
         let items = state[kind.state_field()].as_array();
         for item in items.map(Vec::as_slice).unwrap_or_default() {
             let Some(name) = item["metadata"]["name"].as_str() else {
@@ -219,7 +238,8 @@ fn apply(store: &mut Store, state: &Value) {
         if old.is_some_and(|o| o.raw == raw) {
             continue;
         }
-        let uid = match old.and_then(|o| o.served["metadata"]["uid"].as_str()) {
+        let given = raw["metadata"]["uid"].as_str();
+        let uid = match given.or_else(|| old.and_then(|o| o.served["metadata"]["uid"].as_str())) {
             Some(u) => u.to_string(),
             None => {
                 store.next_uid += 1;
@@ -324,7 +344,14 @@ fn handle(mut conn: TcpStream, shared: &Shared) {
     };
     // Every request sees at least the state file as it is now, not as last polled.
     refresh(shared);
-    let sel = Selection { kind, ns, q: &q };
+    let accept = head.header("accept").unwrap_or_default();
+    let metadata_only = accept.contains("as=PartialObjectMetadata");
+    let sel = Selection {
+        kind,
+        ns,
+        q: &q,
+        metadata_only,
+    };
     if q.watch {
         watch(conn, shared, &sel);
     } else {
@@ -335,21 +362,23 @@ fn handle(mut conn: TcpStream, shared: &Shared) {
 
 /// The collection a path names: its kind and namespace (None: all namespaces).
 fn route(path: &str) -> Option<(Kind, Option<String>)> {
-    let (rest, kind, plural) = if let Some(r) = path.strip_prefix("/api/v1") {
-        (r, Kind::Service, "services")
+    let (group, rest) = if let Some(r) = path.strip_prefix("/api/v1") {
+        ("v1", r)
     } else if let Some(r) = path.strip_prefix("/apis/discovery.k8s.io/v1") {
-        (r, Kind::EndpointSlice, "endpointslices")
+        ("discovery.k8s.io/v1", r)
     } else {
         return None;
     };
     let segs: Vec<&str> = rest.strip_prefix('/')?.split('/').collect();
-    match segs[..] {
-        [p] if p == plural => Some((kind, None)),
-        ["namespaces", ns, p] if p == plural && !ns.is_empty() => {
-            Some((kind, Some(crate::http::percent_decode(ns))))
-        }
-        _ => None,
-    }
+    let (ns, plural) = match segs[..] {
+        [p] => (None, p),
+        ["namespaces", ns, p] if !ns.is_empty() => (Some(crate::http::percent_decode(ns)), p),
+        _ => return None,
+    };
+    let kind = Kind::ALL
+        .into_iter()
+        .find(|k| k.state_field() == plural && k.api_version() == group)?;
+    Some((kind, ns))
 }
 
 enum Term {
@@ -445,11 +474,13 @@ fn term_matches(term: &Term, value: impl Fn(&str) -> Option<String>) -> bool {
     }
 }
 
-/// Which objects a request is about.
+/// Which objects a request is about, and in which form.
 struct Selection<'a> {
     kind: Kind,
     ns: Option<String>,
     q: &'a Query,
+    /// Metadata only (`PartialObjectMetadata`).
+    metadata_only: bool,
 }
 
 impl Selection<'_> {
@@ -464,16 +495,16 @@ impl Selection<'_> {
             return false;
         }
         let label = |k: &str| meta["labels"][k].as_str().map(String::from);
-        let field = |k: &str| match k {
-            "metadata.name" | "metadata.namespace" => {
-                meta[&k["metadata.".len()..]].as_str().map(String::from)
-            }
-            _ => None,
+        let known = |k: &str| {
+            k == "metadata.name" || k == "metadata.namespace" || kind.own_fields().contains(&k)
+        };
+        // A dotted path into the object: `spec.nodeName` is obj["spec"]["nodeName"].
+        let field = |k: &str| {
+            let value = k.split('.').fold(obj, |v, part| &v[part]);
+            value.as_str().map(String::from)
         };
         let known_field = |t: &Term| match t {
-            Term::Eq(k, _) | Term::NotEq(k, _) | Term::Exists(k) | Term::NotExists(k) => {
-                k == "metadata.name" || k == "metadata.namespace"
-            }
+            Term::Eq(k, _) | Term::NotEq(k, _) | Term::Exists(k) | Term::NotExists(k) => known(k),
         };
         self.q.labels.iter().all(|t| term_matches(t, label))
             && self
@@ -498,7 +529,19 @@ impl Selection<'_> {
             (true, false) => "DELETED",
         };
         // An object leaving the selection (deleted or not) goes out as its new state.
-        Some(json!({"type": ty, "object": ev.new}).to_string())
+        Some(json!({"type": ty, "object": self.form(&ev.new)}).to_string())
+    }
+
+    /// An object as this request asked for it: whole, or its metadata alone.
+    fn form(&self, obj: &Value) -> Value {
+        if !self.metadata_only {
+            return obj.clone();
+        }
+        json!({
+            "apiVersion": "meta.k8s.io/v1",
+            "kind": "PartialObjectMetadata",
+            "metadata": obj["metadata"],
+        })
     }
 }
 
@@ -548,7 +591,7 @@ fn list(shared: &Shared, sel: &Selection) -> (u16, Value) {
             more = 1;
             break;
         }
-        page.push(item.clone());
+        page.push(sel.form(item));
     }
     more += items.count();
     let mut metadata = json!({"resourceVersion": list_rv.to_string()});
@@ -563,9 +606,13 @@ fn list(shared: &Shared, sel: &Selection) -> (u16, Value) {
             metadata["remainingItemCount"] = json!(more);
         }
     }
+    let (kind, api_version) = match sel.metadata_only {
+        true => ("PartialObjectMetadataList".to_owned(), "meta.k8s.io/v1"),
+        false => (format!("{}List", sel.kind.name()), sel.kind.api_version()),
+    };
     let body = json!({
-        "kind": format!("{}List", sel.kind.name()),
-        "apiVersion": sel.kind.api_version(),
+        "kind": kind,
+        "apiVersion": api_version,
         "metadata": metadata,
         "items": page,
     });
@@ -609,7 +656,8 @@ fn watch(mut conn: TcpStream, shared: &Shared, sel: &Selection) {
         None => {
             for (key, o) in &store.objects {
                 if sel.matches(key.0, &o.served) {
-                    out += &chunk(&json!({"type": "ADDED", "object": o.served}).to_string());
+                    let object = sel.form(&o.served);
+                    out += &chunk(&json!({"type": "ADDED", "object": object}).to_string());
                 }
             }
             if q.initial_events {
