@@ -116,7 +116,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         by_name: HashMap::new(),
         vips: catalog::Vips::new(),
         watches_outliers: false,
-        cgroup_root: cgroup::cgroup2_root().ok(),
+        cgroup_root: cgroup::mount_holding(&cgroup).ok(),
         bypass: BTreeMap::new(),
         bypass_problems: Vec::new(),
         pending: None,

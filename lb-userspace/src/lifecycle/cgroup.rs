@@ -68,12 +68,41 @@ pub fn bypassed(root: &Path, patterns: &[String]) -> (BTreeMap<u64, Bypassed>, V
 
 /// mountinfo lines: `id parent maj:min root mountpoint opts [optional...] - fstype source sopts`.
 pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
+    cgroup2_mounts(mountinfo).next()
+}
+
+fn cgroup2_mounts(mountinfo: &str) -> impl Iterator<Item = PathBuf> + '_ {
+    mountinfo.lines().filter_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         let fstype = right.split_whitespace().next()?;
         let mountpoint = left.split_whitespace().nth(4)?;
         (fstype == "cgroup2").then(|| PathBuf::from(unescape(mountpoint)))
     })
+}
+
+/// The cgroup2 mount that holds `cgroup` (the deepest mount point it lies under), where
+/// `[dataplane] bypass` patterns start: in a container the first cgroup2 mount is the
+/// container's own view (`/sys/fs/cgroup`), while the agent attaches to the host's tree
+/// mounted elsewhere (the DaemonSet's `/host/cgroup`), whose cgroups the patterns name.
+pub fn mount_holding(cgroup: &Path) -> Result<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("cannot read /proc/self/mountinfo to find the cgroup2 mount")?;
+    // mountinfo lists mount points resolved; a path given with a link in it would not match.
+    let resolved = cgroup
+        .canonicalize()
+        .unwrap_or_else(|_| cgroup.to_path_buf());
+    mount_holding_in(&text, &resolved).with_context(|| {
+        format!(
+            "{} lies under no cgroup2 mount of this mount namespace",
+            cgroup.display()
+        )
+    })
+}
+
+fn mount_holding_in(mountinfo: &str, cgroup: &Path) -> Option<PathBuf> {
+    cgroup2_mounts(mountinfo)
+        .filter(|mount| cgroup.starts_with(mount))
+        .max_by_key(|mount| mount.components().count())
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
@@ -158,5 +187,32 @@ mod tests {
     fn none_without_cgroup2() {
         assert_eq!(cgroup2_mount("1 0 0:1 / / rw - ext4 /dev/vda rw\n"), None);
         assert_eq!(cgroup2_mount("garbage"), None);
+    }
+
+    #[test]
+    fn the_mount_holding_a_cgroup_is_the_deepest_one_above_it() {
+        let mi = "30 25 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n\
+                  41 25 0:26 / /host/cgroup rw - cgroup2 cgroup2 rw\n\
+                  42 41 0:26 / /host/cgroup/inner rw - cgroup2 cgroup2 rw\n";
+        let of = |p: &str| mount_holding_in(mi, Path::new(p));
+        assert_eq!(of("/host/cgroup"), Some(PathBuf::from("/host/cgroup")));
+        assert_eq!(
+            of("/host/cgroup/kubepods.slice"),
+            Some(PathBuf::from("/host/cgroup"))
+        );
+        assert_eq!(
+            of("/host/cgroup/inner/x"),
+            Some(PathBuf::from("/host/cgroup/inner"))
+        );
+        assert_eq!(
+            of("/sys/fs/cgroup/lbtest-1"),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            of("/host/cgroupx"),
+            None,
+            "a prefix of the name is not a parent"
+        );
+        assert_eq!(of("/elsewhere"), None);
     }
 }
