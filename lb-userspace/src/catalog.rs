@@ -26,8 +26,8 @@ pub struct Service {
 /// services from Kubernetes or left in the maps get `Admission::default()`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Admission {
-    pub health: Option<HealthConfig>,
-    pub outlier: Option<OutlierConfig>,
+    pub health: Option<Box<HealthConfig>>,
+    pub outlier: Option<Box<OutlierConfig>>,
     /// Balance over every backend when too few are admitted.
     pub fail_open: bool,
     /// "Too few": below this percentage of the backends (0: none at all).

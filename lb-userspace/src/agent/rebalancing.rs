@@ -116,7 +116,7 @@ fn policies<'c>(
     let mut names = HashMap::new();
     let mut policies = HashMap::new();
     for svc in &config.services {
-        let Some(rebalance) = svc.rebalance else {
+        let Some(rebalance) = svc.rebalance.as_deref().copied() else {
             continue;
         };
         let key = service_key(svc.vip, svc.protocol);

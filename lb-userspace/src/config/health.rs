@@ -192,7 +192,10 @@ mod tests {
     /// The `health` of service "web" with the given inline-table body.
     fn health(body: &str) -> Option<HealthConfig> {
         let text = web_with(&format!("health = {{ {body} }}"));
-        parse(&text, ORIGIN).unwrap().services[0].health.clone()
+        parse(&text, ORIGIN).unwrap().services[0]
+            .health
+            .clone()
+            .map(|h| *h)
     }
 
     fn tcp_defaults() -> HealthConfig {
@@ -250,7 +253,7 @@ mod tests {
                 address: addr("10.0.0.11:8080"),
                 weight: 1,
             }],
-            health: Some(HealthConfig {
+            health: Some(Box::new(HealthConfig {
                 kind: ProbeKind::Http {
                     path: "/healthz?full=1".into(),
                     expect_status: Some(204),
@@ -262,7 +265,7 @@ mod tests {
                 fall: 5,
                 jitter: Duration::from_millis(100),
                 initial: InitialState::Unhealthy,
-            }),
+            })),
             fail_open: false,
             panic_threshold: 50,
             terminate: Default::default(),

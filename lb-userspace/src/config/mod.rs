@@ -217,8 +217,12 @@ impl Checker {
             self.report(None, "service", message);
         }
         self.backends_are_not_vips(&services);
+        let mut services: Vec<ServiceConfig> = services.into_iter().map(|(_, s)| s).collect();
+        // The collect reuses the list's allocation, sized for (index, service) pairs and
+        // grown by doubling: up to twice what the services need, held as long as the config.
+        services.shrink_to_fit();
         Config {
-            services: services.into_iter().map(|(_, s)| s).collect(),
+            services,
             kubernetes: kubernetes.setting().flatten(),
             dataplane,
         }

@@ -97,14 +97,14 @@ mod tests {
     #[test]
     fn defaults_rebalance_on_skew_only() {
         let c = parse(&service("tcp", ""), "t").unwrap();
-        let r = c.services[0].rebalance.unwrap();
+        let r = *c.services[0].rebalance.clone().unwrap();
         assert_eq!(r.max_connection_age, None);
         assert!(r.on_skew);
         assert_eq!(r.tolerance, 20);
         assert_eq!(r.idle_after, Duration::from_secs(2));
         assert_eq!(r.max_closes_per_second, 20);
         let aged = parse(&service("tcp", "max_connection_age = \"10m\""), "t").unwrap();
-        let r = aged.services[0].rebalance.unwrap();
+        let r = *aged.services[0].rebalance.clone().unwrap();
         assert_eq!(r.max_connection_age, Some(Duration::from_secs(600)));
         assert_eq!(r.age_jitter, Duration::from_secs(60), "a tenth of the age");
     }

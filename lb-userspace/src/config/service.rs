@@ -130,14 +130,14 @@ impl Checker {
             vip: vip?,
             protocol: protocol?,
             backends: backends?,
-            health: health.setting()?,
+            health: health.setting()?.map(Box::new),
             fail_open: fail_open?,
             panic_threshold: panic_threshold?,
             terminate: terminate?,
             discovery: discovery.setting()?.map(Box::new),
             balancing: balancing?,
-            outlier: outlier.setting()?,
-            rebalance: rebalance.setting()?,
+            outlier: outlier.setting()?.map(Box::new),
+            rebalance: rebalance.setting()?.map(Box::new),
         })
     }
 }

@@ -87,7 +87,7 @@ impl HealthRunner {
                             service: s.name.clone(),
                             backend: b.address,
                         },
-                        h.clone(),
+                        HealthConfig::clone(h),
                     )
                 })
             })
