@@ -81,7 +81,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::spawn(drain_ebpf_logs(logger));
     }
     let terminating = terminating::Terminating::load(loaded.maps.sockets());
-    let rebalancing = rebalancing::Rebalancing::load(loaded.maps.sockets(), &config);
     let (transitions_tx, mut transitions) = mpsc::unbounded_channel();
     let (discovery, mut answers) = Discovery::new();
     let (kubernetes, mut kube_events) = Kubernetes::new();
@@ -127,7 +126,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         terminating,
         policies: HashMap::new(),
         departed: HashMap::new(),
-        rebalancing,
+        rebalancing: rebalancing::Rebalancing::default(),
         rebalances: false,
         crash_after_ops: args.crash_after_ops,
         published_empty: false,

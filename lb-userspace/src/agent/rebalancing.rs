@@ -1,14 +1,16 @@
 //! The agent's side of `[service.rebalance]`: every `EVERY`, a walk of the sockets reports the
 //! connections, the rebalance chooses from them, and, when it chose some, a second walk closes
-//! those that are still idle (the kernel checks again at that moment).
+//! those that are still idle (the kernel checks again at that moment). The program is loaded
+//! when a service first asks for it: reading the kernel's BTF and measuring its tick rate
+//! cost every other agent nothing.
 
 use crate::codec::service_key;
 use crate::config::Config;
 use crate::datapath::maps::Maps;
 use crate::datapath::mirror::Mirror;
+use crate::datapath::pinned::PinnedMaps;
 use crate::datapath::survey::Surveyor;
 use crate::rebalance::{Policy, Rebalancer};
-use aya::maps::MapData;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -16,34 +18,20 @@ use tracing::{info, warn};
 
 pub const EVERY: Duration = Duration::from_millis(500);
 
+#[derive(Default)]
 pub struct Rebalancing {
-    /// Surveys and closes connections, or why it cannot on this kernel.
-    surveyor: Result<Surveyor, String>,
+    /// Surveys and closes connections, or why it cannot on this kernel; `None` until a
+    /// service asks for it.
+    surveyor: Option<Result<Surveyor, String>>,
     rebalancer: Rebalancer,
     /// Connections closed so far, by service and backend.
     pub closed: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 impl Rebalancing {
-    pub fn load(sockets: anyhow::Result<MapData>, config: &Config) -> Self {
-        let surveyor = sockets
-            .and_then(|sockets| Surveyor::load(&sockets))
-            .map_err(|e| format!("{e:#}"));
-        if let Err(why) = &surveyor {
-            if wanted(config) {
-                warn!("connections cannot be rebalanced on this kernel: {why}");
-            }
-        }
-        Self {
-            surveyor,
-            rebalancer: Rebalancer::default(),
-            closed: BTreeMap::new(),
-        }
-    }
-
     /// Why rebalancing cannot work here, when some service asks for it.
     pub fn unavailable(&self, config: &Config) -> Option<&str> {
-        let why = self.surveyor.as_ref().err()?;
+        let why = self.surveyor.as_ref()?.as_ref().err()?;
         wanted(config).then_some(why.as_str())
     }
 
@@ -53,10 +41,19 @@ impl Rebalancing {
         &mut self,
         config: &Config,
         mirror: Option<&Mirror>,
-        maps: &impl Maps,
+        maps: &PinnedMaps,
         cgroup: &Path,
     ) {
-        let (Ok(surveyor), Some(mirror)) = (&self.surveyor, mirror) else {
+        let surveyor = self.surveyor.get_or_insert_with(|| {
+            let loaded = (maps.sockets())
+                .and_then(|sockets| Surveyor::load(&sockets))
+                .map_err(|e| format!("{e:#}"));
+            if let Err(why) = &loaded {
+                warn!("connections cannot be rebalanced on this kernel: {why}");
+            }
+            loaded
+        });
+        let (Ok(surveyor), Some(mirror)) = (&*surveyor, mirror) else {
             return;
         };
         let (names, policies) = policies(config, mirror, maps);
