@@ -40,7 +40,12 @@ pub fn test() -> Result<()> {
     setup::run()?;
     lint()?;
     build(false)?;
-    let agent = cmd::root().join("target/debug/lb-agent");
+    // Where `build` put it: CARGO_TARGET_DIR when set (relative to the workspace, as cargo
+    // takes it when run from there), else the workspace's target folder.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|dir| cmd::root().join(dir))
+        .unwrap_or_else(|| cmd::root().join("target"));
+    let agent = target.join("debug/lb-agent");
     if !cmd::is_root() {
         eprintln!("xtask: not root: privileged end-to-end tests will report SKIPPED");
     }
