@@ -13,7 +13,7 @@
 
 use crate::config::RebalanceConfig;
 use crate::datapath::survey::Connection;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// A service's setting and its live backends, by service id.
@@ -65,8 +65,8 @@ impl Rebalancer {
         seen: &[Connection],
         policies: &HashMap<u32, Policy>,
     ) -> BTreeMap<u64, Chosen> {
-        self.first_seen
-            .retain(|cookie, _| seen.iter().any(|c| c.cookie == *cookie));
+        let cookies: HashSet<u64> = seen.iter().map(|c| c.cookie).collect();
+        self.first_seen.retain(|cookie, _| cookies.contains(cookie));
         for c in seen {
             self.first_seen.entry(c.cookie).or_insert(now);
         }
