@@ -120,12 +120,15 @@ fn policies<'c>(
         let Some(installed) = mirror.installed.services.get(&key) else {
             continue;
         };
-        let mut backends = BTreeMap::new();
+        // A Maglev table repeats each backend thousands of times: count first, then read each
+        // backend's generation once.
+        let mut slots: BTreeMap<u32, u32> = BTreeMap::new();
         for id in &installed.slots {
-            if let Ok(generation) = maps.backend_generation(*id) {
-                *backends.entry((*id, generation)).or_default() += 1;
-            }
+            *slots.entry(*id).or_default() += 1;
         }
+        let backends = (slots.into_iter())
+            .filter_map(|(id, n)| Some(((id, maps.backend_generation(id).ok()?), n)))
+            .collect();
         names.insert(installed.id, svc.name.as_str());
         let policy = Policy {
             config: rebalance,
