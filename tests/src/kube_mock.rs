@@ -143,6 +143,18 @@ impl KubeMock {
         self.update(|s| s.replace(&[(Kind::Pod, pods)]));
     }
 
+    /// What a client finds coming back from an outage during which the history was compacted
+    /// and these Services and EndpointSlices came to be served, all in one step: every watch
+    /// open now is dropped before it can stream the change, and resuming from any
+    /// resourceVersion handed out so far gets 410 Expired.
+    pub fn outage(&self, services: &[Value], slices: &[Value]) {
+        self.update(|s| {
+            s.replace(&[(Kind::Service, services), (Kind::EndpointSlice, slices)]);
+            s.compact += 1;
+            s.disconnect += 1;
+        });
+    }
+
     /// Adds or replaces one object, leaving the others as they are. With a `tag`, the mock
     /// logs when it writes the resulting event to a watch (see `emitted`). It returns before
     /// the mock has read it: later changes and `set` still apply in order.
