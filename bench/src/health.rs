@@ -2,21 +2,14 @@
 //! its removal from the maps, and the agent's CPU and memory while probing many backends.
 //! They print tables; nothing here asserts on time.
 
-use anyhow::{bail, Context, Result};
+use crate::process::{require_root, usage};
+use anyhow::{bail, Result};
 use lb_testkit::procs::Proto;
 use lb_testkit::stats::backend_set;
 use lb_testkit::{agent_stats, wait_for, Scenario, ServeMode};
 use std::time::{Duration, Instant};
 
 const VIP: &str = "10.96.0.10:80";
-
-fn require_root() -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("benchmarks need root: they create a namespace and a cgroup and load eBPF");
-    }
-    Ok(())
-}
 
 fn health_block(interval_ms: u64, fall: u32) -> String {
     format!(
@@ -76,27 +69,6 @@ pub fn detection(trials: u32, interval_ms: u64, fall: u32) -> Result<()> {
         interval_ms * u64::from(fall + 1)
     );
     Ok(())
-}
-
-/// CPU seconds (user + system) and resident memory of a process.
-fn usage(pid: i32) -> Result<(f64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).context("agent stat")?;
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    Ok((ticks as f64 / hz, rss_kib))
 }
 
 /// `backends` listeners probed every `interval_ms`, spread over services of 100 backends.

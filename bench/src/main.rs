@@ -5,6 +5,8 @@
 
 mod compare;
 mod health;
+mod kube_churn;
+mod process;
 
 use clap::Subcommand;
 use lb_testkit::join;
@@ -31,6 +33,23 @@ enum Cmd {
         interval_ms: u64,
         #[arg(long, default_value_t = 20)]
         seconds: u64,
+    },
+    /// The agent following a Kubernetes mock's endpoint changes at a steady rate: latency from
+    /// the watch to the maps, changes applied, /healthz, CPU and memory.
+    KubeChurn {
+        /// 1,000 services for 10 s instead of 10,000 for 60 s.
+        #[arg(long)]
+        quick: bool,
+        /// Where the table is written (`kube-churn.md`, or `kube-churn-quick.md`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        services: Option<usize>,
+        /// Changes per second.
+        #[arg(long)]
+        rate: Option<u32>,
+        #[arg(long)]
+        seconds: Option<u64>,
     },
     /// Side-by-side comparison with direct connects, nftables, iptables and HAProxy.
     Compare {
@@ -91,6 +110,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             interval_ms,
             seconds,
         } => health::scale(backends, interval_ms, seconds),
+        Cmd::KubeChurn {
+            quick,
+            out,
+            services,
+            rate,
+            seconds,
+        } => {
+            let base = kube_churn::Plan::new(quick);
+            let plan = kube_churn::Plan {
+                services: services.unwrap_or(base.services),
+                rate: rate.unwrap_or(base.rate),
+                seconds: seconds.unwrap_or(base.seconds),
+            };
+            kube_churn::run(&plan, out.as_deref(), quick)
+        }
         Cmd::Compare {
             quick,
             out,

@@ -12,7 +12,7 @@ use crate::TestNet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -403,14 +403,15 @@ impl Drop for Dns {
 }
 
 /// Starts `lb-testkit <what> --listen <listen> --state <state>` in the namespace and waits for
-/// its `ready` line. The mock exits when the returned stdin is closed.
+/// its `ready` line. The mock exits when the returned stdin is closed; what it prints later
+/// comes on the returned stdout.
 pub(crate) fn spawn_mock(
     net: &TestNet,
     what: &str,
     listen: &str,
     state: &Path,
     log: &Path,
-) -> (Child, ChildStdin) {
+) -> (Child, ChildStdin, BufReader<ChildStdout>) {
     let mut child = net
         .testkit(None)
         .args([what, "--listen", listen, "--state"])
@@ -422,11 +423,10 @@ pub(crate) fn spawn_mock(
         .unwrap_or_else(|e| panic!("spawn {} {what}: {e}", testkit_bin().display()));
     let stdin = child.stdin.take().expect("stdin");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .ok();
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    stdout.read_line(&mut line).ok();
     assert_eq!(line.trim(), "ready", "{what} did not start");
-    (child, stdin)
+    (child, stdin, stdout)
 }
 
 /// Replaces `path` with `text` through a temp file in `dir` and a rename, so that a mock polling
@@ -439,8 +439,13 @@ pub(crate) fn replace_file(dir: &Path, path: &Path, text: &str) {
 
 /// The request log a mock keeps next to its state file, one line per request.
 pub(crate) fn request_log(state: &Path) -> Vec<String> {
+    mock_log(state, ".requests")
+}
+
+/// The lines of `<state><suffix>`, a log a mock keeps next to its state file.
+pub(crate) fn mock_log(state: &Path, suffix: &str) -> Vec<String> {
     let mut path = state.to_path_buf().into_os_string();
-    path.push(".requests");
+    path.push(suffix);
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -561,7 +566,7 @@ impl ConsulMock {
             stdin: None,
         };
         mock.set(state);
-        let (child, stdin) =
+        let (child, stdin, _) =
             spawn_mock(net, "consul-mock", "127.0.0.1:8500", &mock.state, &mock.log);
         mock.child = Some(child);
         mock.stdin = Some(stdin);

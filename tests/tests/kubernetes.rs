@@ -180,9 +180,7 @@ fn dropped_watches_resume_and_expired_ones_relist() {
 
     // History compacted while the watch is down: the resume gets 410 Gone and relists, and a
     // change made meanwhile (B1 removed) is not lost.
-    mock.compact();
-    mock.set(&[web()], &[web_slice(&[ready(B2), ready(B3)])]);
-    mock.disconnect_watches();
+    mock.outage(&[web()], &[web_slice(&[ready(B2), ready(B3)])]);
     wait_backends(&s.pins, WEB, &[B2, B3], WAIT);
     let relisted = wait_for(WAIT, || lists(&mock) > lists_before);
     assert!(relisted, "no relist after 410: {:#?}", mock.requests());

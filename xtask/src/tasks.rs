@@ -178,16 +178,15 @@ pub fn bench(quick: bool) -> Result<()> {
     let seconds = if quick { "5" } else { "20" };
     let scale = ["health-scale", "--backends", "1000", "--seconds", seconds];
     privileged_run("benchmark", "lb-bench", &scale.map(String::from), true)?;
-    let out = cmd::root().join("bench/results");
-    let mut compare = vec![
-        "compare".to_string(),
-        "--out".into(),
-        out.display().to_string(),
-    ];
-    if quick {
-        compare.push("--quick".into());
+    let out = cmd::root().join("bench/results").display().to_string();
+    for section in ["kube-churn", "compare"] {
+        let mut args = vec![section.to_string(), "--out".into(), out.clone()];
+        if quick {
+            args.push("--quick".into());
+        }
+        privileged_run("benchmark", "lb-bench", &args, true)?;
     }
-    privileged_run("benchmark", "lb-bench", &compare, true)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 use super::topo::{run_in, vip, vip6, ClientSide, Topology};
 use super::Case;
+use crate::process::reconcile_micros;
 use anyhow::{bail, Context, Result};
 use lb_testkit::paths::testkit_bin;
 use lb_testkit::{Agent, ConsulMock, PinDir};
@@ -577,7 +578,11 @@ pub fn lb_changes(
             lb.consul.set(&consul_state(2 + k as u64, set));
             let applied =
                 lb_testkit::wait_for(Duration::from_secs(5), || reconciles(&lb.agent) > before);
-            match last_reconcile_micros(&lb.agent.log()).filter(|_| applied) {
+            match reconcile_micros(&lb.agent.log())
+                .last()
+                .copied()
+                .filter(|_| applied)
+            {
                 Some(us) => changes.answers.push(Duration::from_micros(us)),
                 None => changes.missed += 1,
             }
@@ -594,15 +599,6 @@ pub fn lb_changes(
             lb_testkit::wait_for(budget, || reconciles(&lb.agent) > before).then(|| t0.elapsed());
     }
     changes
-}
-
-/// `micros=` of the agent's last `reconciled` line.
-fn last_reconcile_micros(log: &str) -> Option<u64> {
-    let line = log.lines().rev().find(|l| l.contains(" reconciled "))?;
-    let field = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("micros="))?;
-    field.parse().ok()
 }
 
 /// `host:port` or `[host]:port` → host.

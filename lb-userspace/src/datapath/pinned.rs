@@ -271,6 +271,21 @@ impl PinnedMaps {
         Ok(())
     }
 
+    /// One service's entry, by a single lookup: for readers that follow a few services among
+    /// many (reading them all takes a syscall per entry).
+    pub fn service(&self, key: &ServiceKey) -> Result<Option<ServiceValue>> {
+        match self.services.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) => absent_ok(Err(e)).map(|()| None),
+        }
+    }
+
+    /// The backend entry at `id`, if a service holds it.
+    pub fn backend(&self, id: u32) -> Option<BackendValue> {
+        let b = self.backends.get(id)?;
+        (b.port != 0 && b.service_id != NO_SERVICE).then_some(b)
+    }
+
     pub fn backend_counters(&self, id: u32) -> Result<BackendCounters> {
         self.backend_counters
             .get(id)
@@ -332,8 +347,7 @@ impl Maps for PinnedMaps {
 
     fn backends(&self) -> Result<Vec<(u32, BackendValue)>> {
         Ok((0..self.backends.count())
-            .filter_map(|id| Some((id, self.backends.get(id)?)))
-            .filter(|(_, b)| b.port != 0 && b.service_id != NO_SERVICE)
+            .filter_map(|id| Some((id, self.backend(id)?)))
             .collect())
     }
 

@@ -12,8 +12,13 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `<state>.requests` (appended to the full name, not replacing an extension).
 pub fn requests_path(state: &Path) -> PathBuf {
+    beside(state, ".requests")
+}
+
+/// `<state><suffix>`: the files a mock keeps next to its state file.
+pub fn beside(state: &Path, suffix: &str) -> PathBuf {
     let mut p = state.as_os_str().to_owned();
-    p.push(".requests");
+    p.push(suffix);
     PathBuf::from(p)
 }
 
@@ -126,6 +131,17 @@ pub fn serve_until_stdin_closes(
     listener: std::net::TcpListener,
     handle: impl Fn(TcpStream) + Send + Sync + Clone + 'static,
 ) {
+    serve_reading_stdin(listener, handle, |_| {});
+}
+
+/// As `serve_until_stdin_closes`, passing each line read from stdin to `line` in order (the
+/// wrapper's commands; invalid UTF-8 is replaced, not fatal).
+pub fn serve_reading_stdin(
+    listener: std::net::TcpListener,
+    handle: impl Fn(TcpStream) + Send + Sync + Clone + 'static,
+    mut line: impl FnMut(&str),
+) {
+    use std::io::BufRead;
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
             let handle = handle.clone();
@@ -133,18 +149,29 @@ pub fn serve_until_stdin_closes(
         }
     });
     println!("ready");
-    let mut sink = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut sink);
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match stdin.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => line(String::from_utf8_lossy(&buf).trim_end()),
+        }
+    }
 }
 
 /// The request log next to the state file, opened for appending (one line per request).
 pub fn open_request_log(state: &Path) -> anyhow::Result<std::sync::Mutex<std::fs::File>> {
+    open_log(&requests_path(state))
+}
+
+/// A log file opened for appending, for lines from several threads.
+pub fn open_log(path: &Path) -> anyhow::Result<std::sync::Mutex<std::fs::File>> {
     use anyhow::Context;
-    let path = requests_path(state);
     let file = std::fs::File::options()
         .create(true)
         .append(true)
-        .open(&path)
+        .open(path)
         .with_context(|| format!("open {}", path.display()))?;
     Ok(std::sync::Mutex::new(file))
 }

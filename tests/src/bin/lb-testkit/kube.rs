@@ -1,6 +1,7 @@
 //! A stand-in for the Kubernetes API server's list and watch of Services, EndpointSlices and
-//! Pods, answering from a JSON state file the test rewrites (see `lb_testkit::KubeMock`). Plain HTTP,
-//! no authentication, one request per connection.
+//! Pods, answering from a JSON state file the test rewrites and from single-object changes on
+//! stdin (see `lb_testkit::KubeMock`). Plain HTTP, no authentication, one request per
+//! connection.
 //!
 //! Collections, cluster-wide and per namespace: `/api/v1[/namespaces/NS]/services`,
 //! `/api/v1[/namespaces/NS]/pods` and `/apis/discovery.k8s.io/v1[/namespaces/NS]/endpointslices`.
@@ -8,12 +9,19 @@
 //! large results in chunks, receiving resources as metadata only):
 //!
 //! - The state file is `{"services": [..], "endpointslices": [..], "pods": [..],
-//!   "disconnect": N, "compact": N}`. Each time its content changes, objects (keyed by kind, namespace, name) are
-//!   diffed against the previous set; every added, changed or removed one takes the next global
-//!   resourceVersion (integers, as strings) and an ADDED/MODIFIED/DELETED event is logged. The
-//!   server fills in `kind`, `apiVersion`, `metadata.namespace` (`default` if absent), `uid`
-//!   (unless the object names its own, as a test of pods' cgroups needs) and
-//!   `resourceVersion`.
+//!   "disconnect": N, "compact": N}`, read at start and on each `{"reload": true}` line on
+//!   stdin, which is answered with a `reloaded` line on stdout once applied. Objects (keyed by
+//!   kind, namespace, name) are diffed against the previous set; every added, changed or
+//!   removed one takes the next global resourceVersion (integers, as strings) and an
+//!   ADDED/MODIFIED/DELETED event is logged. The server fills in `kind`, `apiVersion`,
+//!   `metadata.namespace` (`default` if absent), `uid` (unless the object names its own, as a
+//!   test of pods' cgroups needs) and `resourceVersion`.
+//! - One object at a time, without rewriting the file (a stream of changes at any rate, in the
+//!   order of the lines): `{"kind": "services"|"endpointslices"|"pods", "put": <object>}` adds
+//!   or replaces it, `{"kind": .., "delete": {"namespace": .., "name": ..}}` removes it. With a
+//!   `"tag"`, each time its event is written to a watch the line `<tag> <CLOCK_MONOTONIC µs>`
+//!   goes to `<state>.emitted`, taken right after the write: when the client could first read
+//!   it.
 //! - A list answers the current objects; `resourceVersion` is the current global one. `limit`
 //!   pages with a `continue` token (later pages come from the state at the time they are asked
 //!   for, with the first page's resourceVersion). `labelSelector` takes `k=v`, `k==v`, `k!=v`,
@@ -38,6 +46,7 @@
 
 use crate::http::{query_pairs, read_head, Head};
 use anyhow::{Context, Result};
+use lb_testkit::procs::monotonic_micros;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -47,7 +56,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-const POLL: Duration = Duration::from_millis(20);
 /// A watch without `timeoutSeconds` (the API server picks 30–60 min).
 const DEFAULT_WATCH: Duration = Duration::from_secs(30 * 60);
 /// How often a waiting watch checks whether its client went away.
@@ -114,6 +122,8 @@ struct Event {
     /// The object after it (for a deletion: the last state, at the deletion's version).
     new: Value,
     deleted: bool,
+    /// Logged to `<state>.emitted` when written to a watch.
+    tag: Option<String>,
 }
 
 struct Store {
@@ -125,13 +135,27 @@ struct Store {
     oldest: u64,
     disconnect: u64,
     compact: u64,
-    last_text: Option<String>,
     next_uid: u64,
+}
+
+impl Store {
+    fn new() -> Self {
+        Store {
+            rv: 1,
+            objects: BTreeMap::new(),
+            events: Vec::new(),
+            oldest: 0,
+            disconnect: 0,
+            compact: 0,
+            next_uid: 1,
+        }
+    }
 }
 
 struct Shared {
     state: PathBuf,
     log: Mutex<File>,
+    emitted: Mutex<File>,
     store: Mutex<Store>,
     changed: Condvar,
 }
@@ -140,45 +164,47 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Logs the tagged events just written to a watch, stamped once for the whole write.
+    fn emitted(&self, tags: &[String]) {
+        if tags.is_empty() {
+            return;
+        }
+        let at = monotonic_micros();
+        let lines: String = tags.iter().map(|t| format!("{t} {at}\n")).collect();
+        if let Ok(mut f) = self.emitted.lock() {
+            let _ = f.write_all(lines.as_bytes());
+        }
+    }
 }
 
-/// Serves until stdin closes (the test's wrapper going away), like `consul-mock`.
+/// Serves until stdin closes (the test's wrapper going away), like `consul-mock`, taking the
+/// wrapper's commands from stdin in order.
 pub fn run(listen: SocketAddr, state: PathBuf) -> Result<()> {
     let log = crate::http::open_request_log(&state)?;
+    let emitted = crate::http::open_log(&crate::http::beside(&state, ".emitted"))?;
     let shared = Arc::new(Shared {
         state,
         log,
-        store: Mutex::new(Store {
-            rv: 1,
-            objects: BTreeMap::new(),
-            events: Vec::new(),
-            oldest: 0,
-            disconnect: 0,
-            compact: 0,
-            last_text: None,
-            next_uid: 1,
-        }),
+        emitted,
+        store: Mutex::new(Store::new()),
         changed: Condvar::new(),
     });
-    refresh(&shared);
+    reload(&shared);
     let listener = TcpListener::bind(listen).with_context(|| format!("bind tcp {listen}"))?;
-    let poller = shared.clone();
-    std::thread::spawn(move || loop {
-        std::thread::sleep(POLL);
-        refresh(&poller);
-    });
-    crate::http::serve_until_stdin_closes(listener, move |conn| handle(conn, &shared));
+    let commands = shared.clone();
+    crate::http::serve_reading_stdin(
+        listener,
+        move |conn| handle(conn, &shared),
+        move |line| command(&commands, line),
+    );
     Ok(())
 }
 
-/// Reads the state file and, if its content changed, applies the difference.
-fn refresh(shared: &Shared) {
+/// Reads the state file and applies the difference.
+fn reload(shared: &Shared) {
     // A missing file is an empty state (the wrapper writes one before starting us anyway).
     let text = std::fs::read_to_string(&shared.state).unwrap_or_else(|_| "{}".into());
-    let mut store = shared.lock();
-    if store.last_text.as_deref() == Some(text.as_str()) {
-        return;
-    }
     let state: Value = match serde_json::from_str(&text) {
         Ok(v) => v,
         Err(e) => {
@@ -186,13 +212,72 @@ fn refresh(shared: &Shared) {
                 std::io::stderr(),
                 "kube-mock: state file: {e}; kept the old state"
             );
-            store.last_text = Some(text);
             return;
         }
     };
-    store.last_text = Some(text);
-    apply(&mut store, &state);
+    apply(&mut shared.lock(), &state);
     shared.changed.notify_all();
+}
+
+/// What a line on stdin asks for.
+#[derive(Debug, PartialEq)]
+enum Command {
+    Reload,
+    /// `None`: delete.
+    Change(Key, Option<Value>, Option<String>),
+}
+
+fn parse_command(line: &str) -> Result<Command, String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    if v["reload"] == json!(true) {
+        return Ok(Command::Reload);
+    }
+    let named = v["kind"].as_str();
+    let kind = Kind::ALL
+        .into_iter()
+        .find(|k| Some(k.state_field()) == named)
+        .ok_or_else(|| format!("unknown kind {named:?}"))?;
+    let tag = v["tag"].as_str().map(String::from);
+    let (meta, object) = match (&v["put"], &v["delete"]) {
+        (Value::Object(_), Value::Null) => (&v["put"]["metadata"], Some(v["put"].clone())),
+        (Value::Null, Value::Object(_)) => (&v["delete"], None),
+        _ => return Err("a change needs one of put (an object) or delete".into()),
+    };
+    let name = meta["name"].as_str().ok_or("no metadata.name")?;
+    let ns = meta["namespace"].as_str().unwrap_or("default");
+    Ok(Command::Change(
+        (kind, ns.to_string(), name.to_string()),
+        object,
+        tag,
+    ))
+}
+
+/// One line from the wrapper. A bad line is reported and skipped: the stream goes on.
+fn command(shared: &Shared, line: &str) {
+    match parse_command(line) {
+        Ok(Command::Reload) => {
+            reload(shared);
+            // The wrapper waits for this, so that every request it makes later sees the file.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "reloaded");
+            let _ = out.flush();
+        }
+        Ok(Command::Change(key, object, tag)) => {
+            let mut store = shared.lock();
+            match object {
+                Some(raw) => put(&mut store, key, raw, tag),
+                None => remove(&mut store, &key, tag),
+            }
+            drop(store);
+            shared.changed.notify_all();
+        }
+        Err(e) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "kube-mock: command {line:?}: {e}; skipped"
+            );
+        }
+    }
 }
 
 fn apply(store: &mut Store, state: &Value) {
@@ -219,44 +304,10 @@ fn apply(store: &mut Store, state: &Value) {
         .cloned()
         .collect();
     for key in gone {
-        let Some(old) = store.objects.remove(&key) else {
-            continue;
-        };
-        store.rv += 1;
-        let mut last = old.served.clone();
-        last["metadata"]["resourceVersion"] = json!(store.rv.to_string());
-        store.events.push(Event {
-            rv: store.rv,
-            kind: key.0,
-            old: Some(old.served),
-            new: last,
-            deleted: true,
-        });
+        remove(store, &key, None);
     }
     for (key, raw) in new {
-        let old = store.objects.get(&key);
-        if old.is_some_and(|o| o.raw == raw) {
-            continue;
-        }
-        let given = raw["metadata"]["uid"].as_str();
-        let uid = match given.or_else(|| old.and_then(|o| o.served["metadata"]["uid"].as_str())) {
-            Some(u) => u.to_string(),
-            None => {
-                store.next_uid += 1;
-                format!("6b75626d-0000-4000-8000-{:012x}", store.next_uid)
-            }
-        };
-        let old = old.map(|o| o.served.clone());
-        store.rv += 1;
-        let served = serve_form(&key, &raw, &uid, store.rv);
-        store.events.push(Event {
-            rv: store.rv,
-            kind: key.0,
-            old,
-            new: served.clone(),
-            deleted: false,
-        });
-        store.objects.insert(key, Stored { raw, served });
+        put(store, key, raw, None);
     }
     let disconnect = state["disconnect"].as_u64().unwrap_or(0);
     store.disconnect = store.disconnect.max(disconnect);
@@ -267,6 +318,53 @@ fn apply(store: &mut Store, state: &Value) {
         store.rv += 1;
         store.oldest = store.rv;
     }
+}
+
+/// Removes an object (if present) with a DELETED event.
+fn remove(store: &mut Store, key: &Key, tag: Option<String>) {
+    let Some(old) = store.objects.remove(key) else {
+        return;
+    };
+    store.rv += 1;
+    let mut last = old.served.clone();
+    last["metadata"]["resourceVersion"] = json!(store.rv.to_string());
+    store.events.push(Event {
+        rv: store.rv,
+        kind: key.0,
+        old: Some(old.served),
+        new: last,
+        deleted: true,
+        tag,
+    });
+}
+
+/// Adds or replaces an object with an ADDED or MODIFIED event; the same content again is no
+/// change and no event.
+fn put(store: &mut Store, key: Key, raw: Value, tag: Option<String>) {
+    let old = store.objects.get(&key);
+    if old.is_some_and(|o| o.raw == raw) {
+        return;
+    }
+    let given = raw["metadata"]["uid"].as_str();
+    let uid = match given.or_else(|| old.and_then(|o| o.served["metadata"]["uid"].as_str())) {
+        Some(u) => u.to_string(),
+        None => {
+            store.next_uid += 1;
+            format!("6b75626d-0000-4000-8000-{:012x}", store.next_uid)
+        }
+    };
+    let old = old.map(|o| o.served.clone());
+    store.rv += 1;
+    let served = serve_form(&key, &raw, &uid, store.rv);
+    store.events.push(Event {
+        rv: store.rv,
+        kind: key.0,
+        old,
+        new: served.clone(),
+        deleted: false,
+        tag,
+    });
+    store.objects.insert(key, Stored { raw, served });
 }
 
 fn serve_form(key: &Key, raw: &Value, uid: &str, rv: u64) -> Value {
@@ -342,8 +440,6 @@ fn handle(mut conn: TcpStream, shared: &Shared) {
         Ok(q) => q,
         Err(msg) => return send_json(&mut conn, 400, &status(400, "BadRequest", &msg)),
     };
-    // Every request sees at least the state file as it is now, not as last polled.
-    refresh(shared);
     let accept = head.header("accept").unwrap_or_default();
     let metadata_only = accept.contains("as=PartialObjectMetadata");
     let sel = Selection {
@@ -674,6 +770,8 @@ fn watch(mut conn: TcpStream, shared: &Shared, sel: &Selection) {
             store.rv
         }
     };
+    // Tags of the events in `out`, logged once it is written.
+    let mut tags: Vec<String> = Vec::new();
     loop {
         if store.disconnect != generation {
             drop(store);
@@ -685,6 +783,7 @@ fn watch(mut conn: TcpStream, shared: &Shared, sel: &Selection) {
         for ev in &store.events[start..] {
             if let Some(line) = sel.event_line(ev) {
                 out += &chunk(&line);
+                tags.extend(ev.tag.clone());
             }
         }
         cursor = cursor.max(store.rv);
@@ -692,7 +791,9 @@ fn watch(mut conn: TcpStream, shared: &Shared, sel: &Selection) {
         if now >= deadline {
             drop(store);
             out += "0\r\n\r\n";
-            let _ = conn.write_all(out.as_bytes());
+            if conn.write_all(out.as_bytes()).is_ok() {
+                shared.emitted(&tags);
+            }
             let _ = conn.shutdown(Shutdown::Write);
             return;
         }
@@ -701,6 +802,8 @@ fn watch(mut conn: TcpStream, shared: &Shared, sel: &Selection) {
             if conn.write_all(out.as_bytes()).is_err() {
                 return;
             }
+            shared.emitted(&tags);
+            tags.clear();
             out.clear();
             store = shared.lock();
             continue;
@@ -730,4 +833,55 @@ fn client_gone(conn: &TcpStream) -> bool {
     };
     let _ = conn.set_nonblocking(false);
     gone
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_a_reload_or_one_object() {
+        assert_eq!(parse_command(r#"{"reload": true}"#), Ok(Command::Reload));
+        let put = r#"{"kind": "endpointslices", "tag": "7",
+                      "put": {"metadata": {"name": "web-1", "namespace": "shop"}}}"#;
+        let Ok(Command::Change(key, Some(object), tag)) = parse_command(put) else {
+            panic!("{put}");
+        };
+        assert_eq!(key, (Kind::EndpointSlice, "shop".into(), "web-1".into()));
+        assert_eq!(object["metadata"]["name"], "web-1");
+        assert_eq!(tag.as_deref(), Some("7"));
+        let delete = r#"{"kind": "services", "delete": {"name": "web"}}"#;
+        assert_eq!(
+            parse_command(delete),
+            Ok(Command::Change(
+                (Kind::Service, "default".into(), "web".into()),
+                None,
+                None
+            ))
+        );
+        for bad in [
+            "",
+            "not json",
+            r#"{"kind": "nodes", "delete": {"name": "a"}}"#,
+            r#"{"kind": "services"}"#,
+            r#"{"kind": "services", "put": {"metadata": {}}}"#,
+            r#"{"kind": "services", "put": {"metadata": {"name": "a"}}, "delete": {"name": "a"}}"#,
+        ] {
+            assert!(parse_command(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_put_of_the_same_content_is_no_event() {
+        let mut store = Store::new();
+        let key = (Kind::Service, "shop".to_string(), "web".to_string());
+        let obj = json!({"metadata": {"name": "web"}, "spec": {}});
+        put(&mut store, key.clone(), obj.clone(), Some("a".into()));
+        put(&mut store, key.clone(), obj, Some("b".into()));
+        remove(&mut store, &key, Some("c".into()));
+        remove(&mut store, &key, Some("d".into()));
+        let tags: Vec<_> = store.events.iter().map(|e| e.tag.as_deref()).collect();
+        assert_eq!(tags, [Some("a"), Some("c")]);
+        assert!(store.events[1].deleted);
+    }
 }

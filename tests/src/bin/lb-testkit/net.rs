@@ -2,6 +2,7 @@
 //! datagram with its own listen address and a newline.
 
 use anyhow::{Context, Result};
+use lb_testkit::procs::monotonic_micros;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -69,17 +70,6 @@ impl AcceptLog {
             let _ = f.write_all(line.as_bytes());
         }
     }
-}
-
-/// CLOCK_MONOTONIC in microseconds (the clock `lb_testkit::procs::monotonic_micros` reads).
-fn monotonic_micros() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
 /// `accept_log`: see `AcceptLog`.
