@@ -53,11 +53,15 @@ impl Rebalancing {
             }
             loaded
         });
-        let (Ok(surveyor), Some(mirror)) = (&*surveyor, mirror) else {
+        let (Ok(surveyor), Some(mirror)) = (surveyor, mirror) else {
             return;
         };
         let (names, policies) = policies(config, mirror, maps);
         if policies.is_empty() {
+            return;
+        }
+        if let Err(e) = surveyor.watch(&policies.keys().copied().collect()) {
+            warn!("choosing the services to survey failed: {e:#}");
             return;
         }
         let seen = match surveyor.pass(cgroup, &BTreeMap::new()) {

@@ -42,6 +42,8 @@ use std::time::Duration;
 
 /// At most this many connections are closed in one pass (the map's size).
 pub const MAX_CLOSES_PER_PASS: u32 = 4_096;
+/// At most this many services are surveyed (the map's size); the rest are not rebalanced.
+pub const MAX_SURVEYED_SERVICES: u32 = 65_536;
 
 /// One translated TCP connection, as the survey saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,6 +125,10 @@ impl TcpOffsets {
 pub struct Surveyor {
     link: OwnedFd,
     cull: OwnedFd,
+    /// The service ids whose connections the program reports (`watch`): a node's other
+    /// connections cost one lookup each and no record.
+    services: OwnedFd,
+    watched: BTreeSet<u32>,
     hz: u32,
 }
 
@@ -139,15 +145,23 @@ impl Surveyor {
             MAX_CLOSES_PER_PASS,
         )
         .context("creating the map of connections to close")?;
-        let insns = program(
-            sockets.fd().as_fd().as_raw_fd(),
-            cull.as_raw_fd(),
-            kernel_func(&btf, "bpf_sock_destroy")?,
-            offsets,
-        );
+        let services = map_create(BPF_MAP_TYPE_HASH, 4, 4, MAX_SURVEYED_SERVICES)
+            .context("creating the map of surveyed services")?;
+        let maps = Maps {
+            sockets: sockets.fd().as_fd().as_raw_fd(),
+            cull: cull.as_raw_fd(),
+            services: services.as_raw_fd(),
+        };
+        let insns = program(maps, kernel_func(&btf, "bpf_sock_destroy")?, offsets);
         let link = load_iterator(&insns, kernel_func(&btf, "bpf_iter_tcp")?, "lb_survey")
             .context("loading the connection survey")?;
-        let mut surveyor = Self { link, cull, hz: 0 };
+        let mut surveyor = Self {
+            link,
+            cull,
+            services,
+            watched: BTreeSet::new(),
+            hz: 0,
+        };
         surveyor.hz = surveyor.measure_hz()?;
         Ok(surveyor)
     }
@@ -173,6 +187,22 @@ impl Surveyor {
             })
             .expect("a list of rates");
         Ok(hz)
+    }
+
+    /// Reports the connections of these services only from now on.
+    pub fn watch(&mut self, ids: &BTreeSet<u32>) -> Result<()> {
+        for gone in self.watched.difference(ids) {
+            let _ = map_delete(&self.services, gone);
+        }
+        self.watched.retain(|id| ids.contains(id));
+        for new in ids.difference(&self.watched.clone()) {
+            if self.watched.len() >= MAX_SURVEYED_SERVICES as usize {
+                break;
+            }
+            map_update(&self.services, new, &1u32)?;
+            self.watched.insert(*new);
+        }
+        Ok(())
     }
 
     /// Walks every network namespace that holds balanced processes: closes the connections
@@ -241,6 +271,7 @@ fn parse(out: &[u8], hz: u32) -> (Vec<Connection>, Option<(u64, u64)>) {
 /// state = bpf_sk_storage_get(LB_SOCKETS, tp, 0, 0); if !state: done  (never translated)
 /// if !(state.flags & CONNECTED) or state.flags & DONE: done
 /// record = {cookie, service, backend, generation}
+/// if !surveyed[service]: done
 /// awaiting = snd_una != write_seq or rcv_nxt != copied_seq or snd_wl1 == rcv_nxt
 ///            or lsndtime after lrcvtime
 /// quiet = jiffies - (the later of lsndtime and lrcvtime)
@@ -248,7 +279,15 @@ fn parse(out: &[u8], hz: u32) -> (Vec<Connection>, Option<(u64, u64)>) {
 ///     c.closed = 1; bpf_sock_destroy(sk); done
 /// bpf_seq_write(ctx->meta->seq, record)
 /// ```
-fn program(sockets: RawFd, cull: RawFd, destroy_btf_id: u32, tcp: TcpOffsets) -> Vec<Insn> {
+/// The maps the program uses, by descriptor.
+#[derive(Clone, Copy)]
+struct Maps {
+    sockets: RawFd,
+    cull: RawFd,
+    services: RawFd,
+}
+
+fn program(maps: Maps, destroy_btf_id: u32, tcp: TcpOffsets) -> Vec<Insn> {
     let peer = offset_of!(SocketState, peers) as i16;
     let field = |f: usize| peer + f as i16;
     let flags = offset_of!(SocketState, flags) as i16;
@@ -261,7 +300,7 @@ fn program(sockets: RawFd, cull: RawFd, destroy_btf_id: u32, tcp: TcpOffsets) ->
     a.push(insn(CALL, 0, 0, 0, HELPER_SKC_TO_TCP_SOCK));
     a.exit_if_zero(0);
     a.push(insn(MOV_X, 8, 0, 0, 0));
-    a.connected_state(sockets, 8);
+    a.connected_state(maps.sockets, 8);
     a.push(insn(LDX_B, 1, 7, flags, 0));
     a.push(insn(AND_K, 1, 0, 0, i32::from(SOCKET_DONE)));
     a.exit_if_nonzero(1);
@@ -282,6 +321,8 @@ fn program(sockets: RawFd, cull: RawFd, destroy_btf_id: u32, tcp: TcpOffsets) ->
         a.push(insn(LDX_W, 1, 7, field(from), 0));
         a.push(insn(STX_W, 10, 1, rec(to), 0));
     }
+    a.lookup(maps.services, rec(offset_of!(Record, service_id)));
+    a.exit_if_zero(0);
     a.push(insn(ST_W, 10, 0, rec(offset_of!(Record, _pad)), 0));
     a.push(insn(ST_W, 10, 0, rec(offset_of!(Record, awaiting)), 0));
     a.push(insn(MOV_X, 1, 6, 0, 0));
@@ -314,7 +355,7 @@ fn program(sockets: RawFd, cull: RawFd, destroy_btf_id: u32, tcp: TcpOffsets) ->
     a.push(insn(SUB32_X, 7, 2, 0, 0));
     a.land(quiet_known);
     a.push(insn(STX_W, 10, 7, rec(offset_of!(Record, quiet)), 0));
-    a.lookup(cull, rec(offset_of!(Record, cookie)));
+    a.lookup(maps.cull, rec(offset_of!(Record, cookie)));
     let not_chosen = a.jump(JEQ_K, 0, 0, 0);
     a.push(insn(LDX_W, 1, 10, awaiting, 0));
     let busy = a.jump(JNE_K, 1, 0, 0);
@@ -370,7 +411,12 @@ mod tests {
 
     #[test]
     fn jumps_stay_inside_and_the_destroy_comes_after_the_idle_checks() {
-        let p = program(3, 4, 99, offsets());
+        let maps = Maps {
+            sockets: 3,
+            cull: 4,
+            services: 5,
+        };
+        let p = program(maps, 99, offsets());
         check_jumps(&p);
         let kfunc = p
             .iter()
