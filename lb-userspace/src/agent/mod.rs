@@ -777,7 +777,7 @@ impl Agent {
             termination_unavailable: (self.terminating.terminator.as_ref().err())
                 .map(String::as_str),
             rebalanced: &self.rebalancing.closed,
-            rebalance_unavailable: self.rebalancing.unavailable(&self.config),
+            rebalance_unavailable: self.rebalancing.unavailable(self.rebalances),
         });
         if let Err(e) = status::write(&self.pin_dir, &file) {
             warn!("cannot publish health state: {e:#}");

@@ -29,10 +29,10 @@ pub struct Rebalancing {
 }
 
 impl Rebalancing {
-    /// Why rebalancing cannot work here, when some service asks for it.
-    pub fn unavailable(&self, config: &Config) -> Option<&str> {
+    /// Why rebalancing cannot work here, while some service asks for it (`wanted`).
+    pub fn unavailable(&self, wanted: bool) -> Option<&str> {
         let why = self.surveyor.as_ref()?.as_ref().err()?;
-        wanted(config).then_some(why.as_str())
+        wanted.then_some(why.as_str())
     }
 
     /// One pass. `mirror` says which backends each service has now; without it (a failed
@@ -141,8 +141,4 @@ fn policies<'c>(
         policies.insert(installed.id, policy);
     }
     (names, policies)
-}
-
-fn wanted(config: &Config) -> bool {
-    config.services.iter().any(|s| s.rebalance.is_some())
 }

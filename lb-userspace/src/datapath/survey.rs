@@ -195,12 +195,11 @@ impl Surveyor {
             let _ = map_delete(&self.services, gone);
         }
         self.watched.retain(|id| ids.contains(id));
-        for new in ids.difference(&self.watched.clone()) {
-            if self.watched.len() >= MAX_SURVEYED_SERVICES as usize {
-                break;
-            }
-            map_update(&self.services, new, &1u32)?;
-            self.watched.insert(*new);
+        let room = (MAX_SURVEYED_SERVICES as usize).saturating_sub(self.watched.len());
+        let new: Vec<u32> = ids.difference(&self.watched).take(room).copied().collect();
+        for id in new {
+            map_update(&self.services, &id, &1u32)?;
+            self.watched.insert(id);
         }
         Ok(())
     }
@@ -263,6 +262,14 @@ fn parse(out: &[u8], hz: u32) -> (Vec<Connection>, Option<(u64, u64)>) {
     (connections, clock)
 }
 
+/// The maps the program uses, by descriptor.
+#[derive(Clone, Copy)]
+struct Maps {
+    sockets: RawFd,
+    cull: RawFd,
+    services: RawFd,
+}
+
 /// The program (r9 = ctx, r6 = socket, r8 = its tcp_sock, the record at fp-32):
 ///
 /// ```text
@@ -279,14 +286,6 @@ fn parse(out: &[u8], hz: u32) -> (Vec<Connection>, Option<(u64, u64)>) {
 ///     c.closed = 1; bpf_sock_destroy(sk); done
 /// bpf_seq_write(ctx->meta->seq, record)
 /// ```
-/// The maps the program uses, by descriptor.
-#[derive(Clone, Copy)]
-struct Maps {
-    sockets: RawFd,
-    cull: RawFd,
-    services: RawFd,
-}
-
 fn program(maps: Maps, destroy_btf_id: u32, tcp: TcpOffsets) -> Vec<Insn> {
     let peer = offset_of!(SocketState, peers) as i16;
     let field = |f: usize| peer + f as i16;
