@@ -15,6 +15,11 @@ pub const SECRET_LIMIT: u64 = 64 << 10;
 pub const CERTIFICATE_LIMIT: u64 = 1 << 20;
 /// 250,000 services of 4 backends take about 32 MiB of TOML.
 pub const CONFIG_LIMIT: u64 = 64 << 20;
+/// The agent's status file: about 600 bytes per service with four checked backends, so
+/// 250,000 such services fit with room to spare.
+pub const STATUS_LIMIT: u64 = 256 << 20;
+/// The kernel's own type information (`/sys/kernel/btf/vmlinux`): about 6 MiB today.
+pub const KERNEL_BTF_LIMIT: u64 = 64 << 20;
 
 /// The whole of `path` if it holds at most `limit` bytes; `what` names it in the error (the
 /// config field that named the file, for one).
@@ -24,15 +29,45 @@ pub fn read_bounded(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, Stri
 
 /// `read_bounded` with an error that does not name the file, for callers that do.
 pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
-    let mut bytes = Vec::new();
-    let read = std::fs::File::open(path)
-        .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
-        .map_err(|e| e.to_string())?;
-    if read as u64 > limit {
-        return Err(format!(
+    read_opened(std::fs::File::open(path), limit)
+}
+
+/// A file the agent wrote itself, in a folder only it may write: read up to `limit`, and
+/// never through a link (one planted there would show `stats` or a restarting agent
+/// someone else's state). Missing is `Ok(None)`.
+pub fn read_own(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, String> {
+    let opened = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path);
+    match opened {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        opened => read_opened(opened, limit)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display())),
+    }
+}
+
+fn read_opened(file: std::io::Result<std::fs::File>, limit: u64) -> Result<Vec<u8>, String> {
+    let too_large = || {
+        format!(
             "larger than {} KiB, which no such file needs; refusing to read it",
             limit >> 10
-        ));
+        )
+    };
+    let file = file.map_err(|e| e.to_string())?;
+    // A regular file says its size up front, so a huge one is refused before reading any of
+    // it; devices and pipes (size 0) are bounded by the read itself.
+    if file.metadata().is_ok_and(|m| m.len() > limit) {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    let read = file
+        .take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if read as u64 > limit {
+        return Err(too_large());
     }
     Ok(bytes)
 }
@@ -159,6 +194,27 @@ mod tests {
         );
         let err = read_bounded(Path::new("/dev/zero"), SECRET_LIMIT, "x").unwrap_err();
         assert!(err.contains("larger than"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn own_files_are_bounded_and_never_read_through_a_link() {
+        let dir = scratch("own");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("status.json");
+        assert_eq!(read_own(&file, 16), Ok(None));
+        std::fs::write(&file, "{}").unwrap();
+        assert_eq!(read_own(&file, 16), Ok(Some(b"{}".to_vec())));
+        std::fs::File::create(&file).unwrap().set_len(17).unwrap();
+        let err = read_own(&file, 16).unwrap_err();
+        assert!(
+            err.contains("status.json") && err.contains("larger than"),
+            "{err}"
+        );
+        let link = dir.join("link.json");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        let err = read_own(&link, 1 << 20).unwrap_err();
+        assert!(err.contains("link.json"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

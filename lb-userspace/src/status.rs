@@ -175,7 +175,54 @@ pub fn write(pin_dir: &Path, status: &StatusFile) -> Result<()> {
 }
 
 /// Missing or unreadable state is no health information, not an error: stats still shows
-/// the maps.
+/// the maps, and a restarting agent starts from its configured initial states. Unreadable
+/// state is logged, since the agent then forgets which backends were down.
 pub fn read(pin_dir: &Path) -> Option<StatusFile> {
-    serde_json::from_slice(&std::fs::read(path(pin_dir)).ok()?).ok()
+    read_file(&path(pin_dir))
+}
+
+fn read_file(path: &Path) -> Option<StatusFile> {
+    let refused = |e: String| {
+        tracing::warn!(
+            "status file {}: {e}; its health and ejection state is not used",
+            path.display()
+        )
+    };
+    match crate::private_files::read_own(path, crate::private_files::STATUS_LIMIT) {
+        Ok(None) => None,
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes)
+            .map_err(|e| refused(format!("not a status file ({e})")))
+            .ok(),
+        Err(e) => {
+            refused(e);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_status_file_of_bounded_size_is_resumed() {
+        let dir = std::env::temp_dir().join(format!("lb-status-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("status.json");
+        assert!(read_file(&file).is_none());
+        let status = StatusFile {
+            agent_pid: 7,
+            ..Default::default()
+        };
+        crate::private_files::replace(&file, &serde_json::to_vec(&status).unwrap()).unwrap();
+        assert_eq!(read_file(&file).map(|s| s.agent_pid), Some(7));
+        std::fs::write(&file, "not json").unwrap();
+        assert!(read_file(&file).is_none());
+        // Sparse: past the bound without writing it.
+        let huge = std::fs::File::create(&file).unwrap();
+        huge.set_len(crate::private_files::STATUS_LIMIT + 1)
+            .unwrap();
+        assert!(read_file(&file).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -52,7 +52,12 @@ pub struct KernelTypes {
 impl KernelTypes {
     pub fn from_sys_fs() -> Result<Self> {
         let path = "/sys/kernel/btf/vmlinux";
-        let data = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+        let data = crate::private_files::read_bounded(
+            std::path::Path::new(path),
+            crate::private_files::KERNEL_BTF_LIMIT,
+            "the kernel's type information",
+        )
+        .map_err(anyhow::Error::msg)?;
         Self::parse(&data).with_context(|| format!("parsing {path}"))
     }
 

@@ -37,8 +37,9 @@ pub fn acquire(pin_dir: &Path) -> Result<PinLock> {
         .with_context(|| format!("cannot open lock file {}", path.display()))?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        // The holder writes only its pid; more is not worth reading.
         let mut holder = String::new();
-        let _ = file.read_to_string(&mut holder);
+        let _ = (&file).take(32).read_to_string(&mut holder);
         bail!(
             "another lb-agent (pid {}) is managing {}; stop it first (SIGTERM keeps traffic \
              flowing), then start this one",
