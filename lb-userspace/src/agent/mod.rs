@@ -14,7 +14,7 @@ use crate::datapath::maps::Maps;
 use crate::datapath::mirror::Mirror;
 use crate::datapath::ops::Op;
 use crate::datapath::pinned::PinnedMaps;
-use crate::datapath::reconcile::{reconcile, Scope, Summary};
+use crate::datapath::reconcile::{Scope, Steps, Summary};
 use crate::lifecycle::loader::{self, LoadOptions};
 use crate::lifecycle::{cgroup, lock, pod_cgroups};
 use crate::observe::http::{self, Endpoints, Readiness};
@@ -495,32 +495,53 @@ impl Agent {
             Change::Services(names) if !fresh => Some(self.refresh(&names, &mirror)),
             _ => self.recompute(&mirror, fresh),
         };
-        let services: Vec<&catalog::Service> = match &touched {
-            None => self.wanted.iter().collect(),
-            Some(t) => t.positions.iter().map(|&i| &self.wanted[i]).collect(),
+        let positions: Vec<usize> = match &touched {
+            None => (0..self.wanted.len()).collect(),
+            Some(t) => t.positions.clone(),
         };
         let only = touched.as_ref().map(|t| &t.names);
-        self.health.sync(services.iter().copied(), only);
-        let (health, outliers) = (&self.health, &self.outliers);
-        // Either a health check or an ejection takes a backend out; both must agree to restore.
-        let (desired, failing_open) = plan::desired(services, &|svc, addr| {
-            health.is_healthy(svc, addr) && !outliers.is_ejected(svc, addr)
-        });
-        self.log_fail_open(failing_open.into_iter().collect(), only);
+        let services = positions.iter().map(|&i| &self.wanted[i]);
+        self.health.sync(services.clone(), only);
         let scope = match &touched {
             None => Scope::All,
             Some(t) => Scope::Keys(&t.keys),
         };
-        let plan = reconcile(&mirror.installed, &mut mirror.pools, &desired, scope)?;
-        self.crash_test(&plan.ops, fresh);
-        apply(&mut self.maps, &plan.ops)?;
-        if !plan.removed.is_empty() {
-            self.terminate(&plan.removed, &mirror);
+        let (steps, bound) = plan::steps(services);
+        if steps.len() > 1 {
+            let chunks = steps
+                .iter()
+                .map(|run| self.desired(&positions[run.clone()]).0);
+            Steps::fit(&mirror.installed, &mirror.pools, &bound, chunks)?;
         }
-        let summary = plan.summary.clone();
-        mirror.record(plan.ops);
+        let mut planner = Steps::new(scope);
+        let mut summary = Summary::default();
+        let mut failing_open = BTreeSet::new();
+        for (n, run) in steps.iter().enumerate() {
+            let (desired, failing) = self.desired(&positions[run.clone()]);
+            failing_open.extend(failing);
+            let last = n + 1 == steps.len();
+            let plan = planner.plan(&mirror.installed, &mut mirror.pools, &desired, last)?;
+            drop(desired);
+            self.crash_test(&plan.ops, fresh);
+            apply(&mut self.maps, &plan.ops)?;
+            if !plan.removed.is_empty() {
+                self.terminate(&plan.removed, &mirror);
+            }
+            summary += &plan.summary;
+            mirror.record(plan.ops);
+        }
+        self.log_fail_open(failing_open, touched.as_ref().map(|t| &t.names));
         self.mirror = Some(mirror);
         Ok(summary)
+    }
+
+    /// What the maps should hold for these services of `wanted`, and those failing open.
+    fn desired(&self, positions: &[usize]) -> (plan::Desired, Vec<String>) {
+        let (health, outliers) = (&self.health, &self.outliers);
+        // Either a health check or an ejection takes a backend out; both must agree to restore.
+        plan::desired(positions.iter().map(|&i| &self.wanted[i]), &|svc, addr| {
+            health.is_healthy(svc, addr) && !outliers.is_ejected(svc, addr)
+        })
     }
 
     /// Every service anew (a config or Kubernetes change, or maps read afresh). Returns what
