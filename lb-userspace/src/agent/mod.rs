@@ -808,22 +808,24 @@ impl Agent {
 
 /// Compares file contents rather than mtimes: editors replace files and Kubernetes swaps
 /// ConfigMap symlinks, and both keep or reset mtimes unpredictably.
+/// Tells whether the config file changed since it was last looked at, by a digest: its bytes
+/// would be a second copy of the config held for the agent's life.
 struct ConfigWatcher {
     path: PathBuf,
-    last: Option<Vec<u8>>,
+    last: Option<[u8; 32]>,
 }
 
 impl ConfigWatcher {
     fn new(path: &Path) -> Self {
         Self {
             path: path.to_path_buf(),
-            last: read_config(path).ok(),
+            last: config_digest(path).ok(),
         }
     }
 
     fn changed(&mut self) -> bool {
-        match read_config(&self.path) {
-            Ok(now) if self.last.as_ref() != Some(&now) => {
+        match config_digest(&self.path) {
+            Ok(now) if self.last != Some(now) => {
                 self.last = Some(now);
                 true
             }
@@ -838,11 +840,10 @@ impl ConfigWatcher {
     }
 }
 
-fn read_config(path: &Path) -> Result<Vec<u8>, String> {
-    crate::private_files::read_bounded(path, crate::private_files::CONFIG_LIMIT, "config file")
+fn config_digest(path: &Path) -> Result<[u8; 32], String> {
+    crate::private_files::digest_bounded(path, crate::private_files::CONFIG_LIMIT, "config file")
 }
 
-/// Polls the log ring buffer: debug logging is opt-in and a 100 ms delay on it costs nothing.
 async fn drain_ebpf_logs(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
