@@ -866,7 +866,8 @@ mod tests {
             backends: vec![BackendConfig {
                 address: backend.parse().unwrap(),
                 weight: 1,
-            }],
+            }]
+            .into(),
             balancing: Default::default(),
             admission: Admission::default(),
         }

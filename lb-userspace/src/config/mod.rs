@@ -47,8 +47,8 @@ pub use checker::Env;
 pub use error::ConfigError;
 pub use kubernetes::is_node_name;
 pub use model::{
-    Algorithm, BackendConfig, Balancing, ClientKey, Config, ConsulConfig, DataplaneConfig,
-    DiscoveryConfig, DnsConfig, DnsRecord, EtcdConfig, HealthConfig, InitialState,
+    Algorithm, BackendConfig, Backends, Balancing, ClientKey, Config, ConsulConfig,
+    DataplaneConfig, DiscoveryConfig, DnsConfig, DnsRecord, EtcdConfig, HealthConfig, InitialState,
     KubernetesConfig, OutlierConfig, ProbeKind, Protocol, RebalanceConfig, ServiceConfig,
     SourceConfig, Terminate, DEFAULT_KUBE_MAX_SERVICES, MAX_BACKENDS_PER_SERVICE, MAX_NAME_LEN,
     MAX_SERVICES, MAX_WEIGHT,

@@ -129,7 +129,7 @@ impl Checker {
             name: name?.to_owned(),
             vip: vip?,
             protocol: protocol?,
-            backends: backends?,
+            backends: backends?.into(),
             health: health.setting()?.map(Box::new),
             fail_open: fail_open?,
             panic_threshold: panic_threshold?,
@@ -212,7 +212,8 @@ mod tests {
                             address: addr("10.0.0.13:8080"),
                             weight: 1,
                         },
-                    ],
+                    ]
+                    .into(),
                     health: None,
                     fail_open: true,
                     panic_threshold: 0,
@@ -229,7 +230,8 @@ mod tests {
                     backends: vec![BackendConfig {
                         address: addr("10.0.0.21:53"),
                         weight: 10_000,
-                    }],
+                    }]
+                    .into(),
                     health: None,
                     fail_open: true,
                     panic_threshold: 0,

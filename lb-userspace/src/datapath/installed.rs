@@ -71,7 +71,7 @@ impl Installed {
     fn leftover_of(&self, service: &InstalledService) -> Leftover {
         Leftover {
             name: service.name.clone(),
-            backends: self.weighted_backends(service),
+            backends: self.weighted_backends(service).into(),
             balancing: service.mode.balancing(service.slot_count),
         }
     }

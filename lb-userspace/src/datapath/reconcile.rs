@@ -888,8 +888,11 @@ mod tests {
         assert!(err.0.contains("out of backend ids"), "{err}");
         // Keeping one backend of each needs two new ids: it fits, though the bound says it may not.
         let mut kept = [two(0), two(1)];
-        kept[0].backends[1].address = "10.0.8.8:80".parse().unwrap();
-        kept[1].backends[1].address = "10.0.9.9:80".parse().unwrap();
+        for (service, moved) in kept.iter_mut().zip(["10.0.8.8:80", "10.0.9.9:80"]) {
+            let mut backends = service.backends.to_vec();
+            backends[1].address = moved.parse().unwrap();
+            service.backends = backends.into();
+        }
         let chunks = kept.chunks(1).map(want);
         Steps::fit(&mirror.installed, &mirror.pools, &bound, chunks).unwrap();
         // What surely fits is not planned at all.
