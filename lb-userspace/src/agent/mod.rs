@@ -639,7 +639,7 @@ impl Agent {
                 continue;
             };
             let service = mirror.installed.services.get(&key).map(|s| s.name.clone());
-            let backend = mirror.installed.backends.get(&id).map(|a| a.to_string());
+            let backend = mirror.installed.backends.get(id).map(|a| a.to_string());
             let one = terminating::Doomed {
                 generation,
                 policy: policy.copied().unwrap_or_default(),
@@ -725,7 +725,7 @@ impl Agent {
                 return Vec::new();
             };
             let ids = have.backend_ids();
-            let backends = ids.filter_map(|id| Some((id, *installed.backends.get(&id)?)));
+            let backends = ids.filter_map(|id| Some((id, installed.backends.get(id)?)));
             maps.observations(backends)
         };
         let changed = self

@@ -88,7 +88,7 @@ impl Rebalancing {
         let mut logged: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         for one in closed.iter().filter_map(|cookie| chosen.get(cookie)) {
             let service = names.get(&one.service_id).copied().unwrap_or_default();
-            let backend = (mirror.installed.backends.get(&one.backend_id))
+            let backend = (mirror.installed.backends.get(one.backend_id))
                 .map(|a| a.to_string())
                 .unwrap_or_default();
             crate::agent_metrics::AGENT.rebalanced(service, &backend, one.reason.as_str());

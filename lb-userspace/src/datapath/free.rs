@@ -192,7 +192,7 @@ impl Pools {
         Self {
             service_ids: IdPool::new(service_ids, installed.capacity.services, "service"),
             backend_ids: IdPool::new(
-                installed.backends.keys().copied(),
+                installed.backends.ids(),
                 installed.capacity.backends,
                 "backend",
             ),

@@ -5,7 +5,7 @@
 //!
 //! The maps stay the source of truth: whatever goes wrong, the mirror is dropped and read anew.
 
-use crate::codec::{backend_value, socket_addr, Mode};
+use crate::codec::Mode;
 use crate::datapath::free::Pools;
 use crate::datapath::installed::{read_installed, Installed, InstalledService};
 use crate::datapath::maps::Maps;
@@ -36,11 +36,7 @@ impl Mirror {
         for op in ops {
             match op {
                 Op::ResetServiceCounters(_) => {}
-                Op::PutBackend { id, addr, .. } => {
-                    // As the maps give it back (`read` compares equal).
-                    let stored = socket_addr(&backend_value(&addr, 0, 0));
-                    installed.backends.insert(id, stored);
-                }
+                Op::PutBackend { id, addr, .. } => installed.backends.insert(id, addr),
                 Op::PutSlots { base, backends } => {
                     tables.insert(base, backends);
                 }
@@ -74,7 +70,7 @@ impl Mirror {
                     installed.stray_names.retain(|s| *s != id);
                 }
                 Op::DeleteBackend(id) => {
-                    installed.backends.remove(&id);
+                    installed.backends.remove(id);
                 }
             }
         }

@@ -246,7 +246,7 @@ fn update_service(
 ) -> Result<Option<Vec<u32>>, CapacityError> {
     let owned: BTreeMap<SocketAddr, u32> = have
         .backend_ids()
-        .filter_map(|id| installed.backends.get(&id).map(|addr| (*addr, id)))
+        .filter_map(|id| installed.backends.get(id).map(|addr| (addr, id)))
         .collect();
     let renamed = have.name != want.name;
     if renamed {
@@ -408,7 +408,7 @@ mod tests {
         let mut t: Vec<String> = svc
             .slots
             .iter()
-            .map(|id| installed.backends[id].to_string())
+            .map(|id| installed.backends.get(*id).unwrap().to_string())
             .collect();
         t.sort();
         t

@@ -261,7 +261,7 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
         for (id, weight) in weights {
             let address = installed
                 .backends
-                .get(&id)
+                .get(id)
                 .map_or("?".into(), |a| a.to_string());
             let counters = maps.backend_counters(id)?;
             let health = health_of(&address);
