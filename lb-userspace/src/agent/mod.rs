@@ -531,6 +531,17 @@ impl Agent {
             mirror.record(plan.ops);
         }
         self.log_fail_open(failing_open, touched.as_ref().map(|t| &t.names));
+        // After a first load (or most of one): the mirror repacked, and what the steps freed
+        // handed back to the system, which glibc does not do for free memory amid the heap
+        // (100,000 services: 99 -> 85 MB).
+        if fresh || summary.added * 2 > mirror.installed.services.len() {
+            mirror.installed.compact();
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
         self.mirror = Some(mirror);
         Ok(summary)
     }
