@@ -4,7 +4,7 @@
 //! downstream (admission, plan, reconcile) then treats them all alike.
 
 use crate::config::{
-    BackendConfig, Backends, Balancing, Config, HealthConfig, OutlierConfig, Protocol,
+    BackendConfig, Backends, Balancing, Config, HealthConfig, Name, OutlierConfig, Protocol,
     ServiceConfig, VipClash,
 };
 use crate::sources::kubernetes::translate::ClusterService;
@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 /// A service the data plane should carry, whatever it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Service {
-    pub name: String,
+    pub name: Name,
     pub vip: SocketAddr,
     pub protocol: Protocol,
     pub backends: Backends,
@@ -73,7 +73,7 @@ impl Service {
         balancing: Balancing,
     ) -> Self {
         Self {
-            name: name.to_owned(),
+            name: name.into(),
             vip,
             protocol,
             backends,
@@ -92,7 +92,7 @@ pub fn listed(config: &Config) -> Vec<Service> {
 /// `Installed::leftovers`): a restarted agent keeps it until the service's source answers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Leftover {
-    pub name: String,
+    pub name: Name,
     /// The backends its current slot table points at, weighted by their slot count.
     pub backends: Backends,
     pub balancing: Balancing,
@@ -141,7 +141,7 @@ pub type Vips = HashMap<(SocketAddr, Protocol), String>;
 pub fn vips(services: &[Service]) -> Vips {
     services
         .iter()
-        .map(|s| ((s.vip, s.protocol), s.name.clone()))
+        .map(|s| ((s.vip, s.protocol), s.name.to_string()))
         .collect()
 }
 
@@ -168,7 +168,8 @@ pub fn effective(config: &Config, sources: &Sources, held: &dyn Held) -> (Vec<Se
         Some(Some(from_api)) => {
             for service in from_api {
                 let clash = merged[..listed].iter().find(|s| {
-                    (s.vip, s.protocol) == (service.vip, service.protocol) || s.name == service.name
+                    (s.vip, s.protocol) == (service.vip, service.protocol)
+                        || *s.name == *service.name
                 });
                 match clash {
                     Some(owner) => notes.push(Note {
@@ -269,7 +270,7 @@ fn drop_vip_backends(service: &mut Service, vips: &Vips, notes: &mut Vec<Note>) 
             return true;
         };
         notes.push(Note {
-            service: name.clone(),
+            service: name.to_string(),
             text,
         });
         false
@@ -403,7 +404,7 @@ service = "web"
         };
         let (merged, _) = effective(&config, &sources, &leftovers);
         assert_eq!(merged.len(), 1);
-        assert_eq!(merged[0].name, "shop.web.http");
+        assert_eq!(&*merged[0].name, "shop.web.http");
         assert_eq!(merged[0].vip.to_string(), "10.96.5.5:80");
         assert_eq!(*merged[0].backends, [be("10.1.0.1:8080", 1)]);
         // Once synced, the API's view replaces it, including removals.
@@ -415,10 +416,10 @@ service = "web"
         assert!(merged.is_empty());
     }
 
-    /// The services planned hold the file's backend lists, not copies, and so does a
-    /// discovered one from its answer when no backend is dropped.
+    /// The services planned hold the file's names and backend lists, not copies, and so does
+    /// a discovered one from its answer when no backend is dropped.
     #[test]
-    fn listed_backends_are_shared_with_the_file_not_copied() {
+    fn names_and_listed_backends_are_shared_with_the_file_not_copied() {
         let config = parse(CONFIG, "t").unwrap();
         let answer = [be("10.3.0.1:80", 1)];
         let sources = Sources {
@@ -428,6 +429,7 @@ service = "web"
         let (merged, _) = effective(&config, &sources, &Leftovers::new());
         let file = &config.services[0].backends;
         assert!(std::sync::Arc::ptr_eq(&merged[0].backends, file));
+        assert!(std::sync::Arc::ptr_eq(&merged[1].name, &config.services[1].name));
         let (again, _) = refresh(
             &config.services[0],
             &sources,
@@ -456,7 +458,7 @@ service = "web"
             kubernetes: Some(Some(&from_api)),
         };
         let (merged, notes) = effective(&config, &sources, &Leftovers::new());
-        let names: Vec<&str> = merged.iter().map(|s| s.name.as_str()).collect();
+        let names: Vec<&str> = merged.iter().map(|s| &*s.name).collect();
         assert_eq!(names, ["api", "web", "a.ok.80"]);
         assert_eq!(*merged[2].backends, [be("10.2.0.2:80", 1)]);
         assert_eq!(notes.len(), 2, "{notes:?}");

@@ -91,7 +91,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let previous = status::read(&args.pin_dir);
     let mut outliers = Outliers::default();
     let watched = |name: &str| {
-        let service = config.services.iter().find(|s| s.name == name);
+        let service = config.services.iter().find(|s| &*s.name == name);
         service.is_some_and(|s| s.outlier.is_some())
     };
     outliers.resume(std::time::Instant::now(), previous.as_ref(), watched);
@@ -314,14 +314,14 @@ impl Touched {
     fn between(before: &[catalog::Service], after: &[catalog::Service]) -> Self {
         let mut touched = Self::default();
         let mut add = |s: &catalog::Service| {
-            touched.names.insert(s.name.clone());
+            touched.names.insert(s.name.to_string());
             touched.keys.insert(service_key(s.vip, s.protocol));
         };
         let mut old: HashMap<&str, &catalog::Service> =
-            before.iter().map(|s| (s.name.as_str(), s)).collect();
+            before.iter().map(|s| (&*s.name, s)).collect();
         let mut positions = Vec::new();
         for (i, service) in after.iter().enumerate() {
-            match old.remove(service.name.as_str()) {
+            match old.remove(&*service.name) {
                 Some(was) if was == service => continue,
                 Some(was) => add(was),
                 None => {}
@@ -583,7 +583,7 @@ impl Agent {
         };
         self.by_name = (self.config.services.iter().enumerate())
             .filter(|(_, s)| refreshable(s))
-            .map(|(i, s)| (s.name.clone(), i))
+            .map(|(i, s)| (s.name.to_string(), i))
             .collect();
         let discovered = self.config.services.iter().any(|s| s.discovery.is_some());
         self.vips = if discovered {
@@ -656,7 +656,11 @@ impl Agent {
             let Ok(generation) = self.maps.backend_generation(id) else {
                 continue;
             };
-            let service = mirror.installed.services.get(&key).map(|s| s.name.clone());
+            let service = mirror
+                .installed
+                .services
+                .get(&key)
+                .map(|s| s.name.to_string());
             let backend = mirror.installed.backends.get(id).map(|a| a.to_string());
             let one = terminating::Doomed {
                 generation,
@@ -918,11 +922,7 @@ mod tests {
             .map(key)
             .collect();
         assert_eq!(t.keys, keys);
-        let at: Vec<&str> = t
-            .positions
-            .iter()
-            .map(|&i| after[i].name.as_str())
-            .collect();
+        let at: Vec<&str> = t.positions.iter().map(|&i| &*after[i].name).collect();
         assert_eq!(at, ["added", "moved", "changed"]);
     }
 

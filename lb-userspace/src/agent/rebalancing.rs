@@ -133,7 +133,7 @@ fn policies<'c>(
         let backends = (slots.into_iter())
             .filter_map(|(id, n)| Some(((id, maps.backend_generation(id).ok()?), n)))
             .collect();
-        names.insert(installed.id, svc.name.as_str());
+        names.insert(installed.id, &*svc.name);
         let policy = Policy {
             config: rebalance,
             backends,

@@ -58,9 +58,13 @@ pub enum Terminate {
     None,
 }
 
+/// A service's name, shared by the config, the services planned and the mirror of the maps
+/// rather than copied into each (250,000 services: 20 MB less).
+pub type Name = std::sync::Arc<str>;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
-    pub name: String,
+    pub name: Name,
     pub vip: SocketAddr,
     pub protocol: Protocol,
     pub backends: Backends,

@@ -4,7 +4,7 @@
 
 use crate::catalog::{Held, Leftover, Leftovers};
 use crate::codec::{backend_value, endpoint, service_key, socket_addr, vip_of, Mode};
-use crate::config::{BackendConfig, Protocol};
+use crate::config::{BackendConfig, Name, Protocol};
 use crate::datapath::capacity::Capacity;
 use crate::datapath::maps::Maps;
 use anyhow::Result;
@@ -20,7 +20,7 @@ pub struct InstalledService {
     pub revision: u32,
     /// Where its table starts in the slot array.
     pub slot_base: u32,
-    pub name: String,
+    pub name: Name,
     /// Slot count of the table as the service entry states it.
     pub slot_count: u32,
     pub mode: Mode,
@@ -216,10 +216,10 @@ pub fn read_installed(dp: &impl Maps, scan_strays: bool) -> Result<Installed> {
         capacity: dp.capacity(),
         ..Installed::default()
     };
-    let names: std::collections::BTreeMap<u32, String> = dp
+    let names: std::collections::BTreeMap<u32, Name> = dp
         .names()?
         .into_iter()
-        .map(|(id, n)| (id, n.as_str().unwrap_or("").to_string()))
+        .map(|(id, n)| (id, Name::from(n.as_str().unwrap_or(""))))
         .collect();
     for (key, value) in dp.services()? {
         if value.slot_count > MAX_SLOTS_PER_SERVICE {
@@ -368,7 +368,7 @@ mod tests {
             .insert(service_key(vip, Protocol::Tcp), service);
         let leftovers = installed.leftovers();
         let web = &leftovers[&(vip, Protocol::Tcp)];
-        assert_eq!(web.name, "web");
+        assert_eq!(&*web.name, "web");
         let weights: Vec<(String, u32)> = web
             .backends
             .iter()

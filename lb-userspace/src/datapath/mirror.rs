@@ -6,6 +6,7 @@
 //! The maps stay the source of truth: whatever goes wrong, the mirror is dropped and read anew.
 
 use crate::codec::Mode;
+use crate::config::Name;
 use crate::datapath::free::Pools;
 use crate::datapath::installed::{read_installed, Installed, InstalledService};
 use crate::datapath::maps::Maps;
@@ -32,7 +33,7 @@ impl Mirror {
     pub fn record(&mut self, ops: Vec<Op>) {
         let installed = &mut self.installed;
         let mut tables: HashMap<u32, Vec<u32>> = HashMap::new();
-        let mut names: HashMap<u32, String> = HashMap::new();
+        let mut names: HashMap<u32, Name> = HashMap::new();
         for op in ops {
             match op {
                 Op::ResetServiceCounters(_) => {}

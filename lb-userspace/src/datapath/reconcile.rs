@@ -517,7 +517,7 @@ mod tests {
         let mut cfg = web(&[("10.0.0.1:8080", 1)]);
         cfg[0].name = "frontend".into();
         let plan = converge(&mut dp, &cfg);
-        assert!(matches!(plan.ops.as_slice(), [Op::PutName { name, .. }] if name == "frontend"));
+        assert!(matches!(plan.ops.as_slice(), [Op::PutName { name, .. }] if &**name == "frontend"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ pub mod maglev;
 use crate::admission::fail_open::select;
 use crate::catalog::Service;
 use crate::codec::{service_key, Mode};
-use crate::config::{Algorithm, BackendConfig};
+use crate::config::{Algorithm, BackendConfig, Name};
 use lb_common::ServiceKey;
 use lb_common::MAX_RANDOM_SLOTS;
 use std::collections::BTreeMap;
@@ -16,7 +16,7 @@ use std::ops::Range;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredService {
-    pub name: String,
+    pub name: Name,
     /// One entry per slot; a backend appears as many times as its (reduced) weight.
     pub slots: Vec<SocketAddr>,
     pub mode: Mode,
@@ -42,7 +42,7 @@ pub fn desired<'a>(
                 .collect();
             let (chosen, panic) = select(&up, s.admission.fail_open, s.admission.panic_threshold);
             if panic {
-                failing_open.push(s.name.clone());
+                failing_open.push(s.name.to_string());
             }
             let backends: Vec<BackendConfig> =
                 chosen.iter().map(|&i| s.backends[i].clone()).collect();
