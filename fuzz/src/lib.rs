@@ -54,7 +54,7 @@ pub fn config(data: &[u8]) {
                     s.name
                 );
                 let mut addresses = HashSet::new();
-                for b in &s.backends {
+                for b in s.backends.iter() {
                     check_backend(&s.name, b);
                     assert!(
                         addresses.insert(b.address),

@@ -4,8 +4,8 @@
 //! downstream (admission, plan, reconcile) then treats them all alike.
 
 use crate::config::{
-    BackendConfig, Balancing, Config, HealthConfig, OutlierConfig, Protocol, ServiceConfig,
-    VipClash,
+    BackendConfig, Backends, Balancing, Config, HealthConfig, Name, OutlierConfig, Protocol,
+    ServiceConfig, VipClash,
 };
 use crate::sources::kubernetes::translate::ClusterService;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -14,10 +14,10 @@ use std::net::SocketAddr;
 /// A service the data plane should carry, whatever it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Service {
-    pub name: String,
+    pub name: Name,
     pub vip: SocketAddr,
     pub protocol: Protocol,
-    pub backends: Vec<BackendConfig>,
+    pub backends: Backends,
     pub balancing: Balancing,
     pub admission: Admission,
 }
@@ -69,11 +69,11 @@ impl Service {
         name: &str,
         vip: SocketAddr,
         protocol: Protocol,
-        backends: Vec<BackendConfig>,
+        backends: Backends,
         balancing: Balancing,
     ) -> Self {
         Self {
-            name: name.to_owned(),
+            name: name.into(),
             vip,
             protocol,
             backends,
@@ -92,9 +92,9 @@ pub fn listed(config: &Config) -> Vec<Service> {
 /// `Installed::leftovers`): a restarted agent keeps it until the service's source answers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Leftover {
-    pub name: String,
+    pub name: Name,
     /// The backends its current slot table points at, weighted by their slot count.
-    pub backends: Vec<BackendConfig>,
+    pub backends: Backends,
     pub balancing: Balancing,
 }
 
@@ -141,7 +141,7 @@ pub type Vips = HashMap<(SocketAddr, Protocol), String>;
 pub fn vips(services: &[Service]) -> Vips {
     services
         .iter()
-        .map(|s| ((s.vip, s.protocol), s.name.clone()))
+        .map(|s| ((s.vip, s.protocol), s.name.to_string()))
         .collect()
 }
 
@@ -168,7 +168,8 @@ pub fn effective(config: &Config, sources: &Sources, held: &dyn Held) -> (Vec<Se
         Some(Some(from_api)) => {
             for service in from_api {
                 let clash = merged[..listed].iter().find(|s| {
-                    (s.vip, s.protocol) == (service.vip, service.protocol) || s.name == service.name
+                    (s.vip, s.protocol) == (service.vip, service.protocol)
+                        || *s.name == *service.name
                 });
                 match clash {
                     Some(owner) => notes.push(Note {
@@ -185,7 +186,7 @@ pub fn effective(config: &Config, sources: &Sources, held: &dyn Held) -> (Vec<Se
                         &service.name,
                         service.vip,
                         service.protocol,
-                        service.backends.clone(),
+                        service.backends.as_slice().into(),
                         service.balancing,
                     )),
                 }
@@ -238,7 +239,7 @@ fn with_answer(file: &ServiceConfig, sources: &Sources, held: &dyn Held) -> Serv
     let mut service = Service::listed(file);
     if file.discovery.is_some() {
         service.backends = match (sources.discovered)(&service.name) {
-            Some(answer) => answer.to_vec(),
+            Some(answer) => answer.into(),
             None => held
                 .leftover(service.vip, service.protocol)
                 .map(|l| l.backends)
@@ -254,7 +255,7 @@ fn drop_vip_backends(service: &mut Service, vips: &Vips, notes: &mut Vec<Note>) 
     let health_port = service.admission.health.as_ref().and_then(|h| h.port);
     let (name, protocol) = (service.name.clone(), service.protocol);
     let vip = service.vip;
-    service.backends.retain(|b| {
+    let kept: Vec<BackendConfig> = service.backends.iter().filter(|b| {
         let text = if b.address.is_ipv4() != vip.is_ipv4() {
             format!(
                 "service {name:?}: discovered backend {} ignored: the VIP {vip} is of the other address family",
@@ -269,11 +270,14 @@ fn drop_vip_backends(service: &mut Service, vips: &Vips, notes: &mut Vec<Note>) 
             return true;
         };
         notes.push(Note {
-            service: name.clone(),
+            service: name.to_string(),
             text,
         });
         false
-    });
+    }).cloned().collect();
+    if kept.len() < service.backends.len() {
+        service.backends = kept.into();
+    }
 }
 
 #[cfg(test)]
@@ -311,7 +315,7 @@ service = "web"
     }
 
     fn web(services: &[Service]) -> Vec<BackendConfig> {
-        services[1].backends.clone()
+        services[1].backends.to_vec()
     }
 
     #[test]
@@ -372,7 +376,7 @@ service = "web"
         let balancing = parse(CONFIG, "t").unwrap().services[0].balancing;
         let service = Leftover {
             name: name.into(),
-            backends: backends.to_vec(),
+            backends: backends.into(),
             balancing,
         };
         leftovers.insert((vip.parse().unwrap(), Protocol::Tcp), service);
@@ -400,9 +404,9 @@ service = "web"
         };
         let (merged, _) = effective(&config, &sources, &leftovers);
         assert_eq!(merged.len(), 1);
-        assert_eq!(merged[0].name, "shop.web.http");
+        assert_eq!(&*merged[0].name, "shop.web.http");
         assert_eq!(merged[0].vip.to_string(), "10.96.5.5:80");
-        assert_eq!(merged[0].backends, [be("10.1.0.1:8080", 1)]);
+        assert_eq!(*merged[0].backends, [be("10.1.0.1:8080", 1)]);
         // Once synced, the API's view replaces it, including removals.
         let sources = Sources {
             discovered: &|_| None,
@@ -410,6 +414,39 @@ service = "web"
         };
         let (merged, _) = effective(&config, &sources, &leftovers);
         assert!(merged.is_empty());
+    }
+
+    /// The services planned hold the file's names and backend lists, not copies, and so does
+    /// a discovered one from its answer when no backend is dropped.
+    #[test]
+    fn names_and_listed_backends_are_shared_with_the_file_not_copied() {
+        let config = parse(CONFIG, "t").unwrap();
+        let answer = [be("10.3.0.1:80", 1)];
+        let sources = Sources {
+            discovered: &|_| Some(&answer),
+            kubernetes: None,
+        };
+        let (merged, _) = effective(&config, &sources, &Leftovers::new());
+        let file = &config.services[0].backends;
+        assert!(std::sync::Arc::ptr_eq(&merged[0].backends, file));
+        assert!(std::sync::Arc::ptr_eq(
+            &merged[1].name,
+            &config.services[1].name
+        ));
+        let (again, _) = refresh(
+            &config.services[0],
+            &sources,
+            &Leftovers::new(),
+            &vips(&merged),
+        );
+        assert!(std::sync::Arc::ptr_eq(&again.backends, file));
+        let (web, _) = refresh(
+            &config.services[1],
+            &sources,
+            &Leftovers::new(),
+            &vips(&merged),
+        );
+        assert_eq!(*web.backends, answer);
     }
 
     #[test]
@@ -424,9 +461,9 @@ service = "web"
             kubernetes: Some(Some(&from_api)),
         };
         let (merged, notes) = effective(&config, &sources, &Leftovers::new());
-        let names: Vec<&str> = merged.iter().map(|s| s.name.as_str()).collect();
+        let names: Vec<&str> = merged.iter().map(|s| &*s.name).collect();
         assert_eq!(names, ["api", "web", "a.ok.80"]);
-        assert_eq!(merged[2].backends, [be("10.2.0.2:80", 1)]);
+        assert_eq!(*merged[2].backends, [be("10.2.0.2:80", 1)]);
         assert_eq!(notes.len(), 2, "{notes:?}");
         assert!(
             notes[0].text.contains("\"a.clash.80\"") && notes[0].text.contains("\"api\""),

@@ -48,28 +48,54 @@ pub fn read_own(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, String> {
     }
 }
 
+/// A SHA-256 digest of `path` under the same bound as `read_bounded`, read a piece at a time:
+/// telling whether a 30 MB config changed then needs no copy of it.
+pub fn digest_bounded(path: &Path, limit: u64, what: &str) -> Result<[u8; 32], String> {
+    let named = |e: String| format!("{what} {}: {e}", path.display());
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| named(e.to_string()))?
+        .take(limit + 1);
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut piece = vec![0u8; 64 << 10];
+    let mut read = 0u64;
+    loop {
+        let n = match file.read(&mut piece) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(named(e.to_string())),
+        };
+        digest.update(&piece[..n]);
+        read += n as u64;
+    }
+    within(read, limit).map_err(named)?;
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.finish().as_ref());
+    Ok(out)
+}
+
 fn read_opened(file: std::io::Result<std::fs::File>, limit: u64) -> Result<Vec<u8>, String> {
-    let too_large = || {
-        format!(
-            "larger than {} KiB, which no such file needs; refusing to read it",
-            limit >> 10
-        )
-    };
     let file = file.map_err(|e| e.to_string())?;
     // A regular file says its size up front, so a huge one is refused before reading any of
     // it; devices and pipes (size 0) are bounded by the read itself.
-    if file.metadata().is_ok_and(|m| m.len() > limit) {
-        return Err(too_large());
-    }
+    within(file.metadata().map_or(0, |m| m.len()), limit)?;
     let mut bytes = Vec::new();
     let read = file
         .take(limit + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| e.to_string())?;
-    if read as u64 > limit {
-        return Err(too_large());
-    }
+    within(read as u64, limit)?;
     Ok(bytes)
+}
+
+fn within(read: u64, limit: u64) -> Result<(), String> {
+    if read > limit {
+        return Err(format!(
+            "larger than {} KiB, which no such file needs; refusing to read it",
+            limit >> 10
+        ));
+    }
+    Ok(())
 }
 
 /// `read_bounded` for text.
@@ -215,6 +241,36 @@ mod tests {
         std::os::unix::fs::symlink(&file, &link).unwrap();
         let err = read_own(&link, 1 << 20).unwrap_err();
         assert!(err.contains("link.json"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn digests_tell_contents_apart_under_the_same_bound() {
+        let dir = scratch("digest");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("lb.toml");
+        // More than one piece, so that every piece counts.
+        let mut text = vec![b'#'; 200 << 10];
+        std::fs::write(&file, &text).unwrap();
+        let first = digest_bounded(&file, CONFIG_LIMIT, "config file").unwrap();
+        assert_eq!(
+            digest_bounded(&file, CONFIG_LIMIT, "config file"),
+            Ok(first)
+        );
+        for at in [0, 70 << 10, (200 << 10) - 1] {
+            text[at] = b'x';
+            std::fs::write(&file, &text).unwrap();
+            let now = digest_bounded(&file, CONFIG_LIMIT, "config file").unwrap();
+            assert_ne!(now, first, "a change at byte {at}");
+            text[at] = b'#';
+        }
+        let err = digest_bounded(&file, 100 << 10, "config file").unwrap_err();
+        assert!(
+            err.contains("config file") && err.contains("larger than 100 KiB"),
+            "{err}"
+        );
+        let err = digest_bounded(&dir.join("gone"), CONFIG_LIMIT, "config file").unwrap_err();
+        assert!(err.contains("gone"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -109,6 +109,8 @@ pub struct Installed {
     /// The agent's peak memory (VmHWM) and the kernel memory of its maps, after loading (lb
     /// only).
     pub rss_kib: Option<u64>,
+    /// The anonymous (the agent's own) part of that peak (`anon_peak_kib`).
+    pub anon_peak_kib: Option<u64>,
     pub kernel_kib: Option<u64>,
     undo: Option<Box<dyn FnOnce()>>,
     pub agent: Option<Box<LbAgent>>,
@@ -191,6 +193,7 @@ pub fn install(
         Contender::Direct | Contender::DirectTwin => Ok(Outcome::Ready(Installed {
             load: Duration::ZERO,
             rss_kib: None,
+            anon_peak_kib: None,
             kernel_kib: None,
             undo: None,
             agent: None,
@@ -304,6 +307,7 @@ pub fn install(
             Ok(Outcome::Ready(Installed {
                 load,
                 rss_kib: None,
+                anon_peak_kib: None,
                 kernel_kib: None,
                 undo: Some(Box::new(undo)),
                 agent: None,
@@ -332,6 +336,7 @@ fn ready_or_not(
         Ok(Some(load)) => Ok(Outcome::Ready(Installed {
             load,
             rss_kib: None,
+            anon_peak_kib: None,
             kernel_kib: None,
             undo: Some(Box::new(undo)),
             agent: None,
@@ -511,10 +516,12 @@ fn install_lb(
         return Ok(Outcome::NotLoaded(reason));
     }
     let rss_kib = rss_kib(agent.pid());
+    let anon_peak_kib = anon_peak_kib(agent.pid());
     let kernel_kib = lb_testkit::agent_stats(&pins).map(|r| r.memory.total() >> 10);
     Ok(Outcome::Ready(Installed {
         load,
         rss_kib,
+        anon_peak_kib,
         kernel_kib,
         undo: None,
         agent: Some(Box::new(LbAgent {
@@ -530,14 +537,25 @@ fn install_lb(
 /// Peak resident memory: what a memory limit must allow (loading a large config peaks above
 /// what stays).
 pub fn rss_kib(pid: i32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    status_kib(pid, &["VmHWM:"]).map(|v| v[0])
+}
+
+/// The agent's own part of that peak: VmHWM less its file-backed and shared pages, which are
+/// mostly the BPF arrays it maps (the kernel map memory, counted again there) and which stay
+/// as they are once loaded.
+pub fn anon_peak_kib(pid: i32) -> Option<u64> {
+    let v = status_kib(pid, &["VmHWM:", "RssFile:", "RssShmem:"])?;
+    Some(v[0].saturating_sub(v[1] + v[2]))
+}
+
+/// These fields of `/proc/<pid>/status`, in KiB.
+fn status_kib(pid: i32, fields: &[&str]) -> Option<Vec<u64>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        let rest = status.lines().find_map(|l| l.strip_prefix(name))?;
+        rest.split_whitespace().next()?.parse().ok()
+    };
+    fields.iter().map(|name| field(name)).collect()
 }
 
 /// How long lb takes to apply one backend change at a size.

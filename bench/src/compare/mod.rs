@@ -309,6 +309,7 @@ fn try_install(
                 services: n,
                 time: i.load,
                 rss_kib: i.rss_kib,
+                anon_peak_kib: i.anon_peak_kib,
                 kernel_kib: i.kernel_kib,
             });
             Ok(Some(i))
@@ -530,6 +531,7 @@ mod tests {
             services,
             time: Duration::from_secs_f64(secs),
             rss_kib: None,
+            anon_peak_kib: None,
             kernel_kib: None,
         };
         let budget = Duration::from_secs(90);

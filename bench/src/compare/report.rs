@@ -94,6 +94,8 @@ pub struct Load {
     pub services: usize,
     pub time: Duration,
     pub rss_kib: Option<u64>,
+    /// The agent's own (anonymous) part of `rss_kib`, without the BPF arrays it maps.
+    pub anon_peak_kib: Option<u64>,
     pub kernel_kib: Option<u64>,
 }
 
@@ -558,9 +560,10 @@ fn control_plane(t: &mut String, s: &Summary) {
     let _ = writeln!(
         t,
         "\n## Control plane\n\nTime from start to loaded (lb: to its first full reconcile), \
-         median [lowest–highest] over installs; lb's peak RSS and kernel map memory (highest \
-         over installs).\n\n\
-         | contender | services | installs | time to load from empty | agent RSS (peak) | kernel map memory |\n|---|---|---|---|---|---|"
+         median [lowest–highest] over installs; lb's peak RSS, its own (anonymous) part of it \
+         (the peak less the file-backed pages, mostly the BPF arrays it maps, which are kernel \
+         map memory) and kernel map memory (highest over installs).\n\n\
+         | contender | services | installs | time to load from empty | agent RSS (peak) | agent's own memory (anon, peak) | kernel map memory |\n|---|---|---|---|---|---|---|"
     );
     let mib = |kib: Option<u64>| {
         kib.map_or("—".to_string(), |k| {
@@ -596,15 +599,20 @@ fn control_plane(t: &mut String, s: &Summary) {
         };
         let _ = writeln!(
             t,
-            "| {} | {n} | {} | {time} | {} | {} |",
+            "| {} | {n} | {} | {time} | {} | {} | {} |",
             c.name(),
             mine.len(),
             mib(mine.iter().filter_map(|l| l.rss_kib).max()),
+            mib(mine.iter().filter_map(|l| l.anon_peak_kib).max()),
             mib(mine.iter().filter_map(|l| l.kernel_kib).max())
         );
     }
     for (c, n, why) in &s.not_loaded {
-        let _ = writeln!(t, "| {} | {n} | — | not loaded: {why} | — | — |", c.name());
+        let _ = writeln!(
+            t,
+            "| {} | {n} | — | not loaded: {why} | — | — | — |",
+            c.name()
+        );
     }
 }
 

@@ -197,14 +197,14 @@ impl Outliers {
             let before = self.ejected(now, &svc.name);
             let backends = seen.len() + before.len();
             if self.observe(now, &svc.name, settings, backends, &seen) {
-                changed.insert(svc.name.clone());
+                changed.insert(svc.name.to_string());
                 log_ejections(&svc.name, &before, &self.ejected(now, &svc.name));
             }
         }
         let names: BTreeSet<&str> = services
             .iter()
             .filter(|s| s.admission.outlier.is_some())
-            .map(|s| s.name.as_str())
+            .map(|s| &*s.name)
             .collect();
         self.retain(|name| names.contains(name));
         changed

@@ -14,7 +14,7 @@ use crate::datapath::maps::Maps;
 use crate::datapath::mirror::Mirror;
 use crate::datapath::ops::Op;
 use crate::datapath::pinned::PinnedMaps;
-use crate::datapath::reconcile::{reconcile, Scope, Summary};
+use crate::datapath::reconcile::{Scope, Steps, Summary};
 use crate::lifecycle::loader::{self, LoadOptions};
 use crate::lifecycle::{cgroup, lock, pod_cgroups};
 use crate::observe::http::{self, Endpoints, Readiness};
@@ -91,7 +91,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let previous = status::read(&args.pin_dir);
     let mut outliers = Outliers::default();
     let watched = |name: &str| {
-        let service = config.services.iter().find(|s| s.name == name);
+        let service = config.services.iter().find(|s| &*s.name == name);
         service.is_some_and(|s| s.outlier.is_some())
     };
     outliers.resume(std::time::Instant::now(), previous.as_ref(), watched);
@@ -314,14 +314,14 @@ impl Touched {
     fn between(before: &[catalog::Service], after: &[catalog::Service]) -> Self {
         let mut touched = Self::default();
         let mut add = |s: &catalog::Service| {
-            touched.names.insert(s.name.clone());
+            touched.names.insert(s.name.to_string());
             touched.keys.insert(service_key(s.vip, s.protocol));
         };
         let mut old: HashMap<&str, &catalog::Service> =
-            before.iter().map(|s| (s.name.as_str(), s)).collect();
+            before.iter().map(|s| (&*s.name, s)).collect();
         let mut positions = Vec::new();
         for (i, service) in after.iter().enumerate() {
-            match old.remove(service.name.as_str()) {
+            match old.remove(&*service.name) {
                 Some(was) if was == service => continue,
                 Some(was) => add(was),
                 None => {}
@@ -495,32 +495,71 @@ impl Agent {
             Change::Services(names) if !fresh => Some(self.refresh(&names, &mirror)),
             _ => self.recompute(&mirror, fresh),
         };
-        let services: Vec<&catalog::Service> = match &touched {
-            None => self.wanted.iter().collect(),
-            Some(t) => t.positions.iter().map(|&i| &self.wanted[i]).collect(),
+        let positions: Vec<usize> = match &touched {
+            None => (0..self.wanted.len()).collect(),
+            Some(t) => t.positions.clone(),
         };
         let only = touched.as_ref().map(|t| &t.names);
-        self.health.sync(services.iter().copied(), only);
-        let (health, outliers) = (&self.health, &self.outliers);
-        // Either a health check or an ejection takes a backend out; both must agree to restore.
-        let (desired, failing_open) = plan::desired(services, &|svc, addr| {
-            health.is_healthy(svc, addr) && !outliers.is_ejected(svc, addr)
-        });
-        self.log_fail_open(failing_open.into_iter().collect(), only);
+        let services = positions.iter().map(|&i| &self.wanted[i]);
+        self.health.sync(services.clone(), only);
         let scope = match &touched {
             None => Scope::All,
             Some(t) => Scope::Keys(&t.keys),
         };
-        let plan = reconcile(&mirror.installed, &mut mirror.pools, &desired, scope)?;
-        self.crash_test(&plan.ops, fresh);
-        apply(&mut self.maps, &plan.ops)?;
-        if !plan.removed.is_empty() {
-            self.terminate(&plan.removed, &mirror);
+        let (steps, bound) = plan::steps(services);
+        if steps.len() > 1 {
+            let chunks = steps
+                .iter()
+                .map(|run| self.desired(&positions[run.clone()]).0);
+            Steps::fit(&mirror.installed, &mirror.pools, &bound, chunks)?;
         }
-        let summary = plan.summary.clone();
-        mirror.record(plan.ops);
+        let mut planner = Steps::new(scope);
+        let mut summary = Summary::default();
+        let mut failing_open = BTreeSet::new();
+        // Services recorded in order leave the mirror's B-tree half full: repacked as it grows
+        // by a quarter, so that the slack never comes to much (`Installed::compact`), at the
+        // cost of moving each entry about five times.
+        let mut packed = mirror.installed.services.len();
+        for (n, run) in steps.iter().enumerate() {
+            let (desired, failing) = self.desired(&positions[run.clone()]);
+            failing_open.extend(failing);
+            let last = n + 1 == steps.len();
+            let plan = planner.plan(&mirror.installed, &mut mirror.pools, &desired, last)?;
+            drop(desired);
+            self.crash_test(&plan.ops, fresh);
+            apply(&mut self.maps, &plan.ops)?;
+            if !plan.removed.is_empty() {
+                self.terminate(&plan.removed, &mirror);
+            }
+            summary += &plan.summary;
+            mirror.record(plan.ops);
+            if mirror.installed.services.len() > packed + packed / 4 + plan::STEP_SERVICES / 2 {
+                mirror.installed.compact();
+                packed = mirror.installed.services.len();
+            }
+        }
+        self.log_fail_open(failing_open, touched.as_ref().map(|t| &t.names));
+        // After a first load (or most of one): what the steps freed handed back to the
+        // system, which glibc does not do for free memory amid the heap.
+        if fresh || summary.added * 2 > mirror.installed.services.len() {
+            mirror.installed.compact();
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
         self.mirror = Some(mirror);
         Ok(summary)
+    }
+
+    /// What the maps should hold for these services of `wanted`, and those failing open.
+    fn desired(&self, positions: &[usize]) -> (plan::Desired, Vec<String>) {
+        let (health, outliers) = (&self.health, &self.outliers);
+        // Either a health check or an ejection takes a backend out; both must agree to restore.
+        plan::desired(positions.iter().map(|&i| &self.wanted[i]), &|svc, addr| {
+            health.is_healthy(svc, addr) && !outliers.is_ejected(svc, addr)
+        })
     }
 
     /// Every service anew (a config or Kubernetes change, or maps read afresh). Returns what
@@ -544,7 +583,7 @@ impl Agent {
         };
         self.by_name = (self.config.services.iter().enumerate())
             .filter(|(_, s)| refreshable(s))
-            .map(|(i, s)| (s.name.clone(), i))
+            .map(|(i, s)| (s.name.to_string(), i))
             .collect();
         let discovered = self.config.services.iter().any(|s| s.discovery.is_some());
         self.vips = if discovered {
@@ -617,8 +656,12 @@ impl Agent {
             let Ok(generation) = self.maps.backend_generation(id) else {
                 continue;
             };
-            let service = mirror.installed.services.get(&key).map(|s| s.name.clone());
-            let backend = mirror.installed.backends.get(&id).map(|a| a.to_string());
+            let service = mirror
+                .installed
+                .services
+                .get(&key)
+                .map(|s| s.name.to_string());
+            let backend = mirror.installed.backends.get(id).map(|a| a.to_string());
             let one = terminating::Doomed {
                 generation,
                 policy: policy.copied().unwrap_or_default(),
@@ -704,7 +747,7 @@ impl Agent {
                 return Vec::new();
             };
             let ids = have.backend_ids();
-            let backends = ids.filter_map(|id| Some((id, *installed.backends.get(&id)?)));
+            let backends = ids.filter_map(|id| Some((id, installed.backends.get(id)?)));
             maps.observations(backends)
         };
         let changed = self
@@ -787,22 +830,24 @@ impl Agent {
 
 /// Compares file contents rather than mtimes: editors replace files and Kubernetes swaps
 /// ConfigMap symlinks, and both keep or reset mtimes unpredictably.
+/// Tells whether the config file changed since it was last looked at, by a digest: its bytes
+/// would be a second copy of the config held for the agent's life.
 struct ConfigWatcher {
     path: PathBuf,
-    last: Option<Vec<u8>>,
+    last: Option<[u8; 32]>,
 }
 
 impl ConfigWatcher {
     fn new(path: &Path) -> Self {
         Self {
             path: path.to_path_buf(),
-            last: read_config(path).ok(),
+            last: config_digest(path).ok(),
         }
     }
 
     fn changed(&mut self) -> bool {
-        match read_config(&self.path) {
-            Ok(now) if self.last.as_ref() != Some(&now) => {
+        match config_digest(&self.path) {
+            Ok(now) if self.last != Some(now) => {
                 self.last = Some(now);
                 true
             }
@@ -817,11 +862,10 @@ impl ConfigWatcher {
     }
 }
 
-fn read_config(path: &Path) -> Result<Vec<u8>, String> {
-    crate::private_files::read_bounded(path, crate::private_files::CONFIG_LIMIT, "config file")
+fn config_digest(path: &Path) -> Result<[u8; 32], String> {
+    crate::private_files::digest_bounded(path, crate::private_files::CONFIG_LIMIT, "config file")
 }
 
-/// Polls the log ring buffer: debug logging is opt-in and a 100 ms delay on it costs nothing.
 async fn drain_ebpf_logs(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
@@ -844,7 +888,8 @@ mod tests {
             backends: vec![BackendConfig {
                 address: backend.parse().unwrap(),
                 weight: 1,
-            }],
+            }]
+            .into(),
             balancing: Default::default(),
             admission: Admission::default(),
         }
@@ -877,11 +922,7 @@ mod tests {
             .map(key)
             .collect();
         assert_eq!(t.keys, keys);
-        let at: Vec<&str> = t
-            .positions
-            .iter()
-            .map(|&i| after[i].name.as_str())
-            .collect();
+        let at: Vec<&str> = t.positions.iter().map(|&i| &*after[i].name).collect();
         assert_eq!(at, ["added", "moved", "changed"]);
     }
 

@@ -88,7 +88,7 @@ impl Rebalancing {
         let mut logged: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         for one in closed.iter().filter_map(|cookie| chosen.get(cookie)) {
             let service = names.get(&one.service_id).copied().unwrap_or_default();
-            let backend = (mirror.installed.backends.get(&one.backend_id))
+            let backend = (mirror.installed.backends.get(one.backend_id))
                 .map(|a| a.to_string())
                 .unwrap_or_default();
             crate::agent_metrics::AGENT.rebalanced(service, &backend, one.reason.as_str());
@@ -133,7 +133,7 @@ fn policies<'c>(
         let backends = (slots.into_iter())
             .filter_map(|(id, n)| Some(((id, maps.backend_generation(id).ok()?), n)))
             .collect();
-        names.insert(installed.id, svc.name.as_str());
+        names.insert(installed.id, &*svc.name);
         let policy = Policy {
             config: rebalance,
             backends,

@@ -73,7 +73,10 @@ pub fn assemble(parts: Parts) -> StatusFile {
     {
         let ejected = parts.outliers.ejected(now, &svc.name);
         if !ejected.is_empty() {
-            file.services.entry(svc.name.clone()).or_default().ejected = ejected;
+            file.services
+                .entry(svc.name.to_string())
+                .or_default()
+                .ejected = ejected;
         }
     }
     for (service, by_backend) in parts.terminated {

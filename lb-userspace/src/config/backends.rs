@@ -153,6 +153,7 @@ mod tests {
                     weight: 1
                 },
             ]
+            .into()
         );
     }
 

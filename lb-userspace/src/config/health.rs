@@ -252,7 +252,8 @@ mod tests {
             backends: vec![BackendConfig {
                 address: addr("10.0.0.11:8080"),
                 weight: 1,
-            }],
+            }]
+            .into(),
             health: Some(Box::new(HealthConfig {
                 kind: ProbeKind::Http {
                     path: "/healthz?full=1".into(),

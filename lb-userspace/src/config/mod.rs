@@ -47,9 +47,9 @@ pub use checker::Env;
 pub use error::ConfigError;
 pub use kubernetes::is_node_name;
 pub use model::{
-    Algorithm, BackendConfig, Balancing, ClientKey, Config, ConsulConfig, DataplaneConfig,
-    DiscoveryConfig, DnsConfig, DnsRecord, EtcdConfig, HealthConfig, InitialState,
-    KubernetesConfig, OutlierConfig, ProbeKind, Protocol, RebalanceConfig, ServiceConfig,
+    Algorithm, BackendConfig, Backends, Balancing, ClientKey, Config, ConsulConfig,
+    DataplaneConfig, DiscoveryConfig, DnsConfig, DnsRecord, EtcdConfig, HealthConfig, InitialState,
+    KubernetesConfig, Name, OutlierConfig, ProbeKind, Protocol, RebalanceConfig, ServiceConfig,
     SourceConfig, Terminate, DEFAULT_KUBE_MAX_SERVICES, MAX_BACKENDS_PER_SERVICE, MAX_NAME_LEN,
     MAX_SERVICES, MAX_WEIGHT,
 };
@@ -314,7 +314,7 @@ mod tests {
     #[test]
     fn byte_order_mark_is_accepted() {
         let text = format!("\u{feff}{}", web_with("protocol = \"udp\""));
-        assert_eq!(parse(&text, ORIGIN).unwrap().services[0].name, "web");
+        assert_eq!(&*parse(&text, ORIGIN).unwrap().services[0].name, "web");
     }
 
     #[test]

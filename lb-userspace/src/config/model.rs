@@ -58,12 +58,16 @@ pub enum Terminate {
     None,
 }
 
+/// A service's name, shared by the config, the services planned and the mirror of the maps
+/// rather than copied into each (250,000 services: 20 MB less).
+pub type Name = std::sync::Arc<str>;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
-    pub name: String,
+    pub name: Name,
     pub vip: SocketAddr,
     pub protocol: Protocol,
-    pub backends: Vec<BackendConfig>,
+    pub backends: Backends,
     /// Boxed, as `outlier` and `rebalance`: most services have none, and inline they more than
     /// doubled a service's size (344 bytes instead of 152: 48 MB more for 250,000 services).
     pub health: Option<Box<HealthConfig>>,
@@ -98,6 +102,10 @@ impl Protocol {
         }
     }
 }
+
+/// A service's backends, shared: the services the agent plans (`catalog::Service`) hold the
+/// file's list, not a copy of it (250,000 services of four backends: 40 MB less).
+pub type Backends = std::sync::Arc<[BackendConfig]>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {

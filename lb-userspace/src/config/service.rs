@@ -126,10 +126,10 @@ impl Checker {
         }
         self.unknown_keys(scope, "", table, KEYS);
         Some(ServiceConfig {
-            name: name?.to_owned(),
+            name: name?.into(),
             vip: vip?,
             protocol: protocol?,
-            backends: backends?,
+            backends: backends?.into(),
             health: health.setting()?.map(Box::new),
             fail_open: fail_open?,
             panic_threshold: panic_threshold?,
@@ -212,7 +212,8 @@ mod tests {
                             address: addr("10.0.0.13:8080"),
                             weight: 1,
                         },
-                    ],
+                    ]
+                    .into(),
                     health: None,
                     fail_open: true,
                     panic_threshold: 0,
@@ -229,7 +230,8 @@ mod tests {
                     backends: vec![BackendConfig {
                         address: addr("10.0.0.21:53"),
                         weight: 10_000,
-                    }],
+                    }]
+                    .into(),
                     health: None,
                     fail_open: true,
                     panic_threshold: 0,
@@ -250,7 +252,7 @@ mod tests {
     fn empty_backends_is_a_valid_service() {
         let config = parse(&web("vip = \"10.96.0.10:80\"\nbackends = []"), ORIGIN).unwrap();
         assert_eq!(config.services.len(), 1);
-        assert_eq!(config.services[0].name, "web");
+        assert_eq!(&*config.services[0].name, "web");
         assert!(config.services[0].backends.is_empty());
     }
 
@@ -328,7 +330,7 @@ mod tests {
         let ok = "a".repeat(MAX_NAME_LEN);
         let text =
             format!("[[service]]\nname = \"{ok}\"\nvip = \"10.96.0.10:80\"\nbackends = []\n");
-        assert_eq!(parse(&text, ORIGIN).unwrap().services[0].name, ok);
+        assert_eq!(&*parse(&text, ORIGIN).unwrap().services[0].name, ok);
 
         let long = "a".repeat(MAX_NAME_LEN + 1);
         let text =

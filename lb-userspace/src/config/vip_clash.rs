@@ -45,7 +45,7 @@ impl Checker {
     pub(super) fn backends_are_not_vips(&mut self, services: &[(usize, ServiceConfig)]) {
         let vips: HashMap<(SocketAddr, Protocol), &str> = services
             .iter()
-            .map(|(_, s)| ((s.vip, s.protocol), s.name.as_str()))
+            .map(|(_, s)| ((s.vip, s.protocol), &*s.name))
             .collect();
         for (i, s) in services {
             let scope = format!("service \"{}\" (service[{i}])", s.name);

@@ -139,7 +139,7 @@ mod tests {
         let ip = |i: u32| std::net::Ipv4Addr::from(i);
         let services = (0..n)
             .map(|i| crate::config::ServiceConfig {
-                name: format!("s{i}"),
+                name: format!("s{i}").into(),
                 vip: std::net::SocketAddr::new(ip(0x0a60_0000 + i).into(), 80),
                 protocol: crate::config::Protocol::Tcp,
                 backends: (0..backends)

@@ -8,6 +8,7 @@
 //! from the maps (`Pools::new`).
 
 use crate::datapath::installed::Installed;
+use crate::plan::Bound;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// A plan needs more than the maps were sized for.
@@ -66,6 +67,11 @@ impl IdPool {
     /// Free once the plan that frees it has been applied.
     pub fn release(&mut self, id: u32) {
         self.released.push(id);
+    }
+
+    /// Ids free now.
+    fn available(&self) -> u64 {
+        self.free.len() as u64 + u64::from(self.limit.saturating_sub(self.next))
     }
 
     fn commit(&mut self) {
@@ -136,6 +142,12 @@ impl SlotRanges {
         Ok(start)
     }
 
+    /// Every table of `len` entries in all fits: first fit never fails while the largest gap
+    /// could hold them all.
+    fn surely_fit(&self, len: u64) -> bool {
+        len == 0 || self.gaps.values().any(|gap| u64::from(*gap) >= len)
+    }
+
     /// Free once the plan that frees it has been applied.
     pub fn release(&mut self, start: u32, len: u32) {
         if len > 0 {
@@ -180,12 +192,20 @@ impl Pools {
         Self {
             service_ids: IdPool::new(service_ids, installed.capacity.services, "service"),
             backend_ids: IdPool::new(
-                installed.backends.keys().copied(),
+                installed.backends.ids(),
                 installed.capacity.backends,
                 "backend",
             ),
             ranges: SlotRanges::new(installed),
         }
+    }
+
+    /// Whatever services within `bound` a plan wants, it fits: the checks of a plan on the
+    /// maps' capacity cannot fail.
+    pub fn surely_fit(&self, bound: &Bound) -> bool {
+        self.service_ids.available() >= bound.services
+            && self.backend_ids.available() >= bound.backends
+            && self.ranges.surely_fit(bound.slots)
     }
 
     /// The plan that released ids and ranges has been applied: they are free from now on.

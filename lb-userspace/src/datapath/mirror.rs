@@ -5,7 +5,8 @@
 //!
 //! The maps stay the source of truth: whatever goes wrong, the mirror is dropped and read anew.
 
-use crate::codec::{backend_value, socket_addr, Mode};
+use crate::codec::Mode;
+use crate::config::Name;
 use crate::datapath::free::Pools;
 use crate::datapath::installed::{read_installed, Installed, InstalledService};
 use crate::datapath::maps::Maps;
@@ -32,15 +33,11 @@ impl Mirror {
     pub fn record(&mut self, ops: Vec<Op>) {
         let installed = &mut self.installed;
         let mut tables: HashMap<u32, Vec<u32>> = HashMap::new();
-        let mut names: HashMap<u32, String> = HashMap::new();
+        let mut names: HashMap<u32, Name> = HashMap::new();
         for op in ops {
             match op {
                 Op::ResetServiceCounters(_) => {}
-                Op::PutBackend { id, addr, .. } => {
-                    // As the maps give it back (`read` compares equal).
-                    let stored = socket_addr(&backend_value(&addr, 0, 0));
-                    installed.backends.insert(id, stored);
-                }
+                Op::PutBackend { id, addr, .. } => installed.backends.insert(id, addr),
                 Op::PutSlots { base, backends } => {
                     tables.insert(base, backends);
                 }
@@ -74,7 +71,7 @@ impl Mirror {
                     installed.stray_names.retain(|s| *s != id);
                 }
                 Op::DeleteBackend(id) => {
-                    installed.backends.remove(&id);
+                    installed.backends.remove(id);
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! The operations a reconcile plans and `apply` performs, one map update each (a slot table is
 //! written or deleted as one operation of many updates).
 
+use crate::config::Name;
 use lb_common::{ServiceKey, ServiceValue};
 use std::net::SocketAddr;
 
@@ -23,7 +24,7 @@ pub enum Op {
     },
     PutName {
         service_id: u32,
-        name: String,
+        name: Name,
     },
     PutService {
         key: ServiceKey,

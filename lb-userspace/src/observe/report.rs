@@ -255,13 +255,13 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
         for id in &svc.slots {
             *weights.entry(*id).or_default() += 1;
         }
-        let svc_status = status.and_then(|f| f.services.get(&svc.name));
+        let svc_status = status.and_then(|f| f.services.get(&*svc.name));
         let health_of = |addr: &str| svc_status.and_then(|s| s.backends.get(addr)).cloned();
         let mut backends = Vec::new();
         for (id, weight) in weights {
             let address = installed
                 .backends
-                .get(&id)
+                .get(id)
                 .map_or("?".into(), |a| a.to_string());
             let counters = maps.backend_counters(id)?;
             let health = health_of(&address);
@@ -292,7 +292,7 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
         }
         backends.sort_by(|a, b| a.address.cmp(&b.address));
         services.push(ServiceReport {
-            name: svc.name.clone(),
+            name: svc.name.to_string(),
             vip: vip(key).to_string(),
             protocol: protocol(key.proto),
             id: svc.id,

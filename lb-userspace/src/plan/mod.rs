@@ -7,15 +7,16 @@ pub mod maglev;
 use crate::admission::fail_open::select;
 use crate::catalog::Service;
 use crate::codec::{service_key, Mode};
-use crate::config::{Algorithm, BackendConfig};
+use crate::config::{Algorithm, BackendConfig, Name};
 use lb_common::ServiceKey;
 use lb_common::MAX_RANDOM_SLOTS;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::ops::Range;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredService {
-    pub name: String,
+    pub name: Name,
     /// One entry per slot; a backend appears as many times as its (reduced) weight.
     pub slots: Vec<SocketAddr>,
     pub mode: Mode,
@@ -41,7 +42,7 @@ pub fn desired<'a>(
                 .collect();
             let (chosen, panic) = select(&up, s.admission.fail_open, s.admission.panic_threshold);
             if panic {
-                failing_open.push(s.name.clone());
+                failing_open.push(s.name.to_string());
             }
             let backends: Vec<BackendConfig> =
                 chosen.iter().map(|&i| s.backends[i].clone()).collect();
@@ -57,6 +58,56 @@ pub fn desired<'a>(
         })
         .collect();
     (desired, failing_open)
+}
+
+/// A plan holds its services' tables and operations until it is applied: about 600 bytes for
+/// a service of four backends, 36 per slot. A large change is planned and applied in steps
+/// of at most this many services and slots (`datapath::reconcile::Steps`), which keeps that
+/// to a few MB; 8,192 services still go to the kernel in few batches.
+pub const STEP_SERVICES: usize = 8192;
+pub const STEP_SLOTS: usize = 1 << 20;
+
+/// At most what planning some services takes from the maps, without planning them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    pub services: u64,
+    pub backends: u64,
+    pub slots: u64,
+}
+
+/// `services` cut into consecutive runs within the step bounds (a service larger than the slot
+/// bound is a run of its own), at least one run, empty when `services` is; and at most what
+/// they all take.
+pub fn steps<'a>(services: impl IntoIterator<Item = &'a Service>) -> (Vec<Range<usize>>, Bound) {
+    let mut runs = Vec::new();
+    let mut bound = Bound::default();
+    let (mut start, mut end, mut slots) = (0, 0, 0);
+    for service in services {
+        let size = max_slots(service);
+        if end > start && (end - start == STEP_SERVICES || slots + size > STEP_SLOTS) {
+            runs.push(start..end);
+            (start, slots) = (end, 0);
+        }
+        slots += size;
+        end += 1;
+        bound.services += 1;
+        bound.backends += service.backends.len() as u64;
+        bound.slots += size as u64;
+    }
+    runs.push(start..end);
+    (runs, bound)
+}
+
+/// At most the slots `desired` gives the service, without computing its table.
+fn max_slots(service: &Service) -> usize {
+    match service.balancing.algorithm {
+        Algorithm::Maglev { table_size } => table_size as usize,
+        Algorithm::Random | Algorithm::LeastConnections => {
+            // Scaling down keeps one slot each, so the cap may be passed by one per backend.
+            let weights: u64 = service.backends.iter().map(|b| u64::from(b.weight)).sum();
+            (weights.min(u64::from(MAX_RANDOM_SLOTS)) + service.backends.len() as u64) as usize
+        }
+    }
 }
 
 /// The Maglev lookup table over `backends`; empty without backends, so that connects are
@@ -167,6 +218,55 @@ mod tests {
         assert!(t.len() <= MAX_RANDOM_SLOTS as usize, "{} slots", t.len());
         assert_eq!(count(&t, "10.0.1.1:80"), 1);
         assert!(count(&t, "10.0.0.1:80") > 1000);
+    }
+
+    #[test]
+    fn steps_bound_services_and_slots_and_what_they_take() {
+        let svc = |backends: usize, algorithm: Algorithm| Service {
+            name: "s".into(),
+            vip: "10.96.0.1:80".parse().unwrap(),
+            protocol: crate::config::Protocol::Tcp,
+            backends: (0..backends)
+                .map(|i| be(&format!("10.0.0.{i}:80"), 2))
+                .collect(),
+            balancing: crate::config::Balancing {
+                algorithm,
+                ..Default::default()
+            },
+            admission: crate::catalog::Admission::default(),
+        };
+        let (runs, bound) = steps(&[]);
+        assert_eq!(
+            (runs.len(), runs[0].clone(), bound),
+            (1, 0..0, Bound::default())
+        );
+        let small = vec![svc(4, Algorithm::Random); STEP_SERVICES * 2 + 1];
+        let (runs, bound) = steps(&small);
+        let n = STEP_SERVICES;
+        assert_eq!(runs, [0..n, n..2 * n, 2 * n..2 * n + 1]);
+        // Weights 2 of four backends: 8, plus one a backend for scaling down (it takes 4).
+        assert_eq!(bound.slots, 12 * (2 * n as u64 + 1));
+        assert_eq!(bound.backends, 4 * (2 * n as u64 + 1));
+        let big = svc(2, Algorithm::Maglev { table_size: 65_537 });
+        let mixed = [
+            vec![big.clone(); 16],
+            vec![svc(4, Algorithm::Random)],
+            vec![big],
+        ]
+        .concat();
+        let (runs, bound) = steps(&mixed);
+        // 15 tables of 65,537 fit in 2^20 slots, the 16th starts the next step.
+        assert_eq!(runs, [0..15, 15..18]);
+        assert_eq!(bound.services, 18);
+        let desired_slots: usize = desired(&mixed, &|_, _| true)
+            .0
+            .values()
+            .map(|d| d.slots.len())
+            .sum();
+        assert!(
+            bound.slots >= desired_slots as u64,
+            "{bound:?} {desired_slots}"
+        );
     }
 
     #[test]

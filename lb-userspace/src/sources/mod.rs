@@ -116,7 +116,7 @@ impl Discovery {
         let wanted: HashMap<&str, &DiscoveryConfig> = config
             .services
             .iter()
-            .filter_map(|s| s.discovery.as_deref().map(|d| (s.name.as_str(), d)))
+            .filter_map(|s| s.discovery.as_deref().map(|d| (&*s.name, d)))
             .collect();
         self.running.retain(|name, running| {
             let keep = wanted.get(name.as_str()) == Some(&&running.config);

@@ -84,7 +84,7 @@ impl HealthRunner {
                 s.backends.iter().map(move |b| {
                     (
                         Target {
-                            service: s.name.clone(),
+                            service: s.name.to_string(),
                             backend: b.address,
                         },
                         HealthConfig::clone(h),
