@@ -182,13 +182,7 @@ pub fn effective(config: &Config, sources: &Sources, held: &dyn Held) -> (Vec<Se
                             owner.name
                         ),
                     }),
-                    None => merged.push(Service::unchecked(
-                        &service.name,
-                        service.vip,
-                        service.protocol,
-                        service.backends.as_slice().into(),
-                        service.balancing,
-                    )),
+                    None => merged.push(from_cluster(service)),
                 }
             }
         }
@@ -216,6 +210,25 @@ pub fn effective(config: &Config, sources: &Sources, held: &dyn Held) -> (Vec<Se
         }
     }
     (merged, notes)
+}
+
+/// One Kubernetes service anew, after a change to it alone: what `effective` gives for it
+/// while the VIPs are `vips` (its own among them).
+pub fn refresh_cluster(service: &ClusterService, vips: &Vips) -> (Service, Vec<Note>) {
+    let mut service = from_cluster(service);
+    let mut notes = Vec::new();
+    drop_vip_backends(&mut service, vips, &mut notes);
+    (service, notes)
+}
+
+fn from_cluster(service: &ClusterService) -> Service {
+    Service::unchecked(
+        &service.name,
+        service.vip,
+        service.protocol,
+        service.backends.as_slice().into(),
+        service.balancing,
+    )
 }
 
 /// One file service anew, after its source answered: what `effective` gives for it while the

@@ -18,7 +18,7 @@ use crate::datapath::reconcile::{Scope, Steps, Summary};
 use crate::lifecycle::loader::{self, LoadOptions};
 use crate::lifecycle::{cgroup, lock, pod_cgroups};
 use crate::observe::http::{self, Endpoints, Readiness};
-use crate::sources::kubernetes::Kubernetes;
+use crate::sources::kubernetes::{self, Kubernetes};
 use crate::sources::Discovery;
 use crate::status;
 use crate::{config, plan};
@@ -114,6 +114,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         wanted: Vec::new(),
         by_name: HashMap::new(),
         vips: catalog::Vips::new(),
+        cluster_at: HashMap::new(),
         watches_outliers: false,
         cgroup_root: cgroup::mount_holding(&cgroup).ok(),
         bypass: BTreeMap::new(),
@@ -173,7 +174,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
             Some(event) = kube_events.recv() => {
                 agent.absorb(event, &mut kube_events, "kubernetes", |a, e| {
-                    a.kubernetes.apply(e).then_some(Change::Everything)
+                    match a.kubernetes.apply(e) {
+                        kubernetes::Changed::Nothing => None,
+                        kubernetes::Changed::Services(names) => Some(Change::Services(names)),
+                        kubernetes::Changed::All => Some(Change::Everything),
+                    }
                 });
                 if agent.kubernetes.take_pods_changed() {
                     agent.sync_bypass();
@@ -248,10 +253,11 @@ async fn retry_at(at: Option<tokio::time::Instant>) {
 
 /// What a reconcile has to look at.
 enum Change {
-    /// The config or Kubernetes' view changed: every service is compared with before, and
-    /// those that differ are planned.
+    /// The config changed, or Kubernetes synced for the first time: every service is
+    /// compared with before, and those that differ are planned.
     Everything,
-    /// These services' answers, health or ejections changed, and nothing else did.
+    /// These services' answers, health, ejections or Kubernetes objects changed, and nothing
+    /// else did.
     Services(BTreeSet<String>),
 }
 
@@ -350,8 +356,11 @@ struct Agent {
     /// File services a change may name (discovered, health-checked or outlier-watched), by
     /// name: their place in `config.services` and `wanted`.
     by_name: HashMap<String, usize>,
-    /// Every VIP, while some service is discovered (`catalog::refresh`).
+    /// Every VIP, while some service is discovered or comes from Kubernetes
+    /// (`catalog::refresh`, `catalog::refresh_cluster`).
     vips: catalog::Vips,
+    /// The Kubernetes services in `wanted`, by name: their place there.
+    cluster_at: HashMap<String, usize>,
     /// Some service has `[service.outlier]`.
     watches_outliers: bool,
     /// The cgroup the programs are attached to.
@@ -492,7 +501,10 @@ impl Agent {
             None => (Mirror::read(&self.maps)?, true),
         };
         let touched = match change {
-            Change::Services(names) if !fresh => Some(self.refresh(&names, &mirror)),
+            Change::Services(names) if !fresh => match self.refresh(&names, &mirror) {
+                Some(touched) => Some(touched),
+                None => self.recompute(&mirror, fresh),
+            },
             _ => self.recompute(&mirror, fresh),
         };
         let positions: Vec<usize> = match &touched {
@@ -585,8 +597,17 @@ impl Agent {
             .filter(|(_, s)| refreshable(s))
             .map(|(i, s)| (s.name.to_string(), i))
             .collect();
+        let listed = self.config.services.len();
+        self.cluster_at = match self.kubernetes.services() {
+            // After the file's services come Kubernetes' once synced (before, the maps'
+            // leftovers).
+            Some(Some(_)) => (self.wanted[listed..].iter().enumerate())
+                .map(|(k, s)| (s.name.to_string(), listed + k))
+                .collect(),
+            _ => HashMap::new(),
+        };
         let discovered = self.config.services.iter().any(|s| s.discovery.is_some());
-        self.vips = if discovered {
+        self.vips = if discovered || !self.cluster_at.is_empty() {
             catalog::vips(&self.wanted)
         } else {
             catalog::Vips::new()
@@ -596,7 +617,10 @@ impl Agent {
 
     /// These file services anew, after an answer, a health transition or an ejection; nothing
     /// else changed.
-    fn refresh(&mut self, names: &BTreeSet<String>, mirror: &Mirror) -> Touched {
+    /// `None` when one of them cannot be refreshed alone: a Kubernetes service that came,
+    /// went or moved to another VIP changes the VIPs every discovered backend is checked
+    /// against, so everything is recomputed then.
+    fn refresh(&mut self, names: &BTreeSet<String>, mirror: &Mirror) -> Option<Touched> {
         let discovery = &self.discovery;
         let sources = catalog::Sources {
             discovered: &|svc| discovery.backends(svc),
@@ -606,12 +630,24 @@ impl Agent {
         let mut notes = Vec::new();
         let mut refreshed = Vec::new();
         for name in names {
-            let Some(&i) = self.by_name.get(name) else {
-                continue;
+            let (i, (service, dropped)) = match self.by_name.get(name) {
+                Some(&i) => {
+                    let file = &self.config.services[i];
+                    let fresh = catalog::refresh(file, &sources, &mirror.installed, &self.vips);
+                    (i, fresh)
+                }
+                None => match (self.cluster_at.get(name), self.kubernetes.service(name)) {
+                    // Gone from the config before its answer arrived.
+                    (None, None) => continue,
+                    (Some(&i), Some(from_api))
+                        if (from_api.vip, from_api.protocol)
+                            == (self.wanted[i].vip, self.wanted[i].protocol) =>
+                    {
+                        (i, catalog::refresh_cluster(from_api, &self.vips))
+                    }
+                    _ => return None,
+                },
             };
-            let file = &self.config.services[i];
-            let (service, dropped) =
-                catalog::refresh(file, &sources, &mirror.installed, &self.vips);
             notes.extend(dropped);
             touched.names.insert(name.clone());
             touched
@@ -624,7 +660,7 @@ impl Agent {
             self.wanted[i] = service;
         }
         self.note_dropped(notes, Some(&touched.names));
-        touched
+        Some(touched)
     }
 
     /// `--crash-after-ops`: applies that much of a plan (not the first: the agent must have

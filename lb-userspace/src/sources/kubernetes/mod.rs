@@ -19,7 +19,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Resource, ResourceExt};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use translate::{ClusterService, Options, Translation};
@@ -32,6 +32,16 @@ const MAX_BATCH_WAIT: Duration = Duration::from_millis(100);
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// Reading this node's zone never holds the watches back for longer.
 const NODE_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What an event changed in the services the source yields.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Changed {
+    Nothing,
+    /// These services (by name) were added, removed or changed; nothing else was.
+    Services(BTreeSet<String>),
+    /// The first full set: what the maps held stands in for it until now.
+    All,
+}
 
 #[derive(Debug)]
 pub enum KubeEvent {
@@ -352,6 +362,8 @@ pub struct Kubernetes {
     running: Option<(KubernetesConfig, tokio::task::JoinHandle<()>)>,
     /// `None` until the running watch has synced once.
     services: Option<Vec<ClusterService>>,
+    /// Where each of `services` is, by name.
+    by_name: HashMap<String, usize>,
     notes: Vec<String>,
     pub status: SourceStatus,
     /// The last pods of this node the watch reported as asking to be bypassed; kept while a
@@ -368,6 +380,7 @@ impl Kubernetes {
             tx,
             running: None,
             services: None,
+            by_name: HashMap::new(),
             notes: Vec::new(),
             status: SourceStatus::default(),
             bypassed_pods: BypassedPods::new(),
@@ -409,6 +422,12 @@ impl Kubernetes {
         self.running.as_ref().map(|_| self.services.as_deref())
     }
 
+    /// The service of that name, once synced.
+    pub fn service(&self, name: &str) -> Option<&ClusterService> {
+        let services = self.services.as_ref()?;
+        self.by_name.get(name).map(|&i| &services[i])
+    }
+
     pub fn is_synced(&self) -> bool {
         self.running.is_none() || self.services.is_some()
     }
@@ -424,7 +443,7 @@ impl Kubernetes {
     }
 
     /// Records an event; true when the set of services changed.
-    pub fn apply(&mut self, event: KubeEvent) -> bool {
+    pub fn apply(&mut self, event: KubeEvent) -> Changed {
         let status = &mut self.status;
         match event {
             KubeEvent::Error(error) => {
@@ -433,14 +452,14 @@ impl Kubernetes {
                     "watch failed, keeping the last known services: {error}"
                 );
                 status.record_error(error, self.services.is_some());
-                false
+                Changed::Nothing
             }
             KubeEvent::Pods(pods) => {
                 if pods != self.bypassed_pods {
                     self.bypassed_pods = pods;
                     self.pods_changed = true;
                 }
-                false
+                Changed::Nothing
             }
             KubeEvent::Synced(t) => {
                 if status.state != SourceState::Ok {
@@ -471,11 +490,58 @@ impl Kubernetes {
                     }
                     self.notes = t.notes;
                 }
-                let changed = self.services.as_ref() != Some(&t.services);
+                let by_name: HashMap<String, usize> = (t.services.iter().enumerate())
+                    .map(|(i, s)| (s.name.clone(), i))
+                    .collect();
+                // Names are unique but for a hash collision of two very long ones; the
+                // comparison by name needs them unique on both sides.
+                let unique = |n: &HashMap<String, usize>, s: &[ClusterService]| n.len() == s.len();
+                let changed = match &self.services {
+                    Some(before)
+                        if unique(&self.by_name, before) && unique(&by_name, &t.services) =>
+                    {
+                        changed_names(before, &self.by_name, &t.services)
+                    }
+                    _ => Changed::All,
+                };
+                self.by_name = by_name;
                 self.services = Some(t.services);
                 changed
             }
         }
+    }
+}
+
+/// The services added, removed or changed from `before` (indexed by `at`) to `after`. Every
+/// batch carries the whole set, so this compares them all, but only the differences go on to
+/// be planned.
+fn changed_names(
+    before: &[ClusterService],
+    at: &HashMap<String, usize>,
+    after: &[ClusterService],
+) -> Changed {
+    let mut names = BTreeSet::new();
+    let mut kept = 0;
+    for service in after {
+        let was = at.get(&service.name).map(|&i| &before[i]);
+        kept += usize::from(was.is_some());
+        if was != Some(service) {
+            names.insert(service.name.clone());
+        }
+    }
+    // Names are unique on both sides, so fewer kept than there were means some went.
+    if kept < before.len() {
+        let still: BTreeSet<&str> = after.iter().map(|s| s.name.as_str()).collect();
+        names.extend(
+            (before.iter())
+                .filter(|s| !still.contains(s.name.as_str()))
+                .map(|s| s.name.clone()),
+        );
+    }
+    if names.is_empty() {
+        Changed::Nothing
+    } else {
+        Changed::Services(names)
     }
 }
 
@@ -490,6 +556,51 @@ impl Drop for Kubernetes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{BackendConfig, Balancing, Protocol};
+
+    fn cluster(name: &str, backends: &[&str]) -> ClusterService {
+        ClusterService {
+            name: name.to_owned(),
+            vip: "10.96.0.1:80".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            backends: (backends.iter())
+                .map(|b| BackendConfig {
+                    address: b.parse().unwrap(),
+                    weight: 1,
+                })
+                .collect(),
+            balancing: Balancing::default(),
+        }
+    }
+
+    fn synced(k: &mut Kubernetes, services: Vec<ClusterService>) -> Changed {
+        k.apply(KubeEvent::Synced(Translation {
+            services,
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn a_batch_names_only_the_services_it_changed() {
+        let (mut k, _rx) = Kubernetes::new();
+        let a = || cluster("ns.a.80", &["10.0.0.1:80"]);
+        let b = || cluster("ns.b.80", &["10.0.0.2:80"]);
+        let names = |n: &[&str]| Changed::Services(n.iter().map(|s| s.to_string()).collect());
+        assert_eq!(synced(&mut k, vec![a(), b()]), Changed::All);
+        assert_eq!(synced(&mut k, vec![b(), a()]), Changed::Nothing);
+        let b2 = cluster("ns.b.80", &["10.0.0.2:80", "10.0.0.3:80"]);
+        assert_eq!(synced(&mut k, vec![a(), b2.clone()]), names(&["ns.b.80"]));
+        assert_eq!(k.service("ns.b.80"), Some(&b2));
+        let c = cluster("ns.c.80", &[]);
+        assert_eq!(
+            synced(&mut k, vec![c.clone(), b2]),
+            names(&["ns.a.80", "ns.c.80"])
+        );
+        assert_eq!(k.service("ns.a.80"), None);
+        assert_eq!(k.service("ns.c.80"), Some(&c));
+        // Two services of one name (a collision of hashed long names): compared as a whole.
+        assert_eq!(synced(&mut k, vec![c.clone(), c]), Changed::All);
+    }
 
     #[tokio::test]
     async fn steady_churn_is_batched_but_never_held_back() {
