@@ -202,11 +202,15 @@ pub fn effective(config: &Config, sources: &Sources, held: &dyn Held) -> (Vec<Se
             }
         }
     }
-    let vips = vips(&merged);
     let from_source = |i: usize| config.services.get(i).is_none_or(|s| s.discovery.is_some());
-    for (i, service) in merged.iter_mut().enumerate() {
-        if from_source(i) {
-            drop_vip_backends(service, &vips, &mut notes);
+    // Every VIP by name is a map as large as the services (250,000: 34 MB): only made when
+    // some backends came from a source.
+    if (0..merged.len()).any(from_source) {
+        let vips = vips(&merged);
+        for (i, service) in merged.iter_mut().enumerate() {
+            if from_source(i) {
+                drop_vip_backends(service, &vips, &mut notes);
+            }
         }
     }
     (merged, notes)
