@@ -5,7 +5,7 @@
 
 use lb_testkit::config::{Config, Service, Table};
 use lb_testkit::procs::Proto;
-use lb_testkit::stats::{agent_stats, backend, backend_set, find_backend, service};
+use lb_testkit::stats::{agent_stats, backend_set, find_backend, service};
 use lb_testkit::{
     consul_raw, consul_state, require_privileged, wait_backends, wait_for, ConsulMock, Dns,
     DnsRecords, Etcd, Scenario, SrvRecord,
@@ -509,9 +509,13 @@ fn discovered_backends_go_through_health_checks() {
     let config = Config::new().service(discovered("web", VIP, discovery).health(health));
     apply(&mut s, &config);
     wait_backends(&s.pins, "web", &[B1, B2], WAIT);
-    let svc = s.service_stats("web");
-    let b3 = backend(&svc, B3);
-    assert_eq!(b3.health.as_ref().map(|h| h.healthy), Some(false), "{b3:?}");
+    // The maps can show the change before the status file does (it is published after the
+    // reconcile's socket-termination pass), so the health verdict is waited for as well.
+    let b3_down = || {
+        let svc = s.service_stats("web");
+        find_backend(&svc, B3).and_then(|b| b.health.as_ref().map(|h| h.healthy)) == Some(false)
+    };
+    assert!(wait_for(WAIT, b3_down), "{:?}", s.service_stats("web"));
     s.assert_balanced(VIP, &[B1, B2]);
 }
 
