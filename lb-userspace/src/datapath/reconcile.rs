@@ -685,30 +685,16 @@ mod tests {
     /// exactly where plans of everything from fresh reads do, and write nothing of the others.
     #[test]
     fn plans_for_the_touched_keys_alone_end_where_full_plans_do() {
-        let vip = |i: usize| format!("10.96.0.{i}:80");
-        let make = |i: usize, n: usize| {
-            let backends: Vec<String> = (0..n).map(|b| format!("10.0.{i}.{b}:80")).collect();
-            let refs: Vec<(&str, u32)> = backends.iter().map(|b| (b.as_str(), 1)).collect();
-            service(&format!("s{i}"), &vip(i), &refs)
-        };
-        let mut cfg: Vec<Service> = (0..8).map(|i| make(i, 2)).collect();
+        let mut cfg: Vec<Service> = (0..8).map(|i| numbered(i, 2)).collect();
         let (mut scoped, mut full) = (FakeMaps::default(), FakeMaps::default());
         converge(&mut scoped, &cfg);
         converge(&mut full, &cfg);
         let mut mirror = Mirror::read(&scoped).unwrap();
         let mut seed = 7u32;
         for step in 0..300 {
-            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-            let (i, n) = ((seed >> 8) as usize % 12, (seed >> 20) as usize % 4);
-            let at = cfg.iter().position(|s| s.vip.to_string() == vip(i));
-            match (at, n) {
-                (Some(at), 0) => drop(cfg.remove(at)),
-                (Some(at), n) => cfg[at] = make(i, n),
-                (None, n) => cfg.push(make(i, n)),
-            }
-            let key = service_key(vip(i).parse().unwrap(), Protocol::Tcp);
+            let key = churn(&mut cfg, &mut seed);
             let touched = BTreeSet::from([key]);
-            let changed = cfg.iter().filter(|s| s.vip.to_string() == vip(i));
+            let changed = cfg.iter().filter(|s| service_key(s.vip, s.protocol) == key);
             let want = desired(changed, &|_, _| true).0;
             let plan = reconcile(
                 &mirror.installed,
@@ -733,14 +719,41 @@ mod tests {
             mirror.record(plan.ops);
             assert_eq!(mirror, Mirror::read(&scoped).unwrap(), "step {step}");
             converge(&mut full, &cfg);
-            for svc in &cfg {
-                let v = svc.vip.to_string();
-                assert_eq!(table(&scoped, &v), table(&full, &v), "step {step}: {v}");
-            }
-            assert_eq!(scoped.services.len(), full.services.len(), "step {step}");
-            assert_eq!(scoped.backends.len(), full.backends.len(), "step {step}");
-            assert_eq!(scoped.names.len(), full.names.len(), "step {step}");
+            assert_same_tables(&scoped, &full, &cfg, &format!("step {step}"));
         }
+    }
+
+    /// Service `i` of the randomised tests: VIP 10.96.0.i:80 with `n` backends.
+    fn numbered(i: usize, n: usize) -> Service {
+        let backends: Vec<String> = (0..n).map(|b| format!("10.0.{i}.{b}:80")).collect();
+        let refs: Vec<(&str, u32)> = backends.iter().map(|b| (b.as_str(), 1)).collect();
+        service(&format!("s{i}"), &format!("10.96.0.{i}:80"), &refs)
+    }
+
+    /// One pseudo-random change to `cfg`: one of 12 numbered services gets 0 to 3 backends (0
+    /// removes it). Returns its key.
+    fn churn(cfg: &mut Vec<Service>, seed: &mut u32) -> ServiceKey {
+        *seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let (i, n) = ((*seed >> 8) as usize % 12, (*seed >> 20) as usize % 4);
+        let changed = numbered(i, n);
+        let key = service_key(changed.vip, changed.protocol);
+        match (cfg.iter().position(|s| s.vip == changed.vip), n) {
+            (Some(at), 0) => drop(cfg.remove(at)),
+            (Some(at), _) => cfg[at] = changed,
+            (None, _) => cfg.push(changed),
+        }
+        key
+    }
+
+    /// Both data planes hold the same table for every service of `cfg`, and as many entries.
+    fn assert_same_tables(a: &FakeMaps, b: &FakeMaps, cfg: &[Service], when: &str) {
+        for svc in cfg {
+            let v = svc.vip.to_string();
+            assert_eq!(table(a, &v), table(b, &v), "{when}: {v}");
+        }
+        assert_eq!(a.services.len(), b.services.len(), "{when}");
+        assert_eq!(a.backends.len(), b.backends.len(), "{when}");
+        assert_eq!(a.names.len(), b.names.len(), "{when}");
     }
 
     /// `cfg` planned and applied in steps of `size` services, from a mirror kept across them:
@@ -790,28 +803,14 @@ mod tests {
     /// wants and the leftovers of interrupted updates removed by the last step).
     #[test]
     fn steps_end_where_one_plan_does() {
-        let vip = |i: usize| format!("10.96.0.{i}:80");
-        let make = |i: usize, n: usize| {
-            let backends: Vec<String> = (0..n).map(|b| format!("10.0.{i}.{b}:80")).collect();
-            let refs: Vec<(&str, u32)> = backends.iter().map(|b| (b.as_str(), 1)).collect();
-            service(&format!("s{i}"), &vip(i), &refs)
-        };
-        let mut cfg: Vec<Service> = (0..8).map(|i| make(i, 2)).collect();
+        let mut cfg: Vec<Service> = (0..8).map(|i| numbered(i, 2)).collect();
         let (mut stepped, mut full) = (FakeMaps::default(), FakeMaps::default());
         let mut mirror = Mirror::read(&stepped).unwrap();
         let mut seed = 11u32;
         for round in 0..120 {
             let mut touched = BTreeSet::new();
             for _ in 0..(round % 5) {
-                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-                let (i, n) = ((seed >> 8) as usize % 12, (seed >> 20) as usize % 4);
-                let at = cfg.iter().position(|s| s.vip.to_string() == vip(i));
-                match (at, n) {
-                    (Some(at), 0) => drop(cfg.remove(at)),
-                    (Some(at), n) => cfg[at] = make(i, n),
-                    (None, n) => cfg.push(make(i, n)),
-                }
-                touched.insert(service_key(vip(i).parse().unwrap(), Protocol::Tcp));
+                touched.insert(churn(&mut cfg, &mut seed));
             }
             if round % 7 == 3 {
                 // Leftovers of an interrupted update, for the last step of `All` to remove.
@@ -835,13 +834,7 @@ mod tests {
             };
             let plan = converge(&mut full, &cfg);
             assert_eq!(summary.removed, plan.summary.removed, "round {round}");
-            for svc in &cfg {
-                let v = svc.vip.to_string();
-                assert_eq!(table(&stepped, &v), table(&full, &v), "round {round}: {v}");
-            }
-            assert_eq!(stepped.services.len(), full.services.len(), "round {round}");
-            assert_eq!(stepped.backends.len(), full.backends.len(), "round {round}");
-            assert_eq!(stepped.names.len(), full.names.len(), "round {round}");
+            assert_same_tables(&stepped, &full, &cfg, &format!("round {round}"));
         }
     }
 
