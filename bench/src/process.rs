@@ -1,6 +1,7 @@
 //! The benchmarks' view of the machine and of the agent process they run.
 
 use anyhow::{bail, Context, Result};
+use lb_testkit::procs::status_kib;
 
 pub fn require_root() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
@@ -26,12 +27,7 @@ pub fn usage(pid: i32) -> Result<(f64, u64)> {
     let ticks = field(11)? + field(12)?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
+    let rss_kib = status_kib(pid, &["VmRSS"]).map_or(0, |v| v[0]);
     Ok((ticks as f64 / hz, rss_kib))
 }
 

@@ -71,6 +71,19 @@ impl ClientReport {
 }
 
 /// Waits up to 3 s for a child to exit on its own, then kills it: only our own children.
+/// These fields of a process's `/proc/<pid>/status` (`VmHWM`, `RssFile`, ...), in KiB, from
+/// one read; `None` if the process is gone or one of them is missing.
+pub fn status_kib(pid: i32, fields: &[&str]) -> Option<Vec<u64>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let value = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))?;
+        value.trim().strip_suffix("kB")?.trim().parse().ok()
+    };
+    fields.iter().map(|name| field(name)).collect()
+}
+
 pub fn wait_or_kill(child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
@@ -491,12 +504,8 @@ impl Agent {
     }
 
     fn status_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("the agent's /proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+        status_kib(self.pid(), &[field])
+            .map(|v| v[0])
             .unwrap_or_else(|| panic!("no {field} in the agent's /proc status"))
     }
 
@@ -620,5 +629,20 @@ impl Drop for HeldConnections {
             drop(c.stdin.take());
             wait_or_kill(&mut c);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::status_kib;
+
+    #[test]
+    fn status_fields_are_read_in_kib() {
+        let me = std::process::id() as i32;
+        let v = status_kib(me, &["VmHWM", "VmRSS"]).expect("this process's status");
+        assert!(v[0] >= v[1] && v[1] > 0, "{v:?}");
+        assert_eq!(status_kib(me, &["VmRSS", "NoSuchField"]), None);
+        // A prefix of a field's name is not that field.
+        assert_eq!(status_kib(me, &["VmRS"]), None);
     }
 }

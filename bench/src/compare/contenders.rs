@@ -8,6 +8,7 @@ use super::Case;
 use crate::process::reconcile_micros;
 use anyhow::{bail, Context, Result};
 use lb_testkit::paths::testkit_bin;
+use lb_testkit::procs::status_kib;
 use lb_testkit::{Agent, ConsulMock, PinDir};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -537,25 +538,15 @@ fn install_lb(
 /// Peak resident memory: what a memory limit must allow (loading a large config peaks above
 /// what stays).
 pub fn rss_kib(pid: i32) -> Option<u64> {
-    status_kib(pid, &["VmHWM:"]).map(|v| v[0])
+    status_kib(pid, &["VmHWM"]).map(|v| v[0])
 }
 
 /// The agent's own part of that peak: VmHWM less its file-backed and shared pages, which are
 /// mostly the BPF arrays it maps (the kernel map memory, counted again there) and which stay
 /// as they are once loaded.
 pub fn anon_peak_kib(pid: i32) -> Option<u64> {
-    let v = status_kib(pid, &["VmHWM:", "RssFile:", "RssShmem:"])?;
+    let v = status_kib(pid, &["VmHWM", "RssFile", "RssShmem"])?;
     Some(v[0].saturating_sub(v[1] + v[2]))
-}
-
-/// These fields of `/proc/<pid>/status`, in KiB.
-fn status_kib(pid: i32, fields: &[&str]) -> Option<Vec<u64>> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        let rest = status.lines().find_map(|l| l.strip_prefix(name))?;
-        rest.split_whitespace().next()?.parse().ok()
-    };
-    fields.iter().map(|name| field(name)).collect()
 }
 
 /// How long lb takes to apply one backend change at a size.
