@@ -138,7 +138,7 @@ pub struct Note {
 /// Every service's VIP, to keep sources from naming one as a backend.
 pub type Vips = HashMap<(SocketAddr, Protocol), String>;
 
-pub fn vips(services: &[Service]) -> Vips {
+fn vips(services: &[Service]) -> Vips {
     services
         .iter()
         .map(|s| ((s.vip, s.protocol), s.name.to_string()))
@@ -154,8 +154,14 @@ pub fn vips(services: &[Service]) -> Vips {
 /// are VIPs (or whose health port is a VIP) are dropped, as config validation does for listed
 /// ones. The returned notes say what was left out.
 ///
-/// The file's services come first, in the file's order.
-pub fn effective(config: &Config, sources: &Sources, held: &dyn Held) -> (Vec<Service>, Vec<Note>) {
+/// The file's services come first, in the file's order. Also returns every VIP when some
+/// service's backends came from a source (empty otherwise), for `refresh` and
+/// `refresh_cluster`.
+pub fn effective(
+    config: &Config,
+    sources: &Sources,
+    held: &dyn Held,
+) -> (Vec<Service>, Vec<Note>, Vips) {
     let mut notes = Vec::new();
     let mut merged: Vec<Service> = config
         .services
@@ -204,16 +210,17 @@ pub fn effective(config: &Config, sources: &Sources, held: &dyn Held) -> (Vec<Se
     }
     let from_source = |i: usize| config.services.get(i).is_none_or(|s| s.discovery.is_some());
     // Every VIP by name is a map as large as the services (250,000: 34 MB): only made when
-    // some backends came from a source.
+    // some backends came from a source, and then handed back for refreshing those alone.
+    let mut all = Vips::new();
     if (0..merged.len()).any(from_source) {
-        let vips = vips(&merged);
+        all = vips(&merged);
         for (i, service) in merged.iter_mut().enumerate() {
             if from_source(i) {
-                drop_vip_backends(service, &vips, &mut notes);
+                drop_vip_backends(service, &all, &mut notes);
             }
         }
     }
-    (merged, notes)
+    (merged, notes, all)
 }
 
 /// One Kubernetes service anew, after a change to it alone: what `effective` gives for it
@@ -339,7 +346,7 @@ service = "web"
     fn answers_fill_discovered_services_only() {
         let config = parse(CONFIG, "t").unwrap();
         let answer = vec![be("10.0.1.1:80", 1), be("10.0.1.2:80", 2)];
-        let (merged, dropped) = effective(
+        let (merged, dropped, _) = effective(
             &config,
             &only(&|s| (s == "web").then_some(&answer[..])),
             &Leftovers::new(),
@@ -355,9 +362,9 @@ service = "web"
         let mut leftovers = Leftovers::new();
         let kept = [be("10.0.2.1:80", 1), be("10.0.2.2:80", 2)];
         leftover(&mut leftovers, "web", "10.96.0.2:80", &kept);
-        let (merged, _) = effective(&config, &only(&|_| None), &leftovers);
+        let (merged, _, _) = effective(&config, &only(&|_| None), &leftovers);
         assert_eq!(web(&merged), kept);
-        let (fresh, _) = effective(&config, &only(&|_| None), &Leftovers::new());
+        let (fresh, _, _) = effective(&config, &only(&|_| None), &Leftovers::new());
         assert!(web(&fresh).is_empty());
     }
 
@@ -371,7 +378,7 @@ service = "web"
             "10.96.0.2:80",
             &[be("10.0.2.1:80", 1)],
         );
-        let (merged, _) = effective(&config, &only(&|_| Some(&[])), &leftovers);
+        let (merged, _, _) = effective(&config, &only(&|_| Some(&[])), &leftovers);
         assert!(web(&merged).is_empty());
     }
 
@@ -379,14 +386,30 @@ service = "web"
     fn discovered_vips_are_dropped_and_named() {
         let config = parse(CONFIG, "t").unwrap();
         let answer = [be("10.96.0.1:80", 1), be("10.0.1.1:80", 1)];
-        let (merged, dropped) =
-            effective(&config, &only(&|_| Some(&answer[..])), &Leftovers::new());
+        let answered = |_: &str| Some(&answer[..]);
+        let sources = only(&answered);
+        let (merged, dropped, vips) = effective(&config, &sources, &Leftovers::new());
         assert_eq!(web(&merged), [be("10.0.1.1:80", 1)]);
         assert_eq!(dropped.len(), 1);
         assert!(
             dropped[0].text.contains("10.96.0.1:80") && dropped[0].text.contains("\"api\""),
             "{dropped:?}"
         );
+        // The VIPs handed back serve a later refresh of the discovered service alone.
+        assert_eq!(vips.len(), merged.len());
+        let (again, dropped) = refresh(&config.services[1], &sources, &Leftovers::new(), &vips);
+        assert_eq!(*again.backends, [be("10.0.1.1:80", 1)]);
+        assert_eq!(dropped.len(), 1);
+        // Nothing from a source: no VIP map is made.
+        let listed = parse(
+            CONFIG
+                .split("\n[[service]]\nname = \"web\"")
+                .next()
+                .unwrap(),
+            "t",
+        );
+        let (_, _, none) = effective(&listed.unwrap(), &sources, &Leftovers::new());
+        assert!(none.is_empty());
     }
 
     fn leftover(leftovers: &mut Leftovers, name: &str, vip: &str, backends: &[BackendConfig]) {
@@ -419,7 +442,7 @@ service = "web"
             discovered: &|_| None,
             kubernetes: Some(None),
         };
-        let (merged, _) = effective(&config, &sources, &leftovers);
+        let (merged, _, _) = effective(&config, &sources, &leftovers);
         assert_eq!(merged.len(), 1);
         assert_eq!(&*merged[0].name, "shop.web.http");
         assert_eq!(merged[0].vip.to_string(), "10.96.5.5:80");
@@ -429,7 +452,7 @@ service = "web"
             discovered: &|_| None,
             kubernetes: Some(Some(&[])),
         };
-        let (merged, _) = effective(&config, &sources, &leftovers);
+        let (merged, _, _) = effective(&config, &sources, &leftovers);
         assert!(merged.is_empty());
     }
 
@@ -443,7 +466,7 @@ service = "web"
             discovered: &|_| Some(&answer),
             kubernetes: None,
         };
-        let (merged, _) = effective(&config, &sources, &Leftovers::new());
+        let (merged, _, _) = effective(&config, &sources, &Leftovers::new());
         let file = &config.services[0].backends;
         assert!(std::sync::Arc::ptr_eq(&merged[0].backends, file));
         assert!(std::sync::Arc::ptr_eq(
@@ -477,7 +500,7 @@ service = "web"
             discovered: &|_| Some(&[]),
             kubernetes: Some(Some(&from_api)),
         };
-        let (merged, notes) = effective(&config, &sources, &Leftovers::new());
+        let (merged, notes, _) = effective(&config, &sources, &Leftovers::new());
         let names: Vec<&str> = merged.iter().map(|s| &*s.name).collect();
         assert_eq!(names, ["api", "web", "a.ok.80"]);
         assert_eq!(*merged[2].backends, [be("10.2.0.2:80", 1)]);

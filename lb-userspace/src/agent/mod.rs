@@ -356,8 +356,8 @@ struct Agent {
     /// File services a change may name (discovered, health-checked or outlier-watched), by
     /// name: their place in `config.services` and `wanted`.
     by_name: HashMap<String, usize>,
-    /// Every VIP, while some service is discovered or comes from Kubernetes
-    /// (`catalog::refresh`, `catalog::refresh_cluster`).
+    /// Every VIP, while some service's backends come from a source (`catalog::effective`
+    /// made it; `catalog::refresh` and `catalog::refresh_cluster` check against it).
     vips: catalog::Vips,
     /// The Kubernetes services in `wanted`, by name: their place there.
     cluster_at: HashMap<String, usize>,
@@ -582,7 +582,8 @@ impl Agent {
             discovered: &|svc| discovery.backends(svc),
             kubernetes: self.kubernetes.services(),
         };
-        let (effective, notes) = catalog::effective(&self.config, &sources, &mirror.installed);
+        let (effective, notes, vips) =
+            catalog::effective(&self.config, &sources, &mirror.installed);
         self.note_dropped(notes, None);
         let touched = (!fresh).then(|| Touched::between(&self.wanted, &effective));
         self.wanted = effective;
@@ -606,12 +607,7 @@ impl Agent {
                 .collect(),
             _ => HashMap::new(),
         };
-        let discovered = self.config.services.iter().any(|s| s.discovery.is_some());
-        self.vips = if discovered || !self.cluster_at.is_empty() {
-            catalog::vips(&self.wanted)
-        } else {
-            catalog::Vips::new()
-        };
+        self.vips = vips;
         touched
     }
 
