@@ -860,10 +860,10 @@ impl Agent {
     }
 }
 
-/// Compares file contents rather than mtimes: editors replace files and Kubernetes swaps
-/// ConfigMap symlinks, and both keep or reset mtimes unpredictably.
-/// Tells whether the config file changed since it was last looked at, by a digest: its bytes
-/// would be a second copy of the config held for the agent's life.
+/// Tells whether the config file changed since it was last looked at. Compares contents
+/// rather than mtimes (editors replace files and Kubernetes swaps ConfigMap symlinks, and both
+/// keep or reset mtimes unpredictably), by a digest: its bytes would be a second copy of the
+/// config held for the agent's life.
 struct ConfigWatcher {
     path: PathBuf,
     last: Option<[u8; 32]>,
@@ -898,6 +898,7 @@ fn config_digest(path: &Path) -> Result<[u8; 32], String> {
     crate::private_files::digest_bounded(path, crate::private_files::CONFIG_LIMIT, "config file")
 }
 
+/// Polls the log ring buffer: debug logging is opt-in and a 100 ms delay on it costs nothing.
 async fn drain_ebpf_logs(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
