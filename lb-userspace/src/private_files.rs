@@ -52,9 +52,7 @@ pub fn read_own(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, String> {
 /// telling whether a 30 MB config changed then needs no copy of it.
 pub fn digest_bounded(path: &Path, limit: u64, what: &str) -> Result<[u8; 32], String> {
     let named = |e: String| format!("{what} {}: {e}", path.display());
-    let mut file = std::fs::File::open(path)
-        .map_err(|e| named(e.to_string()))?
-        .take(limit + 1);
+    let mut file = open_bounded(std::fs::File::open(path), limit).map_err(named)?;
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     let mut piece = vec![0u8; 64 << 10];
     let mut read = 0u64;
@@ -75,17 +73,24 @@ pub fn digest_bounded(path: &Path, limit: u64, what: &str) -> Result<[u8; 32], S
 }
 
 fn read_opened(file: std::io::Result<std::fs::File>, limit: u64) -> Result<Vec<u8>, String> {
-    let file = file.map_err(|e| e.to_string())?;
-    // A regular file says its size up front, so a huge one is refused before reading any of
-    // it; devices and pipes (size 0) are bounded by the read itself.
-    within(file.metadata().map_or(0, |m| m.len()), limit)?;
     let mut bytes = Vec::new();
-    let read = file
-        .take(limit + 1)
+    let read = open_bounded(file, limit)?
         .read_to_end(&mut bytes)
         .map_err(|e| e.to_string())?;
     within(read as u64, limit)?;
     Ok(bytes)
+}
+
+/// An opened file to be read up to one byte past `limit` (the caller checks what it read with
+/// `within`). A regular file says its size up front, so a huge one is refused before reading
+/// any of it; devices and pipes (size 0) are bounded by the read itself.
+fn open_bounded(
+    file: std::io::Result<std::fs::File>,
+    limit: u64,
+) -> Result<std::io::Take<std::fs::File>, String> {
+    let file = file.map_err(|e| e.to_string())?;
+    within(file.metadata().map_or(0, |m| m.len()), limit)?;
+    Ok(file.take(limit + 1))
 }
 
 fn within(read: u64, limit: u64) -> Result<(), String> {
