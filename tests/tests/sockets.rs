@@ -4,7 +4,7 @@
 
 use lb_testkit::config::{Config, Service, Table};
 use lb_testkit::procs::{udp_churn, HeldConnections, Proto, ServeMode};
-use lb_testkit::stats::ServiceReport;
+use lb_testkit::stats::{agent_stats, ServiceReport};
 use lb_testkit::{require_privileged, wait_backends, wait_for, Scenario};
 use lb_userspace::observe::report::BackendReport;
 use std::collections::BTreeMap;
@@ -50,6 +50,16 @@ fn open_connections_keep_their_state_through_400k_udp_sockets() {
     let held = HeldConnections::open(&s.net, &s.cgroup, VIP, 50);
     assert_eq!(held.held, 50, "{:?}", held.peers);
     assert_eq!(held.peers, BTreeMap::from([(VIP.to_string(), 50)]));
+    // Their state is kernel memory charged to the agent; `stats` counts it per connection.
+    let memory = agent_stats(&s.pins).expect("stats --json").memory;
+    let state = memory
+        .socket_state
+        .expect("this kernel's BTF gives the size");
+    assert_eq!(state.open_tcp_connections, 50, "{state:?}");
+    assert!(
+        state.bytes_per_socket > size_of::<lb_common::SocketState>() as u64,
+        "{state:?}"
+    );
 
     let sent = udp_churn(&s.net, &s.cgroup, DNS_VIP, 400_000);
     assert_eq!(sent, 400_000);
@@ -74,6 +84,12 @@ fn open_connections_keep_their_state_through_400k_udp_sockets() {
     assert_eq!(total(&web, |b| b.established), 50, "{web:?}");
     assert_eq!(total(&web, |b| b.closed), 50, "{web:?}");
     assert_eq!(total(&web, |b| b.active), 0, "{web:?}");
+    let state = agent_stats(&s.pins).and_then(|r| r.memory.socket_state);
+    assert_eq!(
+        state.as_ref().map(|s| s.open_tcp_connections),
+        Some(0),
+        "{state:?}"
+    );
 }
 
 /// A connection to a backend that never answers is still in SYN_SENT when the backend is

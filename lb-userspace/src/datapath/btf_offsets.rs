@@ -159,6 +159,16 @@ impl KernelTypes {
         None
     }
 
+    /// The size in bytes of struct `name`.
+    pub fn size_of(&self, name: &str) -> Result<u32> {
+        let id = *self
+            .structs
+            .get(name)
+            .with_context(|| format!("the kernel has no struct {name}"))?;
+        // A struct's record holds its size where other kinds hold the type they refer to.
+        Ok(self.get(id).context("a struct id out of range")?.refers)
+    }
+
     /// The byte offset of `path` (member names, one per nesting level) in struct `name`.
     /// Members of anonymous structs and unions are found as if they were the parent's own.
     pub fn offset_of(&self, name: &str, path: &[&str]) -> Result<u32> {
@@ -249,6 +259,9 @@ mod tests {
         assert_eq!(t.offset_of("outer", &["a"]).unwrap(), 0);
         assert_eq!(t.offset_of("outer", &["b"]).unwrap(), 8);
         assert_eq!(t.offset_of("outer", &["in", "c"]).unwrap(), 12);
+        assert_eq!(t.size_of("outer").unwrap(), 16);
+        assert_eq!(t.size_of("inner").unwrap(), 8);
+        assert!(t.size_of("nothing").is_err());
         let missing = t.offset_of("outer", &["in", "d"]).unwrap_err().to_string();
         assert!(missing.contains("in.d"), "{missing}");
         assert!(t.offset_of("nothing", &["a"]).is_err());

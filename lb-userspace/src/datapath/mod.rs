@@ -4,8 +4,9 @@
 //! and applying those (`apply`), the ids and slot ranges free (`free`), what is installed
 //! kept in memory between reconciles (`mirror`), the diff from what is installed to the plan
 //! (`reconcile`), the socket iterators (`iter`, reading kernel structs at offsets from
-//! `btf_offsets`), ending the sockets of removed backends (`terminate`), and surveying and
-//! closing idle connections (`survey`).
+//! `btf_offsets`), ending the sockets of removed backends (`terminate`), surveying and
+//! closing idle connections (`survey`), and what a socket's state costs the kernel
+//! (`socket_memory`, from the same type information).
 
 pub mod capacity;
 pub mod maps;
@@ -17,6 +18,7 @@ pub mod mirror;
 pub mod reconcile;
 pub mod sys;
 pub mod btf_offsets;
+pub mod socket_memory;
 pub mod iter;
 pub mod terminate;
 pub mod survey;

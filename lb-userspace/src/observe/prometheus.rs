@@ -263,6 +263,17 @@ fn agent_metrics(r: &mut Registry, report: &Report) {
         "Kernel memory of each pinned map, as the kernel accounts it.",
         by_map(memory.map(|(m, n)| (m.clone(), *n as i64))),
     );
+    if let Some(s) = &report.memory.socket_state {
+        let g = Gauge::<i64>::default();
+        g.set(i64::try_from(s.bytes()).unwrap_or(i64::MAX));
+        r.register(
+            "lb_socket_state_bytes",
+            "Kernel memory of the open balanced TCP connections' per-socket state (this \
+             kernel's bytes per socket times the open connections; UDP sockets not counted), \
+             charged to the agent's memory cgroup like the maps.",
+            g,
+        );
+    }
     let bypassed = Family::<Labels, Counter>::default();
     for b in &report.bypass {
         let labels = vec![("cgroup".into(), b.cgroup.clone())];

@@ -75,11 +75,30 @@ pub struct MapMemory {
     /// Bytes per map, as the kernel accounts them (preallocated arrays whole, hash maps by the
     /// elements in use).
     pub kernel_bytes: BTreeMap<String, u64>,
+    /// What the balanced sockets' own state takes besides, when this kernel's type
+    /// information tells the size.
+    #[serde(default)]
+    pub socket_state: Option<SocketStateMemory>,
 }
 
 impl MapMemory {
     pub fn total(&self) -> u64 {
         self.kernel_bytes.values().sum()
+    }
+}
+
+/// Per-socket state lives outside the maps' memory figure, but is charged to the same memory
+/// cgroup (`datapath::socket_memory`). Only TCP connections are counted: they are the ones
+/// with an `active` gauge, while an unconnected UDP socket's state is nowhere counted.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SocketStateMemory {
+    pub bytes_per_socket: u64,
+    pub open_tcp_connections: u64,
+}
+
+impl SocketStateMemory {
+    pub fn bytes(&self) -> u64 {
+        self.bytes_per_socket * self.open_tcp_connections
     }
 }
 
@@ -324,6 +343,11 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
         });
     }
     services.sort_by(|a, b| (&a.name, &a.vip).cmp(&(&b.name, &b.vip)));
+    let socket_state =
+        crate::datapath::socket_memory::per_socket().map(|bytes_per_socket| SocketStateMemory {
+            bytes_per_socket,
+            open_tcp_connections: services.iter().map(|s| s.active).sum(),
+        });
     Ok(Report {
         kubernetes: status.and_then(|s| s.kubernetes.clone()),
         maps_out_of_date: status.and_then(|s| s.maps_out_of_date.clone()),
@@ -334,6 +358,7 @@ pub fn collect(maps: &PinnedMaps, status: Option<&StatusFile>) -> Result<Report>
         memory: MapMemory {
             capacity: maps.capacity(),
             kernel_bytes: maps.kernel_memory(),
+            socket_state,
         },
         programs: Vec::new(),
         bypass: maps

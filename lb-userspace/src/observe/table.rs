@@ -155,6 +155,16 @@ pub fn render_table(report: &Report) -> String {
         bytes(report.memory.total() as f64),
         parts.join(", ")
     );
+    if let Some(s) = &report.memory.socket_state {
+        let _ = writeln!(
+            out,
+            "per-socket state: {} B a balanced socket, {} for the {} open TCP connections \
+             (UDP sockets not counted), charged to the agent's memory cgroup",
+            s.bytes_per_socket,
+            bytes(s.bytes() as f64),
+            s.open_tcp_connections
+        );
+    }
     for b in &report.bypass {
         let pod = b
             .pod
