@@ -7,7 +7,6 @@
 //! strings. The format is the kernel's `Documentation/bpf/btf.rst`.
 
 use anyhow::{bail, ensure, Context, Result};
-use std::collections::HashMap;
 
 const MAGIC: u16 = 0xeb9f;
 const KIND_INT: u32 = 1;
@@ -33,20 +32,28 @@ struct Member {
     offset: u32,
 }
 
+/// One type record's fixed part, decoded when asked for.
 struct Type {
     name: u32,
     kind: u32,
-    /// The type it refers to (typedefs and qualifiers).
+    /// The type it refers to (typedefs and qualifiers), or a struct's size in bytes.
     refers: u32,
-    members: Vec<Member>,
+    vlen: usize,
+    bitfields: bool,
+    /// Where the record's members start in the file.
+    members_at: usize,
 }
 
-/// The kernel's types, enough to find a member of a struct by its path.
+/// The kernel's types, enough to find a member of a struct by its path. Only the file and
+/// where each type record starts are kept, and records are decoded when asked for: a table
+/// of every type and member would take about five times the file (28 MB for this kernel's),
+/// which the agent would carry as peak memory for the few structs it reads.
 pub struct KernelTypes {
-    /// Index = type id - 1.
-    types: Vec<Type>,
-    strings: Vec<u8>,
-    structs: HashMap<String, u32>,
+    data: Vec<u8>,
+    /// Index = type id - 1: where its record starts in `data`.
+    records: Vec<u32>,
+    /// The string section's bounds in `data`.
+    strings: std::ops::Range<usize>,
 }
 
 impl KernelTypes {
@@ -58,95 +65,103 @@ impl KernelTypes {
             "the kernel's type information",
         )
         .map_err(anyhow::Error::msg)?;
-        Self::parse(&data).with_context(|| format!("parsing {path}"))
+        Self::parse(data).with_context(|| format!("parsing {path}"))
     }
 
-    pub fn parse(data: &[u8]) -> Result<Self> {
-        let u32_at = |at: usize| -> Result<u32> {
-            let bytes = data.get(at..at + 4).context("truncated")?;
-            Ok(u32::from_le_bytes(bytes.try_into().expect("4 bytes")))
-        };
+    /// Checks the header and that every record lies inside the type section, so that a
+    /// record decoded later is whole.
+    pub fn parse(data: Vec<u8>) -> Result<Self> {
         ensure!(data.len() >= 24, "shorter than a BTF header");
         let magic = u16::from_le_bytes([data[0], data[1]]);
         ensure!(magic == MAGIC, "not little-endian BTF (magic {magic:#x})");
-        let header = u32_at(4)? as usize;
-        let (type_off, type_len) = (u32_at(8)? as usize, u32_at(12)? as usize);
-        let (str_off, str_len) = (u32_at(16)? as usize, u32_at(20)? as usize);
-        let strings = data
-            .get(header + str_off..header + str_off + str_len)
-            .context("the string section lies outside the file")?
-            .to_vec();
+        let header = u32_at(&data, 4)? as usize;
+        let (type_off, type_len) = (u32_at(&data, 8)? as usize, u32_at(&data, 12)? as usize);
+        let (str_off, str_len) = (u32_at(&data, 16)? as usize, u32_at(&data, 20)? as usize);
+        let strings = header + str_off..header + str_off + str_len;
+        ensure!(
+            strings.end <= data.len(),
+            "the string section lies outside the file"
+        );
         let start = header + type_off;
         let end = start + type_len;
         ensure!(end <= data.len(), "the type section lies outside the file");
-        let mut types = Vec::new();
+        ensure!(end <= u32::MAX as usize, "a type section beyond 4 GiB");
+        let mut records = Vec::new();
         let mut at = start;
         while at < end {
-            let name = u32_at(at)?;
-            let info = u32_at(at + 4)?;
-            let size_or_type = u32_at(at + 8)?;
-            at += 12;
+            records.push(at as u32);
+            let info = u32_at(&data, at + 4)?;
             let vlen = (info & 0xffff) as usize;
-            let kind = (info >> 24) & 0x1f;
-            let bitfields = info >> 31 == 1;
-            let mut members = Vec::new();
-            at += match kind {
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
-                KIND_ARRAY => 12,
-                KIND_STRUCT | KIND_UNION => {
-                    for i in 0..vlen {
-                        let m = at + 12 * i;
-                        let offset = u32_at(m + 8)?;
-                        members.push(Member {
-                            name: u32_at(m)?,
-                            ty: u32_at(m + 4)?,
-                            // With bitfields, the size sits in the top byte.
-                            offset: if bitfields {
-                                offset & 0xff_ffff
-                            } else {
-                                offset
-                            },
-                        });
-                    }
-                    12 * vlen
-                }
-                KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
-                KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
-                _ => 0,
-            };
-            types.push(Type {
-                name,
-                kind,
-                refers: size_or_type,
-                members,
-            });
+            at += 12
+                + match (info >> 24) & 0x1f {
+                    KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                    KIND_ARRAY => 12,
+                    KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
+                    KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
+                    _ => 0,
+                };
         }
-        let mut parsed = Self {
-            types,
+        ensure!(at == end, "the last type record runs past the type section");
+        Ok(Self {
+            data,
+            records,
             strings,
-            structs: HashMap::new(),
-        };
-        for (i, t) in parsed.types.iter().enumerate() {
-            if t.kind == KIND_STRUCT && t.name != 0 {
-                let name = parsed.string(t.name).to_owned();
-                parsed.structs.entry(name).or_insert(i as u32 + 1);
-            }
-        }
-        Ok(parsed)
+        })
     }
 
     fn string(&self, offset: u32) -> &str {
-        let rest = self.strings.get(offset as usize..).unwrap_or_default();
+        let section = &self.data[self.strings.clone()];
+        let rest = section.get(offset as usize..).unwrap_or_default();
         let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
         std::str::from_utf8(&rest[..end]).unwrap_or_default()
     }
 
-    fn get(&self, id: u32) -> Option<&Type> {
-        self.types.get((id as usize).checked_sub(1)?)
+    fn get(&self, id: u32) -> Option<Type> {
+        let at = *self.records.get((id as usize).checked_sub(1)?)? as usize;
+        let info = u32_at(&self.data, at + 4).ok()?;
+        Some(Type {
+            name: u32_at(&self.data, at).ok()?,
+            kind: (info >> 24) & 0x1f,
+            refers: u32_at(&self.data, at + 8).ok()?,
+            vlen: (info & 0xffff) as usize,
+            bitfields: info >> 31 == 1,
+            members_at: at + 12,
+        })
+    }
+
+    fn members(&self, ty: &Type) -> impl Iterator<Item = Member> + '_ {
+        let (at, bitfields) = (ty.members_at, ty.bitfields);
+        let count = if matches!(ty.kind, KIND_STRUCT | KIND_UNION) {
+            ty.vlen
+        } else {
+            0
+        };
+        (0..count).filter_map(move |i| {
+            let m = at + 12 * i;
+            let offset = u32_at(&self.data, m + 8).ok()?;
+            Some(Member {
+                name: u32_at(&self.data, m).ok()?,
+                ty: u32_at(&self.data, m + 4).ok()?,
+                // With bitfields, the size sits in the top byte.
+                offset: if bitfields {
+                    offset & 0xff_ffff
+                } else {
+                    offset
+                },
+            })
+        })
+    }
+
+    /// The first struct of that name.
+    fn struct_named(&self, name: &str) -> Result<Type> {
+        (1..=self.records.len() as u32)
+            .filter_map(|id| self.get(id))
+            .find(|t| t.kind == KIND_STRUCT && t.name != 0 && self.string(t.name) == name)
+            .with_context(|| format!("the kernel has no struct {name}"))
     }
 
     /// Follows typedefs and qualifiers to the type itself.
-    fn resolve(&self, mut id: u32) -> Option<&Type> {
+    fn resolve(&self, mut id: u32) -> Option<Type> {
         for _ in 0..32 {
             let t = self.get(id)?;
             match t.kind {
@@ -161,25 +176,16 @@ impl KernelTypes {
 
     /// The size in bytes of struct `name`.
     pub fn size_of(&self, name: &str) -> Result<u32> {
-        let id = *self
-            .structs
-            .get(name)
-            .with_context(|| format!("the kernel has no struct {name}"))?;
-        // A struct's record holds its size where other kinds hold the type they refer to.
-        Ok(self.get(id).context("a struct id out of range")?.refers)
+        Ok(self.struct_named(name)?.refers)
     }
 
     /// The byte offset of `path` (member names, one per nesting level) in struct `name`.
     /// Members of anonymous structs and unions are found as if they were the parent's own.
     pub fn offset_of(&self, name: &str, path: &[&str]) -> Result<u32> {
-        let id = *self
-            .structs
-            .get(name)
-            .with_context(|| format!("the kernel has no struct {name}"))?;
-        let mut ty = self.get(id).context("a struct id out of range")?;
+        let mut ty = self.struct_named(name)?;
         let mut bits = 0;
         for (depth, member) in path.iter().enumerate() {
-            let Some((offset, member_ty)) = self.find(ty, member, 0) else {
+            let Some((offset, member_ty)) = self.find(&ty, member, 0) else {
                 bail!("struct {name} has no member {}", path[..=depth].join("."));
             };
             bits += offset;
@@ -194,17 +200,23 @@ impl KernelTypes {
         if depth > 8 || !matches!(ty.kind, KIND_STRUCT | KIND_UNION) {
             return None;
         }
-        for m in &ty.members {
-            if m.name != 0 && self.string(m.name) == member {
-                return Some((m.offset, m.ty));
-            }
+        if let Some(m) = self
+            .members(ty)
+            .find(|m| m.name != 0 && self.string(m.name) == member)
+        {
+            return Some((m.offset, m.ty));
         }
-        ty.members.iter().filter(|m| m.name == 0).find_map(|m| {
+        self.members(ty).filter(|m| m.name == 0).find_map(|m| {
             let inner = self.resolve(m.ty)?;
-            let (offset, found) = self.find(inner, member, depth + 1)?;
+            let (offset, found) = self.find(&inner, member, depth + 1)?;
             Some((m.offset + offset, found))
         })
     }
+}
+
+fn u32_at(data: &[u8], at: usize) -> Result<u32> {
+    let bytes = data.get(at..at + 4).context("truncated")?;
+    Ok(u32::from_le_bytes(bytes.try_into().expect("4 bytes")))
 }
 
 #[cfg(test)]
@@ -255,7 +267,7 @@ mod tests {
 
     #[test]
     fn finds_members_through_anonymous_unions_and_nested_structs() {
-        let t = KernelTypes::parse(&sample()).unwrap();
+        let t = KernelTypes::parse(sample()).unwrap();
         assert_eq!(t.offset_of("outer", &["a"]).unwrap(), 0);
         assert_eq!(t.offset_of("outer", &["b"]).unwrap(), 8);
         assert_eq!(t.offset_of("outer", &["in", "c"]).unwrap(), 12);
@@ -269,13 +281,19 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_btf() {
-        assert!(KernelTypes::parse(&[0; 10]).is_err());
+        assert!(KernelTypes::parse(vec![0; 10]).is_err());
         let mut bad = sample();
         bad[0] = 0;
-        assert!(KernelTypes::parse(&bad).is_err());
+        assert!(KernelTypes::parse(bad).is_err());
         let mut short = sample();
         short.truncate(40);
-        assert!(KernelTypes::parse(&short).is_err());
+        assert!(KernelTypes::parse(short).is_err());
+        // A type section that ends inside its last record.
+        let mut cut = sample();
+        let type_len = u32::from_le_bytes(cut[12..16].try_into().unwrap());
+        cut[12..16].copy_from_slice(&(type_len - 4).to_le_bytes());
+        let err = KernelTypes::parse(cut).err().expect("refused").to_string();
+        assert!(err.contains("runs past"), "{err}");
     }
 
     #[test]
