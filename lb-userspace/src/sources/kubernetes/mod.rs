@@ -442,7 +442,7 @@ impl Kubernetes {
         std::mem::take(&mut self.pods_changed)
     }
 
-    /// Records an event; true when the set of services changed.
+    /// Records an event; says which of the services it changed.
     pub fn apply(&mut self, event: KubeEvent) -> Changed {
         let status = &mut self.status;
         match event {
@@ -500,7 +500,7 @@ impl Kubernetes {
                     Some(before)
                         if unique(&self.by_name, before) && unique(&by_name, &t.services) =>
                     {
-                        changed_names(before, &self.by_name, &t.services)
+                        changed_names(before, &self.by_name, &t.services, &by_name)
                     }
                     _ => Changed::All,
                 };
@@ -512,13 +512,14 @@ impl Kubernetes {
     }
 }
 
-/// The services added, removed or changed from `before` (indexed by `at`) to `after`. Every
-/// batch carries the whole set, so this compares them all, but only the differences go on to
-/// be planned.
+/// The services added, removed or changed from `before` to `after` (each indexed by name:
+/// `at`, `after_at`). Every batch carries the whole set, so this compares them all, but only
+/// the differences go on to be planned.
 fn changed_names(
     before: &[ClusterService],
     at: &HashMap<String, usize>,
     after: &[ClusterService],
+    after_at: &HashMap<String, usize>,
 ) -> Changed {
     let mut names = BTreeSet::new();
     let mut kept = 0;
@@ -531,10 +532,9 @@ fn changed_names(
     }
     // Names are unique on both sides, so fewer kept than there were means some went.
     if kept < before.len() {
-        let still: BTreeSet<&str> = after.iter().map(|s| s.name.as_str()).collect();
         names.extend(
             (before.iter())
-                .filter(|s| !still.contains(s.name.as_str()))
+                .filter(|s| !after_at.contains_key(&s.name))
                 .map(|s| s.name.clone()),
         );
     }
