@@ -66,10 +66,6 @@ impl BackendAddrs {
         Some(endpoint(&entry.addr, entry.port))
     }
 
-    pub fn contains(&self, id: u32) -> bool {
-        self.get(id).is_some()
-    }
-
     pub fn insert(&mut self, id: u32, addr: SocketAddr) {
         let at = id as usize;
         if at >= self.entries.len() {
