@@ -70,7 +70,6 @@ impl ClientReport {
     }
 }
 
-/// Waits up to 3 s for a child to exit on its own, then kills it: only our own children.
 /// These fields of a process's `/proc/<pid>/status` (`VmHWM`, `RssFile`, ...), in KiB, from
 /// one read; `None` if the process is gone or one of them is missing.
 pub fn status_kib(pid: i32, fields: &[&str]) -> Option<Vec<u64>> {
@@ -84,6 +83,7 @@ pub fn status_kib(pid: i32, fields: &[&str]) -> Option<Vec<u64>> {
     fields.iter().map(|name| field(name)).collect()
 }
 
+/// Waits up to 3 s for a child to exit on its own, then kills it: only our own children.
 pub fn wait_or_kill(child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
